@@ -1,0 +1,32 @@
+# `make test` and (from the trainer issue on) `make demo` set themselves up: the first run creates
+# .venv and installs the package with its dependencies.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+comma := ,
+
+HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+# Without a GPU a plain `torch` requirement downloads a multi-GB CUDA build: pin the CPU build.
+TORCH_SPEC ?= $(if $(HAS_GPU),torch>=2.5,torch==2.13.0)
+EXTRAS ?= $(if $(HAS_GPU),test$(comma)gpu,test)
+
+.PHONY: install test clean
+
+install: $(STAMP)
+
+$(STAMP): setup.py constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade setuptools wheel
+	$(PIP) install "$(TORCH_SPEC)"
+	# DeepSpeed ships as source; without build isolation it builds against the torch above
+	# instead of fetching another one.
+	$(PIP) install --no-build-isolation -c constraints.txt -e ".[$(EXTRAS)]"
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,64 @@
+"""Console entry points."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from fusion_train.model import convert
+from fusion_train.vocab import VocabLayout
+
+
+def _vocab_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = VocabLayout()
+    parser.add_argument("--image-codebook-size", type=int, default=defaults.image_codebook_size)
+    parser.add_argument("--image-grid", type=int, default=defaults.image_grid)
+    parser.add_argument("--n-reserved", type=int, default=defaults.n_reserved)
+
+
+def _convert_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fusion-convert",
+        description="Convert Chameleon weights between fusion_train, HF transformers and Meta's release.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    from_hf = commands.add_parser("from-hf", help="HF ChameleonForConditionalGeneration folder -> fusion_train model folder")
+    from_hf.add_argument("hf_dir")
+    from_hf.add_argument("out_dir")
+
+    to_hf = commands.add_parser("to-hf", help="fusion_train model folder -> HF folder (config.json + model.safetensors)")
+    to_hf.add_argument("model_dir")
+    to_hf.add_argument("out_dir")
+
+    from_meta = commands.add_parser("from-meta", help="Meta params.json + consolidated*.pth folder -> fusion_train model folder")
+    from_meta.add_argument("meta_dir")
+    from_meta.add_argument("out_dir")
+    _vocab_arguments(from_meta)
+
+    to_meta = commands.add_parser("to-meta", help="fusion_train model folder -> Meta params.json + consolidated*.pth")
+    to_meta.add_argument("model_dir")
+    to_meta.add_argument("out_dir")
+    to_meta.add_argument(
+        "--model-parallel", type=int, default=None, help="shards to write (default: the model's qk_norm_groups)"
+    )
+    return parser
+
+
+def convert_main(argv: list[str] | None = None) -> int:
+    args = _convert_parser().parse_args(argv)
+    try:
+        if args.command == "from-hf":
+            out = convert.import_hf(args.hf_dir, args.out_dir)
+        elif args.command == "to-hf":
+            out = convert.export_hf(args.model_dir, args.out_dir)
+        elif args.command == "from-meta":
+            vocab = VocabLayout(args.image_codebook_size, args.image_grid, n_reserved=args.n_reserved)
+            out = convert.import_meta(args.meta_dir, args.out_dir, vocab)
+        else:
+            out = convert.export_meta(args.model_dir, args.out_dir, args.model_parallel)
+    except (convert.ConversionError, ValueError) as err:
+        print(f"fusion-convert {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0

@@ -1,0 +1,253 @@
+"""Chameleon: one decoder-only transformer over text and image tokens.
+
+LLaMA-2 style (RMSNorm, SwiGLU, RoPE) with Chameleon's stability changes: QK-norm (a LayerNorm
+with weight and bias over each head's query/key vector, after the projection and before RoPE),
+optional Swin-style norm reordering, residual dropout, and z-loss in the output layer. Parameter
+names and the RoPE layout (interleaved pairs) are those of Meta's released checkpoints.
+
+Plain PyTorch: parallelism, activation checkpointing (wrap the modules in `layers`) and
+compilation are applied from outside.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fusion_train.model.loss import LossOutput, chunked_lm_loss
+
+BLOCK_STYLES = ("prenorm", "swin")
+QK_NORM_EPS = 1e-5  # torch's LayerNorm default, as in Meta's and HF's code
+
+
+@dataclass
+class ChameleonConfig:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: Optional[int] = None  # None: as many as n_heads (no GQA)
+    ffn_dim: int = 11008
+    vocab_size: int = 65536
+    max_seq_len: int = 4096
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    # prenorm: h = x + attn(norm(x)) (Chameleon-7B); swin: h = x + norm(attn(x)) (Chameleon-34B)
+    block_style: str = "prenorm"
+    dropout: float = 0.0  # residual dropout after attention and feed-forward (0.1 for the 7B recipe)
+    qk_norm: bool = True
+    # Contiguous groups of heads that share one QK-norm weight/bias: 1 for models trained here;
+    # the model-parallel size for Meta weights trained with per-shard QK-norm (the released 30B).
+    qk_norm_groups: int = 1
+    z_loss: float = 1e-5
+    loss_chunk_size: int = 2048  # positions per chunk of the output projection + loss
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        checks = [
+            (self.block_style in BLOCK_STYLES, f"block_style must be one of {BLOCK_STYLES}"),
+            (self.dim % self.n_heads == 0, "dim must be divisible by n_heads"),
+            (self.n_heads % self.n_kv_heads == 0, "n_heads must be divisible by n_kv_heads"),
+            ((self.dim // self.n_heads) % 2 == 0, "the head dimension dim/n_heads must be even (RoPE)"),
+            (self.n_kv_heads % self.qk_norm_groups == 0, "n_kv_heads must be divisible by qk_norm_groups"),
+            (0.0 <= self.dropout < 1.0, "dropout must lie in [0, 1)"),
+            (self.loss_chunk_size > 0, "loss_chunk_size must be positive"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"model config: {message} (got {self})")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Statistics in fp32 whatever the activation dtype, as LLaMA does.
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
+
+
+class HeadLayerNorm(nn.Module):
+    """LayerNorm over each head's vector, its weight and bias shared by contiguous groups of heads."""
+
+    def __init__(self, n_heads: int, head_dim: int, groups: int):
+        super().__init__()
+        self.heads_per_group = n_heads // groups
+        self.weight = nn.Parameter(torch.ones(groups, head_dim))
+        self.bias = nn.Parameter(torch.zeros(groups, head_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, heads, head_dim]
+        normed = F.layer_norm(x, (x.shape[-1],), eps=QK_NORM_EPS)
+        weight = self.weight.repeat_interleave(self.heads_per_group, dim=0)
+        bias = self.bias.repeat_interleave(self.heads_per_group, dim=0)
+        return normed * weight + bias
+
+
+def rope_angles(head_dim: int, seq_len: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin, [seq_len, head_dim/2] in fp32. Computed per call rather than kept as buffers,
+    which a cast of the module to bf16 would round."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of each head's vector, Meta's layout."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    even, odd = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
+    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """[B, 1, T, T] boolean: position t may attend to s <= t of the same document."""
+    seq_len = doc_ids.shape[1]
+    same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=doc_ids.device).tril()
+    return (same_doc & causal).unsqueeze(1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ChameleonConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.q_normalization = self.k_normalization = None
+        if cfg.qk_norm:
+            self.q_normalization = HeadLayerNorm(cfg.n_heads, cfg.head_dim, cfg.qk_norm_groups)
+            self.k_normalization = HeadLayerNorm(cfg.n_kv_heads, cfg.head_dim, cfg.qk_norm_groups)
+
+    def forward(self, x, cos, sin, attn_mask=None):
+        batch, seq_len, _ = x.shape
+        q = self.wq(x).view(batch, seq_len, self.n_heads, self.head_dim)
+        k = self.wk(x).view(batch, seq_len, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(batch, seq_len, self.n_kv_heads, self.head_dim)
+        if self.q_normalization is not None:
+            q, k = self.q_normalization(q), self.k_normalization(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=attn_mask,
+            is_causal=attn_mask is None,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )
+        return self.wo(out.transpose(1, 2).reshape(batch, seq_len, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU."""
+
+    def __init__(self, cfg: ChameleonConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)  # gate
+        self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)  # up
+        self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)  # down
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: ChameleonConfig):
+        super().__init__()
+        self.swin = cfg.block_style == "swin"
+        self.attention = Attention(cfg)
+        self.feed_forward = FeedForward(cfg)
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, cos, sin, attn_mask=None):
+        if self.swin:
+            # Normalising each branch's output bounds its norm growth (Chameleon-34B).
+            h = x + self.dropout(self.attention_norm(self.attention(x, cos, sin, attn_mask)))
+            return h + self.dropout(self.ffn_norm(self.feed_forward(h)))
+        h = x + self.dropout(self.attention(self.attention_norm(x), cos, sin, attn_mask))
+        return h + self.dropout(self.feed_forward(self.ffn_norm(h)))
+
+
+class OutputLayer(nn.Linear):
+    """The untied output projection. Given labels it returns the chunked loss instead of logits;
+    the projection then runs inside this module's forward, where ZeRO-3 has gathered its weight."""
+
+    def __init__(self, cfg: ChameleonConfig):
+        super().__init__(cfg.dim, cfg.vocab_size, bias=False)
+        self.z_loss, self.chunk_size = cfg.z_loss, cfg.loss_chunk_size
+
+    def forward(self, hidden, labels=None, label_modality=None):
+        if labels is None:
+            return super().forward(hidden)
+        return chunked_lm_loss(
+            hidden,
+            self.weight,
+            labels,
+            z_loss=self.z_loss,
+            chunk_size=self.chunk_size,
+            label_modality=label_modality,
+        )
+
+
+class Chameleon(nn.Module):
+    def __init__(self, cfg: ChameleonConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = OutputLayer(cfg)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Normal(0, init_std); the projections that write into the residual stream are scaled
+        down by sqrt(2 * n_layers) so that its variance does not grow with depth (GPT-2)."""
+        std = self.cfg.init_std
+        residual_std = std / math.sqrt(2 * self.cfg.n_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                is_residual_out = name.endswith(("attention.wo", "feed_forward.w2"))
+                nn.init.normal_(module.weight, std=residual_std if is_residual_out else std)
+            elif isinstance(module, (RMSNorm, HeadLayerNorm)):
+                nn.init.ones_(module.weight)
+                if isinstance(module, HeadLayerNorm):
+                    nn.init.zeros_(module.bias)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: Optional[torch.Tensor] = None,
+        doc_ids: Optional[torch.Tensor] = None,
+        label_modality: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor | LossOutput:
+        """Logits [B, T, vocab] without labels; with labels (aligned with input_ids, -100 where no
+        loss) the next-token loss. doc_ids [B, T] restricts attention to the same document."""
+        seq_len = input_ids.shape[1]
+        if seq_len > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {seq_len} exceeds model max_seq_len={self.cfg.max_seq_len}")
+        cos, sin = rope_angles(self.cfg.head_dim, seq_len, self.cfg.rope_theta, input_ids.device)
+        attn_mask = document_causal_mask(doc_ids) if doc_ids is not None else None
+        h = self.tok_embeddings(input_ids)
+        for layer in self.layers:
+            h = layer(h, cos, sin, attn_mask)
+        h = self.norm(h)
+        if labels is None:
+            return self.output(h)
+        return self.output(h, labels=labels, label_modality=label_modality)

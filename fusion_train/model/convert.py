@@ -1,0 +1,446 @@
+"""Weights interop between fusion_train, HF transformers and Meta's release.
+
+- native: a folder with `model.safetensors` (Meta's parameter names and interleaved-pair RoPE
+  layout, QK-norm as [qk_norm_groups, head_dim]) and `config.json` {"model": ChameleonConfig,
+  "vocab": VocabLayout}.
+- HF: `ChameleonForConditionalGeneration`. Its RoPE rotates halves, so the rows of wq/wk and the
+  QK-norm weight/bias are permuted within each head; QK-norm is stored per head, [heads, head_dim].
+  The VQ image tokenizer (`model.vqmodel.*`) is not part of the language model and is skipped.
+- Meta: `consolidated.pth` or `consolidated.NN.pth` (one per model-parallel shard) + `params.json`.
+  Each shard carries its own QK-norm weight/bias, shared by its heads: on import they become
+  qk_norm_groups = number of shards, so the released 30B keeps its per-shard values.
+
+Checkpoints are read with `weights_only=True`; everything is written as safetensors except Meta's
+own `.pth` layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from fusion_train.model.chameleon import ChameleonConfig
+from fusion_train.vocab import VocabLayout
+
+NATIVE_WEIGHTS = "model.safetensors"
+CONFIG_FILE = "config.json"
+META_PARAMS = "params.json"
+IMAGE_TOKEN_PREFIX = "IMGIMG"
+
+
+class ConversionError(ValueError):
+    pass
+
+
+# --- native -------------------------------------------------------------------------------------
+
+
+def save_native(state_dict: dict, cfg: ChameleonConfig, vocab: VocabLayout, out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state_dict.items()}, out / NATIVE_WEIGHTS)
+    config = {"model": dataclasses.asdict(cfg), "vocab": dataclasses.asdict(vocab)}
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    return out
+
+
+def load_native(path: str | Path) -> tuple[dict, ChameleonConfig, VocabLayout]:
+    folder = Path(path)
+    config_path, weights_path = folder / CONFIG_FILE, folder / NATIVE_WEIGHTS
+    for required in (config_path, weights_path):
+        if not required.is_file():
+            raise ConversionError(
+                f"{required} not found: a fusion_train model folder holds {CONFIG_FILE} and {NATIVE_WEIGHTS}"
+            )
+    config = json.loads(config_path.read_text())
+    try:
+        cfg, vocab = ChameleonConfig(**config["model"]), VocabLayout(**config["vocab"])
+    except (KeyError, TypeError) as err:
+        raise ConversionError(f"{config_path}: not a fusion_train model config ({err})") from err
+    return load_file(weights_path), cfg, vocab
+
+
+# --- RoPE layouts: Meta rotates interleaved pairs, HF rotates halves ------------------------------
+
+
+def _interleaved_to_halves(t: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
+    """Permute within each head from (x0, y0, x1, y1, ...) to (x0, x1, ..., y0, y1, ...); `t` is a
+    projection's rows [n_heads * head_dim, in] or a QK-norm vector per head [n_heads, head_dim]."""
+    return t.reshape(n_heads, head_dim // 2, 2, -1).transpose(1, 2).reshape(t.shape)
+
+
+def _halves_to_interleaved(t: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
+    return t.reshape(n_heads, 2, head_dim // 2, -1).transpose(1, 2).reshape(t.shape)
+
+
+def _qk_norm_to_heads(grouped: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """[groups, head_dim] -> [n_heads, head_dim], each group's values repeated for its heads."""
+    return grouped.repeat_interleave(n_heads // grouped.shape[0], dim=0)
+
+
+def _qk_norm_to_groups(per_head: torch.Tensor, groups: int, name: str) -> torch.Tensor:
+    """[n_heads, head_dim] -> [groups, head_dim]; every head of a group must hold the same values."""
+    by_group = per_head.reshape(groups, -1, per_head.shape[-1])
+    if not torch.equal(by_group, by_group[:, :1].expand_as(by_group)):
+        raise ConversionError(
+            f"{name}: QK-norm values differ between heads of one of {groups} groups; set the source's "
+            "model_parallel_size to the number of distinct head groups"
+        )
+    return by_group[:, 0].clone()
+
+
+# --- HF transformers -----------------------------------------------------------------------------
+
+_HF_LAYER_NAMES = {  # ours -> HF, under layers.{i}. and model.layers.{i}.
+    "attention.wq.weight": "self_attn.q_proj.weight",
+    "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight",
+    "attention.wo.weight": "self_attn.o_proj.weight",
+    "attention.q_normalization.weight": "self_attn.q_norm.weight",
+    "attention.q_normalization.bias": "self_attn.q_norm.bias",
+    "attention.k_normalization.weight": "self_attn.k_norm.weight",
+    "attention.k_normalization.bias": "self_attn.k_norm.bias",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight",
+    "attention_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+_HF_TOP_NAMES = {
+    "tok_embeddings.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_HF_SKIPPED_PREFIX = "model.vqmodel."
+_LAYER_KEY = re.compile(r"^(model\.)?layers\.(\d+)\.(.+)$")
+
+
+def _heads_of(name: str, cfg: ChameleonConfig) -> int | None:
+    """Heads whose rows (or QK-norm entries) a parameter holds, if RoPE's layout applies to it."""
+    if name.endswith(("wq.weight", "q_normalization.weight", "q_normalization.bias")):
+        return cfg.n_heads
+    if name.endswith(("wk.weight", "k_normalization.weight", "k_normalization.bias")):
+        return cfg.n_kv_heads
+    return None
+
+
+def to_hf_state_dict(state_dict: dict, cfg: ChameleonConfig) -> dict:
+    if not cfg.qk_norm:
+        raise ConversionError("HF's Chameleon always applies QK-norm; a model with qk_norm=false has no HF form")
+    hf = {}
+    for name, tensor in state_dict.items():
+        heads = _heads_of(name, cfg)
+        if "normalization" in name:
+            tensor = _qk_norm_to_heads(tensor, heads)
+        if heads is not None:
+            tensor = _interleaved_to_halves(tensor, heads, cfg.head_dim)
+        hf[_hf_name(name)] = tensor
+    return hf
+
+
+def from_hf_state_dict(hf_state_dict: dict, cfg: ChameleonConfig) -> dict:
+    ours_by_hf = {_hf_name(name): name for name in _native_names(cfg)}
+    unknown = [k for k in hf_state_dict if k not in ours_by_hf and not k.startswith(_HF_SKIPPED_PREFIX)]
+    missing = [k for k in ours_by_hf if k not in hf_state_dict]
+    if unknown or missing:
+        raise ConversionError(f"HF state dict does not match the config: unknown {unknown[:5]}, missing {missing[:5]}")
+    state_dict = {}
+    for hf_name, name in ours_by_hf.items():
+        tensor = hf_state_dict[hf_name]
+        heads = _heads_of(name, cfg)
+        if heads is not None:
+            tensor = _halves_to_interleaved(tensor, heads, cfg.head_dim)
+        if "normalization" in name:
+            tensor = _qk_norm_to_groups(tensor, cfg.qk_norm_groups, hf_name)
+        state_dict[name] = tensor
+    return state_dict
+
+
+def _hf_name(name: str) -> str:
+    match = _LAYER_KEY.match(name)
+    if match:
+        return f"model.layers.{match.group(2)}.{_HF_LAYER_NAMES[match.group(3)]}"
+    return _HF_TOP_NAMES[name]
+
+
+def _native_names(cfg: ChameleonConfig) -> list[str]:
+    per_layer = [n for n in _HF_LAYER_NAMES if cfg.qk_norm or "normalization" not in n]
+    return list(_HF_TOP_NAMES) + [f"layers.{i}.{n}" for i in range(cfg.n_layers) for n in per_layer]
+
+
+def image_token_name(code: int) -> str:
+    """Chameleon's vocabulary name of an image code: digits spelled A-J, a trailing 'Z'."""
+    return IMAGE_TOKEN_PREFIX + "".join(chr(ord("A") + int(d)) for d in str(code)) + "Z"
+
+
+def _image_code_of_name(name: str) -> int:
+    return int("".join(str(ord(c) - ord("A")) for c in name[len(IMAGE_TOKEN_PREFIX) : -1]))
+
+
+def hf_vocabulary_map(vocab: VocabLayout) -> dict:
+    """The ids HF's Chameleon needs by name: image codes (whose logits it masks), the image markers,
+    the SFT separator, and `<image>`, the processor's placeholder on the next reserved id (8711)."""
+    names = {"<s>": vocab.bos, "<pad>": vocab.pad, "</s>": vocab.eos, "<unk>": vocab.unk}
+    names.update({image_token_name(c): vocab.image_code_start + c for c in range(vocab.image_codebook_size)})
+    names.update(
+        {
+            "<eoss>": vocab.end_of_image,
+            "<racm3:break>": vocab.begin_of_image,
+            "<reserved08706>": vocab.sft_separator,
+            "<image>": vocab.sft_separator + 1,
+        }
+    )
+    return names
+
+
+def hf_config(cfg: ChameleonConfig, vocab: VocabLayout, dtype: torch.dtype) -> dict:
+    return {
+        "architectures": ["ChameleonForConditionalGeneration"],
+        "model_type": "chameleon",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.dim,
+        "intermediate_size": cfg.ffn_dim,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "swin_norm": cfg.block_style == "swin",
+        "model_parallel_size": cfg.qk_norm_groups,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": False,
+        "bos_token_id": vocab.bos,
+        "eos_token_id": vocab.eos,
+        "pad_token_id": vocab.pad,
+        "vocabulary_map": hf_vocabulary_map(vocab),
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def configs_from_hf(config: dict, n_reserved: int = VocabLayout.n_reserved) -> tuple[ChameleonConfig, VocabLayout]:
+    rope = config.get("rope_parameters") or {"rope_type": "default", "rope_theta": config.get("rope_theta", 10000.0)}
+    if rope.get("rope_type", "default") != "default":
+        raise ConversionError(f"HF config: rope_type {rope['rope_type']!r} is not supported (Chameleon uses 'default')")
+    cfg = ChameleonConfig(
+        dim=config["hidden_size"],
+        n_layers=config["num_hidden_layers"],
+        n_heads=config["num_attention_heads"],
+        n_kv_heads=config.get("num_key_value_heads") or config["num_attention_heads"],
+        ffn_dim=config["intermediate_size"],
+        vocab_size=config["vocab_size"],
+        max_seq_len=config.get("max_position_embeddings", 4096),
+        norm_eps=config.get("rms_norm_eps", 1e-5),
+        rope_theta=rope["rope_theta"],
+        block_style="swin" if config.get("swin_norm") else "prenorm",
+        qk_norm_groups=config.get("model_parallel_size") or 1,
+    )
+    return cfg, _vocab_from_names(config.get("vocabulary_map") or {}, config["vocab_size"], n_reserved)
+
+
+def _vocab_from_names(names: dict, vocab_size: int, n_reserved: int) -> VocabLayout:
+    """The layout a vocabulary map implies; it must be Chameleon's (code c at id 4 + c)."""
+    image_ids = {name: i for name, i in names.items() if name.startswith(IMAGE_TOKEN_PREFIX)}
+    if not image_ids:
+        return VocabLayout(vocab_size=vocab_size, n_reserved=n_reserved)
+    vocab = VocabLayout(image_codebook_size=len(image_ids), vocab_size=vocab_size, n_reserved=n_reserved)
+    misplaced = [n for n, i in image_ids.items() if i != vocab.image_code_start + _image_code_of_name(n)]
+    for name, expected in (("<eoss>", vocab.end_of_image), ("<racm3:break>", vocab.begin_of_image)):
+        if names.get(name, expected) != expected:
+            misplaced.append(name)
+    if misplaced:
+        raise ConversionError(
+            f"HF vocabulary_map does not follow Chameleon's id layout (image code c at id 4 + c, "
+            f"then <eoss>, <racm3:break>): {misplaced[:5]}"
+        )
+    return vocab
+
+
+def read_hf_weights(folder: Path) -> dict:
+    index = next((folder / n for n in ("model.safetensors.index.json", "pytorch_model.bin.index.json") if (folder / n).is_file()), None)
+    if index is not None:
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = [n for n in ("model.safetensors", "pytorch_model.bin") if (folder / n).is_file()][:1]
+    if not files:
+        raise ConversionError(f"{folder}: no model.safetensors, pytorch_model.bin or index of their shards")
+    state_dict = {}
+    for name in files:
+        path = folder / name
+        state_dict.update(load_file(path) if name.endswith(".safetensors") else torch.load(path, map_location="cpu", weights_only=True))
+    return state_dict
+
+
+def import_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
+    folder = Path(hf_dir)
+    config_path = folder / CONFIG_FILE
+    if not config_path.is_file():
+        raise ConversionError(f"{config_path} not found: expected a transformers model folder")
+    cfg, vocab = configs_from_hf(json.loads(config_path.read_text()))
+    return save_native(from_hf_state_dict(read_hf_weights(folder), cfg), cfg, vocab, out_dir)
+
+
+def export_hf(native_dir: str | Path, out_dir: str | Path) -> Path:
+    state_dict, cfg, vocab = load_native(native_dir)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(to_hf_state_dict(state_dict, cfg), out / "model.safetensors", metadata={"format": "pt"})
+    dtype = state_dict["output.weight"].dtype
+    (out / CONFIG_FILE).write_text(json.dumps(hf_config(cfg, vocab, dtype), indent=2) + "\n")
+    return out
+
+
+# --- Meta consolidated checkpoints ----------------------------------------------------------------
+
+# How model parallelism splits each parameter: along rows (0), along columns (1), or not at all.
+_META_SPLIT_DIM = {
+    "wq.weight": 0, "wk.weight": 0, "wv.weight": 0, "w1.weight": 0, "w3.weight": 0, "output.weight": 0,
+    "wo.weight": 1, "w2.weight": 1, "tok_embeddings.weight": 1,
+}  # fmt: skip
+_META_PER_SHARD = ("q_normalization.weight", "q_normalization.bias", "k_normalization.weight", "k_normalization.bias")
+_META_IGNORED = {"rope.freqs"}  # a buffer Meta's loader also leaves unused
+
+
+def _split_dim(name: str) -> int | None:
+    return next((d for suffix, d in _META_SPLIT_DIM.items() if name.endswith(suffix)), None)
+
+
+def to_meta_shards(state_dict: dict, cfg: ChameleonConfig, n_shards: int) -> list[dict]:
+    if cfg.qk_norm_groups not in (1, n_shards):
+        raise ConversionError(
+            f"a model with qk_norm_groups={cfg.qk_norm_groups} exports to {cfg.qk_norm_groups} Meta "
+            f"shards (each holds one group's QK-norm), not {n_shards}"
+        )
+    for what, size in (("n_kv_heads", cfg.n_kv_heads), ("ffn_dim", cfg.ffn_dim), ("vocab_size", cfg.vocab_size), ("dim", cfg.dim)):
+        if size % n_shards:
+            raise ConversionError(f"{what}={size} cannot be split into {n_shards} model-parallel shards")
+    shards = [{} for _ in range(n_shards)]
+    for name, tensor in state_dict.items():
+        if name.endswith(_META_PER_SHARD):
+            pieces = list(tensor.expand(n_shards, -1)) if cfg.qk_norm_groups == 1 else list(tensor)
+        elif (dim := _split_dim(name)) is not None:
+            pieces = tensor.chunk(n_shards, dim=dim)
+        else:
+            pieces = [tensor] * n_shards
+        for shard, piece in zip(shards, pieces):
+            shard[name] = piece.clone()
+    return shards
+
+
+def from_meta_shards(shards: list[dict], cfg: ChameleonConfig) -> dict:
+    state_dict = {}
+    for name in shards[0]:
+        if name in _META_IGNORED:
+            continue
+        pieces = [shard[name] for shard in shards]
+        if name.endswith(_META_PER_SHARD):
+            state_dict[name] = torch.stack(pieces)
+        elif (dim := _split_dim(name)) is not None:
+            state_dict[name] = torch.cat(pieces, dim=dim)
+        else:
+            state_dict[name] = pieces[0]
+    expected = set(_native_names(cfg))
+    if set(state_dict) != expected:
+        raise ConversionError(
+            f"Meta checkpoint does not match params.json: unknown {sorted(set(state_dict) - expected)[:5]}, "
+            f"missing {sorted(expected - set(state_dict))[:5]}"
+        )
+    return state_dict
+
+
+def _meta_ffn_fields(dim: int, ffn_dim: int) -> dict:
+    """multiple_of / ffn_dim_multiplier for which Meta's formula gives ffn_dim back."""
+    base = int(8 * dim / 3)
+    if 256 * -(-base // 256) == ffn_dim:
+        return {"multiple_of": 256, "ffn_dim_multiplier": None}
+    # int(m * base) == ffn_dim for m just above ffn_dim / base, and multiple_of 1 leaves it as is.
+    return {"multiple_of": 1, "ffn_dim_multiplier": (ffn_dim + 0.5) / base}
+
+
+def meta_params(cfg: ChameleonConfig, n_shards: int) -> dict:
+    model = {
+        "dim": cfg.dim,
+        "n_layers": cfg.n_layers,
+        "n_heads": cfg.n_heads,
+        "n_kv_heads": cfg.n_kv_heads,
+        "vocab_size": cfg.vocab_size,
+        "norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "qk_normalization": cfg.qk_norm,
+        "swin_norm": cfg.block_style == "swin",
+        **_meta_ffn_fields(cfg.dim, cfg.ffn_dim),
+    }
+    return {"model_parallel_size": n_shards, "model": model}
+
+
+def config_from_meta(params: dict, shards: list[dict]) -> ChameleonConfig:
+    model = params.get("model", params)
+    return ChameleonConfig(
+        dim=model["dim"],
+        n_layers=model["n_layers"],
+        n_heads=model["n_heads"],
+        n_kv_heads=model.get("n_kv_heads") or model["n_heads"],
+        ffn_dim=sum(s["layers.0.feed_forward.w1.weight"].shape[0] for s in shards),
+        vocab_size=sum(s["output.weight"].shape[0] for s in shards),
+        norm_eps=model.get("norm_eps", 1e-5),
+        rope_theta=model.get("rope_theta", 10000.0),
+        block_style="swin" if model.get("swin_norm") else "prenorm",
+        qk_norm=model.get("qk_normalization", True),
+        qk_norm_groups=len(shards) if model.get("qk_normalization", True) else 1,
+    )
+
+
+def _meta_shard_paths(folder: Path) -> list[Path]:
+    single = folder / "consolidated.pth"
+    sharded = sorted(folder.glob("consolidated.[0-9][0-9].pth"))
+    if single.is_file() and sharded:
+        raise ConversionError(f"{folder} holds both consolidated.pth and consolidated.NN.pth; keep one layout")
+    paths = [single] if single.is_file() else sharded
+    if not paths:
+        raise ConversionError(f"{folder}: no consolidated.pth or consolidated.NN.pth")
+    return paths
+
+
+def read_meta(folder: str | Path) -> tuple[dict, list[dict]]:
+    folder = Path(folder)
+    params_path = folder / META_PARAMS
+    if not params_path.is_file():
+        raise ConversionError(f"{params_path} not found: a Meta checkpoint folder holds params.json")
+    params = json.loads(params_path.read_text())
+    extra = folder / "consolidate_params.json"
+    if extra.is_file():
+        params = {**params, **json.loads(extra.read_text())}
+    paths = _meta_shard_paths(folder)
+    declared = params.get("model_parallel_size")
+    if declared is not None and declared != len(paths):
+        raise ConversionError(f"{params_path} declares model_parallel_size={declared} but {folder} holds {len(paths)} shard files")
+    shards = [torch.load(p, map_location="cpu", weights_only=True, mmap=True) for p in paths]
+    return params, shards
+
+
+def import_meta(meta_dir: str | Path, out_dir: str | Path, vocab: VocabLayout = VocabLayout()) -> Path:
+    """`vocab` gives the image codebook and reserved sizes; vocab_size comes from the checkpoint."""
+    params, shards = read_meta(meta_dir)
+    cfg = config_from_meta(params, shards)
+    vocab = dataclasses.replace(vocab, vocab_size=cfg.vocab_size)
+    return save_native(from_meta_shards(shards, cfg), cfg, vocab, out_dir)
+
+
+def export_meta(native_dir: str | Path, out_dir: str | Path, n_shards: int | None = None) -> Path:
+    state_dict, cfg, _ = load_native(native_dir)
+    n_shards = n_shards or cfg.qk_norm_groups
+    shards = to_meta_shards(state_dict, cfg, n_shards)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = ["consolidated.pth"] if n_shards == 1 else [f"consolidated.{i:02d}.pth" for i in range(n_shards)]
+    for name, shard in zip(names, shards):
+        torch.save(shard, out / name)
+    (out / META_PARAMS).write_text(json.dumps(meta_params(cfg, n_shards), indent=2) + "\n")
+    return out

@@ -1,0 +1,138 @@
+"""Next-token cross-entropy plus z-loss, computed through the output projection in chunks.
+
+The logits of a batch are [positions, vocab]: at 8 x 4096 positions and 65,536 ids that is 8 GiB in
+fp32, more than the rest of a 1B model's activations. So the output projection, the softmax and
+their gradients are computed a chunk of positions at a time, inside one autograd Function that
+keeps only the gradients for backward (the approach of liger-kernel's fused linear cross-entropy).
+Since the loss is a scalar, those gradients are exact up to the scale that backward applies.
+
+z-loss (Chameleon §2.3, PaLM): coefficient * log²Z with Z the softmax partition function, which
+keeps the final softmax's logits from drifting; 1e-5 in the paper.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from fusion_train.vocab import Modality
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor  # to backpropagate: (sum CE + z_loss * sum log²Z) / positions with a label
+    ce: torch.Tensor  # mean cross-entropy (detached)
+    z: torch.Tensor  # z_loss * mean log²Z (detached)
+    logz_mean: torch.Tensor  # mean log Z (detached)
+    n_tokens: torch.Tensor  # positions with a label
+    # Per target modality, indexed by Modality; only when the caller gives label modalities.
+    ce_sum_by_modality: Optional[torch.Tensor] = None
+    logz_sum_by_modality: Optional[torch.Tensor] = None
+    count_by_modality: Optional[torch.Tensor] = None
+
+
+def chunked_lm_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    z_loss: float,
+    chunk_size: int,
+    label_modality: Optional[torch.Tensor] = None,
+) -> LossOutput:
+    """Loss of predicting labels[:, t+1] from hidden[:, t]; labels == -100 carry no loss.
+
+    hidden: [B, T, dim] final-normed states; weight: [vocab, dim] output projection;
+    labels and label_modality: [B, T], aligned with the input ids (this function shifts them).
+    """
+    dim = hidden.shape[-1]
+    inputs = hidden[:, :-1].reshape(-1, dim)
+    targets = labels[:, 1:].reshape(-1)
+    valid = targets != IGNORE_INDEX
+    if torch.is_grad_enabled() and (inputs.requires_grad or weight.requires_grad):
+        total, ce, logz = _LinearCrossEntropyZLoss.apply(inputs, weight, targets, z_loss, chunk_size)
+    else:
+        ce, logz, _, _ = _chunked_forward(inputs, weight, targets, z_loss, chunk_size, with_grads=False)
+        total = ce.sum() + z_loss * logz.square().sum()
+
+    n_tokens = valid.sum()
+    normalizer = n_tokens.clamp(min=1)
+    out = LossOutput(
+        loss=total / normalizer,
+        ce=ce.sum() / normalizer,
+        z=z_loss * logz.square().sum() / normalizer,
+        logz_mean=logz.sum() / normalizer,
+        n_tokens=n_tokens,
+    )
+    if label_modality is not None:
+        modality = label_modality[:, 1:].reshape(-1).long()
+        out.ce_sum_by_modality = _sum_by_modality(ce, modality)
+        out.logz_sum_by_modality = _sum_by_modality(logz, modality)
+        out.count_by_modality = _sum_by_modality(valid.float(), modality)
+    return out
+
+
+def _sum_by_modality(values: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
+    sums = torch.zeros(len(Modality), dtype=torch.float32, device=values.device)
+    return sums.index_add_(0, modality, values.float())
+
+
+class _LinearCrossEntropyZLoss(torch.autograd.Function):
+    """Returns (sum of CE + z_loss * log²Z, per-position CE, per-position log Z) for 2-D inputs."""
+
+    @staticmethod
+    def forward(ctx, inputs, weight, targets, z_loss, chunk_size):
+        ce, logz, grad_inputs, grad_weight = _chunked_forward(
+            inputs, weight, targets, z_loss, chunk_size, with_grads=True
+        )
+        ctx.save_for_backward(grad_inputs, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        ctx.mark_non_differentiable(ce, logz)
+        return ce.sum() + z_loss * logz.square().sum(), ce, logz
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_ce, _grad_logz):
+        grad_inputs, grad_weight = ctx.saved_tensors
+        scale = grad_total.float()
+        return (
+            (grad_inputs * scale).to(grad_inputs.dtype),
+            (grad_weight * scale).to(ctx.weight_dtype),
+            None,
+            None,
+            None,
+        )
+
+
+def _chunked_forward(inputs, weight, targets, z_loss, chunk_size, *, with_grads):
+    """Per-position CE and log Z (0 where there is no label) and, if asked, the loss gradients."""
+    n = inputs.shape[0]
+    ce = torch.zeros(n, dtype=torch.float32, device=inputs.device)
+    logz = torch.zeros_like(ce)
+    grad_inputs = torch.empty_like(inputs) if with_grads else None
+    # Accumulated over chunks in fp32 whatever the weight's dtype.
+    grad_weight = torch.zeros_like(weight, dtype=torch.float32) if with_grads else None
+    for start in range(0, n, chunk_size):
+        rows = slice(start, start + chunk_size)
+        x, target = inputs[rows], targets[rows]
+        valid = target != IGNORE_INDEX
+        safe_target = torch.where(valid, target, 0).unsqueeze(1)
+        logits = (x @ weight.t()).float()
+        chunk_logz = torch.logsumexp(logits, dim=-1)
+        target_logit = logits.gather(1, safe_target).squeeze(1)
+        ce[rows] = torch.where(valid, chunk_logz - target_logit, 0.0)
+        logz[rows] = torch.where(valid, chunk_logz, 0.0)
+        if not with_grads:
+            continue
+        # d/dlogits of CE + z*logZ² is softmax * (1 + 2z logZ) - onehot(target); built in place.
+        grad_logits = logits.sub_(chunk_logz.unsqueeze(1)).exp_()
+        grad_logits.mul_((1.0 + 2.0 * z_loss * chunk_logz).unsqueeze(1))
+        grad_logits.scatter_add_(1, safe_target, torch.full_like(target_logit, -1.0).unsqueeze(1))
+        grad_logits.mul_(valid.unsqueeze(1))
+        grad_logits = grad_logits.to(inputs.dtype)
+        grad_inputs[rows] = grad_logits @ weight
+        grad_weight += grad_logits.t() @ x
+    return ce, logz, grad_inputs, grad_weight

@@ -1,0 +1,141 @@
+"""The unified token-id layout shared by text, images and control tokens.
+
+Chameleon's released layout, with every size a parameter (a demo vocabulary is small) and the
+rule fixed, so that the released weights import without remapping:
+
+    0 <s>   1 <pad>   2 </s>   3 <unk>
+    4 .. 4+C-1            image code c  ->  id 4 + c          (C = image_codebook_size)
+    4+C                   <eoss>         end of image
+    5+C                   <racm3:break>  begin of image
+    6+C .. 6+C+R-1        reserved control ids (R = n_reserved); the 513th of them, id 8710 in the
+                          released layout (`<reserved08706>`), separates an SFT prompt from its answer
+    6+C+R .. vocab_size-1 text pieces
+
+An image in a sequence is `<racm3:break>`, image_grid**2 codes in raster order, `<eoss>`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import ClassVar
+
+import torch
+
+
+class Modality(IntEnum):
+    """What kind of token an id is; the per-modality loss statistics are indexed by this."""
+
+    TEXT = 0
+    IMAGE = 1
+    SPECIAL = 2
+
+
+BOS_ID = 0
+PAD_ID = 1
+EOS_ID = 2
+UNK_ID = 3
+IMAGE_CODE_OFFSET = 4
+# `<reserved08706>` is the 513th reserved id after `<racm3:break>` (8197 + 513 = 8710).
+SFT_SEPARATOR_RESERVED_INDEX = 512
+
+
+@dataclass(frozen=True)
+class VocabLayout:
+    image_codebook_size: int = 8192
+    image_grid: int = 32  # an image is image_grid x image_grid codes
+    vocab_size: int = 65536
+    n_reserved: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.image_codebook_size < 1 or self.image_grid < 1:
+            raise ValueError(
+                f"vocab: image_codebook_size ({self.image_codebook_size}) and image_grid "
+                f"({self.image_grid}) must be positive"
+            )
+        if self.n_reserved <= SFT_SEPARATOR_RESERVED_INDEX:
+            raise ValueError(
+                f"vocab.n_reserved={self.n_reserved} must exceed {SFT_SEPARATOR_RESERVED_INDEX}: "
+                "the SFT separator is reserved id number "
+                f"{SFT_SEPARATOR_RESERVED_INDEX} (id 8710 in Chameleon's layout)"
+            )
+        if self.vocab_size <= self.text_start:
+            raise ValueError(
+                f"vocab.vocab_size={self.vocab_size} leaves no room for text: image codes and "
+                f"control ids already take ids 0..{self.text_start - 1}; raise vocab_size or "
+                "lower image_codebook_size / n_reserved"
+            )
+
+    # --- fixed positions -------------------------------------------------------------------
+    bos: ClassVar[int] = BOS_ID
+    pad: ClassVar[int] = PAD_ID
+    eos: ClassVar[int] = EOS_ID
+    unk: ClassVar[int] = UNK_ID
+
+    @property
+    def image_code_start(self) -> int:
+        return IMAGE_CODE_OFFSET
+
+    @property
+    def image_code_end(self) -> int:
+        """One past the last image-code id."""
+        return IMAGE_CODE_OFFSET + self.image_codebook_size
+
+    @property
+    def end_of_image(self) -> int:
+        return self.image_code_end
+
+    @property
+    def begin_of_image(self) -> int:
+        return self.image_code_end + 1
+
+    @property
+    def reserved_start(self) -> int:
+        return self.begin_of_image + 1
+
+    @property
+    def sft_separator(self) -> int:
+        return self.reserved_start + SFT_SEPARATOR_RESERVED_INDEX
+
+    @property
+    def text_start(self) -> int:
+        return self.reserved_start + self.n_reserved
+
+    @property
+    def image_tokens(self) -> int:
+        """Codes per image."""
+        return self.image_grid * self.image_grid
+
+    @property
+    def image_block_length(self) -> int:
+        """Ids an image takes in a sequence: begin marker, codes, end marker."""
+        return self.image_tokens + 2
+
+    # --- mappings ----------------------------------------------------------------------------
+    def code_to_id(self, codes: torch.Tensor) -> torch.Tensor:
+        if codes.numel() and (codes.min() < 0 or codes.max() >= self.image_codebook_size):
+            raise ValueError(
+                f"image codes must lie in [0, {self.image_codebook_size}); got "
+                f"[{int(codes.min())}, {int(codes.max())}]"
+            )
+        return codes.long() + IMAGE_CODE_OFFSET
+
+    def id_to_code(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.numel() and (ids.min() < self.image_code_start or ids.max() >= self.image_code_end):
+            raise ValueError(
+                f"image-code ids must lie in [{self.image_code_start}, {self.image_code_end}); "
+                f"got [{int(ids.min())}, {int(ids.max())}]"
+            )
+        return ids.long() - IMAGE_CODE_OFFSET
+
+    def modality_of(self, ids: torch.Tensor) -> torch.Tensor:
+        """Modality of each id, elementwise, on the ids' device and without a host sync."""
+        is_image = (ids >= self.image_code_start) & (ids < self.image_code_end)
+        is_special = (ids < IMAGE_CODE_OFFSET) | ((ids >= self.image_code_end) & (ids < self.text_start))
+        modality = torch.full_like(ids, int(Modality.TEXT), dtype=torch.long)
+        modality = torch.where(is_image, int(Modality.IMAGE), modality)
+        return torch.where(is_special, int(Modality.SPECIAL), modality)
+
+    def modality_mask(self, modality: Modality, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Boolean mask over the whole vocabulary, True where an id is of `modality`."""
+        return self.modality_of(torch.arange(self.vocab_size, device=device)) == int(modality)

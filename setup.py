@@ -1,0 +1,31 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="fusion-train",
+    version="0.1.0",
+    description="Distributed pretraining of Chameleon-style early-fusion mixed-modal models",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["fusion_train", "fusion_train.*", "data_pipelines", "data_pipelines.*"]),
+    # Ranges here; the versions `make install` verified together are pinned in constraints.txt.
+    install_requires=[
+        "torch>=2.5",
+        "deepspeed>=0.16",
+        "sentencepiece>=0.2",
+        "webdataset>=0.2.90",
+        "wandb>=0.18",
+        "hydra-core>=1.3",
+        "torchdata>=0.10",
+        "safetensors>=0.4",
+        "tqdm>=4.66",
+        "numpy>=1.26",
+        "pyyaml>=6",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "transformers>=4.45"],
+        "gpu": ["liger-kernel>=0.5"],
+    },
+    entry_points={"console_scripts": ["fusion-convert=fusion_train.cli:convert_main"]},
+)
