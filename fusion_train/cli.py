@@ -10,10 +10,17 @@ from fusion_train.vocab import VocabLayout
 
 
 def _vocab_arguments(parser: argparse.ArgumentParser) -> None:
+    """The vocabulary sizes a source format does not record (vocab_size always comes from it)."""
     defaults = VocabLayout()
-    parser.add_argument("--image-codebook-size", type=int, default=defaults.image_codebook_size)
-    parser.add_argument("--image-grid", type=int, default=defaults.image_grid)
-    parser.add_argument("--n-reserved", type=int, default=defaults.n_reserved)
+    group = parser.add_argument_group("vocabulary layout (defaults: Chameleon's)")
+    group.add_argument("--image-codebook-size", type=int, default=defaults.image_codebook_size,
+                       help="image codes (an HF vocabulary map that names them overrides this)")
+    group.add_argument("--image-grid", type=int, default=defaults.image_grid, help="codes per image side")
+    group.add_argument("--n-reserved", type=int, default=defaults.n_reserved, help="reserved control ids")
+
+
+def _vocab(args: argparse.Namespace) -> VocabLayout:
+    return VocabLayout(args.image_codebook_size, args.image_grid, n_reserved=args.n_reserved)
 
 
 def _convert_parser() -> argparse.ArgumentParser:
@@ -26,6 +33,7 @@ def _convert_parser() -> argparse.ArgumentParser:
     from_hf = commands.add_parser("from-hf", help="HF ChameleonForConditionalGeneration folder -> fusion_train model folder")
     from_hf.add_argument("hf_dir")
     from_hf.add_argument("out_dir")
+    _vocab_arguments(from_hf)
 
     to_hf = commands.add_parser("to-hf", help="fusion_train model folder -> HF folder (config.json + model.safetensors)")
     to_hf.add_argument("model_dir")
@@ -49,12 +57,11 @@ def convert_main(argv: list[str] | None = None) -> int:
     args = _convert_parser().parse_args(argv)
     try:
         if args.command == "from-hf":
-            out = convert.import_hf(args.hf_dir, args.out_dir)
+            out = convert.import_hf(args.hf_dir, args.out_dir, _vocab(args))
         elif args.command == "to-hf":
             out = convert.export_hf(args.model_dir, args.out_dir)
         elif args.command == "from-meta":
-            vocab = VocabLayout(args.image_codebook_size, args.image_grid, n_reserved=args.n_reserved)
-            out = convert.import_meta(args.meta_dir, args.out_dir, vocab)
+            out = convert.import_meta(args.meta_dir, args.out_dir, _vocab(args))
         else:
             out = convert.export_meta(args.model_dir, args.out_dir, args.model_parallel)
     except (convert.ConversionError, ValueError) as err:

@@ -2,21 +2,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fusion_train.model.loss import chunked_lm_loss
+from fusion_train.model.loss import chunked_lm_loss, reference_lm_loss
 from fusion_train.vocab import Modality, VocabLayout
 
 VOCAB = VocabLayout(image_codebook_size=64, image_grid=4, vocab_size=1000, n_reserved=513)
 
 
-def naive_loss(hidden, weight, labels, z_loss):
-    """The reference: full fp32 logits at once."""
+def full_logits(hidden, weight, labels):
     logits = (hidden[:, :-1] @ weight.t()).float()
     targets = labels[:, 1:]
-    valid = targets != -100
-    logz = logits.logsumexp(-1)
-    ce_sum = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
-    z_sum = z_loss * (logz.square() * valid).sum()
-    return (ce_sum + z_sum) / valid.sum().clamp(min=1), logits, logz, valid
+    return logits, logits.logsumexp(-1), targets != -100
 
 
 def inputs(seed=0, batch=3, seq=37, dim=32, ignore_fraction=0.3):
@@ -30,9 +25,9 @@ def inputs(seed=0, batch=3, seq=37, dim=32, ignore_fraction=0.3):
 
 @pytest.mark.parametrize("z_loss", [0.0, 1e-5, 1e-2])
 @pytest.mark.parametrize("chunk_size", [7, 64, 4096])
-def test_chunked_loss_and_gradients_equal_the_naive_computation(z_loss, chunk_size):
+def test_chunked_loss_and_gradients_equal_the_full_logits_computation(z_loss, chunk_size):
     hidden, weight, labels = inputs()
-    reference, _, _, _ = naive_loss(hidden, weight, labels, z_loss)
+    reference = reference_lm_loss(hidden, weight, labels, z_loss=z_loss)
     reference_grads = torch.autograd.grad(reference, (hidden, weight))
 
     out = chunked_lm_loss(hidden, weight, labels, z_loss=z_loss, chunk_size=chunk_size)
@@ -46,7 +41,7 @@ def test_chunked_loss_and_gradients_equal_the_naive_computation(z_loss, chunk_si
 def test_gradients_scale_with_the_upstream_gradient():
     """Backward multiplies the gradients kept from forward by the incoming gradient."""
     hidden, weight, labels = inputs()
-    reference, _, _, _ = naive_loss(hidden, weight, labels, 1e-4)
+    reference = reference_lm_loss(hidden, weight, labels, z_loss=1e-4)
     expected = torch.autograd.grad(3.5 * reference, (hidden, weight))
     out = chunked_lm_loss(hidden, weight, labels, z_loss=1e-4, chunk_size=16)
     for got, want in zip(torch.autograd.grad(3.5 * out.loss, (hidden, weight)), expected):
@@ -58,7 +53,7 @@ def test_reported_parts_and_modality_statistics():
     labels[0, 5:15] = torch.arange(VOCAB.image_code_start, VOCAB.image_code_start + 10)  # image targets
     labels[1, 3] = VOCAB.begin_of_image
     z_loss = 1e-3
-    _, logits, logz, valid = naive_loss(hidden, weight, labels, z_loss)
+    logits, logz, valid = full_logits(hidden, weight, labels)
     targets = labels[:, 1:]
     ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten().clamp(min=0), reduction="none").view_as(targets)
 
@@ -100,7 +95,7 @@ def test_all_labels_ignored_gives_zero_not_nan():
 
 def test_bf16_inputs_stay_close_to_fp32():
     hidden, weight, labels = inputs(seed=4)
-    reference, _, _, _ = naive_loss(hidden, weight, labels, 1e-5)
+    reference = reference_lm_loss(hidden, weight, labels, z_loss=1e-5)
     hidden_bf16 = hidden.detach().bfloat16().requires_grad_()
     weight_bf16 = weight.detach().bfloat16().requires_grad_()
     out = chunked_lm_loss(hidden_bf16, weight_bf16, labels, z_loss=1e-5, chunk_size=16)

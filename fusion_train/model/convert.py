@@ -11,7 +11,8 @@
   qk_norm_groups = number of shards, so the released 30B keeps its per-shard values.
 
 Checkpoints are read with `weights_only=True`; everything is written as safetensors except Meta's
-own `.pth` layout.
+own `.pth` layout. Neither outside format records training settings (dropout, z-loss): an import
+takes ChameleonConfig's defaults for them, and for the context length where params.json has none.
 """
 
 from __future__ import annotations
@@ -225,7 +226,9 @@ def hf_config(cfg: ChameleonConfig, vocab: VocabLayout, dtype: torch.dtype) -> d
     }
 
 
-def configs_from_hf(config: dict, n_reserved: int = VocabLayout.n_reserved) -> tuple[ChameleonConfig, VocabLayout]:
+def configs_from_hf(config: dict, vocab: VocabLayout = VocabLayout()) -> tuple[ChameleonConfig, VocabLayout]:
+    """`vocab` gives what HF's config does not hold (image grid, reserved ids); the vocabulary size
+    and the image codebook come from the config and its vocabulary map."""
     rope = config.get("rope_parameters") or {"rope_type": "default", "rope_theta": config.get("rope_theta", 10000.0)}
     if rope.get("rope_type", "default") != "default":
         raise ConversionError(f"HF config: rope_type {rope['rope_type']!r} is not supported (Chameleon uses 'default')")
@@ -242,15 +245,14 @@ def configs_from_hf(config: dict, n_reserved: int = VocabLayout.n_reserved) -> t
         block_style="swin" if config.get("swin_norm") else "prenorm",
         qk_norm_groups=config.get("model_parallel_size") or 1,
     )
-    return cfg, _vocab_from_names(config.get("vocabulary_map") or {}, config["vocab_size"], n_reserved)
+    return cfg, _vocab_from_names(config.get("vocabulary_map") or {}, vocab, cfg.vocab_size)
 
 
-def _vocab_from_names(names: dict, vocab_size: int, n_reserved: int) -> VocabLayout:
+def _vocab_from_names(names: dict, vocab: VocabLayout, vocab_size: int) -> VocabLayout:
     """The layout a vocabulary map implies; it must be Chameleon's (code c at id 4 + c)."""
     image_ids = {name: i for name, i in names.items() if name.startswith(IMAGE_TOKEN_PREFIX)}
-    if not image_ids:
-        return VocabLayout(vocab_size=vocab_size, n_reserved=n_reserved)
-    vocab = VocabLayout(image_codebook_size=len(image_ids), vocab_size=vocab_size, n_reserved=n_reserved)
+    codebook_size = len(image_ids) or vocab.image_codebook_size
+    vocab = dataclasses.replace(vocab, vocab_size=vocab_size, image_codebook_size=codebook_size)
     misplaced = [n for n, i in image_ids.items() if i != vocab.image_code_start + _image_code_of_name(n)]
     for name, expected in (("<eoss>", vocab.end_of_image), ("<racm3:break>", vocab.begin_of_image)):
         if names.get(name, expected) != expected:
@@ -278,12 +280,12 @@ def read_hf_weights(folder: Path) -> dict:
     return state_dict
 
 
-def import_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
+def import_hf(hf_dir: str | Path, out_dir: str | Path, vocab: VocabLayout = VocabLayout()) -> Path:
     folder = Path(hf_dir)
     config_path = folder / CONFIG_FILE
     if not config_path.is_file():
         raise ConversionError(f"{config_path} not found: expected a transformers model folder")
-    cfg, vocab = configs_from_hf(json.loads(config_path.read_text()))
+    cfg, vocab = configs_from_hf(json.loads(config_path.read_text()), vocab)
     return save_native(from_hf_state_dict(read_hf_weights(folder), cfg), cfg, vocab, out_dir)
 
 
@@ -389,6 +391,7 @@ def config_from_meta(params: dict, shards: list[dict]) -> ChameleonConfig:
         n_kv_heads=model.get("n_kv_heads") or model["n_heads"],
         ffn_dim=sum(s["layers.0.feed_forward.w1.weight"].shape[0] for s in shards),
         vocab_size=sum(s["output.weight"].shape[0] for s in shards),
+        max_seq_len=model.get("max_seq_len", ChameleonConfig.max_seq_len),
         norm_eps=model.get("norm_eps", 1e-5),
         rope_theta=model.get("rope_theta", 10000.0),
         block_style="swin" if model.get("swin_norm") else "prenorm",

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from fusion_train.vocab import Modality
 
@@ -74,6 +75,17 @@ def chunked_lm_loss(
         out.logz_sum_by_modality = _sum_by_modality(logz, modality)
         out.count_by_modality = _sum_by_modality(valid.float(), modality)
     return out
+
+
+def reference_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, z_loss: float) -> torch.Tensor:
+    """The same loss from the full fp32 logits at once: what chunked_lm_loss must equal (tests)
+    and must beat on memory (bench/chunked_loss.py)."""
+    logits = (hidden[:, :-1] @ weight.t()).float()
+    targets = labels[:, 1:]
+    valid = targets != IGNORE_INDEX
+    ce_sum = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    z_sum = z_loss * (logits.logsumexp(-1).square() * valid).sum()
+    return (ce_sum + z_sum) / valid.sum().clamp(min=1)
 
 
 def _sum_by_modality(values: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
