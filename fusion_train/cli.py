@@ -13,8 +13,12 @@ def _vocab_arguments(parser: argparse.ArgumentParser) -> None:
     """The vocabulary sizes a source format does not record (vocab_size always comes from it)."""
     defaults = VocabLayout()
     group = parser.add_argument_group("vocabulary layout (defaults: Chameleon's)")
-    group.add_argument("--image-codebook-size", type=int, default=defaults.image_codebook_size,
-                       help="image codes (an HF vocabulary map that names them overrides this)")
+    group.add_argument(
+        "--image-codebook-size",
+        type=int,
+        default=defaults.image_codebook_size,
+        help="image codes (an HF vocabulary map that names them overrides this)",
+    )
     group.add_argument("--image-grid", type=int, default=defaults.image_grid, help="codes per image side")
     group.add_argument("--n-reserved", type=int, default=defaults.n_reserved, help="reserved control ids")
 
@@ -30,16 +34,22 @@ def _convert_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    from_hf = commands.add_parser("from-hf", help="HF ChameleonForConditionalGeneration folder -> fusion_train model folder")
+    from_hf = commands.add_parser(
+        "from-hf", help="HF ChameleonForConditionalGeneration folder -> fusion_train model folder"
+    )
     from_hf.add_argument("hf_dir")
     from_hf.add_argument("out_dir")
     _vocab_arguments(from_hf)
 
-    to_hf = commands.add_parser("to-hf", help="fusion_train model folder -> HF folder (config.json + model.safetensors)")
+    to_hf = commands.add_parser(
+        "to-hf", help="fusion_train model folder -> HF folder (config.json + model.safetensors)"
+    )
     to_hf.add_argument("model_dir")
     to_hf.add_argument("out_dir")
 
-    from_meta = commands.add_parser("from-meta", help="Meta params.json + consolidated*.pth folder -> fusion_train model folder")
+    from_meta = commands.add_parser(
+        "from-meta", help="Meta params.json + consolidated*.pth folder -> fusion_train model folder"
+    )
     from_meta.add_argument("meta_dir")
     from_meta.add_argument("out_dir")
     _vocab_arguments(from_meta)

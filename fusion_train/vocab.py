@@ -115,8 +115,7 @@ class VocabLayout:
     def code_to_id(self, codes: torch.Tensor) -> torch.Tensor:
         if codes.numel() and (codes.min() < 0 or codes.max() >= self.image_codebook_size):
             raise ValueError(
-                f"image codes must lie in [0, {self.image_codebook_size}); got "
-                f"[{int(codes.min())}, {int(codes.max())}]"
+                f"image codes must lie in [0, {self.image_codebook_size}); got [{int(codes.min())}, {int(codes.max())}]"
             )
         return codes.long() + IMAGE_CODE_OFFSET
 
@@ -139,3 +138,6 @@ class VocabLayout:
     def modality_mask(self, modality: Modality, device: torch.device | str = "cpu") -> torch.Tensor:
         """Boolean mask over the whole vocabulary, True where an id is of `modality`."""
         return self.modality_of(torch.arange(self.vocab_size, device=device)) == int(modality)
+
+
+CHAMELEON_VOCAB = VocabLayout()  # the released sizes: 8,192 codes, 32 x 32 grid, 65,536 ids

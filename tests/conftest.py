@@ -42,5 +42,7 @@ def torchrun(script: Path, *args: str, nproc: int = 2, timeout: int = 300) -> su
     ]  # fmt: skip
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     if result.returncode != 0:
-        pytest.fail(f"torchrun {script.name} exited {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}")
+        pytest.fail(
+            f"torchrun {script.name} exited {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
+        )
     return result

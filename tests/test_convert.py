@@ -109,7 +109,9 @@ def test_cli_round_trip_through_hf_files(tmp_path):
         ours, theirs = model(ids), theirs_model(input_ids=ids).logits
     assert relative_error(ours, theirs, ~VOCAB.modality_mask(1)) <= 1e-4
 
-    assert convert_main(["from-hf", str(hf_dir), str(tmp_path / "back"), "--image-grid", "4", "--n-reserved", "600"]) == 0
+    assert (
+        convert_main(["from-hf", str(hf_dir), str(tmp_path / "back"), "--image-grid", "4", "--n-reserved", "600"]) == 0
+    )
     _assert_same_native(native, tmp_path / "back")
 
 
@@ -136,7 +138,9 @@ def test_meta_shards_with_their_own_qk_norm_import_per_shard(tmp_path):
     shards = convert.to_meta_shards(state, cfg, 2)
     assert shards[0]["layers.0.attention.wq.weight"].shape == (2 * cfg.head_dim, cfg.dim)
     assert shards[0]["layers.0.attention.q_normalization.weight"].shape == (cfg.head_dim,)
-    assert not torch.equal(shards[0]["layers.0.attention.q_normalization.weight"], shards[1]["layers.0.attention.q_normalization.weight"])
+    assert not torch.equal(
+        shards[0]["layers.0.attention.q_normalization.weight"], shards[1]["layers.0.attention.q_normalization.weight"]
+    )
     folder = tmp_path / "30b-like"
     folder.mkdir()
     for i, shard in enumerate(shards):
@@ -149,7 +153,9 @@ def test_meta_shards_with_their_own_qk_norm_import_per_shard(tmp_path):
     imported, imported_cfg, _ = convert.load_native(tmp_path / "native")
     assert imported_cfg.qk_norm_groups == 2
     for s in range(2):
-        assert torch.equal(imported["layers.1.attention.k_normalization.bias"][s], shards[s]["layers.1.attention.k_normalization.bias"])
+        assert torch.equal(
+            imported["layers.1.attention.k_normalization.bias"][s], shards[s]["layers.1.attention.k_normalization.bias"]
+        )
     assert all(torch.equal(imported[k], v) for k, v in state.items())
 
 

@@ -34,7 +34,7 @@ def test_chunked_loss_and_gradients_equal_the_full_logits_computation(z_loss, ch
     grads = torch.autograd.grad(out.loss, (hidden, weight))
 
     torch.testing.assert_close(out.loss, reference, rtol=1e-6, atol=1e-6)
-    for got, expected in zip(grads, reference_grads):
+    for got, expected in zip(grads, reference_grads, strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
 
 
@@ -44,7 +44,7 @@ def test_gradients_scale_with_the_upstream_gradient():
     reference = reference_lm_loss(hidden, weight, labels, z_loss=1e-4)
     expected = torch.autograd.grad(3.5 * reference, (hidden, weight))
     out = chunked_lm_loss(hidden, weight, labels, z_loss=1e-4, chunk_size=16)
-    for got, want in zip(torch.autograd.grad(3.5 * out.loss, (hidden, weight)), expected):
+    for got, want in zip(torch.autograd.grad(3.5 * out.loss, (hidden, weight)), expected, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
 
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-from fusion_train.model.chameleon import Chameleon, ChameleonConfig
+from fusion_train.model.chameleon import Chameleon
 from fusion_train.model.size import flops_per_token, parameter_counts
 from helpers import PRESETS, preset, randomized_model, small_config
 

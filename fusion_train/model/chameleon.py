@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +29,7 @@ class ChameleonConfig:
     dim: int = 4096
     n_layers: int = 32
     n_heads: int = 32
-    n_kv_heads: Optional[int] = None  # None: as many as n_heads (no GQA)
+    n_kv_heads: int | None = None  # None: as many as n_heads (no GQA)
     ffn_dim: int = 11008
     vocab_size: int = 65536
     max_seq_len: int = 4096
@@ -233,9 +232,9 @@ class Chameleon(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,
-        labels: Optional[torch.Tensor] = None,
-        doc_ids: Optional[torch.Tensor] = None,
-        label_modality: Optional[torch.Tensor] = None,
+        labels: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        label_modality: torch.Tensor | None = None,
     ) -> torch.Tensor | LossOutput:
         """Logits [B, T, vocab] without labels; with labels (aligned with input_ids, -100 where no
         loss) the next-token loss. doc_ids [B, T] restricts attention to the same document."""

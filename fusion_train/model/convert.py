@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fusion_train.model.chameleon import ChameleonConfig
-from fusion_train.vocab import VocabLayout
+from fusion_train.vocab import CHAMELEON_VOCAB, VocabLayout
 
 NATIVE_WEIGHTS = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -226,7 +226,7 @@ def hf_config(cfg: ChameleonConfig, vocab: VocabLayout, dtype: torch.dtype) -> d
     }
 
 
-def configs_from_hf(config: dict, vocab: VocabLayout = VocabLayout()) -> tuple[ChameleonConfig, VocabLayout]:
+def configs_from_hf(config: dict, vocab: VocabLayout = CHAMELEON_VOCAB) -> tuple[ChameleonConfig, VocabLayout]:
     """`vocab` gives what HF's config does not hold (image grid, reserved ids); the vocabulary size
     and the image codebook come from the config and its vocabulary map."""
     rope = config.get("rope_parameters") or {"rope_type": "default", "rope_theta": config.get("rope_theta", 10000.0)}
@@ -266,7 +266,14 @@ def _vocab_from_names(names: dict, vocab: VocabLayout, vocab_size: int) -> Vocab
 
 
 def read_hf_weights(folder: Path) -> dict:
-    index = next((folder / n for n in ("model.safetensors.index.json", "pytorch_model.bin.index.json") if (folder / n).is_file()), None)
+    index = next(
+        (
+            folder / n
+            for n in ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+            if (folder / n).is_file()
+        ),
+        None,
+    )
     if index is not None:
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     else:
@@ -276,11 +283,15 @@ def read_hf_weights(folder: Path) -> dict:
     state_dict = {}
     for name in files:
         path = folder / name
-        state_dict.update(load_file(path) if name.endswith(".safetensors") else torch.load(path, map_location="cpu", weights_only=True))
+        state_dict.update(
+            load_file(path)
+            if name.endswith(".safetensors")
+            else torch.load(path, map_location="cpu", weights_only=True)
+        )
     return state_dict
 
 
-def import_hf(hf_dir: str | Path, out_dir: str | Path, vocab: VocabLayout = VocabLayout()) -> Path:
+def import_hf(hf_dir: str | Path, out_dir: str | Path, vocab: VocabLayout = CHAMELEON_VOCAB) -> Path:
     folder = Path(hf_dir)
     config_path = folder / CONFIG_FILE
     if not config_path.is_file():
@@ -320,7 +331,12 @@ def to_meta_shards(state_dict: dict, cfg: ChameleonConfig, n_shards: int) -> lis
             f"a model with qk_norm_groups={cfg.qk_norm_groups} exports to {cfg.qk_norm_groups} Meta "
             f"shards (each holds one group's QK-norm), not {n_shards}"
         )
-    for what, size in (("n_kv_heads", cfg.n_kv_heads), ("ffn_dim", cfg.ffn_dim), ("vocab_size", cfg.vocab_size), ("dim", cfg.dim)):
+    for what, size in (
+        ("n_kv_heads", cfg.n_kv_heads),
+        ("ffn_dim", cfg.ffn_dim),
+        ("vocab_size", cfg.vocab_size),
+        ("dim", cfg.dim),
+    ):
         if size % n_shards:
             raise ConversionError(f"{what}={size} cannot be split into {n_shards} model-parallel shards")
     shards = [{} for _ in range(n_shards)]
@@ -331,7 +347,7 @@ def to_meta_shards(state_dict: dict, cfg: ChameleonConfig, n_shards: int) -> lis
             pieces = tensor.chunk(n_shards, dim=dim)
         else:
             pieces = [tensor] * n_shards
-        for shard, piece in zip(shards, pieces):
+        for shard, piece in zip(shards, pieces, strict=True):
             shard[name] = piece.clone()
     return shards
 
@@ -423,12 +439,14 @@ def read_meta(folder: str | Path) -> tuple[dict, list[dict]]:
     paths = _meta_shard_paths(folder)
     declared = params.get("model_parallel_size")
     if declared is not None and declared != len(paths):
-        raise ConversionError(f"{params_path} declares model_parallel_size={declared} but {folder} holds {len(paths)} shard files")
+        raise ConversionError(
+            f"{params_path} declares model_parallel_size={declared} but {folder} holds {len(paths)} shard files"
+        )
     shards = [torch.load(p, map_location="cpu", weights_only=True, mmap=True) for p in paths]
     return params, shards
 
 
-def import_meta(meta_dir: str | Path, out_dir: str | Path, vocab: VocabLayout = VocabLayout()) -> Path:
+def import_meta(meta_dir: str | Path, out_dir: str | Path, vocab: VocabLayout = CHAMELEON_VOCAB) -> Path:
     """`vocab` gives the image codebook and reserved sizes; vocab_size comes from the checkpoint."""
     params, shards = read_meta(meta_dir)
     cfg = config_from_meta(params, shards)
@@ -443,7 +461,7 @@ def export_meta(native_dir: str | Path, out_dir: str | Path, n_shards: int | Non
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = ["consolidated.pth"] if n_shards == 1 else [f"consolidated.{i:02d}.pth" for i in range(n_shards)]
-    for name, shard in zip(names, shards):
+    for name, shard in zip(names, shards, strict=True):
         torch.save(shard, out / name)
     (out / META_PARAMS).write_text(json.dumps(meta_params(cfg, n_shards), indent=2) + "\n")
     return out

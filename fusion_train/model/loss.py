@@ -13,7 +13,6 @@ keeps the final softmax's logits from drifting; 1e-5 in the paper.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -31,9 +30,9 @@ class LossOutput:
     logz_mean: torch.Tensor  # mean log Z (detached)
     n_tokens: torch.Tensor  # positions with a label
     # Per target modality, indexed by Modality; only when the caller gives label modalities.
-    ce_sum_by_modality: Optional[torch.Tensor] = None
-    logz_sum_by_modality: Optional[torch.Tensor] = None
-    count_by_modality: Optional[torch.Tensor] = None
+    ce_sum_by_modality: torch.Tensor | None = None
+    logz_sum_by_modality: torch.Tensor | None = None
+    count_by_modality: torch.Tensor | None = None
 
 
 def chunked_lm_loss(
@@ -43,7 +42,7 @@ def chunked_lm_loss(
     *,
     z_loss: float,
     chunk_size: int,
-    label_modality: Optional[torch.Tensor] = None,
+    label_modality: torch.Tensor | None = None,
 ) -> LossOutput:
     """Loss of predicting labels[:, t+1] from hidden[:, t]; labels == -100 carry no loss.
 
@@ -77,7 +76,9 @@ def chunked_lm_loss(
     return out
 
 
-def reference_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, z_loss: float) -> torch.Tensor:
+def reference_lm_loss(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, z_loss: float
+) -> torch.Tensor:
     """The same loss from the full fp32 logits at once: what chunked_lm_loss must equal (tests)
     and must beat on memory (bench/chunked_loss.py)."""
     logits = (hidden[:, :-1] @ weight.t()).float()

@@ -14,9 +14,8 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from helpers import preset  # noqa: E402
-
 from fusion_train.model.chameleon import Chameleon  # noqa: E402
+from helpers import preset  # noqa: E402
 
 VOCAB_SIZE = 512  # the tiny preset with a demo-sized vocabulary, to keep CPU steps short
 SEQ_LEN = 64
