@@ -118,7 +118,7 @@ _HF_TOP_NAMES = {
     "output.weight": "lm_head.weight",
 }
 _HF_SKIPPED_PREFIX = "model.vqmodel."
-_LAYER_KEY = re.compile(r"^(model\.)?layers\.(\d+)\.(.+)$")
+_LAYER_KEY = re.compile(r"^layers\.(\d+)\.(.+)$")
 
 
 def _heads_of(name: str, cfg: ChameleonConfig) -> int | None:
@@ -164,9 +164,11 @@ def from_hf_state_dict(hf_state_dict: dict, cfg: ChameleonConfig) -> dict:
 
 def _hf_name(name: str) -> str:
     match = _LAYER_KEY.match(name)
-    if match:
-        return f"model.layers.{match.group(2)}.{_HF_LAYER_NAMES[match.group(3)]}"
-    return _HF_TOP_NAMES[name]
+    if match and match[2] in _HF_LAYER_NAMES:
+        return f"model.layers.{match[1]}.{_HF_LAYER_NAMES[match[2]]}"
+    if name in _HF_TOP_NAMES:
+        return _HF_TOP_NAMES[name]
+    raise ConversionError(f"{name}: not a parameter of fusion_train's Chameleon")
 
 
 def _native_names(cfg: ChameleonConfig) -> list[str]:
