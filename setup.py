@@ -22,9 +22,10 @@ setup(
         "tqdm>=4.66",
         "numpy>=1.26",
         "pyyaml>=6",
+        "pillow>=10",
     ],
     extras_require={
-        "test": ["pytest>=8", "transformers>=4.45"],
+        "test": ["pytest>=8", "transformers>=4.45", "hypothesis>=6"],
         "gpu": ["liger-kernel>=0.5"],
     },
     entry_points={"console_scripts": ["fusion-convert=fusion_train.cli:convert_main"]},

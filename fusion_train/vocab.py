@@ -139,5 +139,27 @@ class VocabLayout:
         """Boolean mask over the whole vocabulary, True where an id is of `modality`."""
         return self.modality_of(torch.arange(self.vocab_size, device=device)) == int(modality)
 
+    def control_token_names(self) -> list[str]:
+        """Names of ids 4 .. text_start-1 in order, as Chameleon's vocabulary spells them: image
+        codes, the two image markers, then `<reservedNNNNN>` with NNNNN = id - 4."""
+        codes = [image_token_name(c) for c in range(self.image_codebook_size)]
+        reserved = [f"<reserved{i - IMAGE_CODE_OFFSET:05d}>" for i in range(self.reserved_start, self.text_start)]
+        return [*codes, END_OF_IMAGE_NAME, BEGIN_OF_IMAGE_NAME, *reserved]
+
+
+IMAGE_TOKEN_PREFIX = "IMGIMG"
+END_OF_IMAGE_NAME = "<eoss>"
+BEGIN_OF_IMAGE_NAME = "<racm3:break>"
+SPECIAL_NAMES = {BOS_ID: "<s>", PAD_ID: "<pad>", EOS_ID: "</s>", UNK_ID: "<unk>"}
+
+
+def image_token_name(code: int) -> str:
+    """Chameleon's vocabulary name of an image code: its digits spelled A-J, then 'Z'."""
+    return IMAGE_TOKEN_PREFIX + "".join(chr(ord("A") + int(d)) for d in str(code)) + "Z"
+
+
+def image_code_of_name(name: str) -> int:
+    return int("".join(str(ord(c) - ord("A")) for c in name[len(IMAGE_TOKEN_PREFIX) : -1]))
+
 
 CHAMELEON_VOCAB = VocabLayout()  # the released sizes: 8,192 codes, 32 x 32 grid, 65,536 ids

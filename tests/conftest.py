@@ -46,3 +46,14 @@ def torchrun(script: Path, *args: str, nproc: int = 2, timeout: int = 300) -> su
             f"torchrun {script.name} exited {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
         )
     return result
+
+
+@pytest.fixture(scope="session")
+def text_tokenizer(tmp_path_factory):
+    """A SentencePiece model trained once per test session on the small layout."""
+    from fusion_train.tokenizers.text import train_text_tokenizer
+    from helpers import SMALL_VOCAB, english_documents, write_jsonl
+
+    folder = tmp_path_factory.mktemp("text_tokenizer")
+    corpus = write_jsonl(folder / "corpus.jsonl", [{"text": t} for t in english_documents()])
+    return train_text_tokenizer([corpus], folder / "text.model", SMALL_VOCAB)

@@ -26,12 +26,19 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fusion_train.model.chameleon import ChameleonConfig
-from fusion_train.vocab import CHAMELEON_VOCAB, VocabLayout
+from fusion_train.vocab import (
+    BEGIN_OF_IMAGE_NAME,
+    CHAMELEON_VOCAB,
+    END_OF_IMAGE_NAME,
+    IMAGE_TOKEN_PREFIX,
+    SPECIAL_NAMES,
+    VocabLayout,
+    image_code_of_name,
+)
 
 NATIVE_WEIGHTS = "model.safetensors"
 CONFIG_FILE = "config.json"
 META_PARAMS = "params.json"
-IMAGE_TOKEN_PREFIX = "IMGIMG"
 
 
 class ConversionError(ValueError):
@@ -176,28 +183,15 @@ def _native_names(cfg: ChameleonConfig) -> list[str]:
     return list(_HF_TOP_NAMES) + [f"layers.{i}.{n}" for i in range(cfg.n_layers) for n in per_layer]
 
 
-def image_token_name(code: int) -> str:
-    """Chameleon's vocabulary name of an image code: digits spelled A-J, a trailing 'Z'."""
-    return IMAGE_TOKEN_PREFIX + "".join(chr(ord("A") + int(d)) for d in str(code)) + "Z"
-
-
-def _image_code_of_name(name: str) -> int:
-    return int("".join(str(ord(c) - ord("A")) for c in name[len(IMAGE_TOKEN_PREFIX) : -1]))
-
-
 def hf_vocabulary_map(vocab: VocabLayout) -> dict:
-    """The ids HF's Chameleon needs by name: image codes (whose logits it masks), the image markers,
-    the SFT separator, and `<image>`, the processor's placeholder on the next reserved id (8711)."""
-    names = {"<s>": vocab.bos, "<pad>": vocab.pad, "</s>": vocab.eos, "<unk>": vocab.unk}
-    names.update({image_token_name(c): vocab.image_code_start + c for c in range(vocab.image_codebook_size)})
-    names.update(
-        {
-            "<eoss>": vocab.end_of_image,
-            "<racm3:break>": vocab.begin_of_image,
-            "<reserved08706>": vocab.sft_separator,
-            "<image>": vocab.sft_separator + 1,
-        }
-    )
+    """Names of the non-text ids: HF's Chameleon finds the image codes (whose logits it masks) by
+    name, and its processor's `<image>` placeholder takes the reserved id after the SFT separator
+    (8711), as HF's own converter does."""
+    names = {name: i for i, name in SPECIAL_NAMES.items()}
+    names.update({name: vocab.image_code_start + i for i, name in enumerate(vocab.control_token_names())})
+    placeholder = vocab.sft_separator + 1
+    del names[vocab.control_token_names()[placeholder - vocab.image_code_start]]
+    names["<image>"] = placeholder
     return names
 
 
@@ -255,8 +249,8 @@ def _vocab_from_names(names: dict, vocab: VocabLayout, vocab_size: int) -> Vocab
     image_ids = {name: i for name, i in names.items() if name.startswith(IMAGE_TOKEN_PREFIX)}
     codebook_size = len(image_ids) or vocab.image_codebook_size
     vocab = dataclasses.replace(vocab, vocab_size=vocab_size, image_codebook_size=codebook_size)
-    misplaced = [n for n, i in image_ids.items() if i != vocab.image_code_start + _image_code_of_name(n)]
-    for name, expected in (("<eoss>", vocab.end_of_image), ("<racm3:break>", vocab.begin_of_image)):
+    misplaced = [n for n, i in image_ids.items() if i != vocab.image_code_start + image_code_of_name(n)]
+    for name, expected in ((END_OF_IMAGE_NAME, vocab.end_of_image), (BEGIN_OF_IMAGE_NAME, vocab.begin_of_image)):
         if names.get(name, expected) != expected:
             misplaced.append(name)
     if misplaced:

@@ -1,0 +1,75 @@
+"""Documents to token sequences, the sequence contract of DESIGN.md.
+
+- text: `<s> text </s>`
+- image-text pair: `<s> image caption </s>` or `<s> caption image </s>`, image first in a seeded
+  half of the pairs (captioning as well as generation)
+- interleaved: `<s>` segments in their order `</s>`
+- SFT: `<s>` then per turn `prompt <sep> answer </s>`; the loss mask is 0 on prompts and
+  separators, 1 on answers and their `</s>`
+
+An image is `<racm3:break>`, its grid of codes in raster order (code c as id 4 + c), `<eoss>`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from fusion_train.tokenizers.text import TextTokenizer
+from fusion_train.vocab import VocabLayout
+
+Segment = str | np.ndarray  # text, or an image's codes [grid, grid]
+
+
+@dataclass
+class TokenizedDocument:
+    tokens: np.ndarray  # int64 ids
+    loss_mask: np.ndarray | None = None  # uint8, 1 where trained on; None: everywhere
+
+
+def seeded_coin(seed: int, index: int) -> bool:
+    """A fair coin per (seed, record index), the same in any process."""
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 1 == 1
+
+
+class DocumentTokenizer:
+    def __init__(self, text: TextTokenizer, vocab: VocabLayout, seed: int = 0):
+        self.text, self.vocab, self.seed = text, vocab, seed
+
+    def image_block(self, codes: np.ndarray) -> np.ndarray:
+        grid = self.vocab.image_grid
+        if codes.shape != (grid, grid):
+            raise ValueError(f"image codes have shape {codes.shape}, expected the layout's grid ({grid}, {grid})")
+        if codes.min() < 0 or codes.max() >= self.vocab.image_codebook_size:
+            raise ValueError(f"image codes outside [0, {self.vocab.image_codebook_size})")
+        ids = codes.reshape(-1).astype(np.int64) + self.vocab.image_code_start
+        return np.concatenate([[self.vocab.begin_of_image], ids, [self.vocab.end_of_image]])
+
+    def segments(self, segments: list[Segment]) -> np.ndarray:
+        texts = [s for s in segments if isinstance(s, str)]
+        encoded = iter(self.text.encode(texts))
+        pieces = [
+            np.asarray(next(encoded), dtype=np.int64) if isinstance(s, str) else self.image_block(s) for s in segments
+        ]
+        return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
+
+    def document(self, segments: list[Segment]) -> TokenizedDocument:
+        """Text and interleaved documents."""
+        body = self.segments(segments)
+        return TokenizedDocument(np.concatenate([[self.vocab.bos], body, [self.vocab.eos]]).astype(np.int64))
+
+    def image_text(self, codes: np.ndarray, caption: str, index: int) -> TokenizedDocument:
+        order = [codes, caption] if seeded_coin(self.seed, index) else [caption, codes]
+        return self.document(order)
+
+    def sft(self, turns: list[tuple[list[Segment], list[Segment]]]) -> TokenizedDocument:
+        tokens, mask = [np.array([self.vocab.bos])], [np.zeros(1, np.uint8)]
+        for prompt, answer in turns:
+            prompt_ids = np.concatenate([self.segments(prompt), [self.vocab.sft_separator]])
+            answer_ids = np.concatenate([self.segments(answer), [self.vocab.eos]])
+            tokens += [prompt_ids, answer_ids]
+            mask += [np.zeros(len(prompt_ids), np.uint8), np.ones(len(answer_ids), np.uint8)]
+        return TokenizedDocument(np.concatenate(tokens).astype(np.int64), np.concatenate(mask))

@@ -1,0 +1,121 @@
+"""SentencePiece BPE text tokenizer laid out as Chameleon's vocabulary.
+
+Ids 0-3 are `<s> <pad> </s> <unk>`; every image code, both image markers and the reserved ids are
+SentencePiece *control* symbols at the ids VocabLayout gives them, so no text, whatever it
+contains, encodes to one of them. Byte fallback and identity normalisation make any UTF-8 text
+round-trip exactly, without `<unk>`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import sentencepiece as spm
+from tqdm import tqdm
+
+from fusion_train.vocab import SPECIAL_NAMES, VocabLayout
+
+_TRAINER_SETTINGS = dict(
+    model_type="bpe",
+    byte_fallback=True,
+    character_coverage=1.0,
+    normalization_rule_name="identity",  # NFKC would change text: no exact round trip
+    remove_extra_whitespaces=False,
+    add_dummy_prefix=False,  # a text segment after an image must not gain a leading space
+    split_digits=True,
+    allow_whitespace_only_pieces=True,
+    hard_vocab_limit=False,  # a small corpus may not fill the vocabulary; unused ids stay unused
+)
+
+
+class TokenizerError(ValueError):
+    pass
+
+
+def fingerprint_file(path: str | Path) -> str:
+    """Short content hash that shards record and the loader checks."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def iter_jsonl_texts(paths: Iterable[str | Path]) -> Iterator[str]:
+    """The non-empty lines of every `{"text": ...}` record, with a progress bar over records.
+    Lines, not whole documents: SentencePiece drops training sentences longer than its limit."""
+    with tqdm(desc="reading text", unit=" docs", disable=None) as progress:
+        for path in paths:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    try:
+                        text = json.loads(line).get("text")
+                    except (json.JSONDecodeError, AttributeError):
+                        continue  # the shard builder reports bad records; training just needs text
+                    progress.update()
+                    if isinstance(text, str):
+                        yield from (part for part in text.split("\n") if part.strip())
+
+
+def train_text_tokenizer(
+    jsonl_paths: Iterable[str | Path],
+    model_path: str | Path,
+    vocab: VocabLayout,
+    *,
+    max_sentences: int = 2_000_000,
+    seed: int = 0,
+) -> TextTokenizer:
+    """Train a BPE model of vocab.vocab_size pieces (fewer if the corpus cannot fill them)."""
+    spm.set_random_generator_seed(seed)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter_jsonl_texts(jsonl_paths),
+        model_writer=model,
+        vocab_size=vocab.vocab_size,
+        bos_id=vocab.bos, pad_id=vocab.pad, eos_id=vocab.eos, unk_id=vocab.unk,
+        bos_piece=SPECIAL_NAMES[vocab.bos], pad_piece=SPECIAL_NAMES[vocab.pad],
+        eos_piece=SPECIAL_NAMES[vocab.eos], unk_piece=SPECIAL_NAMES[vocab.unk],
+        control_symbols=vocab.control_token_names(),
+        input_sentence_size=max_sentences,
+        shuffle_input_sentence=True,
+        num_threads=os.cpu_count() or 1,
+        minloglevel=2,
+        **_TRAINER_SETTINGS,
+    )  # fmt: skip
+    Path(model_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(model_path).write_bytes(model.getvalue())
+    return TextTokenizer(model_path, vocab)
+
+
+class TextTokenizer:
+    def __init__(self, model_path: str | Path, vocab: VocabLayout):
+        self.path = Path(model_path)
+        if not self.path.is_file():
+            raise TokenizerError(
+                f"text tokenizer {self.path} not found: train one with `fusion-data train-text-tokenizer`"
+            )
+        self.vocab = vocab
+        self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        self.fingerprint = fingerprint_file(self.path)
+        self._check_layout()
+
+    def _check_layout(self) -> None:
+        expected = [SPECIAL_NAMES[i] for i in range(4)] + self.vocab.control_token_names()
+        if self.sp.get_piece_size() > self.vocab.vocab_size:
+            raise TokenizerError(
+                f"{self.path} has {self.sp.get_piece_size()} pieces, more than vocab_size={self.vocab.vocab_size}"
+            )
+        actual = [self.sp.id_to_piece(i) for i in range(min(len(expected), self.sp.get_piece_size()))]
+        if actual != expected:
+            first = next((i for i, (a, e) in enumerate(zip(actual, expected, strict=False)) if a != e), len(actual))
+            raise TokenizerError(
+                f"{self.path} does not follow the vocabulary layout {self.vocab}: id {first} is "
+                f"{actual[first] if first < len(actual) else 'missing'!r}, expected {expected[first]!r}"
+            )
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        return self.sp.encode(texts)
+
+    def decode(self, ids: list[list[int]]) -> list[str]:
+        return self.sp.decode(ids)
