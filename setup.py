@@ -28,5 +28,10 @@ setup(
         "test": ["pytest>=8", "transformers>=4.45", "hypothesis>=6"],
         "gpu": ["liger-kernel>=0.5"],
     },
-    entry_points={"console_scripts": ["fusion-convert=fusion_train.cli:convert_main"]},
+    entry_points={
+        "console_scripts": [
+            "fusion-convert=fusion_train.cli:convert_main",
+            "fusion-data=data_pipelines.cli:main",
+        ]
+    },
 )

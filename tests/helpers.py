@@ -50,3 +50,51 @@ def write_jsonl(path: Path, records: list) -> Path:
         for record in records:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
     return path
+
+
+def numbered_documents(count: int, vocab: VocabLayout = SMALL_VOCAB, seed: int = 0, image_every: int = 0) -> list:
+    """Documents whose 2nd and 3rd ids spell their number, so a test can tell which came out;
+    random text of 3-60 ids, and an image block in every `image_every`-th one."""
+    import numpy as np
+
+    from fusion_train.tokenizers.multimodal import TokenizedDocument
+
+    rng = np.random.default_rng(seed)
+    text_ids = vocab.vocab_size - vocab.text_start
+    documents = []
+    for k in range(count):
+        body = [vocab.text_start + k % text_ids, vocab.text_start + k // text_ids]
+        body += list(rng.integers(vocab.text_start, vocab.vocab_size, rng.integers(3, 60)))
+        if image_every and k % image_every == 0:
+            codes = rng.integers(0, vocab.image_codebook_size, vocab.image_tokens) + vocab.image_code_start
+            body += [
+                vocab.begin_of_image,
+                *codes,
+                vocab.end_of_image,
+                *rng.integers(vocab.text_start, vocab.vocab_size, 4),
+            ]
+        documents.append(TokenizedDocument(np.array([vocab.bos, *body, vocab.eos], dtype=np.int64)))
+    return documents
+
+
+def document_number(tokens, vocab: VocabLayout = SMALL_VOCAB) -> int:
+    text_ids = vocab.vocab_size - vocab.text_start
+    return int(tokens[1] - vocab.text_start) + text_ids * int(tokens[2] - vocab.text_start)
+
+
+def write_shards(
+    folder: Path, documents: list, vocab: VocabLayout = SMALL_VOCAB, per_shard: int = 50, fingerprints=None
+):
+    """Token shards + manifest written by the shard builder's own sink."""
+    from data_pipelines.build import ShardSink
+    from fusion_train.data.manifest import Manifest
+
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = Manifest(kind="text", vocab=vocab, fingerprints=fingerprints or {"text": "t0", "image": None})
+    sink = ShardSink(folder, manifest, per_shard, 2**30)
+    for i, document in enumerate(documents):
+        sink.write(i, document)
+    sink.close()
+    manifest.tokens_by_modality = dict(sink.tokens_by_modality)
+    manifest.write(folder)
+    return folder

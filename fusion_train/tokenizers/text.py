@@ -8,6 +8,7 @@ round-trip exactly, without `<unk>`.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -85,16 +86,27 @@ def train_text_tokenizer(
     )  # fmt: skip
     Path(model_path).parent.mkdir(parents=True, exist_ok=True)
     Path(model_path).write_bytes(model.getvalue())
+    layout_path(model_path).write_text(json.dumps(dataclasses.asdict(vocab), indent=2) + "\n")
     return TextTokenizer(model_path, vocab)
 
 
+def layout_path(model_path: str | Path) -> Path:
+    """The vocabulary layout a model was trained for, kept beside it."""
+    return Path(model_path).with_suffix(".layout.json")
+
+
 class TextTokenizer:
-    def __init__(self, model_path: str | Path, vocab: VocabLayout):
+    def __init__(self, model_path: str | Path, vocab: VocabLayout | None = None):
+        """`vocab` defaults to the layout recorded beside the model when it was trained."""
         self.path = Path(model_path)
         if not self.path.is_file():
             raise TokenizerError(
                 f"text tokenizer {self.path} not found: train one with `fusion-data train-text-tokenizer`"
             )
+        if vocab is None:
+            if not layout_path(self.path).is_file():
+                raise TokenizerError(f"{layout_path(self.path)} not found: give the vocabulary layout of {self.path}")
+            vocab = VocabLayout(**json.loads(layout_path(self.path).read_text()))
         self.vocab = vocab
         self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
         self.fingerprint = fingerprint_file(self.path)

@@ -1,0 +1,98 @@
+"""`fusion-data`: the offline jobs that turn raw corpora into token shards."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from data_pipelines.build import KIND_MODULES, BuildSettings, build_shards
+from data_pipelines.train_image_tokenizer import train_image_tokenizer
+from fusion_train.data.manifest import DataError
+from fusion_train.tokenizers.text import TokenizerError, train_text_tokenizer
+from fusion_train.vocab import VocabLayout
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fusion-data", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    text = commands.add_parser("train-text-tokenizer", help="SentencePiece BPE in Chameleon's id layout")
+    text.add_argument("--input", nargs="+", required=True, help='jsonl files of {"text": ...}')
+    text.add_argument("--output", required=True, help="the .model file to write (its layout goes beside it)")
+    defaults = VocabLayout()
+    text.add_argument("--vocab-size", type=int, default=defaults.vocab_size)
+    text.add_argument("--image-codebook-size", type=int, default=defaults.image_codebook_size)
+    text.add_argument("--image-grid", type=int, default=defaults.image_grid)
+    text.add_argument("--n-reserved", type=int, default=defaults.n_reserved)
+    text.add_argument("--max-sentences", type=int, default=2_000_000)
+    text.add_argument("--seed", type=int, default=0)
+
+    image = commands.add_parser("train-image-tokenizer", help="a small VQGAN, trained on the CPU in minutes")
+    image.add_argument("--images", required=True, help="folder of images (searched recursively)")
+    image.add_argument("--output", required=True, help="folder for vqgan.ckpt and vqgan.yaml")
+    image.add_argument("--resolution", type=int, default=64)
+    image.add_argument("--grid", type=int, default=8)
+    image.add_argument("--codebook-size", type=int, default=512)
+    image.add_argument("--steps", type=int, default=400)
+    image.add_argument("--batch-size", type=int, default=16)
+    image.add_argument("--seed", type=int, default=0)
+
+    shards = commands.add_parser("build-shards", help="tokenize records into WebDataset shards + manifest.json")
+    shards.add_argument("--kind", required=True, choices=sorted(KIND_MODULES))
+    shards.add_argument("--input", nargs="+", required=True, help="jsonl files (or .tar WebDatasets for image-text)")
+    shards.add_argument("--output", required=True)
+    shards.add_argument("--text-tokenizer", required=True)
+    shards.add_argument("--image-tokenizer", help="vqgan.ckpt (with vqgan.yaml beside it)")
+    shards.add_argument("--seed", type=int, default=0)
+    shards.add_argument("--workers", type=int, default=2)
+    shards.add_argument("--device", default="cpu", help="where images are encoded: cpu or cuda")
+    shards.add_argument("--max-samples-per-shard", type=int, default=10_000)
+    shards.add_argument("--max-mb-per-shard", type=int, default=256)
+    shards.add_argument("--overwrite", action="store_true", help="replace shards already in --output")
+    return parser
+
+
+def _run(args: argparse.Namespace) -> dict:
+    if args.command == "train-text-tokenizer":
+        vocab = VocabLayout(args.image_codebook_size, args.image_grid, args.vocab_size, args.n_reserved)
+        tokenizer = train_text_tokenizer(
+            args.input, args.output, vocab, max_sentences=args.max_sentences, seed=args.seed
+        )
+        return {
+            "model": str(tokenizer.path),
+            "pieces": tokenizer.sp.get_piece_size(),
+            "fingerprint": tokenizer.fingerprint,
+        }
+    if args.command == "train-image-tokenizer":
+        return train_image_tokenizer(
+            args.images, args.output, resolution=args.resolution, grid=args.grid, codebook_size=args.codebook_size,
+            steps=args.steps, batch_size=args.batch_size, seed=args.seed,
+        )  # fmt: skip
+    settings = BuildSettings(args.kind, args.text_tokenizer, args.image_tokenizer, args.seed, args.device)
+    manifest = build_shards(
+        settings, args.input, args.output, workers=args.workers, max_samples_per_shard=args.max_samples_per_shard,
+        max_bytes_per_shard=args.max_mb_per_shard * 2**20, overwrite=args.overwrite,
+    )  # fmt: skip
+    return {
+        "shards": len(manifest.shards),
+        "samples": manifest.samples,
+        "tokens": manifest.tokens_by_modality,
+        "skipped": manifest.skipped,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = _parser().parse_args(argv)
+    try:
+        print(json.dumps(_run(args)))
+    except (DataError, TokenizerError, ValueError) as err:
+        print(f"fusion-data {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

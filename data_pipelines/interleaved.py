@@ -1,0 +1,25 @@
+"""Interleaved documents: `{"segments": [{"text": "..."} | {"image": path}, ...]}`, kept in order."""
+
+from data_pipelines.records import Skip, resolve
+
+
+def parse(record: dict, images) -> list:
+    segments = record.get("segments")
+    if not isinstance(segments, list):
+        raise Skip("missing_segments")
+    parsed = []
+    for segment in segments:
+        if isinstance(segment, dict) and isinstance(segment.get("text"), str):
+            if segment["text"]:
+                parsed.append(segment["text"])
+        elif isinstance(segment, dict) and isinstance(segment.get("image"), str):
+            parsed.append(images(segment["image"]))
+        else:
+            raise Skip("bad_segment")
+    if not parsed:
+        raise Skip("empty_document")
+    return parsed
+
+
+def assemble(draft: list, documents, index: int):
+    return documents.document(resolve(draft))

@@ -1,0 +1,58 @@
+"""The embedded default data: coloured shapes on coloured backgrounds, with captions that describe
+them, generated from a seed. Real images and text, made here, so that tests and the demo need
+no download."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+COLOURS = {
+    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 210, 40),
+    "purple": (140, 60, 190), "orange": (245, 140, 30), "white": (245, 245, 245), "black": (20, 20, 20),
+}  # fmt: skip
+SHAPES = ("circle", "square", "triangle")
+PLACES = {
+    "top left": (0.3, 0.3),
+    "top right": (0.7, 0.3),
+    "bottom left": (0.3, 0.7),
+    "bottom right": (0.7, 0.7),
+    "centre": (0.5, 0.5),
+}
+
+
+def shape_image(rng: random.Random, size: int = 64) -> tuple[Image.Image, str]:
+    shape = rng.choice(SHAPES)
+    colour, background = rng.sample(sorted(COLOURS), 2)
+    place = rng.choice(sorted(PLACES))
+    big = rng.random() < 0.5
+    image = Image.new("RGB", (size, size), COLOURS[background])
+    cx, cy = (c * size for c in PLACES[place])
+    radius = size * (0.24 if big else 0.14)
+    box = (cx - radius, cy - radius, cx + radius, cy + radius)
+    draw = ImageDraw.Draw(image)
+    if shape == "circle":
+        draw.ellipse(box, fill=COLOURS[colour])
+    elif shape == "square":
+        draw.rectangle(box, fill=COLOURS[colour])
+    else:
+        draw.polygon([(cx, cy - radius), (cx - radius, cy + radius), (cx + radius, cy + radius)], fill=COLOURS[colour])
+    caption = f"a {'big' if big else 'small'} {colour} {shape} on a {background} background, in the {place}"
+    return image, caption
+
+
+def write_image_captions(folder: str | Path, count: int, seed: int = 0, size: int = 64) -> Path:
+    """PNG files plus `captions.jsonl` of {"image": path, "caption": text}; returns the jsonl."""
+    folder = Path(folder)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    with open(folder / "captions.jsonl", "w") as index:
+        for i in range(count):
+            image, caption = shape_image(rng, size)
+            path = folder / "images" / f"{i:06d}.png"
+            image.save(path)
+            index.write(json.dumps({"image": str(path), "caption": caption}) + "\n")
+    return folder / "captions.jsonl"

@@ -1,0 +1,181 @@
+"""The training data stream: a weighted mixture of token-shard sources, packed into sequences, split
+over data-parallel ranks and loader workers, resumable to the exact position.
+
+Every (rank, worker) pair is one reader; reader r = rank * workers + worker of R = world * workers
+takes its share of each source (see stream.py), draws the source of each next document from its
+own seeded generator, and packs (see packing.py). Its whole position is small (per-source epoch
+and position, the generator's state, the unfinished document), so torchdata's
+StatefulDataLoader saves and restores it per worker, with the loader's own bookkeeping.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from fusion_train.data.manifest import DataError, Manifest
+from fusion_train.data.packing import Packer
+from fusion_train.data.stream import SourceStream
+from fusion_train.vocab import VocabLayout
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SourceConfig:
+    path: str  # a folder with manifest.json and its shards
+    weight: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    sources: dict[str, SourceConfig] = field(default_factory=dict)
+    # Multipliers on the weights of named sources: Chameleon's stage 2 halves the stage-1 sources.
+    reweight: dict[str, float] = field(default_factory=dict)
+    seq_len: int = 4096
+    micro_batch_size: int = 1
+    num_workers: int = 2
+    seed: int = 0
+    # Resume with another number of ranks or workers: restart the data order instead of failing.
+    restart_data_order: bool = False
+
+
+def source_weights(cfg: DataConfig) -> dict[str, float]:
+    """Normalised sampling probability of each source."""
+    unknown = sorted(set(cfg.reweight) - set(cfg.sources))
+    if unknown:
+        raise DataError(f"data.reweight names sources that data.sources lacks: {unknown}")
+    weights = {name: source.weight * cfg.reweight.get(name, 1.0) for name, source in cfg.sources.items()}
+    if not weights or any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
+        raise DataError(f"data source weights must be non-negative with a positive sum; got {weights}")
+    total = sum(weights.values())
+    return {name: w / total for name, w in weights.items()}
+
+
+def read_manifests(cfg: DataConfig, expected_fingerprints: dict[str, str] | None = None) -> dict[str, Manifest]:
+    """Every source's manifest; all must share one vocabulary layout and tokenizers, the run's."""
+    manifests = {name: Manifest.read(source.path) for name, source in cfg.sources.items()}
+    reference = dict(expected_fingerprints or {})
+    vocab = None
+    for name, manifest in manifests.items():
+        for tokenizer, fingerprint in manifest.fingerprints.items():
+            if fingerprint is None:
+                continue  # e.g. text shards did not use the image tokenizer
+            expected = reference.setdefault(tokenizer, fingerprint)
+            if fingerprint != expected:
+                raise DataError(
+                    f"source {name} ({cfg.sources[name].path}) was built with {tokenizer} tokenizer {fingerprint}, "
+                    f"but this run uses {expected}: rebuild its shards with the run's tokenizers"
+                )
+        if vocab is not None and manifest.vocab != vocab:
+            raise DataError(f"source {name} has vocabulary layout {manifest.vocab}, other sources {vocab}")
+        vocab = manifest.vocab
+    return manifests
+
+
+class MixtureDataset(IterableDataset):
+    def __init__(self, cfg: DataConfig, rank: int, world_size: int, expected_fingerprints: dict | None = None):
+        super().__init__()
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.manifests = read_manifests(cfg, expected_fingerprints)
+        self.names = list(cfg.sources)
+        self.probabilities = np.array([source_weights(cfg)[n] for n in self.names])
+        self.vocab: VocabLayout = next(iter(self.manifests.values())).vocab
+        Packer(cfg.seq_len, self.vocab, len(self.names))  # checks seq_len before any worker starts
+        self._pending_state: dict | None = None
+
+    def identity(self, workers: int) -> dict:
+        """What a saved position is only valid for."""
+        return {"world_size": self.world_size, "workers": workers, "seed": self.cfg.seed, "sources": self.names}
+
+    def __iter__(self):
+        # Set up before returning: the loader asks for the state right after iter(), before any next().
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        reader, readers = self.rank * workers + worker, self.world_size * workers
+        self.streams = [
+            SourceStream(n, self.cfg.sources[n].path, self.manifests[n], reader, readers, self.cfg.seed)
+            for n in self.names
+        ]
+        usable = np.array([s.has_samples for s in self.streams])
+        if not usable[self.probabilities > 0].any():
+            raise DataError(
+                f"reader {reader} of {readers} has no samples in any source: fewer samples than ranks x workers"
+            )
+        # A source with fewer samples than readers leaves some readers without any: they draw from the rest.
+        self.draw = np.where(usable, self.probabilities, 0.0) / (self.probabilities * usable).sum()
+        self.rng = np.random.default_rng([self.cfg.seed, reader, readers])
+        self.packer = Packer(self.cfg.seq_len, self.vocab, len(self.names))
+        if self._pending_state is not None:
+            self._restore(self._pending_state)
+        return self._sequences()
+
+    def _sequences(self):
+        reported_skips = self.skipped_total()
+        while True:
+            sequence = self.packer.next_sequence(self._next_document)
+            skips = self.skipped_total()
+            sequence["skipped_samples"] = torch.tensor(skips - reported_skips)
+            reported_skips = skips
+            yield sequence
+
+    def _next_document(self):
+        source = int(self.rng.choice(len(self.names), p=self.draw))
+        return source, self.streams[source].next_document()
+
+    def skipped_total(self) -> int:
+        return sum(sum(s.skipped.values()) for s in self.streams)
+
+    def state_dict(self) -> dict:
+        return {
+            "streams": {s.name: s.state_dict() for s in self.streams},
+            "rng": self.rng.bit_generator.state,
+            "packer": self.packer.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self._pending_state = state  # applied when the (worker's) iterator starts
+
+    def _restore(self, state: dict) -> None:
+        for stream in self.streams:
+            stream.load_state_dict(state["streams"][stream.name])
+        self.rng.bit_generator.state = state["rng"]
+        self.packer.load_state_dict(state["packer"])
+
+
+class TokenLoader(StatefulDataLoader):
+    """A StatefulDataLoader whose saved position refuses to load into a different split of the data
+    (another number of ranks or workers, another seed or set of sources) unless the config says to
+    restart the data order."""
+
+    def state_dict(self) -> dict:
+        return {"identity": self.dataset.identity(max(self.num_workers, 1)), "loader": super().state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        saved, current = state["identity"], self.dataset.identity(max(self.num_workers, 1))
+        if saved != current:
+            if not self.dataset.cfg.restart_data_order:
+                raise DataError(
+                    f"the saved data position is for {saved}, this run is {current}: resume with the same "
+                    "ranks, workers, seed and sources, or set data.restart_data_order=true to start the data order anew"
+                )
+            log.warning("data order restarted: saved position is for %s, this run is %s", saved, current)
+            return
+        super().load_state_dict(state["loader"])
+
+
+def build_loader(
+    cfg: DataConfig, rank: int = 0, world_size: int = 1, expected_fingerprints: dict | None = None
+) -> TokenLoader:
+    dataset = MixtureDataset(cfg, rank, world_size, expected_fingerprints)
+    return TokenLoader(
+        dataset,
+        batch_size=cfg.micro_batch_size,
+        num_workers=cfg.num_workers,
+        persistent_workers=cfg.num_workers > 0,
+    )

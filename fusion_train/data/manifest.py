@@ -1,0 +1,74 @@
+"""`manifest.json`: what a folder of token shards holds, written by the shard builder and checked
+by the loader before it reads a byte of the shards."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from fusion_train.vocab import VocabLayout
+
+MANIFEST = "manifest.json"
+FORMAT = "fusion_train.shards/1"
+KINDS = ("text", "image-text", "interleaved", "sft")
+
+
+class DataError(ValueError):
+    """Input that cannot be used as it is; the message names the file or setting to fix."""
+
+
+@dataclass
+class ShardInfo:
+    name: str
+    samples: int
+    tokens: int
+
+
+@dataclass
+class Manifest:
+    kind: str
+    vocab: VocabLayout
+    fingerprints: dict[str, str | None]  # tokenizer -> fingerprint (None: not used by this kind)
+    shards: list[ShardInfo] = field(default_factory=list)
+    tokens_by_modality: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)
+    seed: int = 0
+    inputs: list[str] = field(default_factory=list)
+
+    @property
+    def samples(self) -> int:
+        return sum(s.samples for s in self.shards)
+
+    def to_json(self) -> dict:
+        record = dataclasses.asdict(self)
+        return {"format": FORMAT, **record, "samples": self.samples}
+
+    def write(self, folder: str | Path) -> Path:
+        path = Path(folder) / MANIFEST
+        path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def read(cls, folder: str | Path) -> Manifest:
+        path = Path(folder) / MANIFEST
+        if not path.is_file():
+            raise DataError(f"{path} not found: build the shards with `fusion-data build-shards`")
+        try:
+            record = json.loads(path.read_text())
+            if record.pop("format") != FORMAT:
+                raise DataError(f"{path}: unknown format, expected {FORMAT}")
+            record.pop("samples")
+            manifest = cls(**{**record, "vocab": VocabLayout(**record["vocab"])})
+            manifest.shards = [ShardInfo(**s) for s in record["shards"]]
+        except (KeyError, TypeError, json.JSONDecodeError) as err:
+            raise DataError(f"{path} is not a fusion_train shard manifest ({err})") from err
+        return manifest
+
+
+def token_dtype(vocab: VocabLayout) -> np.dtype:
+    """Shards store ids as uint16 when the vocabulary fits (it does at 65,536), else int32."""
+    return np.dtype(np.uint16) if vocab.vocab_size <= 2**16 else np.dtype(np.int32)

@@ -1,0 +1,112 @@
+"""Random access to the samples of one tar shard, with every way a sample can be bad caught.
+
+A shard is opened once: tarfile reads the member headers (seeking past the data), which gives
+each sample's members by key in write order, so sample i is read without reading the others.
+A truncated or unreadable tar loses only the samples it cannot give; those come back as skips.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fusion_train.vocab import VocabLayout
+
+log = logging.getLogger(__name__)
+
+
+class SampleSkipped(Exception):
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class Document:
+    tokens: np.ndarray  # int64
+    loss_mask: np.ndarray | None  # uint8 or None (all trained on)
+
+
+def image_block_starts(tokens: np.ndarray, vocab: VocabLayout) -> np.ndarray:
+    return np.flatnonzero(tokens == vocab.begin_of_image)
+
+
+def validate(tokens: np.ndarray, vocab: VocabLayout) -> None:
+    """Ids in range, and every image a whole block: begin marker, grid^2 codes, end marker."""
+    if len(tokens) == 0:
+        raise SampleSkipped("empty_document")
+    if tokens.min() < 0 or tokens.max() >= vocab.vocab_size:
+        raise SampleSkipped("out_of_vocab")
+    inside_blocks = np.zeros(len(tokens), dtype=bool)
+    starts = image_block_starts(tokens, vocab)
+    for start in starts:
+        end = start + vocab.image_block_length - 1
+        if end >= len(tokens) or tokens[end] != vocab.end_of_image:
+            raise SampleSkipped("broken_image_block")
+        inside_blocks[start + 1 : end] = True
+    is_code = (tokens >= vocab.image_code_start) & (tokens < vocab.image_code_end)
+    if (is_code != inside_blocks).any() or (tokens == vocab.end_of_image).sum() != len(starts):
+        raise SampleSkipped("broken_image_block")
+
+
+class ShardReader:
+    def __init__(self, path: Path, vocab: VocabLayout):
+        self.path, self.vocab = path, vocab
+        self.samples: list[dict[str, tarfile.TarInfo]] = []
+        try:
+            self.tar = tarfile.open(path, mode="r:")
+            members = self._members()
+        except (OSError, tarfile.TarError) as err:
+            log.warning("shard %s cannot be read (%s): its samples are skipped", path, err)
+            self.tar, members = None, []
+        keys: dict[str, dict[str, tarfile.TarInfo]] = {}
+        for member in members:
+            key, _, field = member.name.partition(".")
+            keys.setdefault(key, {})[field] = member
+        self.samples = list(keys.values())
+
+    def _members(self) -> list[tarfile.TarInfo]:
+        """Headers up to the first damage; a truncated tar keeps the samples before it."""
+        members = []
+        try:
+            for member in self.tar:
+                members.append(member)
+        except (OSError, tarfile.TarError) as err:
+            log.warning("shard %s is damaged after %d members (%s): the rest is skipped", self.path, len(members), err)
+        return [m for m in members if m.isfile()]
+
+    def _read(self, member: tarfile.TarInfo) -> bytes:
+        data = self.tar.extractfile(member).read()
+        if len(data) != member.size:
+            raise SampleSkipped("corrupt_shard")
+        return data
+
+    def read(self, index: int) -> Document:
+        if index >= len(self.samples):
+            raise SampleSkipped("corrupt_shard")
+        members = self.samples[index]
+        if "tokens.npy" not in members:
+            raise SampleSkipped("corrupt_sample")
+        try:
+            tokens = np.load(io.BytesIO(self._read(members["tokens.npy"])), allow_pickle=False)
+            mask = (
+                np.load(io.BytesIO(self._read(members["mask.npy"])), allow_pickle=False)
+                if "mask.npy" in members
+                else None
+            )
+        except (OSError, ValueError, EOFError, tarfile.TarError):
+            raise SampleSkipped("corrupt_sample") from None
+        if tokens.ndim != 1 or (mask is not None and mask.shape != tokens.shape):
+            raise SampleSkipped("corrupt_sample")
+        tokens = tokens.astype(np.int64)
+        validate(tokens, self.vocab)
+        return Document(tokens, mask)
+
+    def close(self) -> None:
+        if self.tar is not None:
+            self.tar.close()

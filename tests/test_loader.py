@@ -1,0 +1,196 @@
+"""The streaming loader: exact resume, exactly-once epochs, unsplit images, mixture weights, and
+every kind of bad input."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+from itertools import islice
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+
+from conftest import REPO
+from fusion_train.data.loader import DataConfig, SourceConfig, build_loader
+from fusion_train.data.manifest import DataError, Manifest
+from helpers import SMALL_VOCAB as V
+from helpers import document_number, numbered_documents, write_shards
+
+SEQ_LEN = 128
+
+
+def config(sources, **overrides) -> DataConfig:
+    settings = dict(seq_len=SEQ_LEN, micro_batch_size=2, num_workers=2, seed=5)
+    return DataConfig(
+        sources={n: SourceConfig(str(p), w) for n, (p, w) in sources.items()}, **{**settings, **overrides}
+    )
+
+
+def take(loader, count):
+    return list(islice(iter(loader), count))
+
+
+@pytest.fixture(scope="module")
+def mixed_shards(tmp_path_factory):
+    """600 documents, every 7th with an image, in 12 shards."""
+    return write_shards(tmp_path_factory.mktemp("mixed"), numbered_documents(600, image_every=7))
+
+
+def assert_images_whole(input_ids):
+    for row in input_ids.reshape(-1, input_ids.shape[-1]).numpy():
+        inside = np.zeros(len(row), dtype=bool)
+        for start in np.flatnonzero(row == V.begin_of_image):
+            end = start + V.image_block_length - 1
+            assert end < len(row) and row[end] == V.end_of_image, "an image block was split"
+            inside[start + 1 : end] = True
+        is_code = (row >= V.image_code_start) & (row < V.image_code_end)
+        assert (is_code == inside).all(), "image codes outside a whole block"
+
+
+def document_starts(batch) -> list[tuple[int, int]]:
+    """(position, document number) of each document that starts in the batch's first sequence."""
+    ids = batch["input_ids"][0].numpy()
+    return [(int(p), document_number(ids[p:])) for p in np.flatnonzero(ids == V.bos) if p + 3 <= len(ids)]
+
+
+def test_resume_in_a_new_process_continues_exactly(mixed_shards, tmp_path):
+    cfg = config({"mixed": (mixed_shards, 1.0)})
+    for rank in range(2):
+        uninterrupted = take(build_loader(cfg, rank, 2), 14)
+
+        loader = build_loader(cfg, rank, 2)
+        first = take(loader, 5)
+        torch.save(loader.state_dict(), tmp_path / "state.pt")
+        del loader
+        cfg_json = json.dumps(dataclasses.asdict(cfg))
+        subprocess.run(
+            [sys.executable, REPO / "tests/scripts/loader_resume.py", "--config", cfg_json, "--rank", str(rank),
+             "--world-size", "2", "--state", tmp_path / "state.pt", "--batches", "9", "--out", tmp_path / "rest.pt"],
+            check=True, cwd=REPO,
+        )  # fmt: skip
+        resumed = first + torch.load(tmp_path / "rest.pt", weights_only=True)
+        for expected, got in zip(uninterrupted, resumed, strict=True):
+            for key in ("input_ids", "labels", "doc_ids", "documents_per_source"):
+                assert torch.equal(expected[key], got[key]), key
+    assert_images_whole(torch.stack([b["input_ids"] for b in uninterrupted]))
+
+
+def test_an_epoch_over_2_ranks_x_2_workers_sees_every_sample_exactly_once(mixed_shards):
+    """Batches alternate between a rank's 2 workers; each reader's sequences are unpacked back into
+    documents, and the readers' first epochs together must be the 600 documents, once each."""
+    cfg = config({"mixed": (mixed_shards, 1.0)}, micro_batch_size=1)
+    total, readers = 600, 4
+    seen = []
+    for rank in range(2):
+        batches = take(build_loader(cfg, rank, 2), 2 * 150)
+        for worker in range(2):
+            reader = rank * 2 + worker
+            stream = torch.cat([b["input_ids"][0][b["doc_ids"][0] >= 0] for b in batches[worker::2]]).numpy()
+            starts = np.flatnonzero(stream == V.bos)
+            documents = [stream[s:e] for s, e in zip(starts, [*starts[1:], len(stream)], strict=True)]
+            per_epoch = len(range(reader, total, readers))
+            assert len(documents) > per_epoch, "run longer: the reader has not finished its epoch"
+            seen += [document_number(d) for d in documents[:per_epoch]]
+            assert_images_whole(torch.stack([b["input_ids"] for b in batches]))
+    assert sorted(seen) == list(range(total))
+
+
+def test_labels_mask_padding_prompts_and_document_starts(tmp_path):
+    documents = numbered_documents(40, image_every=3)
+    documents[0].loss_mask = np.ones(len(documents[0].tokens), np.uint8)
+    documents[0].loss_mask[:5] = 0
+    folder = write_shards(tmp_path / "s", documents)
+    batches = take(build_loader(config({"s": (folder, 1.0)}, num_workers=0, micro_batch_size=1)), 30)
+    for batch in batches:
+        ids, labels, doc_ids = batch["input_ids"][0], batch["labels"][0], batch["doc_ids"][0]
+        padding = doc_ids < 0
+        assert (ids[padding] == V.pad).all() and (labels[padding] == -100).all()
+        assert (labels[ids == V.bos] == -100).all()
+        kept = (labels != -100) & ~padding
+        assert torch.equal(labels[kept], ids[kept])
+    # Document 0, whose first 5 ids have loss mask 0, wherever the seeded order put it.
+    batch, start = next((b, p) for b in batches for p, n in document_starts(b) if n == 0 and p + 10 < SEQ_LEN)
+    labels = batch["labels"][0]
+    assert (labels[start : start + 5] == -100).all() and (labels[start + 5 : start + 10] != -100).all()
+    assert any((b["doc_ids"][0] < 0).any() for b in batches), "expected padding before an image that did not fit"
+
+
+def test_mixture_proportions_within_2_percent(tmp_path):
+    weights = {"a": 0.5, "b": 0.3, "c": 0.2}
+    sources = {
+        n: (write_shards(tmp_path / n, numbered_documents(300, seed=i)), w) for i, (n, w) in enumerate(weights.items())
+    }
+    loader = build_loader(config(sources, seq_len=512, num_workers=0, micro_batch_size=8))
+    counts = torch.zeros(3, dtype=torch.long)
+    for batch in loader:
+        counts += batch["documents_per_source"].sum(0)
+        if counts.sum() >= 12_000:
+            break
+    observed = (counts / counts.sum()).tolist()
+    assert observed == pytest.approx(list(weights.values()), abs=0.02)
+
+
+def test_stage_two_reweighting(tmp_path):
+    sources = {n: (write_shards(tmp_path / n, numbered_documents(200, seed=i)), 1.0) for i, n in enumerate("ab")}
+    cfg = config(sources, seq_len=512, num_workers=0, micro_batch_size=8, reweight={"a": 0.5})
+    counts = torch.zeros(2, dtype=torch.long)
+    for batch in islice(build_loader(cfg), 120):
+        counts += batch["documents_per_source"].sum(0)
+    assert (counts[0] / counts.sum()).item() == pytest.approx(1 / 3, abs=0.03)
+    with pytest.raises(DataError, match="reweight names sources"):
+        build_loader(dataclasses.replace(cfg, reweight={"z": 0.5}))
+
+
+def test_resuming_with_another_world_size_is_refused_unless_asked(mixed_shards, caplog):
+    cfg = config({"mixed": (mixed_shards, 1.0)}, num_workers=0)
+    loader = build_loader(cfg, 0, 2)
+    take(loader, 3)
+    state = loader.state_dict()
+    with pytest.raises(DataError, match="world_size.*restart_data_order"):
+        build_loader(cfg, 0, 1).load_state_dict(state)
+    restarted = build_loader(dataclasses.replace(cfg, restart_data_order=True), 0, 1)
+    restarted.load_state_dict(state)
+    assert "data order restarted" in caplog.text
+    assert torch.equal(take(restarted, 1)[0]["input_ids"], take(build_loader(cfg, 0, 1), 1)[0]["input_ids"])
+
+
+def test_wrong_tokenizer_fingerprint_is_refused(tmp_path):
+    a = write_shards(tmp_path / "a", numbered_documents(20), fingerprints={"text": "aaaa", "image": None})
+    b = write_shards(tmp_path / "b", numbered_documents(20), fingerprints={"text": "bbbb", "image": None})
+    with pytest.raises(DataError, match="source b .* built with text tokenizer bbbb, but this run uses aaaa"):
+        build_loader(config({"a": (a, 1.0), "b": (b, 1.0)}))
+    with pytest.raises(DataError, match="source a .* built with text tokenizer aaaa, but this run uses cccc"):
+        build_loader(config({"a": (a, 1.0)}), expected_fingerprints={"text": "cccc"})
+
+
+def test_bad_shards_and_samples_are_skipped_and_counted(tmp_path):
+    folder = write_shards(tmp_path / "bad", numbered_documents(100), per_shard=25)
+    # A truncated shard, and a shard holding a corrupt npy, out-of-vocabulary ids and an empty document.
+    shard0 = folder / "shard-000000.tar"
+    shard0.write_bytes(shard0.read_bytes()[: shard0.stat().st_size // 2])
+    manifest = Manifest.read(folder)
+    with wds.TarWriter(str(folder / "shard-000001.tar"), mtime=0) as writer:
+        writer.write({"__key__": "a", "tokens.npy": b"not an npy file"})
+        writer.write({"__key__": "b", "tokens.npy": np.array([V.bos, V.vocab_size + 5, V.eos], dtype=np.uint16)})
+        writer.write({"__key__": "c", "tokens.npy": np.array([], dtype=np.uint16)})
+        for document in numbered_documents(22, seed=9):
+            writer.write(
+                {"__key__": f"d{document_number(document.tokens)}", "tokens.npy": document.tokens.astype(np.uint16)}
+            )
+
+    loader = build_loader(config({"bad": (folder, 1.0)}, num_workers=0, micro_batch_size=4))
+    skipped = sum(int(b["skipped_samples"].sum()) for b in islice(loader, 60))
+    reasons = loader.dataset.streams[0].skipped
+    assert reasons["corrupt_sample"] >= 1 and reasons["out_of_vocab"] >= 1 and reasons["empty_document"] >= 1
+    assert reasons["corrupt_shard"] >= 1
+    assert skipped == sum(reasons.values())
+    assert manifest.samples == 100
+
+
+def test_a_missing_manifest_and_a_too_short_sequence_are_clear_errors(mixed_shards, tmp_path):
+    with pytest.raises(DataError, match="manifest.json not found"):
+        build_loader(config({"x": (tmp_path, 1.0)}))
+    with pytest.raises(ValueError, match="cannot hold one image block"):
+        build_loader(config({"m": (mixed_shards, 1.0)}, seq_len=V.image_block_length - 1))
