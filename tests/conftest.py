@@ -57,3 +57,16 @@ def text_tokenizer(tmp_path_factory):
     folder = tmp_path_factory.mktemp("text_tokenizer")
     corpus = write_jsonl(folder / "corpus.jsonl", [{"text": t} for t in english_documents()])
     return train_text_tokenizer([corpus], folder / "text.model", SMALL_VOCAB)
+
+
+@pytest.fixture(scope="session")
+def image_tokenizer_path(tmp_path_factory):
+    """An untrained small VQGAN (32 px -> 4 x 4 codes of 64) in the taming layout: the codes it gives
+    are arbitrary but real, which is all shard building needs."""
+    from data_pipelines.train_image_tokenizer import small_config
+    from fusion_train.tokenizers.image import ImageTokenizer
+    from fusion_train.tokenizers.vqgan import VQGAN
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("image_tokenizer")
+    return ImageTokenizer(VQGAN(small_config(32, 4, 64)), fingerprint="", device="cpu").save(folder)

@@ -42,7 +42,7 @@ def center_crop(image: Image.Image, size: int) -> np.ndarray:
         (max(size, round(image.width * scale)), max(size, round(image.height * scale))), Image.LANCZOS
     )
     left, top = (resized.width - size) // 2, (resized.height - size) // 2
-    return np.asarray(resized.crop((left, top, left + size, top + size)))
+    return np.array(resized.crop((left, top, left + size, top + size)))
 
 
 def pad_to_square(image: Image.Image, size: int) -> np.ndarray:
@@ -51,7 +51,7 @@ def pad_to_square(image: Image.Image, size: int) -> np.ndarray:
     resized = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.LANCZOS)
     canvas = Image.new("RGB", (size, size), WHITE)
     canvas.paste(resized, ((size - resized.width) // 2, (size - resized.height) // 2))
-    return np.asarray(canvas)
+    return np.array(canvas)
 
 
 def config_from_yaml(path: str | Path) -> VQGANConfig:

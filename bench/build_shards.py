@@ -1,0 +1,75 @@
+"""Shard-building throughput (records/s) for each kind, on generated shapes and CPython's bundled
+documentation, with a small VQ tokenizer on the CPU. Prints one JSON line per kind.
+
+    python bench/build_shards.py [--records 400] [--workers 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from data_pipelines.build import BuildSettings, build_shards
+from data_pipelines.synthetic import write_image_captions
+from data_pipelines.train_image_tokenizer import small_config
+from fusion_train.tokenizers.image import ImageTokenizer
+from fusion_train.tokenizers.text import train_text_tokenizer
+from fusion_train.tokenizers.vqgan import VQGAN
+from fusion_train.vocab import VocabLayout
+
+
+def write_inputs(folder: Path, records: int) -> dict[str, Path]:
+    from pydoc_data.topics import topics
+
+    texts = list(topics.values())
+    pairs = [json.loads(line) for line in write_image_captions(folder / "shapes", records).read_text().splitlines()]
+    rows = {
+        "text": [{"text": texts[i % len(texts)]} for i in range(records)],
+        "image-text": pairs,
+        "interleaved": [
+            {"segments": [{"text": texts[i % len(texts)][:500]}, {"image": p["image"]}, {"text": p["caption"]}]}
+            for i, p in enumerate(pairs)
+        ],
+        "sft": [
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": "Describe:"}, {"type": "image", "image": p["image"]}]},
+                          {"role": "assistant", "content": p["caption"]}]}
+            for p in pairs
+        ],
+    }  # fmt: skip
+    paths = {}
+    for kind, records_of_kind in rows.items():
+        paths[kind] = folder / f"{kind}.jsonl"
+        paths[kind].write_text("".join(json.dumps(r) + "\n" for r in records_of_kind))
+    return paths
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--records", type=int, default=400)
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(scratch)
+        inputs = write_inputs(folder, args.records)
+        vocab = VocabLayout(image_codebook_size=512, image_grid=8, vocab_size=8192, n_reserved=513)
+        train_text_tokenizer([inputs["text"]], folder / "text.model", vocab)
+        torch.manual_seed(0)
+        vq = ImageTokenizer(VQGAN(small_config(64, 8, 512)), fingerprint="", device="cpu").save(folder / "vq")
+        for kind, path in inputs.items():
+            settings = BuildSettings(kind, str(folder / "text.model"), None if kind == "text" else str(vq))
+            started = time.perf_counter()
+            manifest = build_shards(settings, [path], folder / "out" / kind, workers=args.workers)
+            seconds = time.perf_counter() - started
+            tokens = sum(manifest.tokens_by_modality.values())
+            print(json.dumps({"bench": "build_shards", "kind": kind, "workers": args.workers, "records": manifest.samples,
+                              "records_per_s": round(manifest.samples / seconds, 1), "tokens_per_s": round(tokens / seconds),
+                              "image_resolution": 64, "seconds": round(seconds, 2)}), flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

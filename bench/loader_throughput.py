@@ -1,0 +1,69 @@
+"""Tokens per second the training loader delivers from real shards, with 1 and 2 workers.
+
+Builds text shards from CPython's bundled documentation (a real SentencePiece model trained on
+it first) unless --shards names an existing folder, then times packed batches after a warm-up.
+Prints one JSON line per worker count.
+
+    python bench/loader_throughput.py [--shards DIR] [--seq-len 4096] [--batches 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from itertools import islice
+from pathlib import Path
+
+from data_pipelines.build import BuildSettings, build_shards
+from fusion_train.data.loader import DataConfig, SourceConfig, build_loader
+from fusion_train.tokenizers.text import train_text_tokenizer
+from fusion_train.vocab import VocabLayout
+
+
+def make_shards(folder: Path, copies: int) -> Path:
+    from pydoc_data.topics import topics
+
+    corpus = folder / "corpus.jsonl"
+    with open(corpus, "w") as f:
+        for copy in range(copies):
+            for text in topics.values():
+                f.write(json.dumps({"text": f"{copy} {text}"}) + "\n")
+    vocab = VocabLayout(image_codebook_size=512, image_grid=8, vocab_size=8192, n_reserved=513)
+    train_text_tokenizer([corpus], folder / "text.model", vocab)
+    build_shards(
+        BuildSettings("text", str(folder / "text.model")), [corpus], folder / "shards", max_samples_per_shard=500
+    )
+    return folder / "shards"
+
+
+def measure(shards: Path, workers: int, seq_len: int, micro_batch: int, batches: int) -> dict:
+    cfg = DataConfig(
+        sources={"text": SourceConfig(str(shards))}, seq_len=seq_len, micro_batch_size=micro_batch, num_workers=workers
+    )
+    iterator = iter(build_loader(cfg))
+    for _ in islice(iterator, 10):  # warm-up: worker start, first shard opens
+        pass
+    started = time.perf_counter()
+    tokens = sum(batch["input_ids"].numel() for batch in islice(iterator, batches))
+    seconds = time.perf_counter() - started
+    return {"bench": "loader_throughput", "workers": workers, "seq_len": seq_len, "micro_batch": micro_batch,
+            "batches": batches, "tokens_per_s": round(tokens / seconds), "seconds": round(seconds, 3)}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shards", type=Path)
+    parser.add_argument("--seq-len", type=int, default=4096)
+    parser.add_argument("--micro-batch", type=int, default=8)
+    parser.add_argument("--batches", type=int, default=200)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as scratch:
+        shards = args.shards or make_shards(Path(scratch), copies=20)
+        for workers in (1, 2):
+            print(json.dumps(measure(shards, workers, args.seq_len, args.micro_batch, args.batches)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""`fusion-data build-shards` for each kind: real images and tokenizers, bad records counted,
+deterministic output whatever the number of workers."""
+
+import json
+
+import numpy as np
+import pytest
+import webdataset as wds
+
+from data_pipelines.build import BuildSettings, build_shards
+from data_pipelines.cli import main as fusion_data
+from data_pipelines.synthetic import write_image_captions
+from fusion_train.data.loader import DataConfig, SourceConfig, build_loader
+from fusion_train.data.manifest import DataError, Manifest
+from helpers import SMALL_VOCAB as V
+from helpers import english_documents, write_jsonl
+
+
+def samples(folder):
+    """(tokens, mask or None) of every sample, in shard order."""
+    found = []
+    for shard in Manifest.read(folder).shards:
+        for sample in wds.WebDataset(str(folder / shard.name), shardshuffle=False).decode():
+            found.append((sample["tokens.npy"].astype(np.int64), sample.get("mask.npy")))
+    return found
+
+
+def image_blocks(tokens):
+    return int((tokens == V.begin_of_image).sum())
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("shapes")
+    captions = write_image_captions(folder, 40, seed=3)
+    return folder, [json.loads(line) for line in captions.read_text().splitlines()]
+
+
+def settings(kind, text_tokenizer, image_tokenizer_path=None, seed=0):
+    return BuildSettings(
+        kind, str(text_tokenizer.path), str(image_tokenizer_path) if image_tokenizer_path else None, seed
+    )
+
+
+def test_text_shards_with_bad_records_counted(text_tokenizer, tmp_path):
+    docs = english_documents(30)
+    path = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in docs] + [{"text": "  "}, {"title": "x"}, [1, 2]])
+    with open(path, "ab") as f:
+        f.write(b"{not json\n" + b'{"text": "\xff\xfe"}\n')
+    manifest = build_shards(settings("text", text_tokenizer), [path], tmp_path / "out", max_samples_per_shard=8)
+    assert manifest.skipped == {"empty_text": 1, "invalid_json": 2, "invalid_utf8": 1, "missing_text": 1}
+    assert manifest.samples == 30 and len(manifest.shards) == 4
+    assert manifest.fingerprints == {"text": text_tokenizer.fingerprint, "image": None}
+    built = samples(tmp_path / "out")
+    assert [text_tokenizer.decode([t[1:-1].tolist()])[0] for t, _ in built] == docs
+    assert manifest.tokens_by_modality["special"] == 60 and manifest.tokens_by_modality["image"] == 0
+
+
+def test_image_text_from_jsonl_with_bad_records(text_tokenizer, image_tokenizer_path, shapes, tmp_path):
+    folder, records = shapes
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    bad = [{"image": str(tmp_path / "gone.png"), "caption": "x"}, {"image": str(tmp_path / "broken.png"), "caption": "y"},
+           {"image": records[0]["image"], "caption": ""}]  # fmt: skip
+    path = write_jsonl(tmp_path / "pairs.jsonl", records + bad)
+    manifest = build_shards(
+        settings("image-text", text_tokenizer, image_tokenizer_path, seed=11), [path], tmp_path / "out"
+    )
+    assert manifest.skipped == {"empty_text": 1, "missing_image_file": 1, "undecodable_image": 1}
+    built = samples(tmp_path / "out")
+    assert len(built) == 40 and all(image_blocks(t) == 1 for t, _ in built)
+    image_first = [t[1] == V.begin_of_image for t, _ in built]
+    assert 0 < sum(image_first) < 40
+    assert manifest.tokens_by_modality["image"] == 40 * V.image_tokens
+
+
+def test_image_text_from_a_webdataset(text_tokenizer, image_tokenizer_path, shapes, tmp_path):
+    _, records = shapes
+    with wds.TarWriter(str(tmp_path / "pairs.tar")) as writer:
+        for i, record in enumerate(records[:10]):
+            with open(record["image"], "rb") as f:
+                writer.write({"__key__": f"s{i:03d}", "png": f.read(), "txt": record["caption"]})
+        writer.write({"__key__": "nocaption", "png": open(records[0]["image"], "rb").read()})
+    manifest = build_shards(
+        settings("image-text", text_tokenizer, image_tokenizer_path), [tmp_path / "pairs.tar"], tmp_path / "out"
+    )
+    assert manifest.samples == 10 and manifest.skipped == {"missing_caption": 1}
+
+
+def test_interleaved_keeps_order(text_tokenizer, image_tokenizer_path, shapes, tmp_path):
+    _, records = shapes
+    doc = {
+        "segments": [
+            {"text": "First"},
+            {"image": records[0]["image"]},
+            {"text": "then"},
+            {"image": records[1]["image"]},
+        ]
+    }
+    path = write_jsonl(tmp_path / "docs.jsonl", [doc, {"segments": []}, {"segments": [{"video": "x"}]}])
+    manifest = build_shards(settings("interleaved", text_tokenizer, image_tokenizer_path), [path], tmp_path / "out")
+    assert manifest.skipped == {"bad_segment": 1, "empty_document": 1}
+    ((tokens, _),) = samples(tmp_path / "out")
+    first, then = text_tokenizer.encode(["First", "then"])
+    assert tokens[1 : 1 + len(first)].tolist() == first
+    assert tokens[1 + len(first)] == V.begin_of_image
+    after_image = 1 + len(first) + V.image_block_length
+    assert tokens[after_image : after_image + len(then)].tolist() == then
+    assert image_blocks(tokens) == 2
+
+
+def test_sft_chats_mask_the_prompts(text_tokenizer, image_tokenizer_path, shapes, tmp_path):
+    _, records = shapes
+    chat = {"messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "What is this?"}, {"type": "image", "image": records[2]["image"]}]},
+        {"role": "assistant", "content": "A shape."},
+        {"role": "user", "content": "Draw one."},
+        {"role": "assistant", "content": [{"type": "image", "image": records[3]["image"]}]},
+    ]}  # fmt: skip
+    path = write_jsonl(
+        tmp_path / "chat.jsonl",
+        [
+            chat,
+            {"messages": [{"role": "assistant", "content": "hi"}]},
+            {"messages": [{"role": "robot", "content": "x"}]},
+        ],
+    )
+    manifest = build_shards(settings("sft", text_tokenizer, image_tokenizer_path), [path], tmp_path / "out")
+    assert manifest.skipped == {"bad_role": 1, "empty_turn": 1}
+    ((tokens, mask),) = samples(tmp_path / "out")
+    separators = np.flatnonzero(tokens == V.sft_separator)
+    assert len(separators) == 2 and mask is not None
+    assert mask[: separators[0] + 1].sum() == 0  # system + first prompt and its separator
+    answer = text_tokenizer.encode(["A shape."])[0]
+    assert tokens[separators[0] + 1 : separators[0] + 1 + len(answer)].tolist() == answer
+    assert mask[separators[0] + 1 : separators[0] + 2 + len(answer)].all()  # the answer and its </s>
+    assert mask[separators[1] + 1 :].all() and image_blocks(tokens[separators[1] :]) == 1
+
+
+def test_output_does_not_depend_on_the_number_of_workers(text_tokenizer, image_tokenizer_path, shapes, tmp_path):
+    folder, records = shapes
+    path = write_jsonl(tmp_path / "pairs.jsonl", records * 4)  # several chunks of records
+    build = settings("image-text", text_tokenizer, image_tokenizer_path, seed=2)
+    build_shards(build, [path], tmp_path / "serial", workers=0, max_samples_per_shard=50)
+    assert fusion_data(["build-shards", "--kind", "image-text", "--input", str(path), "--output", str(tmp_path / "parallel"),
+                        "--text-tokenizer", build.text_tokenizer, "--image-tokenizer", build.image_tokenizer, "--seed", "2",
+                        "--workers", "2", "--max-samples-per-shard", "50"]) == 0  # fmt: skip
+    serial, parallel = Manifest.read(tmp_path / "serial"), Manifest.read(tmp_path / "parallel")
+    assert (
+        [s.name for s in serial.shards]
+        == [s.name for s in parallel.shards]
+        == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar", "shard-000003.tar"]
+    )
+    for shard in serial.shards:
+        assert (tmp_path / "serial" / shard.name).read_bytes() == (tmp_path / "parallel" / shard.name).read_bytes()
+
+
+def test_built_shards_feed_the_loader(text_tokenizer, image_tokenizer_path, shapes, tmp_path):
+    _, records = shapes
+    build_shards(
+        settings("image-text", text_tokenizer, image_tokenizer_path),
+        [write_jsonl(tmp_path / "p.jsonl", records)],
+        tmp_path / "pairs",
+    )
+    cfg = DataConfig(
+        sources={"pairs": SourceConfig(str(tmp_path / "pairs"))}, seq_len=64, micro_batch_size=2, num_workers=0
+    )
+    loader = build_loader(cfg, expected_fingerprints={"text": text_tokenizer.fingerprint})
+    batch = next(iter(loader))
+    assert batch["input_ids"].shape == (2, 64) and (batch["input_ids"] == V.begin_of_image).any()
+
+
+def test_clear_errors(text_tokenizer, image_tokenizer_path, tmp_path):
+    with pytest.raises(DataError, match="missing.jsonl not found"):
+        build_shards(settings("text", text_tokenizer), [tmp_path / "missing.jsonl"], tmp_path / "out")
+    good = write_jsonl(tmp_path / "ok.jsonl", [{"text": "hello"}])
+    build_shards(settings("text", text_tokenizer), [good], tmp_path / "out")
+    with pytest.raises(DataError, match="already holds shards"):
+        build_shards(settings("text", text_tokenizer), [good], tmp_path / "out")
+    build_shards(settings("text", text_tokenizer), [good], tmp_path / "out", overwrite=True)
+    (tmp_path / "bad.tar").write_bytes(b"\x00" * 100 + b"garbage")
+    with pytest.raises(DataError, match="bad.tar cannot be read"):
+        build_shards(
+            settings("image-text", text_tokenizer, image_tokenizer_path), [tmp_path / "bad.tar"], tmp_path / "o2"
+        )
+    assert fusion_data(["build-shards", "--kind", "text", "--input", str(tmp_path / "nope.jsonl"), "--output", str(tmp_path / "o3"),
+                        "--text-tokenizer", str(text_tokenizer.path)]) == 2  # fmt: skip
