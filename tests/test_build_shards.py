@@ -185,3 +185,18 @@ def test_clear_errors(text_tokenizer, image_tokenizer_path, tmp_path):
         )
     assert fusion_data(["build-shards", "--kind", "text", "--input", str(tmp_path / "nope.jsonl"), "--output", str(tmp_path / "o3"),
                         "--text-tokenizer", str(text_tokenizer.path)]) == 2  # fmt: skip
+
+
+def test_tokenizer_training_commands(shapes, tmp_path):
+    folder, _ = shapes
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in english_documents(40)])
+    assert fusion_data(["train-text-tokenizer", "--input", str(corpus), "--output", str(tmp_path / "t.model"),
+                        "--vocab-size", "2048", "--image-codebook-size", "64", "--image-grid", "8", "--n-reserved", "513"]) == 0  # fmt: skip
+    assert json.loads((tmp_path / "t.layout.json").read_text())["image_grid"] == 8
+    assert fusion_data(["train-image-tokenizer", "--images", str(folder / "images"), "--output", str(tmp_path / "vq"),
+                        "--codebook-size", "64", "--steps", "3", "--batch-size", "4"]) == 0  # fmt: skip
+    assert (tmp_path / "vq" / "vqgan.ckpt").is_file() and (tmp_path / "vq" / "vqgan.yaml").is_file()
+    assert (
+        fusion_data(["train-image-tokenizer", "--images", str(tmp_path / "nothing"), "--output", str(tmp_path / "vq2")])
+        == 2
+    )

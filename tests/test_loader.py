@@ -194,3 +194,24 @@ def test_a_missing_manifest_and_a_too_short_sequence_are_clear_errors(mixed_shar
         build_loader(config({"x": (tmp_path, 1.0)}))
     with pytest.raises(ValueError, match="cannot hold one image block"):
         build_loader(config({"m": (mixed_shards, 1.0)}, seq_len=V.image_block_length - 1))
+
+
+def test_mixture_in_tokens(tmp_path):
+    """Weights per token: a source of documents twice as long gets half as many documents."""
+    short = write_shards(tmp_path / "short", numbered_documents(300, seed=1))
+    long_documents = numbered_documents(300, seed=2)
+    for document in long_documents:
+        document.tokens = np.concatenate([document.tokens[:-1], document.tokens[3:]])
+    long = write_shards(tmp_path / "long", long_documents)
+    cfg = config(
+        {"short": (short, 1.0), "long": (long, 1.0)},
+        seq_len=512,
+        num_workers=0,
+        micro_batch_size=8,
+        mixture_unit="tokens",
+    )
+    mean_length = torch.tensor([sum(s.tokens for s in Manifest.read(f).shards) / 300 for f in (short, long)])
+    tokens = torch.zeros(2)
+    for batch in islice(build_loader(cfg), 150):
+        tokens += batch["documents_per_source"].sum(0) * mean_length
+    assert (tokens / tokens.sum()).tolist() == pytest.approx([0.5, 0.5], abs=0.03)

@@ -37,6 +37,7 @@ class DataConfig:
     sources: dict[str, SourceConfig] = field(default_factory=dict)
     # Multipliers on the weights of named sources: Chameleon's stage 2 halves the stage-1 sources.
     reweight: dict[str, float] = field(default_factory=dict)
+    mixture_unit: str = "documents"  # what the weights are proportions of: "documents" or "tokens"
     seq_len: int = 4096
     micro_batch_size: int = 1
     num_workers: int = 2
@@ -45,14 +46,20 @@ class DataConfig:
     restart_data_order: bool = False
 
 
-def source_weights(cfg: DataConfig) -> dict[str, float]:
-    """Normalised sampling probability of each source."""
+def source_weights(cfg: DataConfig, manifests: dict[str, Manifest]) -> dict[str, float]:
+    """Probability of drawing each source's next document. Weights given per token (Chameleon
+    states its mixture in tokens) become per-document by dividing by mean document length."""
     unknown = sorted(set(cfg.reweight) - set(cfg.sources))
     if unknown:
         raise DataError(f"data.reweight names sources that data.sources lacks: {unknown}")
+    if cfg.mixture_unit not in ("documents", "tokens"):
+        raise DataError(f"data.mixture_unit must be 'documents' or 'tokens', not {cfg.mixture_unit!r}")
     weights = {name: source.weight * cfg.reweight.get(name, 1.0) for name, source in cfg.sources.items()}
     if not weights or any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
         raise DataError(f"data source weights must be non-negative with a positive sum; got {weights}")
+    if cfg.mixture_unit == "tokens":
+        for name, manifest in manifests.items():
+            weights[name] /= max(1, sum(s.tokens for s in manifest.shards)) / max(1, manifest.samples)
     total = sum(weights.values())
     return {name: w / total for name, w in weights.items()}
 
@@ -84,7 +91,8 @@ class MixtureDataset(IterableDataset):
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.manifests = read_manifests(cfg, expected_fingerprints)
         self.names = list(cfg.sources)
-        self.probabilities = np.array([source_weights(cfg)[n] for n in self.names])
+        weights = source_weights(cfg, self.manifests)
+        self.probabilities = np.array([weights[n] for n in self.names])
         self.vocab: VocabLayout = next(iter(self.manifests.values())).vocab
         Packer(cfg.seq_len, self.vocab, len(self.names))  # checks seq_len before any worker starts
         self._pending_state: dict | None = None
