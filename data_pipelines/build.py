@@ -48,8 +48,9 @@ class ImageLoader:
     """Loads the images that one chunk's records refer to (a path relative to the input file, or
     the bytes of a WebDataset sample)."""
 
-    def __init__(self, tokenizer: ImageTokenizer | None, base_dir: Path):
-        self.tokenizer, self.base_dir = tokenizer, base_dir
+    def __init__(self, tokenizer: ImageTokenizer | None):
+        self.tokenizer = tokenizer
+        self.base_dir = Path(".")
         self.pending: list[PendingImage] = []
 
     def __call__(self, source: str | bytes, pad: bool = False) -> PendingImage:
@@ -122,16 +123,16 @@ def _process_chunk(chunk: list[tuple[int, Path, bytes | dict]]) -> tuple[list[tu
     kind, documents = _worker["kind"], _worker["documents"]
     skipped: Counter = Counter()
     drafts = []
-    for base_dir in {b for _, b, _ in chunk}:
-        images = ImageLoader(_worker["images"], base_dir)
-        for index, _, payload in (r for r in chunk if r[1] == base_dir):
-            try:
-                drafts.append((index, kind.parse(_parse_record(payload), images)))
-            except Skip as skip:
-                skipped[skip.reason] += 1
-        images.encode_pending()
+    images = ImageLoader(_worker["images"])
+    for index, base_dir, payload in chunk:
+        images.base_dir = base_dir  # image paths are relative to their record's input file
+        try:
+            drafts.append((index, kind.parse(_parse_record(payload), images)))
+        except Skip as skip:
+            skipped[skip.reason] += 1
+    images.encode_pending()
     built = []
-    for index, draft in sorted(drafts, key=lambda d: d[0]):
+    for index, draft in drafts:
         try:
             built.append((index, kind.assemble(draft, documents, index)))
         except Skip as skip:

@@ -6,13 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-
-class Skip(Exception):
-    """A record that cannot be used; counted under `reason` and left out."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
+from fusion_train.data.manifest import Skip
 
 
 @dataclass

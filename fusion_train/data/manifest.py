@@ -21,6 +21,14 @@ class DataError(ValueError):
     """Input that cannot be used as it is; the message names the file or setting to fix."""
 
 
+class Skip(Exception):
+    """One bad record or sample among many: left out and counted under `reason`."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
 @dataclass
 class ShardInfo:
     name: str

@@ -15,15 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
+from fusion_train.data.manifest import Skip
 from fusion_train.vocab import VocabLayout
 
 log = logging.getLogger(__name__)
-
-
-class SampleSkipped(Exception):
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
 
 
 @dataclass
@@ -39,19 +34,19 @@ def image_block_starts(tokens: np.ndarray, vocab: VocabLayout) -> np.ndarray:
 def validate(tokens: np.ndarray, vocab: VocabLayout) -> None:
     """Ids in range, and every image a whole block: begin marker, grid^2 codes, end marker."""
     if len(tokens) == 0:
-        raise SampleSkipped("empty_document")
+        raise Skip("empty_document")
     if tokens.min() < 0 or tokens.max() >= vocab.vocab_size:
-        raise SampleSkipped("out_of_vocab")
+        raise Skip("out_of_vocab")
     inside_blocks = np.zeros(len(tokens), dtype=bool)
     starts = image_block_starts(tokens, vocab)
     for start in starts:
         end = start + vocab.image_block_length - 1
         if end >= len(tokens) or tokens[end] != vocab.end_of_image:
-            raise SampleSkipped("broken_image_block")
+            raise Skip("broken_image_block")
         inside_blocks[start + 1 : end] = True
     is_code = (tokens >= vocab.image_code_start) & (tokens < vocab.image_code_end)
     if (is_code != inside_blocks).any() or (tokens == vocab.end_of_image).sum() != len(starts):
-        raise SampleSkipped("broken_image_block")
+        raise Skip("broken_image_block")
 
 
 class ShardReader:
@@ -83,15 +78,15 @@ class ShardReader:
     def _read(self, member: tarfile.TarInfo) -> bytes:
         data = self.tar.extractfile(member).read()
         if len(data) != member.size:
-            raise SampleSkipped("corrupt_shard")
+            raise Skip("corrupt_shard")
         return data
 
     def read(self, index: int) -> Document:
         if index >= len(self.samples):
-            raise SampleSkipped("corrupt_shard")
+            raise Skip("corrupt_shard")
         members = self.samples[index]
         if "tokens.npy" not in members:
-            raise SampleSkipped("corrupt_sample")
+            raise Skip("corrupt_sample")
         try:
             tokens = np.load(io.BytesIO(self._read(members["tokens.npy"])), allow_pickle=False)
             mask = (
@@ -100,9 +95,9 @@ class ShardReader:
                 else None
             )
         except (OSError, ValueError, EOFError, tarfile.TarError):
-            raise SampleSkipped("corrupt_sample") from None
+            raise Skip("corrupt_sample") from None
         if tokens.ndim != 1 or (mask is not None and mask.shape != tokens.shape):
-            raise SampleSkipped("corrupt_sample")
+            raise Skip("corrupt_sample")
         tokens = tokens.astype(np.int64)
         validate(tokens, self.vocab)
         return Document(tokens, mask)

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fusion_train.data.manifest import DataError, Manifest
-from fusion_train.data.shards import Document, SampleSkipped, ShardReader
+from fusion_train.data.manifest import DataError, Manifest, Skip
+from fusion_train.data.shards import Document, ShardReader
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class SourceStream:
             self.position += 1
             try:
                 return self._reader(shard).read(sample)
-            except SampleSkipped as skip:
+            except Skip as skip:
                 if not self.skipped[skip.reason]:
                     log.warning(
                         "source %s: skipping bad samples (%s), first in %s",
