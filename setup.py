@@ -32,6 +32,7 @@ setup(
         "console_scripts": [
             "fusion-convert=fusion_train.cli:convert_main",
             "fusion-data=data_pipelines.cli:main",
+            "fusion-train=fusion_train.cli:train_main",
         ]
     },
 )

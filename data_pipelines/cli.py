@@ -8,6 +8,7 @@ import logging
 import sys
 
 from data_pipelines.build import KIND_MODULES, BuildSettings, build_shards
+from data_pipelines.demo import make_demo_data
 from data_pipelines.train_image_tokenizer import train_image_tokenizer
 from fusion_train.data.manifest import DataError
 from fusion_train.tokenizers.text import TokenizerError, train_text_tokenizer
@@ -38,6 +39,13 @@ def _parser() -> argparse.ArgumentParser:
     image.add_argument("--steps", type=int, default=400)
     image.add_argument("--batch-size", type=int, default=16)
     image.add_argument("--seed", type=int, default=0)
+
+    demo = commands.add_parser("make-demo-data", help="the embedded default data, tokenizers and shards")
+    demo.add_argument("--output", default="demo")
+    demo.add_argument("--images", type=int, default=2000)
+    demo.add_argument("--vq-steps", type=int, default=400)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--workers", type=int, default=2)
 
     shards = commands.add_parser("build-shards", help="tokenize records into WebDataset shards + manifest.json")
     shards.add_argument("--kind", required=True, choices=sorted(KIND_MODULES))
@@ -70,6 +78,10 @@ def _run(args: argparse.Namespace) -> dict:
             args.images, args.output, resolution=args.resolution, grid=args.grid, codebook_size=args.codebook_size,
             steps=args.steps, batch_size=args.batch_size, seed=args.seed,
         )  # fmt: skip
+    if args.command == "make-demo-data":
+        return make_demo_data(
+            args.output, images=args.images, vq_steps=args.vq_steps, seed=args.seed, workers=args.workers
+        )
     settings = BuildSettings(args.kind, args.text_tokenizer, args.image_tokenizer, args.seed, args.device)
     manifest = build_shards(
         settings, args.input, args.output, workers=args.workers, max_samples_per_shard=args.max_samples_per_shard,

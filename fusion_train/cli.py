@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+import socket
 import sys
+from pathlib import Path
 
 from fusion_train.model import convert
 from fusion_train.vocab import VocabLayout
@@ -54,6 +58,12 @@ def _convert_parser() -> argparse.ArgumentParser:
     from_meta.add_argument("out_dir")
     _vocab_arguments(from_meta)
 
+    zero = commands.add_parser(
+        "zero-to-safetensors", help="a training checkpoint (any ZeRO stage) -> fusion_train model folder"
+    )
+    zero.add_argument("checkpoint", help="a run's checkpoints/step_N folder")
+    zero.add_argument("out_dir")
+
     to_meta = commands.add_parser("to-meta", help="fusion_train model folder -> Meta params.json + consolidated*.pth")
     to_meta.add_argument("model_dir")
     to_meta.add_argument("out_dir")
@@ -63,13 +73,38 @@ def _convert_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _is_training_checkpoint(path: str) -> bool:
+    from fusion_train.train.checkpoint import TRAINER_STATE
+
+    return (Path(path) / TRAINER_STATE).is_file()
+
+
+def _zero_to_safetensors(checkpoint: str, out_dir) -> Path:
+    """The consolidated weights of a training checkpoint, with its model config and the vocabulary
+    of the shards it trained on."""
+    from fusion_train.data.loader import read_manifests
+    from fusion_train.train.checkpoint import consolidated_state_dict, read_trainer_state
+    from fusion_train.train.config import from_dict
+
+    if not _is_training_checkpoint(checkpoint):
+        raise convert.ConversionError(f"{checkpoint} is not a training checkpoint (no trainer_state.json)")
+    cfg = from_dict(read_trainer_state(Path(checkpoint))["config"])
+    vocab = next(iter(read_manifests(cfg.data).values())).vocab
+    return convert.save_native(consolidated_state_dict(checkpoint), cfg.model, vocab, out_dir)
+
+
 def convert_main(argv: list[str] | None = None) -> int:
     args = _convert_parser().parse_args(argv)
     try:
         if args.command == "from-hf":
             out = convert.import_hf(args.hf_dir, args.out_dir, _vocab(args))
         elif args.command == "to-hf":
-            out = convert.export_hf(args.model_dir, args.out_dir)
+            model_dir = args.model_dir
+            if _is_training_checkpoint(model_dir):
+                model_dir = _zero_to_safetensors(model_dir, Path(args.out_dir) / "fusion_train")
+            out = convert.export_hf(model_dir, args.out_dir)
+        elif args.command == "zero-to-safetensors":
+            out = _zero_to_safetensors(args.checkpoint, args.out_dir)
         elif args.command == "from-meta":
             out = convert.import_meta(args.meta_dir, args.out_dir, _vocab(args))
         else:
@@ -79,3 +114,42 @@ def convert_main(argv: list[str] | None = None) -> int:
         return 2
     print(f"wrote {out}")
     return 0
+
+
+def _single_process_environment() -> None:
+    """Run without a launcher as one rank (torchrun and SLURM set these)."""
+    if "RANK" not in os.environ:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    """`fusion-train [HYDRA OVERRIDES...]`, e.g. `fusion-train model=1b deepspeed=zero3 trainer.steps=1000`."""
+    from fusion_train.data.manifest import DataError
+    from fusion_train.train.config import ConfigError, gradient_accumulation_steps, load_config, validate
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    overrides = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in overrides):
+        print(train_main.__doc__)
+        return 0
+    try:
+        cfg = load_config(overrides)
+        validate(cfg)
+        gradient_accumulation_steps(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # before anything is allocated
+    except (ConfigError, DataError, ValueError) as err:
+        print(f"fusion-train: error: {err}", file=sys.stderr)
+        return 2
+    _single_process_environment()
+    from fusion_train.train.trainer import Trainer
+
+    try:
+        trainer = Trainer(cfg)
+    except (ConfigError, DataError) as err:
+        print(f"fusion-train: error: {err}", file=sys.stderr)
+        return 2
+    code = trainer.train()
+    trainer.close()
+    return code

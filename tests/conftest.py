@@ -32,19 +32,26 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def torchrun(script: Path, *args: str, nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run `script` under torchrun with `nproc` local ranks on a free port; fail the test with the
-    ranks' output if it does not exit 0."""
-    command = [
+def torchrun_command(script: Path | str, *args: str, nproc: int = 2) -> list[str]:
+    """`script` is a file, or `-m module`."""
+    target = ["-m", str(script)[3:]] if str(script).startswith("-m ") else [str(script)]
+    return [
         sys.executable, "-m", "torch.distributed.run",
         f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1", f"--master_port={free_port()}",
-        str(script), *args,
+        *target, *args,
     ]  # fmt: skip
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-    if result.returncode != 0:
-        pytest.fail(
-            f"torchrun {script.name} exited {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
-        )
+
+
+def torchrun(
+    script: Path | str, *args: str, nproc: int = 2, timeout: int = 300, check: bool = True
+) -> subprocess.CompletedProcess:
+    """Run `script` under torchrun with `nproc` local ranks on a free port; fail the test with the
+    ranks' output if it does not exit 0 (unless check is false)."""
+    result = subprocess.run(
+        torchrun_command(script, *args, nproc=nproc), cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
+    if check and result.returncode != 0:
+        pytest.fail(f"torchrun {script} exited {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}")
     return result
 
 
@@ -70,3 +77,29 @@ def image_tokenizer_path(tmp_path_factory):
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("image_tokenizer")
     return ImageTokenizer(VQGAN(small_config(32, 4, 64)), fingerprint="", device="cpu").save(folder)
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory):
+    """The demo's data pipeline at test size: real images, both tokenizers, three kinds of shards."""
+    from data_pipelines.demo import make_demo_data
+
+    return make_demo_data(tmp_path_factory.mktemp("demo"), images=120, vq_steps=5)
+
+
+def train_overrides(demo_data: dict, run_dir: Path, *extra: str) -> list[str]:
+    """The tiny model on the demo shards: 128-token sequences, 4 per micro-batch, 2 micro-steps
+    per optimizer step on 2 ranks (global batch 2,048 tokens)."""
+    shards = demo_data["shards"]
+    return [
+        "model.vocab_size=4096", "optim=demo", "optim.warmup_steps=5", "data.seq_len=128", "data.micro_batch_size=4",
+        "trainer.global_batch_tokens=2048", f"trainer.run_dir={run_dir}", "logging.log_every=1", "trainer.progress_bar=false",
+        f"data.sources.text.path={shards['text']}", f"data.sources.image_text.path={shards['image-text']}",
+        f"data.sources.interleaved.path={shards['interleaved']}", *extra,
+    ]  # fmt: skip
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]

@@ -12,8 +12,6 @@ keeps the final softmax's logits from drifting; 1e-5 in the paper.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
@@ -22,17 +20,24 @@ from fusion_train.vocab import Modality
 IGNORE_INDEX = -100
 
 
-@dataclass
-class LossOutput:
-    loss: torch.Tensor  # to backpropagate: (sum CE + z_loss * sum log²Z) / positions with a label
-    ce: torch.Tensor  # mean cross-entropy (detached)
-    z: torch.Tensor  # z_loss * mean log²Z (detached)
-    logz_mean: torch.Tensor  # mean log Z (detached)
-    n_tokens: torch.Tensor  # positions with a label
-    # Per target modality, indexed by Modality; only when the caller gives label modalities.
-    ce_sum_by_modality: torch.Tensor | None = None
-    logz_sum_by_modality: torch.Tensor | None = None
-    count_by_modality: torch.Tensor | None = None
+class LossOutput(dict):
+    """The loss and its parts, readable as attributes. A dict so that DeepSpeed's ZeRO-3 hooks find
+    the tensors in it (as in HF's ModelOutput):
+
+    loss: to backpropagate, (sum CE + z_loss * sum log²Z) / positions with a label
+    ce, z, logz_mean: mean cross-entropy, z_loss * mean log²Z, mean log Z (detached)
+    n_tokens: positions with a label
+    ce_sum_by_modality, logz_sum_by_modality, count_by_modality: sums per target modality, indexed
+        by Modality; present only when the caller gives label modalities
+    """
+
+    __setattr__ = dict.__setitem__
+
+    def __getattr__(self, name: str):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
 
 
 def chunked_lm_loss(

@@ -1,0 +1,135 @@
+"""Checkpoints that a crash at any moment leaves usable.
+
+A checkpoint is written under `step_N.partial` (DeepSpeed's engine state, then each rank's data
+position and RNG states, then rank 0's trainer state) and renamed to `step_N` only when every
+rank has finished: a folder without `.partial` is complete by construction, and resuming takes
+the newest of those. `latest` (for DeepSpeed's own tools) is replaced atomically after the rename.
+The last `keep_last` checkpoints are kept, plus every `keep_every`-th step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+TAG = re.compile(r"^step_(\d+)$")
+PARTIAL = ".partial"
+TRAINER_STATE = "trainer_state.json"
+
+
+def _rank_state_file(rank: int) -> str:
+    return f"rank{rank:05d}_state.pt"
+
+
+def rng_states() -> dict:
+    numpy_state = np.random.get_state(legacy=False)
+    numpy_state["state"]["key"] = numpy_state["state"]["key"].tolist()  # weights_only-loadable
+    states = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict) -> None:
+    random.setstate(states["python"])
+    numpy_state = states["numpy"]
+    numpy_state["state"]["key"] = np.array(numpy_state["state"]["key"], dtype=np.uint32)
+    np.random.set_state(numpy_state)
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _fault_injection_pause() -> None:
+    """Tests kill a trainer inside a checkpoint write: FUSION_TRAIN_CHECKPOINT_PAUSE_S holds it
+    there, between the engine state and the rest, for that many seconds."""
+    pause = float(os.environ.get("FUSION_TRAIN_CHECKPOINT_PAUSE_S", "0"))
+    if pause:
+        time.sleep(pause)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+class Checkpointer:
+    def __init__(self, folder: str | Path, rank: int, keep_last: int, keep_every: int):
+        self.folder, self.rank = Path(folder), rank
+        self.keep_last, self.keep_every = keep_last, keep_every
+
+    def complete(self) -> list[tuple[int, Path]]:
+        found = [(int(m[1]), p) for p in self.folder.glob("step_*") if (m := TAG.match(p.name)) and p.is_dir()]
+        return sorted(found)
+
+    def latest(self) -> Path | None:
+        complete = self.complete()
+        return complete[-1][1] if complete else None
+
+    def remove_partials(self) -> None:
+        """Leftovers of a save that was interrupted (rank 0, before training starts)."""
+        if self.rank == 0:
+            for partial in self.folder.glob(f"step_*{PARTIAL}"):
+                shutil.rmtree(partial, ignore_errors=True)
+
+    def save(self, engine, step: int, rank_state: dict, trainer_state: dict) -> Path:
+        tag = f"step_{step}"
+        partial, final = self.folder / (tag + PARTIAL), self.folder / tag
+        engine.save_checkpoint(str(self.folder), tag=partial.name, save_latest=False)
+        _fault_injection_pause()
+        torch.save({**rank_state, "rng": rng_states()}, partial / _rank_state_file(self.rank))
+        if self.rank == 0:
+            (partial / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2) + "\n")
+        dist.barrier()
+        if self.rank == 0:
+            os.rename(partial, final)
+            _write_atomically(self.folder / "latest", tag)
+            self._prune()
+        dist.barrier()
+        return final
+
+    def _prune(self) -> None:
+        complete = self.complete()
+        keep = {step for step, _ in complete[-self.keep_last :]} if self.keep_last > 0 else set()
+        keep |= {step for step, _ in complete if self.keep_every and step % self.keep_every == 0}
+        for step, path in complete:
+            if step not in keep:
+                shutil.rmtree(path, ignore_errors=True)
+
+    def load_engine(self, engine, path: Path, load_optimizer: bool = True) -> None:
+        """The model (and, unless another data-parallel split makes it unusable, the optimizer and
+        schedule) from the checkpoint at `path`."""
+        engine.load_checkpoint(
+            str(path.parent),
+            tag=path.name,
+            load_optimizer_states=load_optimizer,
+            load_lr_scheduler_states=load_optimizer,
+            load_module_only=not load_optimizer,
+        )
+
+    def load_rank_state(self, path: Path) -> dict:
+        return torch.load(path / _rank_state_file(self.rank), weights_only=True)
+
+
+def read_trainer_state(path: Path) -> dict:
+    return json.loads((Path(path) / TRAINER_STATE).read_text())
+
+
+def consolidated_state_dict(path: str | Path) -> dict:
+    """One full fp32 state dict from a ZeRO checkpoint of any stage, by DeepSpeed's own
+    consolidation, under the model's parameter names (activation-checkpoint wrappers removed)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    path = Path(path)
+    state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+    return {name.replace("._checkpoint_wrapped_module", "").replace("._orig_mod", ""): t for name, t in state.items()}

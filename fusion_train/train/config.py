@@ -1,0 +1,137 @@
+"""The training configuration: structured dataclasses, one per Hydra group, so that a misspelled
+key or a wrong type is an error when the config is composed, and the batch arithmetic checked
+before anything is allocated.
+
+`fusion-train` composes `conf/config.yaml` with Hydra's compose API rather than `@hydra.main`:
+every rank gets the same config and no per-rank, per-second output folder; the run folder is
+`trainer.run_dir`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+from fusion_train.data.loader import DataConfig
+from fusion_train.model.chameleon import ChameleonConfig
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
+SCHEDULES = ("warmup_exponential", "warmup_cosine")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-5
+    weight_decay: float = 0.1  # not on norms or biases
+    grad_clip: float = 1.0
+    schedule: str = "warmup_exponential"  # Chameleon pretraining; warmup_cosine for SFT
+    warmup_steps: int = 4000
+    final_lr_ratio: float = 0.01  # the exponential decay ends at this fraction of lr ("toward 0")
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 2
+    bf16: bool = True  # on GPU; CPU runs train in fp32, where bf16 is slower
+    overlap_comm: bool = True
+    contiguous_gradients: bool = True
+    reduce_bucket_size: int = 500_000_000
+    allgather_bucket_size: int = 500_000_000
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = 10
+    wandb: bool = True
+    project: str = "fusion_train"
+    entity: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TrainerConfig:
+    run_dir: str = "runs/default"
+    steps: int = 1000
+    global_batch_tokens: int = 2**23  # Chameleon-7B: 8,388,608 tokens per optimizer step
+    checkpoint_every: int = 1000
+    keep_last: int = 3  # newest checkpoints kept ...
+    keep_every: int = 0  # ... plus every keep_every-th step (0: none)
+    resume_from: str | None = None  # a checkpoint folder; default: this run's latest
+    stop_after_steps: int | None = None  # this invocation's steps, then checkpoint and exit (time-limited jobs)
+    seed: int = 0
+    activation_checkpointing: bool = False
+    compile: bool = False
+    progress_bar: bool = True
+
+
+@dataclass
+class TrainConfig:
+    model: ChameleonConfig = field(default_factory=ChameleonConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+ConfigStore.instance().store(name="schema", node=TrainConfig)
+
+
+def load_config(overrides: list[str] | None = None, config_dir: str | Path = CONFIG_DIR) -> TrainConfig:
+    with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base="1.3"):
+        composed = compose(config_name="config", overrides=overrides or [])
+    return OmegaConf.to_object(composed)
+
+
+def to_yaml(cfg: TrainConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def from_dict(values: dict) -> TrainConfig:
+    """A config saved as a plain dict (in a checkpoint) back into its dataclasses, validated."""
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), values))
+
+
+def as_dict(cfg: TrainConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def gradient_accumulation_steps(cfg: TrainConfig, data_parallel_size: int) -> int:
+    """Micro-steps per optimizer step for the global batch; any inconsistency is an error that
+    says what to change."""
+    seq_len, micro = cfg.data.seq_len, cfg.data.micro_batch_size
+    if seq_len > cfg.model.max_seq_len:
+        raise ConfigError(f"data.seq_len={seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
+    per_micro_step = micro * seq_len * data_parallel_size
+    steps, remainder = divmod(cfg.trainer.global_batch_tokens, per_micro_step)
+    if remainder or steps == 0:
+        lower = max(per_micro_step, steps * per_micro_step)
+        raise ConfigError(
+            f"trainer.global_batch_tokens={cfg.trainer.global_batch_tokens:,} is not a positive multiple of "
+            f"data.micro_batch_size x data.seq_len x ranks = {micro} x {seq_len} x {data_parallel_size} = "
+            f"{per_micro_step:,}: set trainer.global_batch_tokens to {lower:,} or {lower + per_micro_step:,}, "
+            "or change the micro-batch, sequence length or number of ranks"
+        )
+    return steps
+
+
+def validate(cfg: TrainConfig) -> None:
+    if cfg.optim.schedule not in SCHEDULES:
+        raise ConfigError(f"optim.schedule={cfg.optim.schedule!r}: choose one of {SCHEDULES}")
+    if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"deepspeed.zero_stage={cfg.deepspeed.zero_stage}: choose 0, 1, 2 or 3")
+    if cfg.trainer.checkpoint_every <= 0 or cfg.logging.log_every <= 0:
+        raise ConfigError("trainer.checkpoint_every and logging.log_every must be positive")

@@ -1,0 +1,78 @@
+"""The DeepSpeed engine around the plain model: our optimizer and schedule, ZeRO and precision
+from our config, activation checkpointing and regional torch.compile applied from outside."""
+
+from __future__ import annotations
+
+import deepspeed
+import torch
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+from fusion_train.model.chameleon import Chameleon, HeadLayerNorm, RMSNorm
+from fusion_train.train.config import TrainConfig
+from fusion_train.train.schedule import build_schedule
+
+
+def use_bf16(cfg: TrainConfig) -> bool:
+    """bf16 with fp32 master weights on GPU; on a CPU bf16 is slower than fp32, so fp32 there."""
+    return cfg.deepspeed.bf16 and torch.cuda.is_available()
+
+
+def deepspeed_config(cfg: TrainConfig, gradient_accumulation_steps: int) -> dict:
+    zero = {"stage": cfg.deepspeed.zero_stage}
+    if cfg.deepspeed.zero_stage > 0:
+        zero.update(
+            overlap_comm=cfg.deepspeed.overlap_comm,
+            contiguous_gradients=cfg.deepspeed.contiguous_gradients,
+            reduce_bucket_size=cfg.deepspeed.reduce_bucket_size,
+            allgather_bucket_size=cfg.deepspeed.allgather_bucket_size,
+        )
+    return {
+        "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size,
+        "gradient_accumulation_steps": gradient_accumulation_steps,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": use_bf16(cfg)},
+        "steps_per_print": 2**31 - 1,  # our monitors log
+    }
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on the projection and embedding matrices; none on norm weights or biases."""
+    no_decay = {id(p) for m in model.modules() if isinstance(m, RMSNorm | HeadLayerNorm) for p in m.parameters()}
+    no_decay |= {id(p) for name, p in model.named_parameters() if name.endswith("bias")}
+    params = list(model.parameters())
+    return [
+        {"params": [p for p in params if id(p) not in no_decay], "weight_decay": weight_decay},
+        {"params": [p for p in params if id(p) in no_decay], "weight_decay": 0.0},
+    ]
+
+
+def prepare_model(model: Chameleon, cfg: TrainConfig) -> Chameleon:
+    """Activation checkpointing and compilation, per block, from outside the model."""
+    for i, block in enumerate(model.layers):
+        if cfg.trainer.activation_checkpointing:
+            block = checkpoint_wrapper(block)
+        if cfg.trainer.compile:
+            block = torch.compile(block)
+        model.layers[i] = block
+    return model
+
+
+def build_engine(model: Chameleon, cfg: TrainConfig, gradient_accumulation_steps: int):
+    optimizer = torch.optim.AdamW(
+        parameter_groups(model, cfg.optim.weight_decay),
+        lr=cfg.optim.lr,
+        betas=(cfg.optim.beta1, cfg.optim.beta2),
+        eps=cfg.optim.eps,
+        fused=torch.cuda.is_available(),
+    )
+    schedule = build_schedule(cfg.optim.schedule, cfg.optim.warmup_steps, cfg.trainer.steps, cfg.optim.final_lr_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=prepare_model(model, cfg),
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(cfg, gradient_accumulation_steps),
+    )
+    return engine, optimizer, scheduler

@@ -1,0 +1,153 @@
+"""`fusion-train` on 2 CPU ranks through DeepSpeed, on the demo pipeline's real shards."""
+
+import os
+import signal
+import subprocess
+import time
+
+import psutil
+import pytest
+import torch
+
+from conftest import REPO, read_metrics, torchrun, torchrun_command, train_overrides
+from fusion_train.cli import train_main
+
+TRAIN = "-m fusion_train.train"
+
+
+def losses(run_dir):
+    return [m["loss/total"] for m in read_metrics(run_dir)]
+
+
+def checkpoints(run_dir):
+    return sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_every_zero_stage_trains_the_tiny_model(demo_data, tmp_path, stage):
+    run = tmp_path / "run"
+    torchrun(
+        TRAIN,
+        *train_overrides(demo_data, run, f"deepspeed=zero{stage}", "trainer.steps=12", "trainer.checkpoint_every=6"),
+    )
+    history = losses(run)
+    assert len(history) == 12
+    assert sum(history[-3:]) / 3 < 0.9 * sum(history[:3]) / 3, history
+    assert checkpoints(run) == ["step_12", "step_6"]
+    assert (run / "config.yaml").is_file() and list((run / "wandb").glob("offline-run-*"))
+
+
+def test_exact_resume_after_the_process_exits(demo_data, tmp_path):
+    common = ["trainer.steps=10", "trainer.checkpoint_every=100"]
+    torchrun(TRAIN, *train_overrides(demo_data, tmp_path / "whole", *common))
+    torchrun(TRAIN, *train_overrides(demo_data, tmp_path / "split", *common, "trainer.stop_after_steps=4"))
+    assert checkpoints(tmp_path / "split") == ["step_4"]
+    torchrun(TRAIN, *train_overrides(demo_data, tmp_path / "split", *common))
+    whole, split = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "split")
+    keys = ("step", "loss/total", "loss/text", "loss/image", "grad/norm", "optim/lr", "data/tokens_seen")
+    assert [[m.get(k) for k in keys] for m in whole] == [[m.get(k) for k in keys] for m in split]
+
+
+def _start(demo_data, run_dir, *extra, env=None):
+    command = torchrun_command(TRAIN, *train_overrides(demo_data, run_dir, *extra))
+    return subprocess.Popen(
+        command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True
+    )
+
+
+def _wait_for(condition, process, timeout=240):
+    deadline = time.time() + timeout
+    while not condition():
+        assert process.poll() is None, process.stdout.read().decode()[-3000:]
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def _logged_steps(run_dir):
+    path = run_dir / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.is_file() else 0
+
+
+def test_sigkill_mid_training_and_mid_checkpoint_lose_nothing(demo_data, tmp_path):
+    common = ["trainer.steps=16", "trainer.checkpoint_every=4"]
+    torchrun(TRAIN, *train_overrides(demo_data, tmp_path / "reference", *common))
+    reference = losses(tmp_path / "reference")
+
+    run = tmp_path / "run"
+    process = _start(demo_data, run, *common)
+    _wait_for(lambda: _logged_steps(run) >= 6, process)
+    os.killpg(process.pid, signal.SIGKILL)  # torchrun and both ranks, mid-training
+    process.wait()
+    assert checkpoints(run)[-1] == "step_4"
+
+    # Again, now inside the writing of the step-8 checkpoint.
+    env = {**os.environ, "FUSION_TRAIN_CHECKPOINT_PAUSE_S": "30"}
+    process = _start(demo_data, run, *common, env=env)
+    _wait_for(lambda: (run / "checkpoints" / "step_8.partial").is_dir(), process)
+    time.sleep(1)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert "step_8" not in checkpoints(run) and (run / "checkpoints" / "step_8.partial").is_dir()
+
+    torchrun(TRAIN, *train_overrides(demo_data, run, *common))
+    assert not list((run / "checkpoints").glob("*.partial"))
+    by_step = {m["step"]: m["loss/total"] for m in read_metrics(run)}  # the last logging of each step
+    assert [by_step[s] for s in range(1, 17)] == reference
+
+
+def test_sigterm_writes_a_final_checkpoint_and_exits_0(demo_data, tmp_path):
+    run = tmp_path / "run"
+    process = _start(demo_data, run, "trainer.steps=200", "trainer.checkpoint_every=100")
+    _wait_for(lambda: _logged_steps(run) >= 3, process)
+    for worker in psutil.Process(process.pid).children():
+        worker.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 0, process.stdout.read().decode()[-3000:]
+    last_logged = read_metrics(run)[-1]["step"]
+    assert checkpoints(run) == [f"step_{last_logged}"]
+    assert 3 <= last_logged < 200
+
+
+def test_resuming_with_another_number_of_ranks_is_refused(demo_data, tmp_path):
+    run = tmp_path / "run"
+    torchrun(TRAIN, *train_overrides(demo_data, run, "trainer.steps=2"))
+    # 1 rank: the global batch needs 2 micro-steps of 4 x 128 tokens more than with 2 ranks.
+    one_rank = torchrun(TRAIN, *train_overrides(demo_data, run, "trainer.steps=4"), nproc=1, check=False)
+    assert one_rank.returncode != 0
+    assert "written by 2 ranks and this run has 1" in one_rank.stderr + one_rank.stdout
+    assert "data.restart_data_order=true" in one_rank.stderr + one_rank.stdout
+    restarted = torchrun(
+        TRAIN, *train_overrides(demo_data, run, "trainer.steps=4", "data.restart_data_order=true"), nproc=1
+    )
+    assert restarted.returncode == 0 and read_metrics(run)[-1]["step"] == 4
+
+
+def test_batch_arithmetic_errors_say_what_to_change(demo_data, tmp_path, capsys):
+    assert train_main(train_overrides(demo_data, tmp_path, "trainer.global_batch_tokens=3000")) == 2
+    message = capsys.readouterr().err
+    assert "trainer.global_batch_tokens=3,000 is not a positive multiple of" in message
+    assert "4 x 128 x 1 = 512" in message and "set trainer.global_batch_tokens to 2,560 or 3,072" in message
+    assert train_main(train_overrides(demo_data, tmp_path, "data.seq_len=8192")) == 2
+    assert "exceeds model.max_seq_len" in capsys.readouterr().err
+    assert train_main(train_overrides(demo_data, tmp_path, "trainer.stepz=3")) == 2
+
+
+def test_zero3_checkpoint_consolidates_to_the_live_engines_loss(demo_data, tmp_path):
+    from fusion_train.cli import convert_main
+    from fusion_train.model.chameleon import Chameleon
+    from fusion_train.model.convert import load_native
+
+    run = tmp_path / "run"
+    overrides = train_overrides(demo_data, run, "deepspeed=zero3", "trainer.steps=3")
+    torchrun(TRAIN, *overrides)
+    torchrun(REPO / "tests" / "scripts" / "engine_loss.py", "--out", str(tmp_path / "live.pt"), *overrides)
+    live = torch.load(tmp_path / "live.pt", weights_only=True)
+
+    assert convert_main(["zero-to-safetensors", str(run / "checkpoints" / "step_3"), str(tmp_path / "model")]) == 0
+    state, cfg, vocab = load_native(tmp_path / "model")
+    model = Chameleon(cfg)
+    model.load_state_dict(state)
+    with torch.no_grad():
+        loss = model(live["input_ids"], labels=live["labels"]).loss
+    torch.testing.assert_close(loss, live["loss"], rtol=1e-5, atol=1e-5)
+    assert convert_main(["to-hf", str(run / "checkpoints" / "step_3"), str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
