@@ -127,6 +127,9 @@ def _single_process_environment() -> None:
 
 def train_main(argv: list[str] | None = None) -> int:
     """`fusion-train [HYDRA OVERRIDES...]`, e.g. `fusion-train model=1b deepspeed=zero3 trainer.steps=1000`."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
     from fusion_train.data.manifest import DataError
     from fusion_train.train.config import ConfigError, gradient_accumulation_steps, load_config, validate
 
@@ -139,7 +142,7 @@ def train_main(argv: list[str] | None = None) -> int:
         cfg = load_config(overrides)
         validate(cfg)
         gradient_accumulation_steps(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # before anything is allocated
-    except (ConfigError, DataError, ValueError) as err:
+    except (ConfigError, DataError, ValueError, HydraException, OmegaConfBaseException) as err:
         print(f"fusion-train: error: {err}", file=sys.stderr)
         return 2
     _single_process_environment()

@@ -190,8 +190,9 @@ def hf_vocabulary_map(vocab: VocabLayout) -> dict:
     names = {name: i for i, name in SPECIAL_NAMES.items()}
     names.update({name: vocab.image_code_start + i for i, name in enumerate(vocab.control_token_names())})
     placeholder = vocab.sft_separator + 1
-    del names[vocab.control_token_names()[placeholder - vocab.image_code_start]]
-    names["<image>"] = placeholder
+    if placeholder < vocab.text_start:  # a layout with only 513 reserved ids has none to spare
+        del names[vocab.control_token_names()[placeholder - vocab.image_code_start]]
+        names["<image>"] = placeholder
     return names
 
 
