@@ -12,7 +12,7 @@ HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 TORCH_SPEC ?= $(if $(HAS_GPU),torch>=2.5,torch==2.13.0)
 EXTRAS ?= $(if $(HAS_GPU),test$(comma)gpu,test)
 
-.PHONY: install test clean
+.PHONY: install test demo clean
 
 install: $(STAMP)
 
@@ -28,5 +28,9 @@ $(STAMP): setup.py constraints.txt
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The embedded default: data, tokenizers, shards and 300 steps of the tiny model on 2 ranks.
+demo: install
+	PY=$(PY) launch/demo.sh
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache demo

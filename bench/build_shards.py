@@ -27,7 +27,9 @@ def write_inputs(folder: Path, records: int) -> dict[str, Path]:
     from pydoc_data.topics import topics
 
     texts = list(topics.values())
-    pairs = [json.loads(line) for line in write_image_captions(folder / "shapes", records).read_text().splitlines()]
+    captions = write_image_captions(folder / "shapes", records)
+    pairs = [json.loads(line) for line in captions.read_text().splitlines()]
+    pairs = [{**p, "image": str(captions.parent / p["image"])} for p in pairs]
     rows = {
         "text": [{"text": texts[i % len(texts)]} for i in range(records)],
         "image-text": pairs,

@@ -288,6 +288,8 @@ def build_shards(
             skipped.update(chunk_skips)
             progress.update(len(built) + sum(chunk_skips.values()))
     sink.close()
+    if not manifest.shards:
+        raise DataError(f"no usable record in {', '.join(map(str, inputs))}: skipped {dict(skipped)}")
     manifest.tokens_by_modality = dict(sink.tokens_by_modality)
     manifest.skipped = dict(sorted(skipped.items()))
     if skipped:

@@ -31,6 +31,8 @@ def _write_corpora(folder: Path, captions_file: Path, seed: int) -> None:
 
     rng = random.Random(seed)
     pairs = [json.loads(line) for line in captions_file.read_text().splitlines()]
+    for pair in pairs:  # image paths relative to the interleaved jsonl, in `folder`
+        pair["image"] = str((captions_file.parent / pair["image"]).relative_to(folder))
     with open(folder / "text.jsonl", "w") as f:
         for text in topics.values():
             f.write(json.dumps({"text": text}) + "\n")

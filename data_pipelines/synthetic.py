@@ -45,7 +45,8 @@ def shape_image(rng: random.Random, size: int = 64) -> tuple[Image.Image, str]:
 
 
 def write_image_captions(folder: str | Path, count: int, seed: int = 0, size: int = 64) -> Path:
-    """PNG files plus `captions.jsonl` of {"image": path, "caption": text}; returns the jsonl."""
+    """PNG files plus `captions.jsonl` of {"image": path relative to it, "caption": text};
+    returns the jsonl."""
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -54,5 +55,5 @@ def write_image_captions(folder: str | Path, count: int, seed: int = 0, size: in
             image, caption = shape_image(rng, size)
             path = folder / "images" / f"{i:06d}.png"
             image.save(path)
-            index.write(json.dumps({"image": str(path), "caption": caption}) + "\n")
+            index.write(json.dumps({"image": str(path.relative_to(folder)), "caption": caption}) + "\n")
     return folder / "captions.jsonl"

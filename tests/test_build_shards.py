@@ -33,7 +33,8 @@ def image_blocks(tokens):
 def shapes(tmp_path_factory):
     folder = tmp_path_factory.mktemp("shapes")
     captions = write_image_captions(folder, 40, seed=3)
-    return folder, [json.loads(line) for line in captions.read_text().splitlines()]
+    records = [json.loads(line) for line in captions.read_text().splitlines()]
+    return folder, [{**r, "image": str(folder / r["image"])} for r in records]  # usable from any jsonl
 
 
 def settings(kind, text_tokenizer, image_tokenizer_path=None, seed=0):

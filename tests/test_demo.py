@@ -1,0 +1,22 @@
+"""`make demo`'s script at CI size, from data generation to a trained model, twice."""
+
+import json
+import os
+import subprocess
+
+from conftest import REPO
+
+
+def test_demo_trains_and_a_second_run_starts_cleanly(tmp_path):
+    env = {**os.environ, "PY": os.sys.executable, "DEMO_DIR": str(tmp_path / "demo"), "DEMO_STEPS": "30",
+           "DEMO_IMAGES": "160", "DEMO_VQ_STEPS": "10"}  # fmt: skip
+    for run in ("1", "2"):
+        result = subprocess.run(
+            ["bash", "launch/demo.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+        )
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        assert f"run folder   {tmp_path / 'demo' / 'runs' / run}" in result.stdout
+    metrics = [json.loads(line) for line in (tmp_path / "demo/runs/1/metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["step"] == 30
+    assert metrics[-1]["loss/total"] < metrics[0]["loss/total"] - 1.0
+    assert list((tmp_path / "demo/runs/1/wandb").glob("offline-run-*/run-*.wandb"))
