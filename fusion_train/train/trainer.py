@@ -119,7 +119,10 @@ class Trainer:
                 self.save()
             if preempted:
                 if self.rank == 0:
-                    log.warning("stopping at step %d on %s", self.step, self.preemption.received or "a peer's signal")
+                    received = self.preemption.received
+                    log.warning(
+                        "stopping at step %d on %s", self.step, received.name if received else "a peer's signal"
+                    )
                     requeue_slurm_job()
                 break
         progress.close()
