@@ -68,12 +68,20 @@ def make_demo_data(
     if not vq.is_file():
         log.info("training the demo image tokenizer (%d steps)", vq_steps)
         train_image_tokenizer(folder / "shapes" / "images", vq.parent, steps=vq_steps, codebook_size=512, seed=seed)
-    inputs = {"text": folder / "text.jsonl", "image-text": captions, "interleaved": folder / "interleaved.jsonl"}
+    held_out = folder / "held_out" / "captions.jsonl"
+    if not held_out.is_file():  # validation pairs, from a seed of their own
+        write_image_captions(held_out.parent, max(20, images // 20), seed=seed + 1)
+    inputs = {
+        "text": ("text", folder / "text.jsonl"),
+        "image_text": ("image-text", captions),
+        "interleaved": ("interleaved", folder / "interleaved.jsonl"),
+        "held_out": ("image-text", held_out),
+    }
     manifests = {}
-    for kind, path in inputs.items():
-        out = folder / "shards" / kind.replace("-", "_")
+    for name, (kind, path) in inputs.items():
+        out = folder / "shards" / name
         if not (out / MANIFEST).is_file():
             settings = BuildSettings(kind, str(text_model), None if kind == "text" else str(vq), seed)
             build_shards(settings, [path], out, workers=workers, max_samples_per_shard=200, overwrite=True)
-        manifests[kind] = str(out)
+        manifests[name] = str(out)
     return {"folder": str(folder), "text_tokenizer": str(text_model), "image_tokenizer": str(vq), "shards": manifests}

@@ -27,6 +27,7 @@ shards="$DEMO_DIR/shards"
   model=tiny model.vocab_size=4096 data=demo optim=demo \
   "data.sources.text.path=$shards/text" "data.sources.image_text.path=$shards/image_text" \
   "data.sources.interleaved.path=$shards/interleaved" \
+  eval_data=demo "eval_data.sources.held_out.path=$shards/held_out" trainer.eval_every=100 \
   trainer.steps="$STEPS" trainer.global_batch_tokens=8192 trainer.checkpoint_every=100 \
   trainer.run_dir="$RUN_DIR" logging.log_every=10 logging.group=demo "$@"
 

@@ -94,7 +94,7 @@ def train_overrides(demo_data: dict, run_dir: Path, *extra: str) -> list[str]:
     return [
         "model.vocab_size=4096", "optim=demo", "optim.warmup_steps=5", "data.seq_len=128", "data.micro_batch_size=4",
         "trainer.global_batch_tokens=2048", f"trainer.run_dir={run_dir}", "logging.log_every=1", "trainer.progress_bar=false",
-        f"data.sources.text.path={shards['text']}", f"data.sources.image_text.path={shards['image-text']}",
+        f"data.sources.text.path={shards['text']}", f"data.sources.image_text.path={shards['image_text']}",
         f"data.sources.interleaved.path={shards['interleaved']}", *extra,
     ]  # fmt: skip
 

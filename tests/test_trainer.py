@@ -16,7 +16,7 @@ TRAIN = "-m fusion_train.train"
 
 
 def losses(run_dir):
-    return [m["loss/total"] for m in read_metrics(run_dir)]
+    return [m["loss/total"] for m in read_metrics(run_dir) if "loss/total" in m]
 
 
 def checkpoints(run_dir):
@@ -36,13 +36,23 @@ def _kill_tree(process: subprocess.Popen) -> None:
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_every_zero_stage_trains_the_tiny_model(demo_data, tmp_path, stage):
     run = tmp_path / "run"
-    torchrun(
-        TRAIN,
-        *train_overrides(demo_data, run, f"deepspeed=zero{stage}", "trainer.steps=12", "trainer.checkpoint_every=6"),
+    held_out = demo_data["shards"]["held_out"]
+    validation = [
+        "eval_data=demo",
+        f"eval_data.sources.held_out.path={held_out}",
+        "eval_data.seq_len=128",
+        "trainer.eval_every=6",
+    ]
+    overrides = train_overrides(
+        demo_data, run, f"deepspeed=zero{stage}", "trainer.steps=12", "trainer.checkpoint_every=6"
     )
+    torchrun(TRAIN, *overrides, *validation, "trainer.eval_batches=2")
     history = losses(run)
     assert len(history) == 12
     assert sum(history[-3:]) / 3 < 0.9 * sum(history[:3]) / 3, history
+    evaluations = [m for m in read_metrics(run) if "eval/loss" in m]
+    assert [m["step"] for m in evaluations] == [6, 12] and "eval/loss_image" in evaluations[0]
+    assert evaluations[1]["eval/loss"] < evaluations[0]["eval/loss"]
     assert checkpoints(run) == ["step_6", "step_12"]
     assert (run / "config.yaml").is_file() and list((run / "wandb").glob("offline-run-*"))
 
@@ -54,7 +64,16 @@ def test_exact_resume_after_the_process_exits(demo_data, tmp_path):
     assert checkpoints(tmp_path / "split") == ["step_4"]
     torchrun(TRAIN, *train_overrides(demo_data, tmp_path / "split", *common))
     whole, split = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "split")
-    keys = ("step", "loss/total", "loss/text", "loss/image", "grad/norm", "optim/lr", "data/tokens_seen")
+    keys = (
+        "step",
+        "loss/total",
+        "loss/text",
+        "loss/image",
+        "grad/norm",
+        "optim/lr",
+        "data/tokens_seen",
+        "data/checksum",
+    )
     assert [[m.get(k) for k in keys] for m in whole] == [[m.get(k) for k in keys] for m in split]
 
 

@@ -71,6 +71,8 @@ class TrainerConfig:
     activation_checkpointing: bool = False
     compile: bool = False
     progress_bar: bool = True
+    eval_every: int = 0  # steps between validations on `eval_data` (0: none)
+    eval_batches: int = 10  # the same first micro-batches of `eval_data` each time
 
 
 @dataclass
@@ -81,6 +83,7 @@ class TrainConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval_data: DataConfig = field(default_factory=DataConfig)  # held-out shards; no sources: no validation
 
 
 class ConfigError(ValueError):

@@ -4,10 +4,12 @@ schedule and on preemption, automatic resume from the run's own latest checkpoin
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import sys
 import time
+from itertools import islice
 from pathlib import Path
 
 import deepspeed
@@ -42,6 +44,12 @@ class Trainer:
         dist.barrier()
 
         self.loader = build_loader(cfg.data, self.rank, self.world_size)
+        # Read from its start at every validation, in the main process: the same held-out batches each time.
+        self.eval_loader = (
+            build_loader(dataclasses.replace(cfg.eval_data, num_workers=0), self.rank, self.world_size)
+            if cfg.eval_data.sources and cfg.trainer.eval_every
+            else None
+        )
         self.vocab = self.loader.dataset.vocab
         if self.vocab.vocab_size != cfg.model.vocab_size:
             raise ConfigError(
@@ -114,6 +122,9 @@ class Trainer:
             if self.step % self.cfg.logging.log_every == 0 or self.step == stop_at:
                 self._log(sums, time.perf_counter() - last_log)
                 sums, last_log = self._zero_sums(), time.perf_counter()
+            if self.eval_loader is not None and self.step % cfg.eval_every == 0:
+                self.evaluate()
+                last_log = time.perf_counter()
             preempted = self.preemption.anywhere(self.device)
             if preempted or self.step % cfg.checkpoint_every == 0 or self.step == stop_at:
                 self.save()
@@ -132,28 +143,63 @@ class Trainer:
         """Per-log-window sums, kept on the device so that no step waits for the host."""
         zeros = lambda n=1: torch.zeros(n, dtype=torch.float64, device=self.device)  # noqa: E731
         return {
-            "loss": zeros(), "z": zeros(), "micro_steps": zeros(), "skipped": zeros(),
+            "loss": zeros(), "z": zeros(), "micro_steps": zeros(), "skipped": zeros(), "checksum": zeros(),
             "ce": zeros(N_MODALITIES), "logz": zeros(N_MODALITIES), "count": zeros(N_MODALITIES),
         }  # fmt: skip
 
-    def _micro_step(self, batch: dict, sums: dict) -> None:
+    def _forward(self, batch: dict, sums: dict):
         input_ids = batch["input_ids"].to(self.device, non_blocking=True)
         labels = batch["labels"].to(self.device, non_blocking=True)
         out = self.engine(input_ids, labels=labels, label_modality=self.vocab.modality_of(labels))
-        self.engine.backward(out.loss)
-        self.engine.step()  # applies the optimizer only at the accumulation boundary
         sums["loss"] += out.loss.detach()
         sums["z"] += out.z
         sums["micro_steps"] += 1
         sums["skipped"] += batch["skipped_samples"].sum().to(self.device)
+        # Which tokens, in which order: equal checksums say two runs read the same data.
+        positions = torch.arange(1, input_ids.numel() + 1, device=self.device, dtype=torch.float64)
+        sums["checksum"] += (input_ids.flatten().double() * positions).sum() % 2**40
         sums["ce"] += out.ce_sum_by_modality
         sums["logz"] += out.logz_sum_by_modality
         sums["count"] += out.count_by_modality
+        return out
 
-    def _log(self, sums: dict, seconds: float) -> None:
+    def _micro_step(self, batch: dict, sums: dict) -> None:
+        out = self._forward(batch, sums)
+        self.engine.backward(out.loss)
+        self.engine.step()  # applies the optimizer only at the accumulation boundary
+
+    def evaluate(self) -> None:
+        sums = self._zero_sums()
+        self.engine.eval()
+        with torch.no_grad():
+            for batch in islice(iter(self.eval_loader), self.cfg.trainer.eval_batches):
+                self._forward(batch, sums)
+        self.engine.train()
+        reduced = self._reduce(sums)
+        metrics = {"eval/loss": reduced["loss"].item() / reduced["micro_steps"].item()}
+        metrics.update({f"eval/{k.replace('/', '_')}": v for k, v in self._modality_metrics(reduced).items()})
+        for logger in self.loggers:
+            logger.log(metrics, self.step)
+
+    @staticmethod
+    def _reduce(sums: dict) -> dict:
         flat = torch.cat(list(sums.values()))
         dist.all_reduce(flat)
-        reduced = dict(zip(sums, flat.split([len(v) for v in sums.values()]), strict=True))
+        return dict(zip(sums, flat.split([len(v) for v in sums.values()]), strict=True))
+
+    @staticmethod
+    def _modality_metrics(reduced: dict) -> dict:
+        metrics = {}
+        for modality in Modality:
+            count = reduced["count"][modality].item()
+            if count:
+                name = modality.name.lower()
+                metrics[f"loss/{name}"] = reduced["ce"][modality].item() / count
+                metrics[f"logits/logZ_mean_{name}"] = reduced["logz"][modality].item() / count
+        return metrics
+
+    def _log(self, sums: dict, seconds: float) -> None:
+        reduced = self._reduce(sums)
         steps = reduced["micro_steps"].item() / self.grad_accum / self.world_size
         metrics = {
             "loss/total": reduced["loss"].item() / reduced["micro_steps"].item(),
@@ -162,15 +208,11 @@ class Trainer:
             "grad/norm": float(self.engine.get_global_grad_norm() or 0.0),
             "data/tokens_seen": self.tokens_seen,
             "data/skipped": reduced["skipped"].item(),
+            "data/checksum": reduced["checksum"].item(),
             "perf/step_time_s": seconds / steps,
             "perf/tokens_per_s": steps * self.cfg.trainer.global_batch_tokens / seconds,
+            **self._modality_metrics(reduced),
         }
-        for modality in Modality:
-            count = reduced["count"][modality].item()
-            if count:
-                name = modality.name.lower()
-                metrics[f"loss/{name}"] = reduced["ce"][modality].item() / count
-                metrics[f"logits/logZ_mean_{name}"] = reduced["logz"][modality].item() / count
         for logger in self.loggers:
             logger.log(metrics, self.step)
 
