@@ -66,6 +66,6 @@ def test_usr1_checkpoints_requeues_and_the_job_finishes(slurm, demo_data, tmp_pa
     log = (tmp_path / f"job_{job}.out").read_text()
     assert info["Restarts"] == "1", info
     stopped_at = int(re.search(r"stopping at step (\d+) on SIGUSR1", log)[1])
-    assert f"resumed from {run}/checkpoints/step_{stopped_at} at step {stopped_at}" in log
+    assert f"resumed from {run}/checkpoints/step_{stopped_at} at step {stopped_at} " in log
     assert "restart 1" in log and stopped_at < 60
     assert [m["step"] for m in read_metrics(run)] == list(range(1, 61))

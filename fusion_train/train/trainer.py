@@ -81,6 +81,7 @@ class Trainer:
                 "with the same number of ranks, or set data.restart_data_order=true to continue from its weights "
                 "with a new data order and a fresh optimizer state"
             )
+        started = time.perf_counter()
         self.checkpoints.load_engine(self.engine, path, load_optimizer=same_split)
         if same_split:
             rank_state = self.checkpoints.load_rank_state(path)
@@ -88,7 +89,10 @@ class Trainer:
             restore_rng_states(rank_state["rng"])
         self.step, self.tokens_seen, self.wandb_run_id = saved["step"], saved["tokens_seen"], saved["wandb_run_id"]
         if self.rank == 0:
-            log.warning("resumed from %s at step %d (%d tokens seen)", path, self.step, self.tokens_seen)
+            seconds = time.perf_counter() - started
+            log.warning(
+                "resumed from %s at step %d (%d tokens seen) in %.2f s", path, self.step, self.tokens_seen, seconds
+            )
 
     def _loggers(self) -> list:
         if self.rank != 0:
