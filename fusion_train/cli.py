@@ -38,35 +38,21 @@ def _convert_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    from_hf = commands.add_parser(
-        "from-hf", help="HF ChameleonForConditionalGeneration folder -> fusion_train model folder"
-    )
-    from_hf.add_argument("hf_dir")
-    from_hf.add_argument("out_dir")
-    _vocab_arguments(from_hf)
+    def command(name: str, source: str, help_text: str, vocab: bool = False) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument(source)
+        sub.add_argument("out_dir")
+        if vocab:
+            _vocab_arguments(sub)
+        return sub
 
-    to_hf = commands.add_parser(
-        "to-hf", help="fusion_train model folder -> HF folder (config.json + model.safetensors)"
+    command("from-hf", "hf_dir", "HF ChameleonForConditionalGeneration folder -> fusion_train model folder", vocab=True)
+    command("to-hf", "model_dir", "fusion_train model folder or training checkpoint -> HF folder")
+    command("from-meta", "meta_dir", "Meta params.json + consolidated*.pth -> fusion_train model folder", vocab=True)
+    command(
+        "zero-to-safetensors", "checkpoint", "a run's checkpoints/step_N (any ZeRO stage) -> fusion_train model folder"
     )
-    to_hf.add_argument("model_dir")
-    to_hf.add_argument("out_dir")
-
-    from_meta = commands.add_parser(
-        "from-meta", help="Meta params.json + consolidated*.pth folder -> fusion_train model folder"
-    )
-    from_meta.add_argument("meta_dir")
-    from_meta.add_argument("out_dir")
-    _vocab_arguments(from_meta)
-
-    zero = commands.add_parser(
-        "zero-to-safetensors", help="a training checkpoint (any ZeRO stage) -> fusion_train model folder"
-    )
-    zero.add_argument("checkpoint", help="a run's checkpoints/step_N folder")
-    zero.add_argument("out_dir")
-
-    to_meta = commands.add_parser("to-meta", help="fusion_train model folder -> Meta params.json + consolidated*.pth")
-    to_meta.add_argument("model_dir")
-    to_meta.add_argument("out_dir")
+    to_meta = command("to-meta", "model_dir", "fusion_train model folder -> Meta params.json + consolidated*.pth")
     to_meta.add_argument(
         "--model-parallel", type=int, default=None, help="shards to write (default: the model's qk_norm_groups)"
     )
