@@ -7,6 +7,7 @@ import logging
 import os
 import socket
 import sys
+import warnings
 from pathlib import Path
 
 from fusion_train.model import convert
@@ -120,6 +121,9 @@ def train_main(argv: list[str] | None = None) -> int:
     from fusion_train.train.config import ConfigError, gradient_accumulation_steps, load_config, validate
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Deprecations inside torchdata and DeepSpeed, repeated by every rank, that a user cannot act on.
+    warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor. is deprecated")
     overrides = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in overrides):
         print(train_main.__doc__)

@@ -27,7 +27,7 @@ shards="$DEMO_DIR/shards"
   model=tiny model.vocab_size=4096 data=demo optim=demo \
   "data.sources.text.path=$shards/text" "data.sources.image_text.path=$shards/image_text" \
   "data.sources.interleaved.path=$shards/interleaved" \
-  eval_data=demo "eval_data.sources.held_out.path=$shards/held_out" trainer.eval_every=100 \
+  eval_data=demo "eval_data.sources.held_out.path=$shards/held_out" trainer.eval_every="${DEMO_EVAL_EVERY:-100}" \
   trainer.steps="$STEPS" trainer.global_batch_tokens=8192 trainer.checkpoint_every=100 \
   trainer.run_dir="$RUN_DIR" logging.log_every=10 logging.group=demo "$@"
 
@@ -36,11 +36,14 @@ import json, sys, time
 from pathlib import Path
 run = Path(sys.argv[1])
 metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+train = [m for m in metrics if "loss/total" in m]
+held_out = [f"{m['eval/loss']:.3f} at step {m['step']}" for m in metrics if "eval/loss" in m]
 print(f"""
 fusion_train demo finished in {time.time() - float(sys.argv[2]):.0f} s
   run folder   {run}
   checkpoints  {run / "checkpoints"} ({", ".join(sorted(p.name for p in (run / "checkpoints").glob("step_*")))})
   W&B (offline) {", ".join(str(p) for p in sorted((run / "wandb").glob("offline-run-*")))}
   metrics      {run / "metrics.jsonl"}
-  loss         {metrics[0]["loss/total"]:.3f} at step {metrics[0]["step"]} -> {metrics[-1]["loss/total"]:.3f} at step {metrics[-1]["step"]}""")
+  loss         {train[0]["loss/total"]:.3f} at step {train[0]["step"]} -> {train[-1]["loss/total"]:.3f} at step {train[-1]["step"]}
+  held-out     {", ".join(held_out) or "not validated"}""")
 PYTHON

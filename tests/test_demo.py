@@ -9,14 +9,17 @@ from conftest import REPO
 
 def test_demo_trains_and_a_second_run_starts_cleanly(tmp_path):
     env = {**os.environ, "PY": os.sys.executable, "DEMO_DIR": str(tmp_path / "demo"), "DEMO_STEPS": "30",
-           "DEMO_IMAGES": "160", "DEMO_VQ_STEPS": "10"}  # fmt: skip
+           "DEMO_IMAGES": "160", "DEMO_VQ_STEPS": "10", "DEMO_EVAL_EVERY": "15"}  # fmt: skip
     for run in ("1", "2"):
         result = subprocess.run(
             ["bash", "launch/demo.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
         )
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         assert f"run folder   {tmp_path / 'demo' / 'runs' / run}" in result.stdout
+    assert "held-out     " in result.stdout and "at step 30" in result.stdout
     metrics = [json.loads(line) for line in (tmp_path / "demo/runs/1/metrics.jsonl").read_text().splitlines()]
-    assert metrics[-1]["step"] == 30
-    assert metrics[-1]["loss/total"] < metrics[0]["loss/total"] - 1.0
+    train = [m for m in metrics if "loss/total" in m]
+    assert train[-1]["step"] == 30
+    assert train[-1]["loss/total"] < train[0]["loss/total"] - 1.0
+    assert [m["step"] for m in metrics if "eval/loss" in m] == [15, 30]
     assert list((tmp_path / "demo/runs/1/wandb").glob("offline-run-*/run-*.wandb"))
