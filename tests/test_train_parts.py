@@ -1,0 +1,51 @@
+"""The trainer's parts that need no processes: checkpoint retention, LR schedules, weight-decay groups."""
+
+import math
+
+import pytest
+
+from fusion_train.model.chameleon import Chameleon
+from fusion_train.train.checkpoint import Checkpointer
+from fusion_train.train.engine import parameter_groups
+from fusion_train.train.schedule import warmup_cosine, warmup_exponential
+from helpers import small_config
+
+
+def test_keeps_the_last_k_and_every_m_th_checkpoint(tmp_path):
+    for step in range(1, 11):
+        (tmp_path / f"step_{step}").mkdir()
+    (tmp_path / "step_11.partial").mkdir()
+    checkpointer = Checkpointer(tmp_path, rank=0, keep_last=3, keep_every=4)
+    checkpointer._prune()
+    assert [step for step, _ in checkpointer.complete()] == [4, 8, 9, 10]
+    assert checkpointer.latest().name == "step_10"
+    checkpointer.remove_partials()
+    assert not (tmp_path / "step_11.partial").exists()
+
+
+def test_warmup_then_exponential_decay_toward_zero():
+    schedule = warmup_exponential(warmup_steps=4, total_steps=104, final_lr_ratio=0.01)
+    assert [schedule(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert schedule(54) == pytest.approx(0.1)  # halfway through the decay: sqrt(0.01)
+    assert schedule(104) == pytest.approx(0.01) and schedule(500) == pytest.approx(0.01)
+    decay = [schedule(s) for s in range(4, 105)]
+    assert all(b < a for a, b in zip(decay, decay[1:], strict=False))
+    assert decay[1] / decay[0] == pytest.approx(decay[51] / decay[50])  # a constant ratio: exponential
+
+
+def test_warmup_then_cosine_to_zero():
+    schedule = warmup_cosine(warmup_steps=10, total_steps=110)
+    assert schedule(9) == 1.0 and schedule(60) == pytest.approx(0.5) and schedule(110) == pytest.approx(0.0)
+    assert schedule(35) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+
+
+def test_no_weight_decay_on_norms_and_biases():
+    model = Chameleon(small_config())
+    decayed, not_decayed = parameter_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decayed["weight_decay"] == 0.1 and not_decayed["weight_decay"] == 0.0
+    assert {names[id(p)] for p in not_decayed["params"]} == {
+        n for n in names.values() if "norm" in n or n.endswith("bias")
+    }
+    assert any("tok_embeddings" in names[id(p)] for p in decayed["params"])
+    assert len(decayed["params"]) + len(not_decayed["params"]) == len(list(model.parameters()))
