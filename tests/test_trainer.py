@@ -63,6 +63,9 @@ def test_exact_resume_after_the_process_exits(demo_data, tmp_path):
     torchrun(TRAIN, *train_overrides(demo_data, tmp_path / "split", *common, "trainer.stop_after_steps=4"))
     assert checkpoints(tmp_path / "split") == ["step_4"]
     torchrun(TRAIN, *train_overrides(demo_data, tmp_path / "split", *common))
+    # The resumed invocation continued the same W&B run (its id came back from the checkpoint).
+    wandb_runs = sorted((tmp_path / "split" / "wandb").glob("offline-run-*"))
+    assert len(wandb_runs) == 2 and len({p.name.rsplit("-", 1)[1] for p in wandb_runs}) == 1
     whole, split = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "split")
     keys = (
         "step",
