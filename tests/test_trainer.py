@@ -8,6 +8,7 @@ import time
 import psutil
 import pytest
 import torch
+from wandb_records import history as wandb_history
 
 from conftest import REPO, read_metrics, torchrun, torchrun_command, train_overrides
 from fusion_train.cli import train_main
@@ -78,6 +79,11 @@ def test_exact_resume_after_the_process_exits(demo_data, tmp_path):
         "data/checksum",
     )
     assert [[m.get(k) for k in keys] for m in whole] == [[m.get(k) for k in keys] for m in split]
+    # W&B holds what metrics.jsonl holds, across both invocations.
+    logged = wandb_history(tmp_path / "split")
+    assert [row["trainer/step"] for row in logged] == [m["step"] for m in split]
+    for row, metrics in zip(logged, split, strict=True):
+        assert {k: row[k] for k in metrics if k != "step"} == {k: v for k, v in metrics.items() if k != "step"}
 
 
 def _start(demo_data, run_dir, *extra, env=None):
