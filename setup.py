@@ -23,9 +23,11 @@ setup(
         "numpy>=1.26",
         "pyyaml>=6",
         "pillow>=10",
+        "matplotlib>=3.8",  # fusion-report
     ],
     extras_require={
-        "test": ["pytest>=8", "transformers>=4.45", "hypothesis>=6"],
+        "test": ["pytest>=8", "transformers>=4.45", "hypothesis>=6", "tensorboard>=2.15"],
+        "tensorboard": ["tensorboard>=2.15"],
         "gpu": ["liger-kernel>=0.5"],
     },
     entry_points={
@@ -33,6 +35,7 @@ setup(
             "fusion-convert=fusion_train.cli:convert_main",
             "fusion-data=data_pipelines.cli:main",
             "fusion-train=fusion_train.cli:train_main",
+            "fusion-report=fusion_train.monitor.report:main",
         ]
     },
 )

@@ -119,6 +119,16 @@ def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
     return (same_doc & causal).unsqueeze(1)
 
 
+class ScaledDotProductAttention(nn.Module):
+    """softmax(q kᵀ / √d) v, causal or under a boolean mask. A module of its own so that observers can
+    hook its inputs (the monitors' largest attention logit) without touching the maths."""
+
+    def forward(self, q, k, v, attn_mask=None):  # [B, heads, T, head_dim]
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None, enable_gqa=k.shape[1] != q.shape[1]
+        )
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ChameleonConfig):
         super().__init__()
@@ -131,6 +141,7 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             self.q_normalization = HeadLayerNorm(cfg.n_heads, cfg.head_dim, cfg.qk_norm_groups)
             self.k_normalization = HeadLayerNorm(cfg.n_kv_heads, cfg.head_dim, cfg.qk_norm_groups)
+        self.attend = ScaledDotProductAttention()
 
     def forward(self, x, cos, sin, attn_mask=None):
         batch, seq_len, _ = x.shape
@@ -140,14 +151,7 @@ class Attention(nn.Module):
         if self.q_normalization is not None:
             q, k = self.q_normalization(q), self.k_normalization(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2),
-            k.transpose(1, 2),
-            v.transpose(1, 2),
-            attn_mask=attn_mask,
-            is_causal=attn_mask is None,
-            enable_gqa=self.n_kv_heads != self.n_heads,
-        )
+        out = self.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask)
         return self.wo(out.transpose(1, 2).reshape(batch, seq_len, -1))
 
 

@@ -1,39 +1,79 @@
-"""Where metrics go: `metrics.jsonl` in the run folder always, Weights & Biases on rank 0 when
-enabled (`WANDB_MODE=offline` honoured). Each gets the same dict per logged step."""
+"""Where metrics go: `metrics.jsonl` in the run folder always (guard alerts beside it in
+`alerts.jsonl`), Weights & Biases on rank 0 when enabled (`WANDB_MODE=offline` honoured), and
+TensorBoard when asked for. Each gets the same dict per logged step."""
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 
 class JsonlLogger:
     def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
         self.file = open(run_dir / "metrics.jsonl", "a")
 
     def log(self, metrics: dict, step: int) -> None:
         self.file.write(json.dumps({"step": step, **metrics}) + "\n")
         self.file.flush()
 
+    def alert(self, title: str, text: str, step: int) -> None:
+        with open(self.run_dir / "alerts.jsonl", "a") as alerts:
+            alerts.write(json.dumps({"step": step, "time": time.time(), "title": title, "text": text}) + "\n")
+
     def close(self) -> None:
         self.file.close()
 
 
 class WandbLogger:
-    """One W&B run per training run: a resumed or requeued job continues it by its stored id."""
+    """One W&B run per training run: a resumed or requeued job continues it by its stored id.
+
+    Rows go in W&B's own ever-increasing order and the charts' x-axis is `trainer/step` (or
+    `data/tokens_seen`): after a rollback the trainer's step goes back, which W&B's step may not.
+    Panels group by the key's prefix (loss/, norms/, attn/, ...). The API key comes from the
+    environment or W&B's own login and is never put in the config or the run files.
+    """
 
     def __init__(self, run_dir: Path, project: str, entity, group, tags, config: dict, run_id: str | None):
         import wandb
 
+        self.wandb = wandb
         self.run = wandb.init(
             project=project, entity=entity, group=group, tags=list(tags), config=config, dir=str(run_dir),
             id=run_id, resume="allow", settings=wandb.Settings(console="off"),
         )  # fmt: skip
+        self.run.define_metric("trainer/step")
         self.run.define_metric("*", step_metric="trainer/step")
         self.run_id = self.run.id
 
     def log(self, metrics: dict, step: int) -> None:
-        self.run.log({"trainer/step": step, **metrics}, step=step)
+        self.run.log({"trainer/step": step, **metrics})
+
+    def alert(self, title: str, text: str, step: int) -> None:
+        self.run.alert(title=title, text=text, level=self.wandb.AlertLevel.WARN)
 
     def close(self) -> None:
         self.run.finish()
+
+
+class TensorBoardLogger:
+    def __init__(self, run_dir: Path):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as error:
+            raise ImportError(
+                "logging.tensorboard=true needs the tensorboard package: pip install tensorboard"
+            ) from error
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def log(self, metrics: dict, step: int) -> None:
+        for key, value in metrics.items():
+            self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+
+    def alert(self, title: str, text: str, step: int) -> None:
+        self.writer.add_text("guard", f"**{title}**: {text}", step)
+
+    def close(self) -> None:
+        self.writer.close()

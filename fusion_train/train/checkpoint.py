@@ -5,6 +5,10 @@ position and RNG states, then rank 0's trainer state) and renamed to `step_N` on
 rank has finished: a folder without `.partial` is complete by construction, and resuming takes
 the newest of those. `latest` (for DeepSpeed's own tools) is replaced atomically after the rename.
 The last `keep_last` checkpoints are kept, plus every `keep_every`-th step.
+
+A rollback rewrites the checkpoint it went back to (same weights, a data position past the skipped
+batches): the old folder is set aside as `step_N.superseded` until the new one is in place, and a
+crash in between restores it at the next start.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch.distributed as dist
 
 TAG = re.compile(r"^step_(\d+)$")
 PARTIAL = ".partial"
+SUPERSEDED = ".superseded"
 TRAINER_STATE = "trainer_state.json"
 
 
@@ -76,11 +81,21 @@ class Checkpointer:
         complete = self.complete()
         return complete[-1][1] if complete else None
 
+    def latest_before(self, step: int) -> Path | None:
+        earlier = [path for s, path in self.complete() if s < step]
+        return earlier[-1] if earlier else None
+
     def remove_partials(self) -> None:
         """Leftovers of a save that was interrupted (rank 0, before training starts)."""
         if self.rank == 0:
             for partial in self.folder.glob(f"step_*{PARTIAL}"):
                 shutil.rmtree(partial, ignore_errors=True)
+            for old in self.folder.glob(f"step_*{SUPERSEDED}"):
+                final = old.with_name(old.name.removesuffix(SUPERSEDED))
+                if final.exists():
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    os.rename(old, final)  # its replacement never arrived
 
     def save(self, engine, step: int, rank_state: dict, trainer_state: dict) -> Path:
         tag = f"step_{step}"
@@ -92,7 +107,11 @@ class Checkpointer:
             (partial / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2) + "\n")
         dist.barrier()
         if self.rank == 0:
+            superseded = final.with_name(tag + SUPERSEDED)
+            if final.exists():
+                os.rename(final, superseded)
             os.rename(partial, final)
+            shutil.rmtree(superseded, ignore_errors=True)
             _write_atomically(self.folder / "latest", tag)
             self._prune()
         dist.barrier()

@@ -19,6 +19,9 @@ from omegaconf import OmegaConf
 
 from fusion_train.data.loader import DataConfig
 from fusion_train.model.chameleon import ChameleonConfig
+from fusion_train.monitor.config import MonitorConfig
+from fusion_train.monitor.guard import check_config as check_guard_config
+from fusion_train.train.faults import FaultConfig
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
 SCHEDULES = ("warmup_exponential", "warmup_cosine")
@@ -55,6 +58,7 @@ class LoggingConfig:
     entity: str | None = None
     group: str | None = None
     tags: list[str] = field(default_factory=list)
+    tensorboard: bool = False  # RUN_DIR/tensorboard as well (pip install tensorboard)
 
 
 @dataclass
@@ -82,8 +86,10 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval_data: DataConfig = field(default_factory=DataConfig)  # held-out shards; no sources: no validation
+    faults: FaultConfig = field(default_factory=FaultConfig)  # injected on purpose, to test the guard
 
 
 class ConfigError(ValueError):
@@ -138,3 +144,7 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"deepspeed.zero_stage={cfg.deepspeed.zero_stage}: choose 0, 1, 2 or 3")
     if cfg.trainer.checkpoint_every <= 0 or cfg.logging.log_every <= 0:
         raise ConfigError("trainer.checkpoint_every and logging.log_every must be positive")
+    try:
+        check_guard_config(cfg.monitor.guard)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error

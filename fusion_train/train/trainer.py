@@ -1,12 +1,14 @@
 """The training loop: micro-batches through the DeepSpeed engine up to each accumulation boundary,
-metrics accumulated on the device and reduced across ranks only when logged, checkpoints on a
-schedule and on preemption, automatic resume from the run's own latest checkpoint."""
+metrics accumulated on the device and reduced across ranks only when logged, the divergence guard
+after every optimizer step, checkpoints on a schedule and on preemption, automatic resume from the
+run's own latest checkpoint. The monitors observe through hooks and never change a step's maths."""
 
 from __future__ import annotations
 
 import dataclasses
 import gc
 import logging
+import math
 import sys
 import time
 from itertools import islice
@@ -19,15 +21,22 @@ from tqdm import tqdm
 
 from fusion_train.data.loader import build_loader
 from fusion_train.model.chameleon import Chameleon
-from fusion_train.monitor.loggers import JsonlLogger, WandbLogger
+from fusion_train.model.size import flops_per_token
+from fusion_train.monitor.activations import ActivationMonitor
+from fusion_train.monitor.guard import DivergenceGuard, GuardEvent
+from fusion_train.monitor.loggers import JsonlLogger, TensorBoardLogger, WandbLogger
+from fusion_train.monitor.parameters import ParameterMonitor
+from fusion_train.monitor.throughput import achieved_tflops, peak_memory_gb, reset_peak_memory
 from fusion_train.train.checkpoint import Checkpointer, read_trainer_state, restore_rng_states
 from fusion_train.train.config import ConfigError, TrainConfig, as_dict, gradient_accumulation_steps, to_yaml
 from fusion_train.train.engine import build_engine
+from fusion_train.train.faults import FaultInjector
 from fusion_train.train.signals import PreemptionFlag, requeue_slurm_job
 from fusion_train.vocab import Modality
 
 log = logging.getLogger(__name__)
 N_MODALITIES = len(Modality)
+GUARD_EXIT = 3  # the divergence guard stopped the run
 
 
 class Trainer:
@@ -62,9 +71,24 @@ class Trainer:
         )
         self.checkpoints.remove_partials()
         self.preemption = PreemptionFlag()
+        self._monitors(cfg)
         self.step, self.tokens_seen, self.wandb_run_id = 0, 0, None
         self._resume()
         self.loggers = self._loggers()
+
+    def _monitors(self, cfg: TrainConfig) -> None:
+        model, monitor = self.engine.module, cfg.monitor
+        # Faults first: their hooks run before the monitors' on the same block.
+        self.faults = FaultInjector(cfg.faults, model.layers[-1], model.output)
+        on = monitor.enabled
+        self.activations = (
+            ActivationMonitor(model.layers, self.device, monitor.attention_logits)
+            if on and monitor.activations
+            else None
+        )
+        self.parameters = ParameterMonitor(model, self.rank) if on and monitor.parameters else None
+        self.guard = DivergenceGuard(monitor.guard) if on and monitor.guard.enabled else None
+        self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
 
     # --- resume -------------------------------------------------------------------------------
 
@@ -88,6 +112,9 @@ class Trainer:
             self.loader.load_state_dict(rank_state["loader"])
             restore_rng_states(rank_state["rng"])
         self.step, self.tokens_seen, self.wandb_run_id = saved["step"], saved["tokens_seen"], saved["wandb_run_id"]
+        if self.guard and saved.get("guard"):
+            self.guard.load_state_dict(saved["guard"])
+            self._apply_lr_factor(self.step + 1)
         if self.rank == 0:
             seconds = time.perf_counter() - started
             log.warning(
@@ -105,27 +132,36 @@ class Trainer:
             )
             self.wandb_run_id = wandb_logger.run_id
             loggers.append(wandb_logger)
+        if self.cfg.logging.tensorboard:
+            loggers.append(TensorBoardLogger(self.run_dir))
         return loggers
 
     # --- the loop -----------------------------------------------------------------------------
 
     def train(self) -> int:
+        """0 when the steps are done or a preemption was handled; GUARD_EXIT when the guard stops the run."""
         cfg = self.cfg.trainer
         batches = iter(self.loader)
         show_progress = self.rank == 0 and cfg.progress_bar and sys.stderr.isatty()
         progress = tqdm(total=cfg.steps, initial=self.step, desc="training", disable=not show_progress)
-        sums = self._zero_sums()
-        last_log = time.perf_counter()
+        window, last_log = self._zero_sums(), time.perf_counter()
         stop_at = min(cfg.steps, self.step + (cfg.stop_after_steps or cfg.steps))
         while self.step < stop_at:
-            for _ in range(self.grad_accum):
-                self._micro_step(next(batches), sums)
+            logged = (self.step + 1) % self.cfg.logging.log_every == 0 or self.step + 1 == stop_at
+            step_loss, parameter_metrics = self._optimizer_step(batches, window, logged)
             self.step += 1
             self.tokens_seen += cfg.global_batch_tokens
             progress.update()
-            if self.step % self.cfg.logging.log_every == 0 or self.step == stop_at:
-                self._log(sums, time.perf_counter() - last_log)
-                sums, last_log = self._zero_sums(), time.perf_counter()
+            final_norm = self._end_of_step_norms(window)
+            event = self.guard.check(self.step, *self._guard_values(step_loss, final_norm)) if self.guard else None
+            if logged or event:
+                self._log(window, time.perf_counter() - last_log, parameter_metrics, event)
+                window, last_log = self._zero_sums(), time.perf_counter()
+            if event:
+                code = self._act_on(event)
+                if code is not None:
+                    return code
+                continue  # rolled back, the checkpoint rewritten
             if self.eval_loader is not None and self.step % cfg.eval_every == 0:
                 self.evaluate()
                 last_log = time.perf_counter()
@@ -143,13 +179,44 @@ class Trainer:
         progress.close()
         return 0
 
+    def _optimizer_step(self, batches, window: dict, logged: bool) -> tuple[torch.Tensor, dict]:
+        """The micro-batches of one optimizer step; returns their mean loss (on the device) and, on
+        logged steps, the per-group parameter statistics."""
+        self.faults.begin_step(self.step + 1)
+        if self.activations:
+            self.activations.sample_attention_logits(logged)
+        step_loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        for micro in range(self.grad_accum):
+            if micro == 1 and self.activations:
+                self.activations.sample_attention_logits(False)
+            out = self._forward(self._next_batch(batches, window), window)
+            step_loss += out.loss.detach()
+            self.engine.backward(out.loss)
+            if logged and self.parameters and micro == self.grad_accum - 1:
+                self.parameters.before_step()
+            self.engine.step()  # applies the optimizer only at the accumulation boundary
+        self.faults.end_step()
+        self._apply_lr_factor(self.step + 1)
+        parameter_metrics = self.parameters.after_step() if logged and self.parameters else {}
+        return step_loss / self.grad_accum, parameter_metrics
+
+    def _next_batch(self, batches, window: dict) -> dict:
+        started = time.perf_counter()
+        batch = next(batches)
+        window["data_wait_s"] += time.perf_counter() - started
+        return batch
+
     def _zero_sums(self) -> dict[str, torch.Tensor]:
         """Per-log-window sums, kept on the device so that no step waits for the host."""
         zeros = lambda n=1: torch.zeros(n, dtype=torch.float64, device=self.device)  # noqa: E731
-        return {
+        sums = {
             "loss": zeros(), "z": zeros(), "micro_steps": zeros(), "skipped": zeros(), "checksum": zeros(),
             "ce": zeros(N_MODALITIES), "logz": zeros(N_MODALITIES), "count": zeros(N_MODALITIES),
+            "documents": zeros(len(self.loader.dataset.names)), "data_wait_s": zeros(),
         }  # fmt: skip
+        if self.activations:
+            sums["block_rms"] = zeros(len(self.engine.module.layers))
+        return sums
 
     def _forward(self, batch: dict, sums: dict):
         input_ids = batch["input_ids"].to(self.device, non_blocking=True)
@@ -159,6 +226,7 @@ class Trainer:
         sums["z"] += out.z
         sums["micro_steps"] += 1
         sums["skipped"] += batch["skipped_samples"].sum().to(self.device)
+        sums["documents"] += batch["documents_per_source"].sum(0).to(self.device)
         # Which tokens, in which order: equal checksums say two runs read the same data.
         positions = torch.arange(1, input_ids.numel() + 1, device=self.device, dtype=torch.float64)
         sums["checksum"] += (input_ids.flatten().double() * positions).sum() % 2**40
@@ -167,10 +235,84 @@ class Trainer:
         sums["count"] += out.count_by_modality
         return out
 
-    def _micro_step(self, batch: dict, sums: dict) -> None:
-        out = self._forward(batch, sums)
-        self.engine.backward(out.loss)
-        self.engine.step()  # applies the optimizer only at the accumulation boundary
+    def _end_of_step_norms(self, window: dict) -> torch.Tensor | None:
+        """This step's block-output RMS joins the window; the last block's is the guard's."""
+        if not self.activations:
+            return None
+        block_rms = self.activations.take_block_rms()
+        window["block_rms"] += block_rms
+        return block_rms[-1]
+
+    def _guard_values(self, step_loss: torch.Tensor, final_norm: torch.Tensor | None) -> tuple:
+        """The step's loss, gradient norm and final-layer norm, the same on every rank: the one host
+        sync per optimizer step that a decision at that step needs."""
+        grad_norm = torch.as_tensor(self.engine.get_global_grad_norm() or 0.0, dtype=torch.float64)
+        values = [step_loss, grad_norm.to(self.device), final_norm if final_norm is not None else step_loss]
+        values = torch.stack([v.double().reshape(()) for v in values])
+        dist.all_reduce(values)
+        loss, grad, norm = (values / self.world_size).tolist()
+        return loss, grad, norm if final_norm is not None else None
+
+    def _apply_lr_factor(self, next_step: int) -> None:
+        """After a rollback the guard may lower the scheduled LR for a while."""
+        if not self.guard or self.cfg.monitor.guard.rollback_lr_factor == 1.0:
+            return
+        factor = self.guard.lr_factor(next_step - 1)
+        for group, scheduled in zip(self.scheduler.optimizer.param_groups, self.scheduler.get_last_lr(), strict=True):
+            group["lr"] = scheduled * factor
+
+    # --- the guard's actions --------------------------------------------------------------------
+
+    def _act_on(self, event: GuardEvent) -> int | None:
+        """warn: nothing more; stop: checkpoint (unless the weights are no longer finite) and exit;
+        rollback: reload the checkpoint before the event and skip the data read since. None: go on."""
+        action = self.cfg.monitor.guard.action
+        self._alert(f"{event.kind} at step {event.step}", f"{event.message}; action: {action}", event.step)
+        if action == "warn":
+            return None
+        if action == "rollback":
+            target = self.checkpoints.latest_before(event.step)
+            if target is not None and self.guard.can_roll_back():
+                self._roll_back(event, target)
+                return None
+            reason = (
+                f"the run has rolled back {len(self.guard.rollbacks)} times, monitor.guard.max_rollbacks="
+                f"{self.cfg.monitor.guard.max_rollbacks}: the run looks hopeless, change the LR, data or recipe"
+                if target is not None
+                else f"there is no checkpoint before step {event.step} to roll back to"
+            )
+            return self._stop(event, reason, save=False)
+        return self._stop(event, "monitor.guard.action=stop", save=event.kind != "nonfinite")
+
+    def _stop(self, event: GuardEvent, reason: str, save: bool) -> int:
+        path = self.save() if save else self.checkpoints.latest()
+        if self.rank == 0:
+            state = "written" if save else "left as the last good checkpoint (this step's state is not saved)"
+            log.error("divergence guard stops the run: %s; %s. Checkpoint %s %s", event.message, reason, path, state)
+        return GUARD_EXIT
+
+    def _roll_back(self, event: GuardEvent, target: Path) -> None:
+        saved = read_trainer_state(target)
+        self.checkpoints.load_engine(self.engine, target)
+        skipped_batches = (self.step - saved["step"]) * self.grad_accum
+        self.guard.rolled_back(event, saved["step"], skipped_batches)
+        self.step, self.tokens_seen = saved["step"], saved["tokens_seen"]
+        self._apply_lr_factor(self.step + 1)
+        # Rewrite it with the data position past the skipped batches: a later resume skips them too.
+        self.save()
+        if self.rank == 0:
+            log.warning(
+                "rolled back to %s (rollback %d of at most %d): %d micro-batches per rank skipped",
+                target, len(self.guard.rollbacks), self.cfg.monitor.guard.max_rollbacks, skipped_batches,
+            )  # fmt: skip
+
+    def _alert(self, title: str, text: str, step: int) -> None:
+        if self.rank == 0:
+            log.warning("divergence guard: %s", text)
+        for logger in self.loggers:
+            logger.alert(title, text, step)
+
+    # --- metrics --------------------------------------------------------------------------------
 
     def evaluate(self) -> None:
         sums = self._zero_sums()
@@ -186,10 +328,10 @@ class Trainer:
             logger.log(metrics, self.step)
 
     @staticmethod
-    def _reduce(sums: dict) -> dict:
-        flat = torch.cat(list(sums.values()))
-        dist.all_reduce(flat)
-        return dict(zip(sums, flat.split([len(v) for v in sums.values()]), strict=True))
+    def _reduce(sums: dict, op=dist.ReduceOp.SUM) -> dict:
+        flat = torch.cat([v.reshape(-1) for v in sums.values()])
+        dist.all_reduce(flat, op=op)
+        return dict(zip(sums, flat.split([v.numel() for v in sums.values()]), strict=True))
 
     @staticmethod
     def _modality_metrics(reduced: dict) -> dict:
@@ -202,23 +344,62 @@ class Trainer:
                 metrics[f"logits/logZ_mean_{name}"] = reduced["logz"][modality].item() / count
         return metrics
 
-    def _log(self, sums: dict, seconds: float) -> None:
-        reduced = self._reduce(sums)
-        steps = reduced["micro_steps"].item() / self.grad_accum / self.world_size
+    def _log(self, window: dict, seconds: float, parameter_metrics: dict, event: GuardEvent | None) -> None:
+        reduced = self._reduce(window)
+        micro_steps = reduced["micro_steps"].item()
+        steps = micro_steps / self.grad_accum / self.world_size
+        tokens_per_s = steps * self.cfg.trainer.global_batch_tokens / seconds
+        tflops = achieved_tflops(tokens_per_s, self.flops_per_token, self.world_size)
         metrics = {
-            "loss/total": reduced["loss"].item() / reduced["micro_steps"].item(),
-            "loss/z": reduced["z"].item() / reduced["micro_steps"].item(),
-            "optim/lr": self.scheduler.get_last_lr()[0],
+            "loss/total": reduced["loss"].item() / micro_steps,
+            "loss/z": reduced["z"].item() / micro_steps,
+            **self._modality_metrics(reduced),
             "grad/norm": float(self.engine.get_global_grad_norm() or 0.0),
+            **parameter_metrics,
+            "optim/lr": self.scheduler.optimizer.param_groups[0]["lr"],
             "data/tokens_seen": self.tokens_seen,
             "data/skipped": reduced["skipped"].item(),
             "data/checksum": reduced["checksum"].item(),
+            **self._source_fractions(reduced["documents"]),
             "perf/step_time_s": seconds / steps,
-            "perf/tokens_per_s": steps * self.cfg.trainer.global_batch_tokens / seconds,
-            **self._modality_metrics(reduced),
+            "perf/tokens_per_s": tokens_per_s,
+            "perf/tflops": tflops,
+            "perf/mfu": tflops / self.cfg.monitor.peak_tflops,
+            **self._maxima(window, steps),
         }
+        if self.activations:
+            block_rms = (reduced["block_rms"] / (steps * self.world_size)).tolist()
+            metrics.update({f"norms/block_{i}_out": v for i, v in enumerate(block_rms)})
+            metrics["norms/final_out"] = block_rms[-1]
+        if event:
+            metrics.update({f"guard/{event.kind}": event.value, "guard/rollbacks": len(self.guard.rollbacks)})
         for logger in self.loggers:
             logger.log(metrics, self.step)
+
+    def _source_fractions(self, documents: torch.Tensor) -> dict:
+        total = documents.sum().item()
+        names = self.loader.dataset.names
+        return (
+            {f"data/source_{name}_frac": n / total for name, n in zip(names, documents.tolist(), strict=True)}
+            if total
+            else {}
+        )
+
+    def _maxima(self, window: dict, steps: float) -> dict:
+        """The largest over ranks: memory, data wait, attention logits (sampled on this step)."""
+        values = {
+            "perf/mem_gb": torch.tensor([peak_memory_gb(self.device)], dtype=torch.float64, device=self.device),
+            "perf/data_wait_s": window["data_wait_s"] / steps,
+        }
+        if self.activations and self.cfg.monitor.attention_logits:
+            values["attn"] = self.activations.take_qk_logit_max().double()
+        reduced = {k: v.tolist() for k, v in self._reduce(values, dist.ReduceOp.MAX).items()}
+        reset_peak_memory(self.device)
+        metrics = {"perf/mem_gb": reduced["perf/mem_gb"][0], "perf/data_wait_s": reduced["perf/data_wait_s"][0]}
+        if "attn" in reduced and all(math.isfinite(v) for v in reduced["attn"]):
+            metrics.update({f"attn/qk_logit_max_{i}": v for i, v in enumerate(reduced["attn"])})
+            metrics["attn/qk_logit_max"] = max(reduced["attn"])
+        return metrics
 
     # --- checkpoints and the end ----------------------------------------------------------------
 
@@ -229,6 +410,7 @@ class Trainer:
             "tokens_seen": self.tokens_seen,
             "world_size": self.world_size,
             "wandb_run_id": self.wandb_run_id,
+            "guard": self.guard.state_dict() if self.guard else None,
             "config": as_dict(self.cfg),
         }
         path = self.checkpoints.save(self.engine, self.step, {"loader": self.loader.state_dict()}, trainer_state)

@@ -1,0 +1,96 @@
+"""Activation statistics read by forward hooks: observed, never changed.
+
+- The RMS of each block's output, summed on the device over micro-batches. The paper's predictor
+  of a late divergence is the slow growth of the last one (Chameleon §2.3, Fig. 5a).
+- Each layer's largest pre-softmax attention logit q·k/√d, the quantity QK-norm bounds. It costs
+  another q kᵀ product, so it is measured only while `sample_attention_logits` is on: the trainer
+  turns it on for the first micro-batch of each logged step.
+
+Hooks sit on the modules in `model.layers` (an activation-checkpoint wrapper, when there is one,
+runs its forward once) and on each attention's `attend` module, whose recomputation in backward
+repeats a maximum and so changes nothing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+QUERY_CHUNK = 256  # query positions per q kᵀ block: bounds the extra memory to [B, heads, 256, T]
+
+
+def largest_attention_logit(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+    """max over batch, heads and allowed (query, key) pairs of q·k/√d; q [B, H, T, D], k [B, H_kv, T, D],
+    attn_mask None (causal) or boolean [B, 1, T, T]."""
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    seq_len, scale = q.shape[2], 1.0 / math.sqrt(q.shape[-1])
+    largest = torch.full((), -math.inf, device=q.device)
+    for start in range(0, seq_len, QUERY_CHUNK):
+        end = min(start + QUERY_CHUNK, seq_len)
+        logits = torch.matmul(q[:, :, start:end].float(), k[:, :, :end].float().transpose(-1, -2)) * scale
+        if attn_mask is None:
+            rows = torch.arange(start, end, device=q.device)[:, None]
+            allowed = rows >= torch.arange(end, device=q.device)[None, :]
+        else:
+            allowed = attn_mask[:, :, start:end, :end]
+        largest = torch.maximum(largest, logits.masked_fill(~allowed, -math.inf).amax())
+    return largest
+
+
+class ActivationMonitor:
+    def __init__(self, layers: nn.ModuleList, device: torch.device, attention_logits: bool = True):
+        n_layers = len(layers)
+        self.device = device
+        self.rms_sum = torch.zeros(n_layers, dtype=torch.float64, device=device)
+        self.micro_batches = 0
+        self.qk_logit_max = torch.full((n_layers,), -math.inf, device=device)
+        self.sampling = False
+        self.handles = [block.register_forward_hook(self._block_hook(i)) for i, block in enumerate(layers)]
+        if attention_logits:
+            attends = [m for block in layers for name, m in block.named_modules() if name.endswith("attend")]
+            self.handles += [m.register_forward_hook(self._attention_hook(i)) for i, m in enumerate(attends)]
+
+    def _block_hook(self, index: int):
+        def hook(module, inputs, output):
+            if not module.training:
+                return  # validation batches are not training's activations
+            with torch.no_grad():
+                # vector_norm in fp32 without a fp32 copy of the [B, T, dim] output
+                rms = torch.linalg.vector_norm(output, dtype=torch.float32) / math.sqrt(output.numel())
+                self.rms_sum[index] += rms.double()
+                if index == 0:
+                    self.micro_batches += 1
+
+        return hook
+
+    def _attention_hook(self, index: int):
+        def hook(module, inputs, output):
+            if not (self.sampling and module.training):
+                return
+            q, k, _v, *mask = inputs
+            with torch.no_grad():
+                value = largest_attention_logit(q.detach(), k.detach(), mask[0] if mask else None)
+                self.qk_logit_max[index] = torch.maximum(self.qk_logit_max[index], value)
+
+        return hook
+
+    def sample_attention_logits(self, on: bool) -> None:
+        self.sampling = on
+
+    def take_block_rms(self) -> torch.Tensor:
+        """Each block's output RMS averaged over the micro-batches since the last call (on the device)."""
+        mean = self.rms_sum / max(self.micro_batches, 1)
+        self.rms_sum = torch.zeros_like(self.rms_sum)
+        self.micro_batches = 0
+        return mean
+
+    def take_qk_logit_max(self) -> torch.Tensor:
+        largest = self.qk_logit_max
+        self.qk_logit_max = torch.full_like(largest, -math.inf)
+        return largest
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()

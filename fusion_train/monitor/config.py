@@ -1,0 +1,32 @@
+"""What the monitors measure and how the divergence guard acts (the `monitor` config group)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+GUARD_ACTIONS = ("warn", "stop", "rollback")
+
+
+@dataclass
+class GuardConfig:
+    enabled: bool = True
+    action: str = "warn"  # warn: log and alert; stop: checkpoint and exit non-zero; rollback: PaLM's recipe
+    min_history: int = 20  # steps of history before the spike and growth tests speak
+    spike_window: int = 50  # steps of loss history for the robust z-score
+    spike_zscore: float = 6.0  # (loss - median) / (1.4826 * MAD) above this is a spike
+    norm_window: int = 100  # steps over which the trend of norms/final_out is fitted
+    norm_growth_max: float = 1.0  # fitted relative growth of norms/final_out over norm_window (1.0: doubling)
+    norm_start_step: int = 4000  # norms grow fast while a fresh model learns: the test starts here
+    max_rollbacks: int = 3  # per run, counted across resumes; one more ends the run
+    rollback_lr_factor: float = 1.0  # the LR is multiplied by this ...
+    rollback_lr_steps: int = 0  # ... for this many steps after a rollback
+
+
+@dataclass
+class MonitorConfig:
+    enabled: bool = True  # false: losses, LR, grad norm, data and throughput only (the overhead baseline)
+    activations: bool = True  # norms/block_{i}_out, norms/final_out
+    attention_logits: bool = True  # attn/qk_logit_max_{i}, on the first micro-batch of each logged step
+    parameters: bool = True  # grad/norm_{group}, params/norm_{group}, optim/update_ratio_{group}
+    peak_tflops: float = 989.0  # dense bf16 peak per device for perf/mfu: 989 H100 SXM, 312 A100
+    guard: GuardConfig = field(default_factory=GuardConfig)

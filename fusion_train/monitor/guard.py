@@ -1,0 +1,149 @@
+"""The divergence guard: decides, after every optimizer step, whether the step shows trouble.
+
+Three tests, on values every rank shares (all-reduced), so that every rank decides the same:
+- non-finite: the loss or the global gradient norm is NaN or infinite;
+- loss spike: a robust z-score, (loss - median) / (1.4826 · MAD) over the last `spike_window`
+  good steps, above `spike_zscore`;
+- norm growth: the least-squares trend of log(norms/final_out) over the last `norm_window` steps,
+  as a relative growth across the window, above `norm_growth_max`, from `norm_start_step` on (a
+  fresh model's norms grow fast while it learns). Steady growth and a sudden blow-up both raise
+  the fitted trend; one noisy step barely does.
+
+The guard only decides; the trainer acts (warn, stop, or roll back). Its state (the windows, the
+rollbacks so far and the data they skipped) is saved in every checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from fusion_train.monitor.config import GUARD_ACTIONS, GuardConfig
+
+MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution times this is its standard deviation
+MIN_RELATIVE_SCALE = 1e-3  # a flat loss has MAD ~0: spikes are measured against at least 0.1% of the median
+
+
+class GuardError(ValueError):
+    pass
+
+
+@dataclass
+class GuardEvent:
+    kind: str  # nonfinite | loss_spike | norm_growth
+    step: int
+    value: float  # the statistic that crossed its threshold
+    threshold: float
+    message: str
+
+
+def check_config(cfg: GuardConfig) -> None:
+    if cfg.action not in GUARD_ACTIONS:
+        raise GuardError(f"monitor.guard.action={cfg.action!r}: choose one of {GUARD_ACTIONS}")
+    if cfg.min_history < 3 or cfg.spike_window < cfg.min_history or cfg.norm_window < cfg.min_history:
+        raise GuardError(
+            "monitor.guard: min_history must be at least 3, and spike_window and norm_window at least min_history"
+        )
+
+
+def robust_zscore(history: list[float], value: float) -> float:
+    median = float(np.median(history))
+    mad = float(np.median(np.abs(np.asarray(history) - median)))
+    scale = max(MAD_TO_SIGMA * mad, MIN_RELATIVE_SCALE * abs(median), 1e-12)
+    return (value - median) / scale
+
+
+def fitted_growth(values: list[float]) -> float:
+    """Relative growth across the window of a least-squares line through log(values)."""
+    y = np.log(np.asarray(values, dtype=np.float64))
+    x = np.arange(len(y), dtype=np.float64)
+    x -= x.mean()
+    slope = float((x * (y - y.mean())).sum() / (x * x).sum())
+    return math.expm1(slope * (len(y) - 1))
+
+
+class DivergenceGuard:
+    def __init__(self, cfg: GuardConfig):
+        check_config(cfg)
+        self.cfg = cfg
+        self.losses: list[tuple[int, float]] = []  # (step, loss) of good steps
+        self.final_norms: list[tuple[int, float]] = []
+        self.rollbacks: list[dict] = []  # what each rollback skipped, for the record and for later resumes
+        self.lower_lr_until = 0  # the step up to which the LR stays lowered after a rollback
+
+    def check(self, step: int, loss: float, grad_norm: float, final_norm: float | None) -> GuardEvent | None:
+        """The first test that fails at this step, or None (and the step joins the history)."""
+        event = self._nonfinite(step, loss, grad_norm, final_norm) or self._spike(step, loss)
+        tracks_norm = final_norm is not None and step >= self.cfg.norm_start_step
+        if event is None and tracks_norm:
+            event = self._norm_growth(step, final_norm)
+        if event is None:
+            self.losses = (self.losses + [(step, loss)])[-self.cfg.spike_window :]
+            if tracks_norm:
+                self.final_norms = (self.final_norms + [(step, final_norm)])[-self.cfg.norm_window :]
+        return event
+
+    def _nonfinite(self, step, loss, grad_norm, final_norm) -> GuardEvent | None:
+        values = {"loss": loss, "grad/norm": grad_norm, "norms/final_out": final_norm}
+        bad = [f"{name}={value}" for name, value in values.items() if value is not None and not math.isfinite(value)]
+        if not bad:
+            return None
+        return GuardEvent("nonfinite", step, 1.0, 0.0, f"step {step}: non-finite {', '.join(bad)}")
+
+    def _spike(self, step: int, loss: float) -> GuardEvent | None:
+        if len(self.losses) < self.cfg.min_history:
+            return None
+        z = robust_zscore([v for _, v in self.losses], loss)
+        if z <= self.cfg.spike_zscore:
+            return None
+        message = (
+            f"step {step}: loss spike, loss {loss:.4f} is {z:.1f} robust standard deviations above the median "
+            f"of the last {len(self.losses)} steps (limit monitor.guard.spike_zscore={self.cfg.spike_zscore})"
+        )
+        return GuardEvent("loss_spike", step, z, self.cfg.spike_zscore, message)
+
+    def _norm_growth(self, step: int, final_norm: float) -> GuardEvent | None:
+        window = [v for _, v in self.final_norms][-(self.cfg.norm_window - 1) :] + [final_norm]
+        if len(window) <= self.cfg.min_history:
+            return None
+        growth = fitted_growth(window)
+        if growth <= self.cfg.norm_growth_max:
+            return None
+        message = (
+            f"step {step}: norms/final_out grows, a fitted {growth:+.0%} over the last {len(window)} steps "
+            f"(now {final_norm:.4g}; limit monitor.guard.norm_growth_max={self.cfg.norm_growth_max:+.0%})"
+        )
+        return GuardEvent("norm_growth", step, growth, self.cfg.norm_growth_max, message)
+
+    def can_roll_back(self) -> bool:
+        return len(self.rollbacks) < self.cfg.max_rollbacks
+
+    def rolled_back(self, event: GuardEvent, to_step: int, skipped_batches: int) -> None:
+        """Forget the history after the step rolled back to; keep the record of what was skipped."""
+        self.rollbacks.append(
+            {"event": event.kind, "detected_at": event.step, "to_step": to_step, "skipped_batches": skipped_batches}
+        )
+        self.losses = [(s, v) for s, v in self.losses if s <= to_step]
+        self.final_norms = [(s, v) for s, v in self.final_norms if s <= to_step]
+        if self.cfg.rollback_lr_steps:
+            self.lower_lr_until = to_step + self.cfg.rollback_lr_steps
+
+    def lr_factor(self, step: int) -> float:
+        """The multiplier of the scheduled LR for the optimizer step after `step`."""
+        return self.cfg.rollback_lr_factor if step < self.lower_lr_until else 1.0
+
+    def state_dict(self) -> dict:
+        return {
+            "losses": self.losses,
+            "final_norms": self.final_norms,
+            "rollbacks": self.rollbacks,
+            "lower_lr_until": self.lower_lr_until,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.losses = [tuple(x) for x in state["losses"]]
+        self.final_norms = [tuple(x) for x in state["final_norms"]]
+        self.rollbacks = state["rollbacks"]
+        self.lower_lr_until = state["lower_lr_until"]

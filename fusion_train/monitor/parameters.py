@@ -1,0 +1,82 @@
+"""Per-group gradient and weight norms and the update-to-weight ratio, on logged steps only.
+
+Groups: embeddings, attention, ffn, norms (RMSNorm and QK-norm), output. Read through DeepSpeed
+at the accumulation boundary, whatever the ZeRO stage:
+- gradients, after backward and before the optimizer step, by `safe_get_full_grad` (DeepSpeed
+  assembles each one across ranks, so every rank holds the same values);
+- weights and updates from the fp32 master weights this rank owns: a copy of them before the step,
+  compared after it, then one all-reduce. The copy exists only while the step runs, when the
+  activations are already freed, so it does not raise the peak memory.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from deepspeed.utils import safe_get_full_grad, safe_get_local_fp32_param
+from torch import nn
+
+GROUPS = ("embeddings", "attention", "ffn", "norms", "output")
+
+
+def parameter_group(name: str) -> str:
+    if "norm" in name:  # attention_norm, ffn_norm, the final norm, q_/k_normalization
+        return "norms"
+    if "tok_embeddings" in name:
+        return "embeddings"
+    if name.startswith("output"):
+        return "output"
+    return "attention" if ".attention." in name else "ffn"
+
+
+def local_master_weights(param: nn.Parameter, rank: int) -> torch.Tensor | None:
+    """The part of this parameter's fp32 master copy that this rank owns (None: another rank's)."""
+    if hasattr(param, "ds_id"):  # ZeRO-3
+        return safe_get_local_fp32_param(param)
+    if hasattr(param, "_hp_mapping"):
+        # ZeRO-1/2 and the bf16 optimizer link each parameter to its fragment of the rank's fp32 partition.
+        mapping = param._hp_mapping
+        return mapping.get_hp_fragment() if mapping is not None else None
+    return param if rank == 0 else None  # unpartitioned fp32: the same on every rank, counted once
+
+
+class ParameterMonitor:
+    def __init__(self, model: nn.Module, rank: int):
+        self.rank = rank
+        self.named = [(parameter_group(name), p) for name, p in model.named_parameters()]
+        self.device = self.named[0][1].device
+        self.grad_sq: torch.Tensor | None = None
+        self.before: list[torch.Tensor | None] = []
+
+    def _group_sums(self, tensors) -> torch.Tensor:
+        sums = torch.zeros(len(GROUPS), dtype=torch.float64, device=self.device)
+        for (group, _), tensor in zip(self.named, tensors, strict=True):
+            if tensor is not None:
+                sums[GROUPS.index(group)] += torch.linalg.vector_norm(tensor, dtype=torch.float32).double() ** 2
+        return sums
+
+    def before_step(self) -> None:
+        """At the accumulation boundary, after backward: gradient norms and the weights' copy."""
+        self.grad_sq = self._group_sums(safe_get_full_grad(p) for _, p in self.named)
+        self.before = [self._master(p, copy=True) for _, p in self.named]
+
+    def _master(self, param: nn.Parameter, copy: bool = False) -> torch.Tensor | None:
+        weights = local_master_weights(param, self.rank)
+        return weights.detach().clone() if copy and weights is not None else weights
+
+    def after_step(self) -> dict[str, float]:
+        after = [self._master(p) for _, p in self.named]
+        updates = [None if a is None else a.detach() - b for a, b in zip(after, self.before, strict=True)]
+        self.before = []
+        weight_and_update_sq = torch.cat((self._group_sums(after), self._group_sums(updates)))
+        dist.all_reduce(weight_and_update_sq)
+        weight_sq, update_sq = weight_and_update_sq.split(len(GROUPS))
+        values = torch.stack((self.grad_sq, weight_sq, update_sq)).tolist()
+        metrics = {}
+        for group, grad, weight, update in zip(GROUPS, *values, strict=True):
+            metrics[f"grad/norm_{group}"] = grad**0.5
+            metrics[f"params/norm_{group}"] = weight**0.5
+            metrics[f"optim/update_ratio_{group}"] = (update / weight) ** 0.5 if weight else 0.0
+        total_weight, total_update = sum(values[1]), sum(values[2])
+        metrics["optim/update_ratio"] = (total_update / total_weight) ** 0.5 if total_weight else 0.0
+        return metrics

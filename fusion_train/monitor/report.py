@@ -1,0 +1,304 @@
+"""`fusion-report RUN_DIR`: one self-contained HTML page (PNG plots inlined, also written beside it)
+from the run's `metrics.jsonl` and `alerts.jsonl`, readable offline or attached to a ticket.
+
+Plots, against tokens seen: losses per modality (and validation), each block's output RMS as a heat
+map and the last block's as a curve (the paper's divergence predictor), the largest attention
+logit per layer, gradient norms, the update-to-weight ratio, the LR, and throughput with MFU.
+Guard events are red lines on every plot. After a rollback the abandoned steps are drawn grey and
+the run that continued in colour.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import itertools
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.colors import LogNorm  # noqa: E402
+
+GUARD_KEY = re.compile(r"^guard/(nonfinite|loss_spike|norm_growth)$")
+BLOCK_KEY = re.compile(r"^norms/block_(\d+)_out$")
+QK_KEY = re.compile(r"^attn/qk_logit_max_(\d+)$")
+ABANDONED = "#bbbbbb"
+
+
+class ReportError(ValueError):
+    pass
+
+
+@dataclass
+class Run:
+    rows: list[dict]  # training rows as logged, rollbacks included
+    kept: list[dict]  # the trajectory the run continued from: the last row logged for each step
+    evals: list[dict]
+    events: list[tuple[float, str]]  # (tokens seen, kind)
+    alerts: list[dict]
+    unreadable_lines: int
+
+
+def read_jsonl(path: Path) -> tuple[list[dict], int]:
+    """The records, and how many lines could not be read (a killed run can leave half a line)."""
+    records, bad = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            bad += 1
+    return records, bad
+
+
+def read_run(run_dir: Path) -> Run:
+    metrics_file = run_dir / "metrics.jsonl"
+    if not metrics_file.is_file():
+        raise ReportError(f"{metrics_file} does not exist: give the run folder a training run wrote (trainer.run_dir)")
+    records, bad = read_jsonl(metrics_file)
+    rows = [r for r in records if "loss/total" in r and "data/tokens_seen" in r]
+    if not rows:
+        raise ReportError(f"{metrics_file} holds no training steps yet: nothing to plot")
+    alerts, bad_alerts = read_jsonl(run_dir / "alerts.jsonl") if (run_dir / "alerts.jsonl").is_file() else ([], 0)
+    events = [(r["data/tokens_seen"], m[1]) for r in rows for k in r if (m := GUARD_KEY.match(k))]
+    return Run(rows, kept_trajectory(rows), [r for r in records if "eval/loss" in r], events, alerts, bad + bad_alerts)
+
+
+def kept_trajectory(rows: list[dict]) -> list[dict]:
+    """Walking back from the last row: a row whose step is not below the next kept one was rolled back."""
+    kept = []
+    for row in reversed(rows):
+        if not kept or row["step"] < kept[-1]["step"]:
+            kept.append(row)
+    return kept[::-1]
+
+
+def series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
+    points = [(r["data/tokens_seen"], r[key]) for r in rows if isinstance(r.get(key), int | float)]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def mark_events(ax, run: Run) -> None:
+    labelled = set()
+    for tokens, kind in run.events:
+        ax.axvline(
+            tokens, color="red", linestyle="--", linewidth=1, label=None if kind in labelled else f"guard: {kind}"
+        )
+        ax.annotate(kind, (tokens, 1.0), xycoords=("data", "axes fraction"), color="red", fontsize=7, rotation=90,
+                    ha="right", va="top")  # fmt: skip
+        labelled.add(kind)
+
+
+def line_plot(run: Run, keys: list[tuple[str, str]], title: str, ylabel: str, log_y: bool = False):
+    """One curve per (key, label); abandoned steps in grey."""
+    figure, ax = plt.subplots(figsize=(9, 3.6))
+    abandoned = [r for r in run.rows if r not in run.kept]
+    for key, label in keys:
+        x, y = series(run.kept, key)
+        if x:
+            ax.plot(x, y, label=label, linewidth=1.5)
+        gx, gy = series(abandoned, key)
+        if gx:
+            ax.plot(gx, gy, ".", color=ABANDONED, markersize=4)
+    if log_y:
+        ax.set_yscale("log")
+    finish(ax, run, title, ylabel)
+    return figure
+
+
+def finish(ax, run: Run, title: str, ylabel: str) -> None:
+    mark_events(ax, run)
+    ax.set_title(title)
+    ax.set_xlabel("tokens seen")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, loc="best")
+
+
+def indexed_keys(rows: list[dict], pattern: re.Pattern) -> list[str]:
+    found = {k for r in rows for k in r if pattern.match(k)}
+    return sorted(found, key=lambda k: int(pattern.match(k)[1]))
+
+
+def losses_plot(run: Run):
+    keys = [("loss/total", "total"), ("loss/text", "text"), ("loss/image", "image"), ("loss/special", "special")]
+    figure = line_plot(run, keys, "Training loss by target modality", "cross-entropy (nats)")
+    x, y = series(run.evals, "eval/loss")
+    if x:
+        figure.axes[0].plot(x, y, "o-", color="black", label="validation", markersize=4)
+        figure.axes[0].legend(fontsize=8)
+    return figure
+
+
+def norm_heatmap(run: Run):
+    keys = indexed_keys(run.kept, BLOCK_KEY)
+    rows = [r for r in run.kept if all(k in r for k in keys)]
+    if not keys or not rows:
+        return None
+    values = [[r[k] for r in rows] for k in keys]
+    figure, ax = plt.subplots(figsize=(9, 3.6))
+    mesh = ax.pcolormesh(
+        [r["data/tokens_seen"] for r in rows],
+        range(len(keys)),
+        values,
+        shading="nearest",
+        cmap="viridis",
+        norm=LogNorm(vmin=max(min(min(v) for v in values), 1e-12), vmax=max(max(v) for v in values)),
+    )
+    figure.colorbar(mesh, ax=ax, label="output RMS")
+    ax.set_yticks(range(len(keys)))
+    finish(ax, run, "Output RMS of each block (norm growth)", "block")
+    return figure
+
+
+def throughput_plot(run: Run):
+    figure = line_plot(run, [("perf/tokens_per_s", "tokens/s")], "Throughput and MFU", "tokens/s")
+    x, y = series(run.kept, "perf/mfu")
+    if x:
+        right = figure.axes[0].twinx()
+        right.plot(x, [100 * v for v in y], color="tab:orange", linewidth=1.2, label="MFU")
+        right.set_ylabel("MFU (%)", color="tab:orange")
+    return figure
+
+
+def plots(run: Run) -> list[tuple[str, str, object]]:
+    """(file name, caption, figure); plots whose metrics the run did not log are left out."""
+    groups = ("embeddings", "attention", "ffn", "norms", "output")
+    candidates = [
+        ("losses.png", "Losses by target modality; black: validation.", losses_plot(run)),
+        ("norms_heatmap.png", "Each block's output RMS over tokens (log colour scale).", norm_heatmap(run)),
+        (
+            "final_norm.png",
+            "The last block's output RMS: its uncontrolled growth predicts divergence (Chameleon §2.3).",
+            line_plot(run, [("norms/final_out", "norms/final_out")], "Last-layer output RMS", "RMS", log_y=True),
+        ),
+        (
+            "qk_logits.png",
+            "Largest pre-softmax attention logit per layer (bounded by QK-norm).",
+            line_plot(
+                run,
+                [(k, f"layer {QK_KEY.match(k)[1]}") for k in indexed_keys(run.kept, QK_KEY)],
+                "Largest attention logit",
+                "q·k/√d",
+            ),
+        ),
+        (
+            "grad_norm.png",
+            "Global gradient norm (before clipping) and per parameter group.",
+            line_plot(
+                run,
+                [("grad/norm", "global")] + [(f"grad/norm_{g}", g) for g in groups],
+                "Gradient norm",
+                "L2 norm",
+                log_y=True,
+            ),
+        ),
+        (
+            "update_ratio.png",
+            "Update-to-weight ratio per parameter group.",
+            line_plot(run, [(f"optim/update_ratio_{g}", g) for g in groups], "Update / weight", "‖Δw‖/‖w‖", log_y=True),
+        ),
+        ("lr.png", "Learning rate.", line_plot(run, [("optim/lr", "lr")], "Learning rate", "lr")),
+        ("throughput.png", "Tokens per second (all ranks) and MFU.", throughput_plot(run)),
+    ]
+    kept = []
+    for name, caption, figure in candidates:
+        if figure is not None and any(ax.has_data() for ax in figure.axes):
+            kept.append((name, caption, figure))
+        elif figure is not None:
+            plt.close(figure)
+    return kept
+
+
+def summary_rows(run: Run) -> list[tuple[str, str]]:
+    last = run.kept[-1]
+    rollbacks = sum(later["step"] <= earlier["step"] for earlier, later in itertools.pairwise(run.rows))
+    rows = [
+        ("last step", str(last["step"])),
+        ("tokens seen", f"{last['data/tokens_seen']:,}"),
+        ("last loss", f"{last['loss/total']:.4f}"),
+        ("guard events", str(len(run.events))),
+        ("rollbacks", str(rollbacks)),
+    ]
+    if "perf/mfu" in last:
+        rows.append(("last MFU", f"{100 * last['perf/mfu']:.2f}%"))
+    if run.unreadable_lines:
+        rows.append(("unreadable lines skipped", str(run.unreadable_lines)))
+    return rows
+
+
+def render_html(run_dir: Path, run: Run, images: list[tuple[str, str, bytes]]) -> str:
+    escape = html.escape
+    summary = "".join(f"<tr><th>{escape(k)}</th><td>{escape(v)}</td></tr>" for k, v in summary_rows(run))
+    alerts = "".join(
+        f"<tr><td>{a.get('step')}</td><td>{escape(str(a.get('title')))}</td><td>{escape(str(a.get('text')))}</td></tr>"
+        for a in run.alerts
+    )
+    alert_table = (
+        f"<h2>Guard events</h2><table><tr><th>step</th><th>event</th><th>detail</th></tr>{alerts}</table>"
+        if alerts
+        else "<p>No guard events.</p>"
+    )
+    figures = "".join(
+        f'<figure><img alt="{escape(name)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+        f"<figcaption>{escape(caption)}</figcaption></figure>"
+        for name, caption, png in images
+    )
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>fusion_train report: {escape(run_dir.name)}</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em auto; max-width: 960px; color: #222; }}
+table {{ border-collapse: collapse; margin-bottom: 1em; }}
+th, td {{ border: 1px solid #ccc; padding: 4px 8px; text-align: left; font-size: 14px; }}
+figure {{ margin: 1.5em 0; }} img {{ max-width: 100%; }} figcaption {{ color: #555; font-size: 13px; }}
+</style></head><body>
+<h1>fusion_train run report</h1>
+<p>{escape(str(run_dir.resolve()))}</p>
+<table>{summary}</table>
+{alert_table}
+{figures}
+</body></html>
+"""
+
+
+def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
+    run_dir = Path(run_dir)
+    out_dir = Path(out_dir) if out_dir else run_dir / "report"
+    run = read_run(run_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    images = []
+    for name, caption, figure in plots(run):
+        figure.tight_layout()
+        figure.savefig(out_dir / name, dpi=100)
+        plt.close(figure)
+        images.append((name, caption, (out_dir / name).read_bytes()))
+    page = out_dir / "index.html"
+    page.write_text(render_html(run_dir, run, images))
+    if run.unreadable_lines:
+        print(f"fusion-report: skipped {run.unreadable_lines} unreadable line(s) in {run_dir}", file=sys.stderr)
+    return page
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fusion-report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", help="the training run's folder (trainer.run_dir)")
+    parser.add_argument("--out", help="where to write index.html and the PNGs (default: RUN_DIR/report)")
+    args = parser.parse_args(argv)
+    try:
+        page = write_report(args.run_dir, args.out)
+    except ReportError as error:
+        print(f"fusion-report: error: {error}", file=sys.stderr)
+        return 2
+    print(page)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

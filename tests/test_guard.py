@@ -1,0 +1,110 @@
+"""The divergence guard's decisions, on synthetic histories."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from fusion_train.monitor.config import GuardConfig
+from fusion_train.monitor.guard import DivergenceGuard, GuardError, fitted_growth, robust_zscore
+
+
+def run(guard: DivergenceGuard, losses, norms, start: int = 1):
+    """The events, by step, of feeding these per-step values to the guard."""
+    events = {}
+    for step, (loss, norm) in enumerate(zip(losses, norms, strict=True), start=start):
+        event = guard.check(step, loss, 1.0, norm)
+        if event:
+            events[step] = event
+    return events
+
+
+def healthy_run(steps: int, seed: int = 0):
+    """A decreasing, noisy loss and a final-layer norm that creeps up 0.1% a step."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(steps)
+    losses = 2.0 + 6.0 * np.exp(-t / 300) + rng.normal(0, 0.03, steps)
+    norms = 1.0 * 1.001**t * np.exp(rng.normal(0, 0.02, steps))
+    return losses.tolist(), norms.tolist()
+
+
+def test_a_healthy_run_raises_nothing():
+    for seed in range(5):
+        assert run(DivergenceGuard(GuardConfig()), *healthy_run(2000, seed)) == {}
+
+
+def test_a_loss_spike_is_caught_at_its_step_and_kept_out_of_the_history():
+    losses, norms = healthy_run(400)
+    losses[299] += 2.0  # step 300: the loss jumps by half
+    guard = DivergenceGuard(GuardConfig())
+    events = run(guard, losses, norms)
+    assert list(events) == [300] and events[300].kind == "loss_spike"
+    assert events[300].value > 6 and "robust standard deviations" in events[300].message
+    assert all(step != 300 for step, _ in guard.losses)
+
+
+@pytest.mark.parametrize("bad", ["loss", "grad", "norm"])
+def test_non_finite_values_are_caught(bad):
+    guard = DivergenceGuard(GuardConfig())
+    values = {"loss": 3.0, "grad": 1.0, "norm": 2.0} | {bad: math.nan if bad != "grad" else math.inf}
+    event = guard.check(7, values["loss"], values["grad"], values["norm"])
+    assert event.kind == "nonfinite" and event.step == 7
+
+
+def test_sustained_norm_growth_is_caught_and_slow_growth_is_not():
+    fast = [2.0 * 1.02**i for i in range(200)]  # +2% a step: doubles in 35 steps
+    slow = [2.0 * 1.003**i for i in range(200)]  # +35% over the 100-step window
+    events = run(DivergenceGuard(GuardConfig(norm_start_step=0)), [3.0] * 200, fast)
+    first = min(events)
+    assert events[first].kind == "norm_growth" and 30 <= first <= 60
+    assert run(DivergenceGuard(GuardConfig(norm_start_step=0)), [3.0] * 200, slow) == {}
+
+
+def test_norm_growth_is_not_tested_before_norm_start_step():
+    fast = [2.0 * 1.02**i for i in range(300)]
+    events = run(DivergenceGuard(GuardConfig(norm_start_step=250)), [3.0] * 300, fast)
+    assert 250 + 20 <= min(events) <= 300  # min_history steps from norm_start_step on
+
+
+def test_a_sudden_blow_up_raises_the_fitted_trend():
+    assert fitted_growth([1.0] * 7 + [1000.0]) > 20
+    assert fitted_growth([1.0] * 7 + [1.3]) < 0.2
+    assert fitted_growth([2.0**i for i in range(10)]) == pytest.approx(2.0**9 - 1)
+
+
+def test_robust_zscore_survives_a_flat_history():
+    assert robust_zscore([2.0] * 30, 2.0) == 0
+    assert robust_zscore([2.0] * 30, 2.01) == pytest.approx(5.0)  # against 0.1% of the median
+
+
+def test_rollback_forgets_the_abandoned_history_and_lowers_the_lr():
+    guard = DivergenceGuard(
+        GuardConfig(rollback_lr_factor=0.5, rollback_lr_steps=10, max_rollbacks=1, norm_start_step=0)
+    )
+    losses, norms = healthy_run(30)
+    run(guard, losses, norms)
+    event = guard.check(31, math.nan, 1.0, 1.0)
+    guard.rolled_back(event, to_step=20, skipped_batches=22)
+    assert max(step for step, _ in guard.losses) == 20 and max(step for step, _ in guard.final_norms) == 20
+    assert guard.rollbacks == [{"event": "nonfinite", "detected_at": 31, "to_step": 20, "skipped_batches": 22}]
+    assert guard.lr_factor(20) == 0.5 and guard.lr_factor(29) == 0.5 and guard.lr_factor(30) == 1.0
+    assert not guard.can_roll_back()
+
+
+def test_state_survives_a_json_checkpoint():
+    guard = DivergenceGuard(GuardConfig())
+    run(guard, *healthy_run(60))
+    restored = DivergenceGuard(GuardConfig())
+    restored.load_state_dict(json.loads(json.dumps(guard.state_dict())))
+    assert restored.state_dict() == guard.state_dict()
+    assert restored.check(61, 50.0, 1.0, 1.0) is not None and restored.losses == guard.losses
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [({"action": "retry"}, "choose one of"), ({"min_history": 2}, "at least 3"), ({"spike_window": 5}, "at least")],
+)
+def test_bad_settings_name_the_setting(change, message):
+    with pytest.raises(GuardError, match=message):
+        DivergenceGuard(GuardConfig(**change))
