@@ -58,6 +58,20 @@ def test_every_zero_stage_trains_the_tiny_model(demo_data, tmp_path, stage):
     assert (run / "config.yaml").is_file() and list((run / "wandb").glob("offline-run-*"))
 
 
+MONITORING_KEYS = [
+    "loss/total", "loss/z", "loss/text", "loss/image", "loss/special",
+    "logits/logZ_mean_text", "logits/logZ_mean_image", "logits/logZ_mean_special",
+    "norms/block_0_out", "norms/block_1_out", "norms/final_out",
+    "attn/qk_logit_max_0", "attn/qk_logit_max_1", "attn/qk_logit_max",
+    "grad/norm", *(f"{prefix}_{group}" for prefix in ("grad/norm", "params/norm", "optim/update_ratio")
+                   for group in ("embeddings", "attention", "ffn", "norms", "output")),
+    "optim/update_ratio", "optim/lr",
+    "perf/step_time_s", "perf/tokens_per_s", "perf/tflops", "perf/mfu", "perf/mem_gb", "perf/data_wait_s",
+    "data/tokens_seen", "data/skipped", "data/checksum",
+    "data/source_text_frac", "data/source_image_text_frac", "data/source_interleaved_frac",
+]  # fmt: skip
+
+
 def test_exact_resume_after_the_process_exits(demo_data, tmp_path):
     common = ["trainer.steps=10", "trainer.checkpoint_every=100"]
     torchrun(TRAIN, *train_overrides(demo_data, tmp_path / "whole", *common))
@@ -68,17 +82,18 @@ def test_exact_resume_after_the_process_exits(demo_data, tmp_path):
     wandb_runs = sorted((tmp_path / "split" / "wandb").glob("offline-run-*"))
     assert len(wandb_runs) == 2 and len({p.name.rsplit("-", 1)[1] for p in wandb_runs}) == 1
     whole, split = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "split")
+    # Every monitor's figures, not only the loss, come out the same: observing changed nothing.
     keys = (
-        "step",
-        "loss/total",
-        "loss/text",
-        "loss/image",
-        "grad/norm",
-        "optim/lr",
-        "data/tokens_seen",
-        "data/checksum",
-    )
+        "step", "loss/total", "loss/text", "loss/image", "loss/z", "logits/logZ_mean_image", "grad/norm", "optim/lr",
+        "data/tokens_seen", "data/checksum", "data/source_text_frac", "norms/block_0_out", "norms/final_out",
+        "attn/qk_logit_max_1", "grad/norm_attention", "params/norm_ffn", "optim/update_ratio_output",
+    )  # fmt: skip
     assert [[m.get(k) for k in keys] for m in whole] == [[m.get(k) for k in keys] for m in split]
+    # A step without image targets has no loss/image, one where no document starts no source fractions.
+    assert set(MONITORING_KEYS) <= set().union(*split), set(MONITORING_KEYS) - set().union(*split)
+    assert all(
+        {k for k in MONITORING_KEYS if k.split("/")[0] in ("norms", "attn", "params", "perf")} <= set(m) for m in split
+    )
     # W&B holds what metrics.jsonl holds, across both invocations.
     logged = wandb_history(tmp_path / "split")
     assert [row["trainer/step"] for row in logged] == [m["step"] for m in split]
