@@ -31,7 +31,9 @@ shards="$DEMO_DIR/shards"
   trainer.steps="$STEPS" trainer.global_batch_tokens=8192 trainer.checkpoint_every=100 \
   trainer.run_dir="$RUN_DIR" logging.log_every=10 logging.group=demo "$@"
 
-"$PY" - "$RUN_DIR" "$started" <<'PYTHON'
+report=$("$PY" -m fusion_train.monitor.report "$RUN_DIR")
+
+"$PY" - "$RUN_DIR" "$started" "$report" <<'PYTHON'
 import json, sys, time
 from pathlib import Path
 run = Path(sys.argv[1])
@@ -44,6 +46,7 @@ fusion_train demo finished in {time.time() - float(sys.argv[2]):.0f} s
   checkpoints  {run / "checkpoints"} ({", ".join(sorted(p.name for p in (run / "checkpoints").glob("step_*")))})
   W&B (offline) {", ".join(str(p) for p in sorted((run / "wandb").glob("offline-run-*")))}
   metrics      {run / "metrics.jsonl"}
+  report       {sys.argv[3]} (open it in a browser)
   loss         {train[0]["loss/total"]:.3f} at step {train[0]["step"]} -> {train[-1]["loss/total"]:.3f} at step {train[-1]["step"]}
   held-out     {", ".join(held_out) or "not validated"}""")
 PYTHON

@@ -23,3 +23,5 @@ def test_demo_trains_and_a_second_run_starts_cleanly(tmp_path):
     assert train[-1]["loss/total"] < train[0]["loss/total"] - 1.0
     assert [m["step"] for m in metrics if "eval/loss" in m] == [15, 30]
     assert list((tmp_path / "demo/runs/1/wandb").glob("offline-run-*/run-*.wandb"))
+    report = tmp_path / "demo/runs/2/report/index.html"
+    assert f"report       {report}" in result.stdout and report.stat().st_size > 10_000

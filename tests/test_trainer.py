@@ -1,5 +1,6 @@
 """`fusion-train` on 2 CPU ranks through DeepSpeed, on the demo pipeline's real shards."""
 
+import math
 import os
 import signal
 import subprocess
@@ -12,6 +13,8 @@ from wandb_records import history as wandb_history
 
 from conftest import REPO, read_metrics, torchrun, torchrun_command, train_overrides
 from fusion_train.cli import train_main
+from fusion_train.monitor.parameters import GROUPS, parameter_group
+from fusion_train.train.checkpoint import consolidated_state_dict
 
 TRAIN = "-m fusion_train.train"
 
@@ -56,6 +59,15 @@ def test_every_zero_stage_trains_the_tiny_model(demo_data, tmp_path, stage):
     assert evaluations[1]["eval/loss"] < evaluations[0]["eval/loss"]
     assert checkpoints(run) == ["step_6", "step_12"]
     assert (run / "config.yaml").is_file() and list((run / "wandb").glob("offline-run-*"))
+    # The per-group statistics read through this stage's partitioning: the group gradient norms make
+    # up the global one, and the weight norms are those of the consolidated checkpoint.
+    last = [m for m in read_metrics(run) if "loss/total" in m][-1]
+    group_grads = math.sqrt(sum(last[f"grad/norm_{group}"] ** 2 for group in GROUPS))
+    assert group_grads == pytest.approx(last["grad/norm"], rel=1e-4)
+    weights = consolidated_state_dict(run / "checkpoints" / "step_12")
+    for group in GROUPS:
+        norm = math.sqrt(sum(t.double().pow(2).sum().item() for n, t in weights.items() if parameter_group(n) == group))
+        assert last[f"params/norm_{group}"] == pytest.approx(norm, rel=1e-5), group
 
 
 MONITORING_KEYS = [

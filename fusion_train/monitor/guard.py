@@ -71,7 +71,7 @@ class DivergenceGuard:
         self.losses: list[tuple[int, float]] = []  # (step, loss) of good steps
         self.final_norms: list[tuple[int, float]] = []
         self.rollbacks: list[dict] = []  # what each rollback skipped, for the record and for later resumes
-        self.lower_lr_until = 0  # the step up to which the LR stays lowered after a rollback
+        self.lower_lr_until = 0  # the last step that runs with a lowered LR after a rollback
 
     def check(self, step: int, loss: float, grad_norm: float, final_norm: float | None) -> GuardEvent | None:
         """The first test that fails at this step, or None (and the step joins the history)."""
@@ -131,8 +131,8 @@ class DivergenceGuard:
             self.lower_lr_until = to_step + self.cfg.rollback_lr_steps
 
     def lr_factor(self, step: int) -> float:
-        """The multiplier of the scheduled LR for the optimizer step after `step`."""
-        return self.cfg.rollback_lr_factor if step < self.lower_lr_until else 1.0
+        """The multiplier of the scheduled LR for optimizer step `step`."""
+        return self.cfg.rollback_lr_factor if step <= self.lower_lr_until else 1.0
 
     def state_dict(self) -> dict:
         return {

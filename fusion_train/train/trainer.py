@@ -73,6 +73,7 @@ class Trainer:
         self.preemption = PreemptionFlag()
         self._monitors(cfg)
         self.step, self.tokens_seen, self.wandb_run_id = 0, 0, None
+        self.applied_lr = cfg.optim.lr  # the LR the last step ran with, for the log
         self._resume()
         self.loggers = self._loggers()
 
@@ -151,6 +152,7 @@ class Trainer:
             step_loss, parameter_metrics = self._optimizer_step(batches, window, logged)
             self.step += 1
             self.tokens_seen += cfg.global_batch_tokens
+            self._apply_lr_factor(self.step + 1)
             progress.update()
             final_norm = self._end_of_step_norms(window)
             event = self.guard.check(self.step, *self._guard_values(step_loss, final_norm)) if self.guard else None
@@ -183,6 +185,7 @@ class Trainer:
         """The micro-batches of one optimizer step; returns their mean loss (on the device) and, on
         logged steps, the per-group parameter statistics."""
         self.faults.begin_step(self.step + 1)
+        self.applied_lr = self.scheduler.optimizer.param_groups[0]["lr"]
         if self.activations:
             self.activations.sample_attention_logits(logged)
         step_loss = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -196,7 +199,6 @@ class Trainer:
                 self.parameters.before_step()
             self.engine.step()  # applies the optimizer only at the accumulation boundary
         self.faults.end_step()
-        self._apply_lr_factor(self.step + 1)
         parameter_metrics = self.parameters.after_step() if logged and self.parameters else {}
         return step_loss / self.grad_accum, parameter_metrics
 
@@ -257,7 +259,7 @@ class Trainer:
         """After a rollback the guard may lower the scheduled LR for a while."""
         if not self.guard or self.cfg.monitor.guard.rollback_lr_factor == 1.0:
             return
-        factor = self.guard.lr_factor(next_step - 1)
+        factor = self.guard.lr_factor(next_step)
         for group, scheduled in zip(self.scheduler.optimizer.param_groups, self.scheduler.get_last_lr(), strict=True):
             group["lr"] = scheduled * factor
 
@@ -356,7 +358,7 @@ class Trainer:
             **self._modality_metrics(reduced),
             "grad/norm": float(self.engine.get_global_grad_norm() or 0.0),
             **parameter_metrics,
-            "optim/lr": self.scheduler.optimizer.param_groups[0]["lr"],
+            "optim/lr": self.applied_lr,  # the logged step's
             "data/tokens_seen": self.tokens_seen,
             "data/skipped": reduced["skipped"].item(),
             "data/checksum": reduced["checksum"].item(),
