@@ -67,7 +67,11 @@ def read_run(run_dir: Path) -> Run:
         raise ReportError(f"{metrics_file} holds no training steps yet: nothing to plot")
     alerts, bad_alerts = read_jsonl(run_dir / "alerts.jsonl") if (run_dir / "alerts.jsonl").is_file() else ([], 0)
     events = [(r["data/tokens_seen"], m[1]) for r in rows for k in r if (m := GUARD_KEY.match(k))]
-    return Run(rows, kept_trajectory(rows), [r for r in records if "eval/loss" in r], events, alerts, bad + bad_alerts)
+    kept = kept_trajectory(rows)
+    tokens_at = {r["step"]: r["data/tokens_seen"] for r in kept}
+    evals = [{"data/tokens_seen": tokens_at.get(r["step"]), **r} for r in records if "eval/loss" in r]
+    evals = [r for r in evals if r["data/tokens_seen"] is not None]
+    return Run(rows, kept, evals, events, alerts, bad + bad_alerts)
 
 
 def kept_trajectory(rows: list[dict]) -> list[dict]:

@@ -324,7 +324,10 @@ class Trainer:
                 self._forward(batch, sums)
         self.engine.train()
         reduced = self._reduce(sums)
-        metrics = {"eval/loss": reduced["loss"].item() / reduced["micro_steps"].item()}
+        metrics = {
+            "eval/loss": reduced["loss"].item() / reduced["micro_steps"].item(),
+            "data/tokens_seen": self.tokens_seen,
+        }
         metrics.update({f"eval/{k.replace('/', '_')}": v for k, v in self._modality_metrics(reduced).items()})
         for logger in self.loggers:
             logger.log(metrics, self.step)
