@@ -66,7 +66,7 @@ class TrainerConfig:
     run_dir: str = "runs/default"
     steps: int = 1000
     global_batch_tokens: int = 2**23  # Chameleon-7B: 8,388,608 tokens per optimizer step
-    checkpoint_every: int = 1000
+    checkpoint_every: int = 1000  # and at the end; 0: only on preemption (benchmarks)
     keep_last: int = 3  # newest checkpoints kept ...
     keep_every: int = 0  # ... plus every keep_every-th step (0: none)
     resume_from: str | None = None  # a checkpoint folder; default: this run's latest
@@ -142,8 +142,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"optim.schedule={cfg.optim.schedule!r}: choose one of {SCHEDULES}")
     if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"deepspeed.zero_stage={cfg.deepspeed.zero_stage}: choose 0, 1, 2 or 3")
-    if cfg.trainer.checkpoint_every <= 0 or cfg.logging.log_every <= 0:
-        raise ConfigError("trainer.checkpoint_every and logging.log_every must be positive")
+    if cfg.trainer.checkpoint_every < 0 or cfg.logging.log_every <= 0:
+        raise ConfigError("logging.log_every must be positive and trainer.checkpoint_every positive or 0 (none)")
     try:
         check_guard_config(cfg.monitor.guard)
     except ValueError as error:

@@ -40,7 +40,9 @@ GUARD_EXIT = 3  # the divergence guard stopped the run
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, loader=None):
+        """`loader`: batches from elsewhere than `cfg.data` (benchmarks feed synthetic ones); it needs
+        the TokenLoader's iteration, state_dict/load_state_dict and `dataset.vocab`/`dataset.names`."""
         self.cfg = cfg
         deepspeed.init_distributed()
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
@@ -52,7 +54,7 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
         dist.barrier()
 
-        self.loader = build_loader(cfg.data, self.rank, self.world_size)
+        self.loader = loader or build_loader(cfg.data, self.rank, self.world_size)
         # Read from its start at every validation, in the main process: the same held-out batches each time.
         self.eval_loader = (
             build_loader(dataclasses.replace(cfg.eval_data, num_workers=0), self.rank, self.world_size)
@@ -168,7 +170,8 @@ class Trainer:
                 self.evaluate()
                 last_log = time.perf_counter()
             preempted = self.preemption.anywhere(self.device)
-            if preempted or self.step % cfg.checkpoint_every == 0 or self.step == stop_at:
+            scheduled = cfg.checkpoint_every and (self.step % cfg.checkpoint_every == 0 or self.step == stop_at)
+            if preempted or scheduled:
                 self.save()
             if preempted:
                 if self.rank == 0:

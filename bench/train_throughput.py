@@ -1,0 +1,126 @@
+"""Throughput of fusion_train's real training path: the Trainer itself (DeepSpeed engine, gradient
+accumulation, chunked loss with z-loss and per-modality sums, monitors and guard) fed synthetic
+token batches, so that no data has to exist. The figures are the trainer's own `perf/*` metrics
+over the timed steps, after `--log-every` warm-up steps; logged steps (every `--log-every`) pay
+the monitors' per-log costs as in training. Prints one JSON line.
+
+    python bench/train_throughput.py --preset tiny --seq-len 256 --micro-batch 8 --micro-steps 4   # CPU
+    torchrun --nproc_per_node 1 bench/train_throughput.py --preset 1b --seq-len 4096 --micro-batch 8 \\
+        --micro-steps 32 --zero 1 --compile                                                        # H100
+
+Anything after `--` is passed to the trainer as Hydra overrides (e.g. `-- monitor.enabled=false`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from fusion_train.cli import _single_process_environment
+from fusion_train.model.size import parameter_counts
+from fusion_train.train.config import load_config
+from fusion_train.train.trainer import Trainer
+from fusion_train.vocab import CHAMELEON_VOCAB, VocabLayout
+
+
+class SyntheticBatches:
+    """Uniform random ids over the whole vocabulary (so every modality has targets) in the shape
+    of the training loader's micro-batches; a stand-in for TokenLoader with nothing to resume."""
+
+    def __init__(self, vocab: VocabLayout, micro_batch: int, seq_len: int, seed: int):
+        self.dataset = self  # the trainer reads .dataset.vocab and .dataset.names
+        self.vocab, self.names = vocab, ["synthetic"]
+        self.shape, self.seed = (micro_batch, seq_len), seed
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed)
+        while True:
+            ids = torch.randint(0, self.vocab.vocab_size, self.shape, generator=generator)
+            yield {
+                "input_ids": ids,
+                "labels": ids,
+                "doc_ids": torch.zeros_like(ids),
+                "documents_per_source": torch.ones(self.shape[0], 1, dtype=torch.long),
+                "skipped_samples": torch.zeros(self.shape[0], dtype=torch.long),
+            }
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="tiny", help="conf/model/<preset>.yaml")
+    parser.add_argument("--seq-len", type=int, default=4096)
+    parser.add_argument("--micro-batch", type=int, default=8)
+    parser.add_argument("--micro-steps", type=int, default=32, help="gradient accumulation per optimizer step")
+    parser.add_argument("--zero", type=int, default=1, choices=(0, 1, 2, 3))
+    parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps (a multiple of --log-every)")
+    parser.add_argument("--log-every", type=int, default=5, help="also the number of warm-up steps")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each block")
+    parser.add_argument("--activation-checkpointing", action="store_true")
+    args, overrides = parser.parse_known_args(argv)
+    if args.steps % args.log_every:
+        parser.error("--steps must be a multiple of --log-every")
+    return args, [o for o in overrides if o != "--"]
+
+
+def main(argv=None) -> None:
+    args, extra = parse_args(sys.argv[1:] if argv is None else argv)
+    _single_process_environment()
+    world = int(os.environ["WORLD_SIZE"])
+    with tempfile.TemporaryDirectory() as run_dir:
+        cfg = load_config([
+            f"model={args.preset}", f"deepspeed=zero{args.zero}", f"data.seq_len={args.seq_len}",
+            f"data.micro_batch_size={args.micro_batch}",
+            f"trainer.global_batch_tokens={args.micro_batch * args.seq_len * args.micro_steps * world}",
+            f"trainer.steps={args.log_every + args.steps}", "trainer.checkpoint_every=0", f"trainer.run_dir={run_dir}",
+            f"trainer.compile={args.compile}", f"trainer.activation_checkpointing={args.activation_checkpointing}",
+            f"logging.log_every={args.log_every}", "logging.wandb=false", "trainer.progress_bar=false", *extra,
+        ])  # fmt: skip
+        vocab = CHAMELEON_VOCAB if cfg.model.vocab_size == CHAMELEON_VOCAB.vocab_size else VocabLayout(
+            image_codebook_size=512, image_grid=8, vocab_size=cfg.model.vocab_size, n_reserved=513
+        )  # fmt: skip
+        trainer = Trainer(cfg, loader=SyntheticBatches(vocab, args.micro_batch, args.seq_len, cfg.trainer.seed))
+        trainer.train()
+        rank = trainer.rank
+        trainer.close()
+        if rank != 0:
+            return
+        rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    timed = rows[1:]  # the first window is the warm-up (compilation, allocator, first shm build)
+    step_time = statistics.mean(r["perf/step_time_s"] for r in timed)
+    tokens_per_s = cfg.trainer.global_batch_tokens / step_time
+    print(json.dumps({
+        "bench": "train_throughput", "system": "fusion_train", "preset": args.preset,
+        "parameters": parameter_counts(cfg.model).total, "device": device_name(), "devices": world,
+        "dtype": "bf16" if torch.cuda.is_available() and cfg.deepspeed.bf16 else "fp32",
+        "zero_stage": args.zero, "seq_len": args.seq_len, "micro_batch": args.micro_batch,
+        "grad_accum": args.micro_steps, "global_batch_tokens": cfg.trainer.global_batch_tokens,
+        "compile": args.compile, "activation_checkpointing": args.activation_checkpointing,
+        "monitoring": cfg.monitor.enabled, "overrides": extra, "timed_steps": args.steps,
+        "step_time_s": round(step_time, 4), "tokens_per_s": round(tokens_per_s, 1),
+        "tokens_per_s_per_device": round(tokens_per_s / world, 1),
+        "tflops_per_device": round(statistics.mean(r["perf/tflops"] for r in timed), 2),
+        "mfu": round(statistics.mean(r["perf/mfu"] for r in timed), 4),
+        "peak_mem_gb": round(max(r["perf/mem_gb"] for r in timed), 2),
+        "loss_first": round(rows[0]["loss/total"], 4), "loss_last": round(rows[-1]["loss/total"], 4),
+    }))  # fmt: skip
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+if __name__ == "__main__":
+    main()
