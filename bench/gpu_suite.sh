@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Everything issue 6 measures, in one call on the GPU machine (the `device` tool), so that the
+# fusion_train and HF-peer figures come from the same run. From the repository root, with the
+# wheels of ../shared/bench/device_wheels.sh in .whl/ (carry it: `carry: [".whl"]`):
+#   bash bench/gpu_suite.sh > $OUT/suite.jsonl
+# PEER: the HF peer script (default shared/bench/peer_hf_chameleon.py); SKIP_PEER=1 leaves it out.
+# VARIANTS: the fusion_train runs, one per line. A 1b variant takes about 3-4 min (10 optimizer
+# steps of 2^20 tokens plus start-up and compilation) and one device call at most 10: split the
+# list over calls, the peer in the first.
+set -uo pipefail
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >&2
+export PYTHONPATH=/tmp/site:$PWD OMP_NUM_THREADS=8 WANDB_MODE=offline
+PEER=${PEER:-shared/bench/peer_hf_chameleon.py}
+
+if [ -z "${SKIP_PEER:-}" ]; then
+  python3 -m pytest -q -m gpu tests/test_gpu.py >&2 || echo '{"gpu_tests": "failed"}'
+  python3 "$PEER" --compile
+fi
+
+# 1b, seq 4096, micro-batch 8, 32 micro-steps (2^20 tokens per optimizer step), one switch at a time.
+common="--preset 1b --seq-len 4096 --micro-batch 8 --micro-steps 32 --steps 5 --log-every 5"
+VARIANTS=${VARIANTS:-"
+--zero 1
+--zero 1 --compile
+--zero 1 --compile -- monitor.enabled=false
+--zero 2 --compile
+--zero 1 --compile --activation-checkpointing
+"}
+while IFS= read -r variant; do
+  [ -z "$variant" ] && continue
+  # shellcheck disable=SC2086
+  python3 -m torch.distributed.run --standalone --nproc_per_node 1 bench/train_throughput.py $common $variant \
+    2> >(tail -5 >&2) || echo "{\"variant\": \"$variant\", \"error\": \"exit $?\"}"
+done <<< "$VARIANTS"
