@@ -111,8 +111,8 @@ def main(argv=None) -> None:
         "monitoring": cfg.monitor.enabled, "overrides": extra, "timed_steps": args.steps,
         "step_time_s": round(step_time, 4), "tokens_per_s": round(tokens_per_s, 1),
         "tokens_per_s_per_device": round(tokens_per_s / world, 1),
-        "tflops_per_device": round(statistics.mean(r["perf/tflops"] for r in timed), 2),
-        "mfu": round(statistics.mean(r["perf/mfu"] for r in timed), 4),
+        "tflops_per_device": float(f"{statistics.mean(r['perf/tflops'] for r in timed):.4g}"),
+        "mfu": float(f"{statistics.mean(r['perf/mfu'] for r in timed):.4g}"),
         "peak_mem_gb": round(max(r["perf/mem_gb"] for r in timed), 2),
         "loss_first": round(rows[0]["loss/total"], 4), "loss_last": round(rows[-1]["loss/total"], 4),
     }))  # fmt: skip
