@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 from wandb_records import records
 
-from conftest import REPO, read_metrics, train_overrides
+from conftest import REPO, read_metrics, torchrun, train_overrides
 from fusion_train.monitor.report import kept_trajectory
 
 FAULT_STEPS = {"nonfinite": 12, "loss_spike": 24, "norm_growth": 33}
@@ -151,6 +151,22 @@ def test_stopping_exits_3_and_leaves_a_good_checkpoint(demo_data, tmp_path, acti
     assert re.search(message, result.stderr), result.stderr[-3000:]
     assert sorted(p.name for p in (run / "checkpoints").glob("step_*"))[-1] == checkpoint_left
     assert training_rows(run)[-1]["step"] == 8
+
+
+def test_two_ranks_under_zero3_decide_and_roll_back_together(demo_data, tmp_path):
+    """Every rank sees the same all-reduced values, takes the same decision and reloads the same
+    partitioned checkpoint; a rank that disagreed would hang the next collective."""
+    run = tmp_path / "run"
+    overrides = train_overrides(
+        demo_data, run, "deepspeed=zero3", "trainer.steps=12", "trainer.checkpoint_every=5", "logging.wandb=false",
+        "monitor.guard.action=rollback", *GUARD, "faults.loss_spike_at=[8]", "faults.nan_gradient_at=[11]",
+    )  # fmt: skip
+    torchrun("-m fusion_train.train", *overrides, timeout=240)
+    rows = training_rows(run)
+    assert events(rows) == [(8, "loss_spike"), (11, "nonfinite")]
+    kept = kept_trajectory(rows)
+    assert [r["step"] for r in kept] == list(range(1, 13)) and all(math.isfinite(r["loss/total"]) for r in kept)
+    assert [r["step"] for r in rows].count(6) == 2 and [r["step"] for r in rows].count(11) == 2
 
 
 def chromium() -> str:
