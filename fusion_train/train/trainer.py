@@ -251,12 +251,12 @@ class Trainer:
     def _guard_values(self, step_loss: torch.Tensor, final_norm: torch.Tensor | None) -> tuple:
         """The step's loss, gradient norm and final-layer norm, the same on every rank: the one host
         sync per optimizer step that a decision at that step needs."""
-        grad_norm = torch.as_tensor(self.engine.get_global_grad_norm() or 0.0, dtype=torch.float64)
-        values = [step_loss, grad_norm.to(self.device), final_norm if final_norm is not None else step_loss]
-        values = torch.stack([v.double().reshape(()) for v in values])
+        grad_norm = torch.as_tensor(self.engine.get_global_grad_norm() or 0.0, device=self.device)
+        norm = final_norm if final_norm is not None else torch.zeros((), device=self.device)
+        values = torch.stack([v.double().reshape(()) for v in (step_loss, grad_norm, norm)])
         dist.all_reduce(values)
         loss, grad, norm = (values / self.world_size).tolist()
-        return loss, grad, norm if final_norm is not None else None
+        return loss, grad, (norm if final_norm is not None else None)
 
     def _apply_lr_factor(self, next_step: int) -> None:
         """After a rollback the guard may lower the scheduled LR for a while."""
