@@ -153,6 +153,23 @@ def test_stopping_exits_3_and_leaves_a_good_checkpoint(demo_data, tmp_path, acti
     assert training_rows(run)[-1]["step"] == 8
 
 
+def test_warn_alerts_and_changes_nothing_else(demo_data, tmp_path):
+    """An event on a checkpoint step, the last one: the run still validates, saves and ends normally."""
+    run = tmp_path / "run"
+    held_out = [
+        "eval_data=demo", f"eval_data.sources.held_out.path={demo_data['shards']['held_out']}", "eval_data.seq_len=128",
+        "trainer.eval_every=10", "trainer.eval_batches=1",
+    ]  # fmt: skip
+    result = train(
+        demo_data, run, "trainer.steps=10", "trainer.checkpoint_every=5", "logging.wandb=false", *GUARD, *held_out,
+        "monitor.guard.action=warn", "faults.loss_spike_at=[10]",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert events(training_rows(run)) == [(10, "loss_spike")] and "action: warn" in result.stderr
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_10", "step_5"]
+    assert [m["step"] for m in read_metrics(run) if "eval/loss" in m] == [10]
+
+
 def test_two_ranks_under_zero3_decide_and_roll_back_together(demo_data, tmp_path):
     """Every rank sees the same all-reduced values, takes the same decision and reloads the same
     partitioned checkpoint; a rank that disagreed would hang the next collective."""

@@ -161,11 +161,11 @@ class Trainer:
             if logged or event:
                 self._log(window, time.perf_counter() - last_log, parameter_metrics, event)
                 window, last_log = self._zero_sums(), time.perf_counter()
-            if event:
-                code = self._act_on(event)
-                if code is not None:
-                    return code
-                continue  # rolled back, the checkpoint rewritten
+            verdict = self._act_on(event) if event else "go_on"
+            if verdict == "stop":
+                return GUARD_EXIT
+            if verdict == "rolled_back":
+                continue  # from the rewritten checkpoint; the abandoned step is neither validated nor saved
             if self.eval_loader is not None and self.step % cfg.eval_every == 0:
                 self.evaluate()
                 last_log = time.perf_counter()
@@ -268,18 +268,19 @@ class Trainer:
 
     # --- the guard's actions --------------------------------------------------------------------
 
-    def _act_on(self, event: GuardEvent) -> int | None:
-        """warn: nothing more; stop: checkpoint (unless the weights are no longer finite) and exit;
-        rollback: reload the checkpoint before the event and skip the data read since. None: go on."""
+    def _act_on(self, event: GuardEvent) -> str:
+        """warn: alert and go on; stop: checkpoint (unless the weights are no longer finite), then
+        "stop"; rollback: reload the checkpoint before the event, skip the data read since, then
+        "rolled_back" (or "stop" when there is none, or too many rollbacks)."""
         action = self.cfg.monitor.guard.action
         self._alert(f"{event.kind} at step {event.step}", f"{event.message}; action: {action}", event.step)
         if action == "warn":
-            return None
+            return "go_on"
         if action == "rollback":
             target = self.checkpoints.latest_before(event.step)
             if target is not None and self.guard.can_roll_back():
                 self._roll_back(event, target)
-                return None
+                return "rolled_back"
             reason = (
                 f"the run has rolled back {len(self.guard.rollbacks)} times, monitor.guard.max_rollbacks="
                 f"{self.cfg.monitor.guard.max_rollbacks}: the run looks hopeless, change the LR, data or recipe"
@@ -289,12 +290,12 @@ class Trainer:
             return self._stop(event, reason, save=False)
         return self._stop(event, "monitor.guard.action=stop", save=event.kind != "nonfinite")
 
-    def _stop(self, event: GuardEvent, reason: str, save: bool) -> int:
+    def _stop(self, event: GuardEvent, reason: str, save: bool) -> str:
         path = self.save() if save else self.checkpoints.latest()
         if self.rank == 0:
             state = "written" if save else "left as the last good checkpoint (this step's state is not saved)"
             log.error("divergence guard stops the run: %s; %s. Checkpoint %s %s", event.message, reason, path, state)
-        return GUARD_EXIT
+        return "stop"
 
     def _roll_back(self, event: GuardEvent, target: Path) -> None:
         saved = read_trainer_state(target)
