@@ -74,12 +74,14 @@ class DivergenceGuard:
         self.lower_lr_until = 0  # the last step that runs with a lowered LR after a rollback
 
     def check(self, step: int, loss: float, grad_norm: float, final_norm: float | None) -> GuardEvent | None:
-        """The first test that fails at this step, or None (and the step joins the history)."""
+        """The first test that fails at this step, or None. A finite step joins the history even when
+        it is an event: a run that goes on from it (`warn`) adapts to a lasting change instead of
+        alarming forever, and a rollback cuts the history back anyway."""
         event = self._nonfinite(step, loss, grad_norm, final_norm) or self._spike(step, loss)
         tracks_norm = final_norm is not None and step >= self.cfg.norm_start_step
         if event is None and tracks_norm:
             event = self._norm_growth(step, final_norm)
-        if event is None:
+        if event is None or event.kind != "nonfinite":
             self.losses = (self.losses + [(step, loss)])[-self.cfg.spike_window :]
             if tracks_norm:
                 self.final_norms = (self.final_norms + [(step, final_norm)])[-self.cfg.norm_window :]

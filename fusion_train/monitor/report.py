@@ -17,6 +17,7 @@ import itertools
 import json
 import re
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +42,7 @@ class Run:
     rows: list[dict]  # training rows as logged, rollbacks included
     kept: list[dict]  # the trajectory the run continued from: the last row logged for each step
     evals: list[dict]
-    events: list[tuple[float, str]]  # (tokens seen, kind)
+    events: list[tuple[int, float, str]]  # (step, tokens seen, kind)
     alerts: list[dict]
     unreadable_lines: int
 
@@ -66,7 +67,7 @@ def read_run(run_dir: Path) -> Run:
     if not rows:
         raise ReportError(f"{metrics_file} holds no training steps yet: nothing to plot")
     alerts, bad_alerts = read_jsonl(run_dir / "alerts.jsonl") if (run_dir / "alerts.jsonl").is_file() else ([], 0)
-    events = [(r["data/tokens_seen"], m[1]) for r in rows for k in r if (m := GUARD_KEY.match(k))]
+    events = [(r["step"], r["data/tokens_seen"], m[1]) for r in rows for k in r if (m := GUARD_KEY.match(k))]
     kept = kept_trajectory(rows)
     tokens_at = {r["step"]: r["data/tokens_seen"] for r in kept}
     evals = [{"data/tokens_seen": tokens_at.get(r["step"]), **r} for r in records if "eval/loss" in r]
@@ -89,14 +90,16 @@ def series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
 
 
 def mark_events(ax, run: Run) -> None:
-    labelled = set()
-    for tokens, kind in run.events:
-        ax.axvline(
-            tokens, color="red", linestyle="--", linewidth=1, label=None if kind in labelled else f"guard: {kind}"
-        )
-        ax.annotate(kind, (tokens, 1.0), xycoords=("data", "axes fraction"), color="red", fontsize=7, rotation=90,
-                    ha="right", va="top")  # fmt: skip
+    """A red line per event; the first of an episode (the same kind on consecutive steps) is named."""
+    labelled, previous = set(), None
+    for step, tokens, kind in run.events:
+        label = None if kind in labelled else f"guard: {kind}"
+        ax.axvline(tokens, color="red", linestyle="--", linewidth=1, alpha=0.6, label=label)
+        if previous != (kind, step - 1):
+            ax.annotate(kind, (tokens, 1.0), xycoords=("data", "axes fraction"), color="red", fontsize=7,
+                        rotation=90, ha="right", va="top")  # fmt: skip
         labelled.add(kind)
+        previous = (kind, step)
 
 
 def line_plot(run: Run, keys: list[tuple[str, str]], title: str, ylabel: str, log_y: bool = False):
@@ -228,7 +231,7 @@ def summary_rows(run: Run) -> list[tuple[str, str]]:
         ("last step", str(last["step"])),
         ("tokens seen", f"{last['data/tokens_seen']:,}"),
         ("last loss", f"{last['loss/total']:.4f}"),
-        ("guard events", str(len(run.events))),
+        ("steps with guard events", str(len(run.events))),
         ("rollbacks", str(rollbacks)),
     ]
     if "perf/mfu" in last:
@@ -245,9 +248,12 @@ def render_html(run_dir: Path, run: Run, images: list[tuple[str, str, bytes]]) -
         f"<tr><td>{a.get('step')}</td><td>{escape(str(a.get('title')))}</td><td>{escape(str(a.get('text')))}</td></tr>"
         for a in run.alerts
     )
+    counts = Counter(kind for _, _, kind in run.events)
     alert_table = (
-        f"<h2>Guard events</h2><table><tr><th>step</th><th>event</th><th>detail</th></tr>{alerts}</table>"
-        if alerts
+        f"<h2>Guard events</h2><p>{escape(', '.join(f'{kind}: {n} steps' for kind, n in counts.items()))}; "
+        "an alert on the first step of each episode:</p>"
+        f"<table><tr><th>step</th><th>event</th><th>detail</th></tr>{alerts}</table>"
+        if run.events
         else "<p>No guard events.</p>"
     )
     figures = "".join(
@@ -266,8 +272,8 @@ figure {{ margin: 1.5em 0; }} img {{ max-width: 100%; }} figcaption {{ color: #5
 <h1>fusion_train run report</h1>
 <p>{escape(str(run_dir.resolve()))}</p>
 <table>{summary}</table>
-{alert_table}
 {figures}
+{alert_table}
 </body></html>
 """
 

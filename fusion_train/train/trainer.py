@@ -91,6 +91,7 @@ class Trainer:
         )
         self.parameters = ParameterMonitor(model, self.rank) if on and monitor.parameters else None
         self.guard = DivergenceGuard(monitor.guard) if on and monitor.guard.enabled else None
+        self.last_event: tuple[str, int] | None = None  # (kind, step): alerts go out once per episode
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
 
     # --- resume -------------------------------------------------------------------------------
@@ -273,7 +274,10 @@ class Trainer:
         "stop"; rollback: reload the checkpoint before the event, skip the data read since, then
         "rolled_back" (or "stop" when there is none, or too many rollbacks)."""
         action = self.cfg.monitor.guard.action
-        self._alert(f"{event.kind} at step {event.step}", f"{event.message}; action: {action}", event.step)
+        episode_goes_on = self.last_event == (event.kind, event.step - 1)
+        self.last_event = (event.kind, event.step)
+        if action != "warn" or not episode_goes_on:  # every step of an episode is logged, its first alerted
+            self._alert(f"{event.kind} at step {event.step}", f"{event.message}; action: {action}", event.step)
         if action == "warn":
             return "go_on"
         if action == "rollback":
