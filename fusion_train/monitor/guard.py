@@ -3,7 +3,7 @@
 Three tests, on values every rank shares (all-reduced), so that every rank decides the same:
 - non-finite: the loss or the global gradient norm is NaN or infinite;
 - loss spike: a robust z-score, (loss - median) / (1.4826 · MAD) over the last `spike_window`
-  good steps, above `spike_zscore`;
+  finite steps, above `spike_zscore`;
 - norm growth: the least-squares trend of log(norms/final_out) over the last `norm_window` steps,
   as a relative growth across the window, above `norm_growth_max`, from `norm_start_step` on (a
   fresh model's norms grow fast while it learns). Steady growth and a sudden blow-up both raise
