@@ -33,11 +33,13 @@ def _write_corpora(folder: Path, captions_file: Path, seed: int) -> None:
     pairs = [json.loads(line) for line in captions_file.read_text().splitlines()]
     for pair in pairs:  # image paths relative to the interleaved jsonl, in `folder`
         pair["image"] = str((captions_file.parent / pair["image"]).relative_to(folder))
+    texts = list(topics.values()) + [f"This picture shows {pair['caption']}." for pair in pairs]
+    # Shuffled: the loader reads a source shard by shard, and a shard holding only long prose made
+    # the text loss spike every time a rank reached it (the guard found it).
+    rng.shuffle(texts)
     with open(folder / "text.jsonl", "w") as f:
-        for text in topics.values():
+        for text in texts:
             f.write(json.dumps({"text": text}) + "\n")
-        for pair in pairs:
-            f.write(json.dumps({"text": f"This picture shows {pair['caption']}."}) + "\n")
     with open(folder / "interleaved.jsonl", "w") as f:
         for i in range(0, len(pairs) - 1, 2):
             first, second = pairs[i], pairs[i + 1]
