@@ -41,6 +41,7 @@ class ReportError(ValueError):
 class Run:
     rows: list[dict]  # training rows as logged, rollbacks included
     kept: list[dict]  # the trajectory the run continued from: the last row logged for each step
+    abandoned: list[dict]  # the rows a rollback went back over
     evals: list[dict]
     events: list[tuple[int, float, str]]  # (step, tokens seen, kind)
     alerts: list[dict]
@@ -72,7 +73,9 @@ def read_run(run_dir: Path) -> Run:
     tokens_at = {r["step"]: r["data/tokens_seen"] for r in kept}
     evals = [{"data/tokens_seen": tokens_at.get(r["step"]), **r} for r in records if "eval/loss" in r]
     evals = [r for r in evals if r["data/tokens_seen"] is not None]
-    return Run(rows, kept, evals, events, alerts, bad + bad_alerts)
+    kept_ids = {id(r) for r in kept}
+    abandoned = [r for r in rows if id(r) not in kept_ids]
+    return Run(rows, kept, abandoned, evals, events, alerts, bad + bad_alerts)
 
 
 def kept_trajectory(rows: list[dict]) -> list[dict]:
@@ -105,12 +108,11 @@ def mark_events(ax, run: Run) -> None:
 def line_plot(run: Run, keys: list[tuple[str, str]], title: str, ylabel: str, log_y: bool = False):
     """One curve per (key, label); abandoned steps in grey."""
     figure, ax = plt.subplots(figsize=(9, 3.6))
-    abandoned = [r for r in run.rows if r not in run.kept]
     for key, label in keys:
         x, y = series(run.kept, key)
         if x:
             ax.plot(x, y, label=label, linewidth=1.5)
-        gx, gy = series(abandoned, key)
+        gx, gy = series(run.abandoned, key)
         if gx:
             ax.plot(gx, gy, ".", color=ABANDONED, markersize=4)
     if log_y:

@@ -252,7 +252,8 @@ class Trainer:
     def _guard_values(self, step_loss: torch.Tensor, final_norm: torch.Tensor | None) -> tuple:
         """The step's loss, gradient norm and final-layer norm, the same on every rank: the one host
         sync per optimizer step that a decision at that step needs."""
-        grad_norm = torch.as_tensor(self.engine.get_global_grad_norm() or 0.0, device=self.device)
+        grad_norm = self.engine.get_global_grad_norm()  # a device tensor or a float; None before any step
+        grad_norm = torch.as_tensor(0.0 if grad_norm is None else grad_norm, device=self.device)
         norm = final_norm if final_norm is not None else torch.zeros((), device=self.device)
         values = torch.stack([v.double().reshape(()) for v in (step_loss, grad_norm, norm)])
         dist.all_reduce(values)
