@@ -35,8 +35,8 @@ class SyntheticBatches:
     of the training loader's micro-batches; a stand-in for TokenLoader with nothing to resume."""
 
     def __init__(self, vocab: VocabLayout, micro_batch: int, seq_len: int, seed: int):
-        self.dataset = self  # the trainer reads .dataset.vocab and .dataset.names
-        self.vocab, self.names = vocab, ["synthetic"]
+        self.dataset = self  # the trainer reads .dataset.vocab, .names and .fingerprints
+        self.vocab, self.names, self.fingerprints = vocab, ["synthetic"], {}
         self.shape, self.seed = (micro_batch, seq_len), seed
 
     def __iter__(self):

@@ -31,7 +31,16 @@ from tqdm import tqdm
 
 from data_pipelines import image_text, interleaved, sft, text
 from data_pipelines.records import PendingImage, Skip
-from fusion_train.data.manifest import MANIFEST, DataError, Manifest, ShardInfo, token_dtype
+from fusion_train.data.manifest import (
+    MANIFEST,
+    SAMPLE_CHECKSUM,
+    DataError,
+    Manifest,
+    ShardInfo,
+    file_hash,
+    sample_checksum,
+    token_dtype,
+)
 from fusion_train.tokenizers.image import ImageTokenizer
 from fusion_train.tokenizers.multimodal import DocumentTokenizer, TokenizedDocument
 from fusion_train.tokenizers.text import TextTokenizer
@@ -192,8 +201,15 @@ def _chunks(records: Iterator[tuple[Path, bytes | dict]]) -> Iterator[list]:
         yield chunk
 
 
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
 class ShardSink:
-    """Writes samples into `shard-NNNNNN.tar` files, starting a new one past either bound."""
+    """Writes samples into `shard-NNNNNN.tar` files, starting a new one past either bound; each
+    sample carries the checksum of its arrays' bytes, each finished shard its hash in the manifest."""
 
     def __init__(self, folder: Path, manifest: Manifest, max_samples: int, max_bytes: int):
         self.folder, self.manifest = folder, manifest
@@ -201,6 +217,7 @@ class ShardSink:
         self.dtype = token_dtype(manifest.vocab)
         self.writer: wds.TarWriter | None = None
         self.tokens_by_modality: Counter = Counter()
+        manifest.sample_checksums = SAMPLE_CHECKSUM
 
     def _roll(self) -> None:
         self.close()
@@ -215,10 +232,11 @@ class ShardSink:
         if current is None or current.samples >= self.max_samples or self.bytes >= self.max_bytes:
             self._roll()
             current = self.manifest.shards[-1]
-        sample = {"__key__": f"{index:010d}", "tokens.npy": document.tokens.astype(self.dtype)}
+        arrays = {"tokens.npy": _npy_bytes(document.tokens.astype(self.dtype))}
         if document.loss_mask is not None:
-            sample["mask.npy"] = document.loss_mask
-        sample["json"] = {"kind": self.manifest.kind, "record": index}
+            arrays["mask.npy"] = _npy_bytes(document.loss_mask)
+        metadata = {"kind": self.manifest.kind, "record": index, SAMPLE_CHECKSUM: sample_checksum(*arrays.values())}
+        sample = {"__key__": f"{index:010d}", **arrays, "json": metadata}
         self.bytes += self.writer.write(sample)
         current.samples += 1
         current.tokens += len(document.tokens)
@@ -231,6 +249,7 @@ class ShardSink:
             self.writer.close()
             self.file.close()
             self.writer = None
+            self.manifest.shards[-1].content_hash = file_hash(Path(self.file.name))
 
 
 def _prepare_output(folder: Path, overwrite: bool) -> None:

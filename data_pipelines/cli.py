@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from data_pipelines.build import KIND_MODULES, BuildSettings, build_shards
 from data_pipelines.demo import make_demo_data
 from data_pipelines.train_image_tokenizer import train_image_tokenizer
+from data_pipelines.verify import verify_source
 from fusion_train.data.manifest import DataError
 from fusion_train.tokenizers.text import TokenizerError, train_text_tokenizer
 from fusion_train.vocab import VocabLayout
@@ -59,6 +61,10 @@ def _parser() -> argparse.ArgumentParser:
     shards.add_argument("--max-samples-per-shard", type=int, default=10_000)
     shards.add_argument("--max-mb-per-shard", type=int, default=256)
     shards.add_argument("--overwrite", action="store_true", help="replace shards already in --output")
+
+    verify = commands.add_parser("verify", help="check every shard of a source against its manifest")
+    verify.add_argument("source_dir", help="a folder with manifest.json and its shards")
+    verify.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     return parser
 
 
@@ -95,10 +101,21 @@ def _run(args: argparse.Namespace) -> dict:
     }
 
 
+def _verify(args: argparse.Namespace) -> int:
+    """Problems one per line on stderr, the summary as JSON; exit 1 when anything is wrong."""
+    summary, problems = verify_source(args.source_dir, args.workers)
+    for line in problems:
+        print(line, file=sys.stderr)
+    print(json.dumps(summary))
+    return 1 if problems else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = _parser().parse_args(argv)
     try:
+        if args.command == "verify":
+            return _verify(args)
         print(json.dumps(_run(args)))
     except (DataError, TokenizerError, ValueError) as err:
         print(f"fusion-data {args.command}: error: {err}", file=sys.stderr)

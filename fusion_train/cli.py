@@ -14,22 +14,16 @@ from fusion_train.model import convert
 from fusion_train.vocab import VocabLayout
 
 
-def _vocab_arguments(parser: argparse.ArgumentParser) -> None:
-    """The vocabulary sizes a source format does not record (vocab_size always comes from it)."""
-    defaults = VocabLayout()
-    group = parser.add_argument_group("vocabulary layout (defaults: Chameleon's)")
-    group.add_argument(
-        "--image-codebook-size",
-        type=int,
-        default=defaults.image_codebook_size,
-        help="image codes (an HF vocabulary map that names them overrides this)",
-    )
-    group.add_argument("--image-grid", type=int, default=defaults.image_grid, help="codes per image side")
-    group.add_argument("--n-reserved", type=int, default=defaults.n_reserved, help="reserved control ids")
+def _vocab_arguments(parser: argparse.ArgumentParser, when_missing: str) -> None:
+    """The vocabulary sizes a source format may not record (vocab_size always comes from it)."""
+    group = parser.add_argument_group(f"vocabulary layout ({when_missing})")
+    group.add_argument("--image-codebook-size", type=int, help="image codes (an HF vocabulary map names them)")
+    group.add_argument("--image-grid", type=int, help="codes per image side")
+    group.add_argument("--n-reserved", type=int, help="reserved control ids")
 
 
-def _vocab(args: argparse.Namespace) -> VocabLayout:
-    return VocabLayout(args.image_codebook_size, args.image_grid, n_reserved=args.n_reserved)
+def _vocab_sizes(args: argparse.Namespace) -> convert.VocabSizes:
+    return convert.VocabSizes(args.image_codebook_size, args.image_grid, args.n_reserved)
 
 
 def _convert_parser() -> argparse.ArgumentParser:
@@ -39,17 +33,23 @@ def _convert_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    def command(name: str, source: str, help_text: str, vocab: bool = False) -> argparse.ArgumentParser:
+    def command(name: str, source: str, help_text: str, vocab_when_missing: str = "") -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text)
         sub.add_argument(source)
         sub.add_argument("out_dir")
-        if vocab:
-            _vocab_arguments(sub)
+        if vocab_when_missing:
+            _vocab_arguments(sub, vocab_when_missing)
         return sub
 
-    command("from-hf", "hf_dir", "HF ChameleonForConditionalGeneration folder -> fusion_train model folder", vocab=True)
+    command(
+        "from-hf", "hf_dir", "HF ChameleonForConditionalGeneration folder -> fusion_train model folder",
+        "needed only for an export that does not record it and is not of Chameleon's released sizes",
+    )  # fmt: skip
     command("to-hf", "model_dir", "fusion_train model folder or training checkpoint -> HF folder")
-    command("from-meta", "meta_dir", "Meta params.json + consolidated*.pth -> fusion_train model folder", vocab=True)
+    command(
+        "from-meta", "meta_dir", "Meta params.json + consolidated*.pth -> fusion_train model folder",
+        "Meta's format records none; defaults: Chameleon's 8192 codes, 32 x 32 grid, 1024 reserved",
+    )  # fmt: skip
     command(
         "zero-to-safetensors", "checkpoint", "a run's checkpoints/step_N (any ZeRO stage) -> fusion_train model folder"
     )
@@ -66,25 +66,45 @@ def _is_training_checkpoint(path: str) -> bool:
     return (Path(path) / TRAINER_STATE).is_file()
 
 
+def _checkpoint_vocab(state: dict, cfg) -> VocabLayout:
+    """The vocabulary layout the checkpoint records; checkpoints written before it did are read
+    through their shards' manifests, which must then still be where training read them."""
+    from fusion_train.data.loader import read_manifests
+    from fusion_train.data.manifest import DataError
+
+    if "vocab" in state:
+        return VocabLayout(**state["vocab"])
+    try:
+        return next(iter(read_manifests(cfg.data).values())).vocab
+    except DataError as err:
+        raise convert.ConversionError(
+            f"this checkpoint predates the vocabulary layout being stored in it, and its shards' manifests "
+            f"cannot be read ({err}): put the shards back at their training paths, or use fusion-convert's "
+            "--image-grid/--n-reserved route on an exported model"
+        ) from err
+
+
 def _zero_to_safetensors(checkpoint: str, out_dir) -> Path:
     """The consolidated weights of a training checkpoint, with its model config and the vocabulary
-    of the shards it trained on."""
-    from fusion_train.data.loader import read_manifests
+    layout it trained with (stored in the checkpoint: the shards are not needed)."""
     from fusion_train.train.checkpoint import consolidated_state_dict, read_trainer_state
     from fusion_train.train.config import from_dict
 
     if not _is_training_checkpoint(checkpoint):
         raise convert.ConversionError(f"{checkpoint} is not a training checkpoint (no trainer_state.json)")
-    cfg = from_dict(read_trainer_state(Path(checkpoint))["config"])
-    vocab = next(iter(read_manifests(cfg.data).values())).vocab
-    return convert.save_native(consolidated_state_dict(checkpoint), cfg.model, vocab, out_dir)
+    state = read_trainer_state(Path(checkpoint))
+    cfg = from_dict(state["config"])
+    vocab = _checkpoint_vocab(state, cfg)
+    return convert.save_native(
+        consolidated_state_dict(checkpoint), cfg.model, vocab, out_dir, state.get("tokenizer_fingerprints")
+    )
 
 
 def convert_main(argv: list[str] | None = None) -> int:
     args = _convert_parser().parse_args(argv)
     try:
         if args.command == "from-hf":
-            out = convert.import_hf(args.hf_dir, args.out_dir, _vocab(args))
+            out = convert.import_hf(args.hf_dir, args.out_dir, _vocab_sizes(args))
         elif args.command == "to-hf":
             model_dir = args.model_dir
             if _is_training_checkpoint(model_dir):
@@ -93,7 +113,7 @@ def convert_main(argv: list[str] | None = None) -> int:
         elif args.command == "zero-to-safetensors":
             out = _zero_to_safetensors(args.checkpoint, args.out_dir)
         elif args.command == "from-meta":
-            out = convert.import_meta(args.meta_dir, args.out_dir, _vocab(args))
+            out = convert.import_meta(args.meta_dir, args.out_dir, _vocab_sizes(args))
         else:
             out = convert.export_meta(args.model_dir, args.out_dir, args.model_parallel)
     except (convert.ConversionError, ValueError) as err:
@@ -114,11 +134,17 @@ def _single_process_environment() -> None:
 
 def train_main(argv: list[str] | None = None) -> int:
     """`fusion-train [HYDRA OVERRIDES...]`, e.g. `fusion-train model=1b deepspeed=zero3 trainer.steps=1000`."""
+    from fusion_train.train.signals import exit_with_launcher
+
+    exit_with_launcher()
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     from fusion_train.data.manifest import DataError
+    from fusion_train.train import failure
+    from fusion_train.train.checkpoint import CheckpointError
     from fusion_train.train.config import ConfigError, gradient_accumulation_steps, load_config, validate
+    from fusion_train.train.run_lock import RunFolderInUse
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Deprecations inside torchdata and DeepSpeed, repeated by every rank, that a user cannot act on.
@@ -133,16 +159,34 @@ def train_main(argv: list[str] | None = None) -> int:
         validate(cfg)
         gradient_accumulation_steps(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # before anything is allocated
     except (ConfigError, DataError, ValueError, HydraException, OmegaConfBaseException) as err:
-        print(f"fusion-train: error: {err}", file=sys.stderr)
-        return 2
+        return failure.fail_at_start(err)
     _single_process_environment()
     from fusion_train.train.trainer import Trainer
 
+    user_errors = (ConfigError, DataError, CheckpointError, RunFolderInUse)
     try:
         trainer = Trainer(cfg)
-    except (ConfigError, DataError) as err:
-        print(f"fusion-train: error: {err}", file=sys.stderr)
-        return 2
-    code = trainer.train()
+    except user_errors as err:
+        _exit_now(failure.fail_at_start(err))
+    try:
+        code = trainer.train()
+    except user_errors as err:
+        trainer.close_loggers()
+        _exit_now(failure.fail_in_training(err, trainer.run_dir))
+    except Exception:
+        code = failure.peer_failure(trainer.run_dir)  # this rank lost a peer that said why
+        if code is None:
+            raise
+        trainer.close_loggers()
+        _exit_now(code)
     trainer.close()
     return code
+
+
+def _exit_now(code: int) -> None:
+    """Exit without the interpreter's finalisation: with the process group still up (a failure
+    leaves no way to tear it down together), gloo's threads abort at exit and turn the exit code
+    into SIGABRT."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

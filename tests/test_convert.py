@@ -149,7 +149,7 @@ def test_meta_shards_with_their_own_qk_norm_import_per_shard(tmp_path):
     (folder / "params.json").write_text(json.dumps({"model": params["model"]}))
     (folder / "consolidate_params.json").write_text(json.dumps({"model_parallel_size": 2}))
 
-    convert.import_meta(folder, tmp_path / "native", VOCAB)
+    convert.import_meta(folder, tmp_path / "native", convert.VocabSizes(256, 4, 600))
     imported, imported_cfg, _ = convert.load_native(tmp_path / "native")
     assert imported_cfg.qk_norm_groups == 2
     for s in range(2):

@@ -2,6 +2,7 @@
 every kind of bad input."""
 
 import dataclasses
+import io
 import json
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import webdataset as wds
 
 from conftest import REPO
 from fusion_train.data.loader import DataConfig, SourceConfig, build_loader
-from fusion_train.data.manifest import DataError, Manifest
+from fusion_train.data.manifest import DataError, Manifest, sample_checksum
 from helpers import SMALL_VOCAB as V
 from helpers import document_number, numbered_documents, write_shards
 
@@ -165,6 +166,15 @@ def test_wrong_tokenizer_fingerprint_is_refused(tmp_path):
         build_loader(config({"a": (a, 1.0)}), expected_fingerprints={"text": "cccc"})
 
 
+def checksummed_sample(key: str, tokens: np.ndarray | bytes) -> dict:
+    """A sample whose checksum matches what it holds, however bad that is."""
+    if isinstance(tokens, np.ndarray):
+        buffer = io.BytesIO()
+        np.save(buffer, tokens)
+        tokens = buffer.getvalue()
+    return {"__key__": key, "tokens.npy": tokens, "json": {"crc32": sample_checksum(tokens)}}
+
+
 def test_bad_shards_and_samples_are_skipped_and_counted(tmp_path):
     folder = write_shards(tmp_path / "bad", numbered_documents(100), per_shard=25)
     # A truncated shard, and a shard holding a corrupt npy, out-of-vocabulary ids and an empty document.
@@ -172,13 +182,11 @@ def test_bad_shards_and_samples_are_skipped_and_counted(tmp_path):
     shard0.write_bytes(shard0.read_bytes()[: shard0.stat().st_size // 2])
     manifest = Manifest.read(folder)
     with wds.TarWriter(str(folder / "shard-000001.tar"), mtime=0) as writer:
-        writer.write({"__key__": "a", "tokens.npy": b"not an npy file"})
-        writer.write({"__key__": "b", "tokens.npy": np.array([V.bos, V.vocab_size + 5, V.eos], dtype=np.uint16)})
-        writer.write({"__key__": "c", "tokens.npy": np.array([], dtype=np.uint16)})
+        writer.write(checksummed_sample("a", b"not an npy file"))
+        writer.write(checksummed_sample("b", np.array([V.bos, V.vocab_size + 5, V.eos], dtype=np.uint16)))
+        writer.write(checksummed_sample("c", np.array([], dtype=np.uint16)))
         for document in numbered_documents(22, seed=9):
-            writer.write(
-                {"__key__": f"d{document_number(document.tokens)}", "tokens.npy": document.tokens.astype(np.uint16)}
-            )
+            writer.write(checksummed_sample(f"d{document_number(document.tokens)}", document.tokens.astype(np.uint16)))
 
     loader = build_loader(config({"bad": (folder, 1.0)}, num_workers=0, micro_batch_size=4))
     skipped = sum(int(b["skipped_samples"].sum()) for b in islice(loader, 60))

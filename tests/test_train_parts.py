@@ -5,22 +5,41 @@ import math
 import pytest
 
 from fusion_train.model.chameleon import Chameleon
-from fusion_train.train.checkpoint import Checkpointer
+from fusion_train.train.checkpoint import TRAINER_STATE, Checkpointer, CheckpointError, read_trainer_state
 from fusion_train.train.engine import parameter_groups
 from fusion_train.train.schedule import warmup_cosine, warmup_exponential
 from helpers import small_config
 
 
+def _checkpoint(folder, name, marked=True):
+    (folder / name).mkdir()
+    if marked:
+        (folder / name / TRAINER_STATE).write_text("{}")
+
+
 def test_keeps_the_last_k_and_every_m_th_checkpoint(tmp_path):
     for step in range(1, 11):
-        (tmp_path / f"step_{step}").mkdir()
-    (tmp_path / "step_11.partial").mkdir()
+        _checkpoint(tmp_path, f"step_{step}")
+    _checkpoint(tmp_path, "step_11.partial")
+    _checkpoint(tmp_path, "step_12", marked=False)  # emptied by an older version's interrupted prune
+    _checkpoint(tmp_path, "step_2.pruning")  # a prune killed between its rename and its deletion
     checkpointer = Checkpointer(tmp_path, rank=0, keep_last=3, keep_every=4)
     checkpointer._prune()
     assert [step for step, _ in checkpointer.complete()] == [4, 8, 9, 10]
-    assert checkpointer.latest().name == "step_10"
-    checkpointer.remove_partials()
-    assert not (tmp_path / "step_11.partial").exists()
+    assert checkpointer.latest().name == "step_10" and checkpointer.latest_before(9).name == "step_8"
+    checkpointer.remove_leftovers()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_10", "step_12", "step_4", "step_8", "step_9"]
+    with pytest.raises(CheckpointError, match="no trainer_state.json, the marker written last"):
+        read_trainer_state(tmp_path / "step_12")
+
+
+def test_the_newest_checkpoint_is_never_pruned(tmp_path):
+    with pytest.raises(ValueError, match="keep_last must be at least 1"):
+        Checkpointer(tmp_path, rank=0, keep_last=0, keep_every=0)
+    for step in (5, 10):
+        _checkpoint(tmp_path, f"step_{step}")
+    Checkpointer(tmp_path, rank=0, keep_last=1, keep_every=0)._prune()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_10"]
 
 
 def test_warmup_then_exponential_decay_toward_zero():

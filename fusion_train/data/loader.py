@@ -11,7 +11,9 @@ StatefulDataLoader saves and restores it per worker, with the loader's own bookk
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -44,6 +46,8 @@ class DataConfig:
     seed: int = 0
     # Resume with another number of ranks or workers: restart the data order instead of failing.
     restart_data_order: bool = False
+    # Check each sample's CRC-32 on every read: a mismatch is a counted `checksum_mismatch` skip.
+    verify_checksums: bool = True
 
 
 def source_weights(cfg: DataConfig, manifests: dict[str, Manifest]) -> dict[str, float]:
@@ -64,9 +68,26 @@ def source_weights(cfg: DataConfig, manifests: dict[str, Manifest]) -> dict[str,
     return {name: w / total for name, w in weights.items()}
 
 
+def check_shards_present(name: str, folder: str | Path, manifest: Manifest) -> None:
+    """One directory listing per source: a source none of whose shards is there stops the run
+    before the model is built; one missing a few loses only those (counted skips)."""
+    present = set(os.listdir(folder))
+    missing = [s.name for s in manifest.shards if s.name not in present]
+    if len(missing) == len(manifest.shards):
+        raise DataError(
+            f"source {name}: none of the {len(missing)} shards its manifest lists is in {folder} "
+            f"(first: {missing[0]}); were the shards moved? point data.sources.{name}.path at them"
+        )
+    if missing:
+        log.warning("source %s: %d of %d shards missing from %s (first: %s): their samples are skipped",
+                    name, len(missing), len(manifest.shards), folder, missing[0])  # fmt: skip
+
+
 def read_manifests(cfg: DataConfig, expected_fingerprints: dict[str, str] | None = None) -> dict[str, Manifest]:
     """Every source's manifest; all must share one vocabulary layout and tokenizers, the run's."""
     manifests = {name: Manifest.read(source.path) for name, source in cfg.sources.items()}
+    for name, manifest in manifests.items():
+        check_shards_present(name, cfg.sources[name].path, manifest)
     reference = dict(expected_fingerprints or {})
     vocab = None
     for name, manifest in manifests.items():
@@ -94,6 +115,12 @@ class MixtureDataset(IterableDataset):
         weights = source_weights(cfg, self.manifests)
         self.probabilities = np.array([weights[n] for n in self.names])
         self.vocab: VocabLayout = next(iter(self.manifests.values())).vocab
+        # The tokenizers that made the data (read_manifests checked that the sources agree).
+        self.fingerprints = {k: v for m in self.manifests.values() for k, v in m.fingerprints.items() if v}
+        unchecked = [n for n, m in self.manifests.items() if m.sample_checksums is None]
+        if unchecked and cfg.verify_checksums and rank == 0:
+            log.warning("sources %s were built before samples carried checksums: read without verification; "
+                        "rebuild their shards to have every read checked", unchecked)  # fmt: skip
         Packer(cfg.seq_len, self.vocab, len(self.names))  # checks seq_len before any worker starts
         self._pending_state: dict | None = None
 
@@ -107,9 +134,12 @@ class MixtureDataset(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         reader, readers = self.rank * workers + worker, self.world_size * workers
         self.streams = [
-            SourceStream(n, self.cfg.sources[n].path, self.manifests[n], reader, readers, self.cfg.seed)
+            SourceStream(
+                n, self.cfg.sources[n].path, self.manifests[n], reader, readers, self.cfg.seed,
+                self.cfg.verify_checksums,
+            )
             for n in self.names
-        ]
+        ]  # fmt: skip
         usable = np.array([s.has_samples for s in self.streams])
         if not usable[self.probabilities > 0].any():
             raise DataError(

@@ -1,10 +1,17 @@
 """`manifest.json`: what a folder of token shards holds, written by the shard builder and checked
-by the loader before it reads a byte of the shards."""
+by the loader before it reads a byte of the shards.
+
+Integrity: each shard's entry has the blake2b hash of the whole file (`fusion-data verify` checks
+it), and each sample's `json` member a CRC-32 of its raw `tokens.npy` and `mask.npy` bytes, which
+the loader checks on every read (`sample_checksums: "crc32"`). Manifests written before either
+existed still load; they are read without those checks."""
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,11 +36,32 @@ class Skip(Exception):
         self.reason = reason
 
 
+SAMPLE_CHECKSUM = "crc32"
+HASH_CHUNK = 4 * 2**20
+
+
 @dataclass
 class ShardInfo:
     name: str
     samples: int
     tokens: int
+    content_hash: str | None = None  # "blake2b:<hex>" of the whole file; None in older manifests
+
+
+def file_hash(path: Path) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            digest.update(chunk)
+    return f"blake2b:{digest.hexdigest()}"
+
+
+def sample_checksum(*members: bytes) -> int:
+    """CRC-32 over a sample's raw member bytes (tokens.npy, then mask.npy when present)."""
+    crc = 0
+    for member in members:
+        crc = zlib.crc32(member, crc)
+    return crc
 
 
 @dataclass
@@ -46,6 +74,7 @@ class Manifest:
     skipped: dict[str, int] = field(default_factory=dict)
     seed: int = 0
     inputs: list[str] = field(default_factory=list)
+    sample_checksums: str | None = None  # SAMPLE_CHECKSUM when every sample carries one
 
     @property
     def samples(self) -> int:

@@ -8,6 +8,7 @@ A truncated or unreadable tar loses only the samples it cannot give; those come 
 from __future__ import annotations
 
 import io
+import json
 import logging
 import tarfile
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fusion_train.data.manifest import Skip
+from fusion_train.data.manifest import SAMPLE_CHECKSUM, Skip, sample_checksum
 from fusion_train.vocab import VocabLayout
 
 log = logging.getLogger(__name__)
@@ -50,8 +51,9 @@ def validate(tokens: np.ndarray, vocab: VocabLayout) -> None:
 
 
 class ShardReader:
-    def __init__(self, path: Path, vocab: VocabLayout):
-        self.path, self.vocab = path, vocab
+    def __init__(self, path: Path, vocab: VocabLayout, verify_checksums: bool = False):
+        """`verify_checksums`: each sample's arrays must match the CRC-32 in its json member."""
+        self.path, self.vocab, self.verify_checksums = path, vocab, verify_checksums
         self.samples: list[dict[str, tarfile.TarInfo]] = []
         try:
             self.tar = tarfile.open(path, mode="r:")
@@ -75,6 +77,9 @@ class ShardReader:
             log.warning("shard %s is damaged after %d members (%s): the rest is skipped", self.path, len(members), err)
         return [m for m in members if m.isfile()]
 
+    def key(self, index: int) -> str:
+        return next(iter(self.samples[index].values())).name.partition(".")[0]
+
     def _read(self, member: tarfile.TarInfo) -> bytes:
         data = self.tar.extractfile(member).read()
         if len(data) != member.size:
@@ -88,12 +93,11 @@ class ShardReader:
         if "tokens.npy" not in members:
             raise Skip("corrupt_sample")
         try:
-            tokens = np.load(io.BytesIO(self._read(members["tokens.npy"])), allow_pickle=False)
-            mask = (
-                np.load(io.BytesIO(self._read(members["mask.npy"])), allow_pickle=False)
-                if "mask.npy" in members
-                else None
-            )
+            arrays = [self._read(members[name]) for name in ("tokens.npy", "mask.npy") if name in members]
+            if self.verify_checksums:
+                self._verify(members, arrays)
+            tokens = np.load(io.BytesIO(arrays[0]), allow_pickle=False)
+            mask = np.load(io.BytesIO(arrays[1]), allow_pickle=False) if len(arrays) == 2 else None
         except (OSError, ValueError, EOFError, tarfile.TarError):
             raise Skip("corrupt_sample") from None
         if tokens.ndim != 1 or (mask is not None and mask.shape != tokens.shape):
@@ -101,6 +105,13 @@ class ShardReader:
         tokens = tokens.astype(np.int64)
         validate(tokens, self.vocab)
         return Document(tokens, mask)
+
+    def _verify(self, members: dict[str, tarfile.TarInfo], arrays: list[bytes]) -> None:
+        if "json" not in members:
+            raise Skip("corrupt_sample")
+        metadata = json.loads(self._read(members["json"]))
+        if not isinstance(metadata, dict) or metadata.get(SAMPLE_CHECKSUM) != sample_checksum(*arrays):
+            raise Skip("checksum_mismatch")
 
     def close(self) -> None:
         if self.tar is not None:

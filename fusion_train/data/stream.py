@@ -23,8 +23,13 @@ log = logging.getLogger(__name__)
 
 
 class SourceStream:
-    def __init__(self, name: str, folder: str | Path, manifest: Manifest, reader: int, readers: int, seed: int):
+    def __init__(
+        self, name: str, folder: str | Path, manifest: Manifest, reader: int, readers: int, seed: int,
+        verify_checksums: bool = True,
+    ):  # fmt: skip
         self.name, self.folder, self.manifest = name, Path(folder), manifest
+        # Shards built before samples carried checksums are read unchecked.
+        self.verify_checksums = verify_checksums and manifest.sample_checksums is not None
         self.reader, self.readers = reader, readers
         self.seed = [seed, zlib.crc32(name.encode())]
         self.counts = np.array([s.samples for s in manifest.shards], dtype=np.int64)
@@ -62,7 +67,8 @@ class SourceStream:
         if self._open is None or self._open[0] != shard:
             if self._open is not None:
                 self._open[1].close()
-            self._open = (shard, ShardReader(self.folder / self.manifest.shards[shard].name, self.manifest.vocab))
+            path = self.folder / self.manifest.shards[shard].name
+            self._open = (shard, ShardReader(path, self.manifest.vocab, self.verify_checksums))
         return self._open[1]
 
     def next_document(self) -> Document:

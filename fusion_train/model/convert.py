@@ -20,7 +20,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -30,6 +32,7 @@ from fusion_train.vocab import (
     BEGIN_OF_IMAGE_NAME,
     CHAMELEON_VOCAB,
     END_OF_IMAGE_NAME,
+    IMAGE_CODE_OFFSET,
     IMAGE_TOKEN_PREFIX,
     SPECIAL_NAMES,
     VocabLayout,
@@ -39,20 +42,55 @@ from fusion_train.vocab import (
 NATIVE_WEIGHTS = "model.safetensors"
 CONFIG_FILE = "config.json"
 META_PARAMS = "params.json"
+LAYOUT_KEY = "fusion_train_vocab"  # our full layout in an HF config.json (transformers ignores it)
+RESERVED_NAME = re.compile(r"^<reserved(\d{5})>$")
 
 
 class ConversionError(ValueError):
     pass
 
 
+@dataclass
+class VocabSizes:
+    """Layout sizes as a user gave them on the command line; None: not given."""
+
+    image_codebook_size: int | None = None
+    image_grid: int | None = None
+    n_reserved: int | None = None
+
+    FLAGS: ClassVar[dict] = {
+        "image_codebook_size": "--image-codebook-size", "image_grid": "--image-grid", "n_reserved": "--n-reserved",
+    }  # fmt: skip
+
+    def given(self) -> list[tuple[str, str, int]]:
+        """(flag, field, value) of each size given."""
+        return [(flag, f, getattr(self, f)) for f, flag in self.FLAGS.items() if getattr(self, f) is not None]
+
+    def layout(self, vocab_size: int, defaults: VocabLayout = CHAMELEON_VOCAB) -> VocabLayout:
+        """The sizes given, the defaults' for the rest; an impossible layout is an error naming the flags."""
+        sizes = {f: getattr(defaults, f) for f in self.FLAGS} | {f: v for _, f, v in self.given()}
+        try:
+            return VocabLayout(**sizes, vocab_size=vocab_size)
+        except ValueError as err:
+            message = str(err)
+            for field, flag in self.FLAGS.items():
+                message = message.replace(f"vocab.{field}", flag).replace(field, flag)
+            raise ConversionError(f"{message} (the checkpoint has {vocab_size} ids)") from None
+
+
 # --- native -------------------------------------------------------------------------------------
 
 
-def save_native(state_dict: dict, cfg: ChameleonConfig, vocab: VocabLayout, out_dir: str | Path) -> Path:
+def save_native(
+    state_dict: dict, cfg: ChameleonConfig, vocab: VocabLayout, out_dir: str | Path, tokenizers: dict | None = None
+) -> Path:
+    """`tokenizers`: the fingerprints of the tokenizers the weights were trained with, when known."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state_dict.items()}, out / NATIVE_WEIGHTS)
     config = {"model": dataclasses.asdict(cfg), "vocab": dataclasses.asdict(vocab)}
+    if tokenizers:
+        config["tokenizer_fingerprints"] = tokenizers
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return out
 
@@ -220,12 +258,14 @@ def hf_config(cfg: ChameleonConfig, vocab: VocabLayout, dtype: torch.dtype) -> d
         "pad_token_id": vocab.pad,
         "vocabulary_map": hf_vocabulary_map(vocab),
         "dtype": str(dtype).removeprefix("torch."),
+        LAYOUT_KEY: dataclasses.asdict(vocab),
     }
 
 
-def configs_from_hf(config: dict, vocab: VocabLayout = CHAMELEON_VOCAB) -> tuple[ChameleonConfig, VocabLayout]:
-    """`vocab` gives what HF's config does not hold (image grid, reserved ids); the vocabulary size
-    and the image codebook come from the config and its vocabulary map."""
+def configs_from_hf(config: dict, said: VocabSizes | None = None) -> tuple[ChameleonConfig, VocabLayout]:
+    """The model and vocabulary layout of an HF export; `said`: the sizes the user gave (see
+    `_layout_from_hf` for when they are needed)."""
+    _check_is_hf_chameleon(config)
     rope = config.get("rope_parameters") or {"rope_type": "default", "rope_theta": config.get("rope_theta", 10000.0)}
     if rope.get("rope_type", "default") != "default":
         raise ConversionError(f"HF config: rope_type {rope['rope_type']!r} is not supported (Chameleon uses 'default')")
@@ -242,15 +282,73 @@ def configs_from_hf(config: dict, vocab: VocabLayout = CHAMELEON_VOCAB) -> tuple
         block_style="swin" if config.get("swin_norm") else "prenorm",
         qk_norm_groups=config.get("model_parallel_size") or 1,
     )
-    return cfg, _vocab_from_names(config.get("vocabulary_map") or {}, vocab, cfg.vocab_size)
+    return cfg, _layout_from_hf(config, cfg.vocab_size, said or VocabSizes())
 
 
-def _vocab_from_names(names: dict, vocab: VocabLayout, vocab_size: int) -> VocabLayout:
-    """The layout a vocabulary map implies; it must be Chameleon's (code c at id 4 + c)."""
+def _check_is_hf_chameleon(config: dict) -> None:
+    if {"model", "vocab"} <= set(config):
+        raise ConversionError(
+            "this is a fusion_train model folder, not an HF export: use it as it is, or `fusion-convert to-hf` it"
+        )
+    required = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+    missing = [k for k in required if k not in config]
+    if config.get("model_type", "chameleon") != "chameleon" or missing:
+        raise ConversionError(
+            f"not an HF Chameleon config (model_type {config.get('model_type')!r}, missing {missing}): expected the "
+            "folder of a transformers ChameleonForConditionalGeneration"
+        )
+
+
+def _layout_from_hf(config: dict, vocab_size: int, said: VocabSizes) -> VocabLayout:
+    """The layout our own exports record under LAYOUT_KEY. Otherwise the image codebook comes from
+    the vocabulary map's names, the reserved count from its `<reservedNNNNN>` names or the user,
+    the image grid from the user; only Chameleon's released sizes imply all three. A guess would
+    silently shift where text starts, so an unknown layout is refused."""
+    names = config.get("vocabulary_map") or {}
+    image_grid, n_reserved = said.image_grid, said.n_reserved
+    if LAYOUT_KEY in config:
+        vocab = VocabLayout(**config[LAYOUT_KEY])
+        conflicts = [f"{flag} {given} (the export says {getattr(vocab, field)})"
+                     for flag, field, given in said.given() if given != getattr(vocab, field)]  # fmt: skip
+        if conflicts or vocab.vocab_size != vocab_size:
+            raise ConversionError(f"the export's {LAYOUT_KEY} disagrees with {conflicts or 'its vocab_size'}")
+    else:
+        codebook = sum(name.startswith(IMAGE_TOKEN_PREFIX) for name in names) or said.image_codebook_size
+        if vocab_size == CHAMELEON_VOCAB.vocab_size and codebook in (None, CHAMELEON_VOCAB.image_codebook_size):
+            defaults = CHAMELEON_VOCAB  # the released layout
+            codebook = defaults.image_codebook_size
+            image_grid, n_reserved = image_grid or defaults.image_grid, n_reserved or defaults.n_reserved
+        n_reserved = n_reserved or (codebook and _reserved_in_names(names, codebook))
+        unknown = [flag for flag, v in (("--image-grid", image_grid), ("--n-reserved", n_reserved)) if not v]
+        if not codebook:
+            unknown.insert(0, "--image-codebook-size (or a vocabulary_map)")
+        if unknown:
+            raise ConversionError(
+                f"the export does not record its vocabulary layout (no {LAYOUT_KEY}) and its sizes are not "
+                f"Chameleon's released ones: pass {', '.join(unknown)} as it was trained"
+            )
+        vocab = VocabLayout(codebook, image_grid, vocab_size, n_reserved)
+    _check_names(names, vocab)
+    return vocab
+
+
+def _reserved_in_names(names: dict, codebook: int) -> int | None:
+    """How many reserved ids follow the image markers, from the last `<reservedNNNNN>` name at its
+    layout place (id NNNNN + 4) in the run that starts right after them."""
+    first = IMAGE_CODE_OFFSET + codebook + 2
+    ids = {i for name, i in names.items() if (m := RESERVED_NAME.match(name)) and int(m[1]) + IMAGE_CODE_OFFSET == i}
+    count = 0
+    while first + count in ids or first + count + 1 in ids:  # one may be renamed (HF's `<image>`)
+        count += 1
+    return count or None
+
+
+def _check_names(names: dict, vocab: VocabLayout) -> None:
+    """The vocabulary map must follow Chameleon's layout (code c at id 4 + c)."""
     image_ids = {name: i for name, i in names.items() if name.startswith(IMAGE_TOKEN_PREFIX)}
-    codebook_size = len(image_ids) or vocab.image_codebook_size
-    vocab = dataclasses.replace(vocab, vocab_size=vocab_size, image_codebook_size=codebook_size)
     misplaced = [n for n, i in image_ids.items() if i != vocab.image_code_start + image_code_of_name(n)]
+    if image_ids and len(image_ids) != vocab.image_codebook_size:
+        misplaced.append(f"{len(image_ids)} image codes named, the layout has {vocab.image_codebook_size}")
     for name, expected in ((END_OF_IMAGE_NAME, vocab.end_of_image), (BEGIN_OF_IMAGE_NAME, vocab.begin_of_image)):
         if names.get(name, expected) != expected:
             misplaced.append(name)
@@ -259,7 +357,6 @@ def _vocab_from_names(names: dict, vocab: VocabLayout, vocab_size: int) -> Vocab
             f"HF vocabulary_map does not follow Chameleon's id layout (image code c at id 4 + c, "
             f"then <eoss>, <racm3:break>): {misplaced[:5]}"
         )
-    return vocab
 
 
 def read_hf_weights(folder: Path) -> dict:
@@ -288,12 +385,12 @@ def read_hf_weights(folder: Path) -> dict:
     return state_dict
 
 
-def import_hf(hf_dir: str | Path, out_dir: str | Path, vocab: VocabLayout = CHAMELEON_VOCAB) -> Path:
+def import_hf(hf_dir: str | Path, out_dir: str | Path, said: VocabSizes | None = None) -> Path:
     folder = Path(hf_dir)
     config_path = folder / CONFIG_FILE
     if not config_path.is_file():
         raise ConversionError(f"{config_path} not found: expected a transformers model folder")
-    cfg, vocab = configs_from_hf(json.loads(config_path.read_text()), vocab)
+    cfg, vocab = configs_from_hf(json.loads(config_path.read_text()), said)
     return save_native(from_hf_state_dict(read_hf_weights(folder), cfg), cfg, vocab, out_dir)
 
 
@@ -443,11 +540,12 @@ def read_meta(folder: str | Path) -> tuple[dict, list[dict]]:
     return params, shards
 
 
-def import_meta(meta_dir: str | Path, out_dir: str | Path, vocab: VocabLayout = CHAMELEON_VOCAB) -> Path:
-    """`vocab` gives the image codebook and reserved sizes; vocab_size comes from the checkpoint."""
+def import_meta(meta_dir: str | Path, out_dir: str | Path, said: VocabSizes | None = None) -> Path:
+    """Meta's release records no layout: the sizes not `said` are Chameleon's; vocab_size comes
+    from the checkpoint."""
     params, shards = read_meta(meta_dir)
     cfg = config_from_meta(params, shards)
-    vocab = dataclasses.replace(vocab, vocab_size=cfg.vocab_size)
+    vocab = (said or VocabSizes()).layout(cfg.vocab_size)
     return save_native(from_meta_shards(shards, cfg), cfg, vocab, out_dir)
 
 

@@ -1,6 +1,10 @@
 """Where metrics go: `metrics.jsonl` in the run folder always (guard alerts beside it in
 `alerts.jsonl`), Weights & Biases on rank 0 when enabled (`WANDB_MODE=offline` honoured), and
-TensorBoard when asked for. Each gets the same dict per logged step."""
+TensorBoard when asked for. Each gets the same dict per logged step.
+
+`metrics.jsonl` also marks where each invocation starts, `{"step": N, "resumed_from": PATH or
+null, "time": ...}`: the steps after N that an earlier invocation logged before it was killed are
+redone, so a reader takes the last record of each step (as `fusion-report` does)."""
 
 from __future__ import annotations
 
@@ -15,7 +19,13 @@ class JsonlLogger:
         self.file = open(run_dir / "metrics.jsonl", "a")
 
     def log(self, metrics: dict, step: int) -> None:
-        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self._write({"step": step, **metrics})
+
+    def mark_start(self, step: int, resumed_from: Path | None) -> None:
+        self._write({"step": step, "resumed_from": str(resumed_from) if resumed_from else None, "time": time.time()})
+
+    def _write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
         self.file.flush()
 
     def alert(self, title: str, text: str, step: int) -> None:

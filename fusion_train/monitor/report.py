@@ -64,18 +64,33 @@ def read_run(run_dir: Path) -> Run:
     if not metrics_file.is_file():
         raise ReportError(f"{metrics_file} does not exist: give the run folder a training run wrote (trainer.run_dir)")
     records, bad = read_jsonl(metrics_file)
-    rows = [r for r in records if "loss/total" in r and "data/tokens_seen" in r]
+    rows = as_run_stands(records, lambda r: "loss/total" in r and "data/tokens_seen" in r)
     if not rows:
         raise ReportError(f"{metrics_file} holds no training steps yet: nothing to plot")
     alerts, bad_alerts = read_jsonl(run_dir / "alerts.jsonl") if (run_dir / "alerts.jsonl").is_file() else ([], 0)
     events = [(r["step"], r["data/tokens_seen"], m[1]) for r in rows for k in r if (m := GUARD_KEY.match(k))]
     kept = kept_trajectory(rows)
     tokens_at = {r["step"]: r["data/tokens_seen"] for r in kept}
-    evals = [{"data/tokens_seen": tokens_at.get(r["step"]), **r} for r in records if "eval/loss" in r]
+    evals = [
+        {"data/tokens_seen": tokens_at.get(r["step"]), **r} for r in as_run_stands(records, lambda r: "eval/loss" in r)
+    ]
     evals = [r for r in evals if r["data/tokens_seen"] is not None]
     kept_ids = {id(r) for r in kept}
     abandoned = [r for r in rows if id(r) not in kept_ids]
     return Run(rows, kept, abandoned, evals, events, alerts, bad + bad_alerts)
+
+
+def as_run_stands(records: list[dict], wanted) -> list[dict]:
+    """The `wanted` records as the run stands: an invocation that resumed from step N redid the
+    steps after N that its killed predecessor had logged, so those earlier records are dropped
+    (they are neither the kept trajectory nor a rollback's abandoned steps)."""
+    kept = []
+    for record in records:
+        if "resumed_from" in record:
+            kept = [r for r in kept if r["step"] <= record["step"]]
+        elif wanted(record):
+            kept.append(record)
+    return kept
 
 
 def kept_trajectory(rows: list[dict]) -> list[dict]:

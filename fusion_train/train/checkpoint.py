@@ -1,10 +1,14 @@
 """Checkpoints that a crash at any moment leaves usable.
 
 A checkpoint is written under `step_N.partial` (DeepSpeed's engine state, then each rank's data
-position and RNG states, then rank 0's trainer state) and renamed to `step_N` only when every
-rank has finished: a folder without `.partial` is complete by construction, and resuming takes
-the newest of those. `latest` (for DeepSpeed's own tools) is replaced atomically after the rename.
-The last `keep_last` checkpoints are kept, plus every `keep_every`-th step.
+position and RNG states) and, once every rank has finished, rank 0 writes its trainer state last:
+`trainer_state.json` is the completion marker. Only then is the folder renamed to `step_N`. A
+checkpoint is complete when it is named `step_N` and holds the marker; `latest`, `latest_before`
+and resume look at nothing else. `latest` (for DeepSpeed's own tools) is replaced atomically after
+the rename. The last `keep_last` (at least 1) checkpoints are kept, plus every `keep_every`-th
+step; the newest complete one is never pruned. Pruning renames `step_N` to `step_N.pruning` before
+deleting it, so a kill in the middle leaves a marked leftover, removed at the next start, and never
+a half-deleted `step_N`.
 
 A rollback rewrites the checkpoint it went back to (same weights, a data position past the skipped
 batches): the old folder is set aside as `step_N.superseded` until the new one is in place, and a
@@ -14,6 +18,7 @@ crash in between restores it at the next start.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -25,9 +30,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+log = logging.getLogger(__name__)
 TAG = re.compile(r"^step_(\d+)$")
 PARTIAL = ".partial"
 SUPERSEDED = ".superseded"
+PRUNING = ".pruning"
 TRAINER_STATE = "trainer_state.json"
 
 
@@ -54,10 +61,11 @@ def restore_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def _fault_injection_pause() -> None:
-    """Tests kill a trainer inside a checkpoint write: FUSION_TRAIN_CHECKPOINT_PAUSE_S holds it
-    there, between the engine state and the rest, for that many seconds."""
-    pause = float(os.environ.get("FUSION_TRAIN_CHECKPOINT_PAUSE_S", "0"))
+def _fault_injection_pause(variable: str) -> None:
+    """Tests kill a trainer inside a checkpoint write (FUSION_TRAIN_CHECKPOINT_PAUSE_S: between the
+    engine state and the rest) or inside pruning (FUSION_TRAIN_PRUNE_PAUSE_S: between the rename
+    and the deletion): the variable holds it there for that many seconds."""
+    pause = float(os.environ.get(variable, "0"))
     if pause:
         time.sleep(pause)
 
@@ -68,13 +76,26 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
+def is_complete(path: Path) -> bool:
+    return TAG.match(path.name) is not None and (path / TRAINER_STATE).is_file()
+
+
+def check_retention(keep_last: int, keep_every: int) -> None:
+    if keep_last < 1 or keep_every < 0:
+        raise ValueError(
+            f"trainer.keep_last={keep_last}, trainer.keep_every={keep_every}: keep_last must be at least 1 "
+            "(the newest checkpoint is what a restart resumes from) and keep_every 0 (none) or positive"
+        )
+
+
 class Checkpointer:
     def __init__(self, folder: str | Path, rank: int, keep_last: int, keep_every: int):
+        check_retention(keep_last, keep_every)
         self.folder, self.rank = Path(folder), rank
         self.keep_last, self.keep_every = keep_last, keep_every
 
     def complete(self) -> list[tuple[int, Path]]:
-        found = [(int(m[1]), p) for p in self.folder.glob("step_*") if (m := TAG.match(p.name)) and p.is_dir()]
+        found = [(int(p.name.split("_")[1]), p) for p in self.folder.glob("step_*") if is_complete(p)]
         return sorted(found)
 
     def latest(self) -> Path | None:
@@ -85,11 +106,14 @@ class Checkpointer:
         earlier = [path for s, path in self.complete() if s < step]
         return earlier[-1] if earlier else None
 
-    def remove_partials(self) -> None:
-        """Leftovers of a save that was interrupted (rank 0, before training starts)."""
+    def remove_leftovers(self) -> None:
+        """Leftovers of a save or a prune that was interrupted (rank 0, before training starts)."""
         if self.rank == 0:
-            for partial in self.folder.glob(f"step_*{PARTIAL}"):
-                shutil.rmtree(partial, ignore_errors=True)
+            for leftover in [*self.folder.glob(f"step_*{PARTIAL}"), *self.folder.glob(f"step_*{PRUNING}")]:
+                shutil.rmtree(leftover, ignore_errors=True)
+            for unmarked in self.folder.glob("step_*"):
+                if TAG.match(unmarked.name) and not is_complete(unmarked):
+                    log.warning("%s has no %s: an incomplete checkpoint, ignored", unmarked, TRAINER_STATE)
             for old in self.folder.glob(f"step_*{SUPERSEDED}"):
                 final = old.with_name(old.name.removesuffix(SUPERSEDED))
                 if final.exists():
@@ -101,12 +125,11 @@ class Checkpointer:
         tag = f"step_{step}"
         partial, final = self.folder / (tag + PARTIAL), self.folder / tag
         engine.save_checkpoint(str(self.folder), tag=partial.name, save_latest=False)
-        _fault_injection_pause()
+        _fault_injection_pause("FUSION_TRAIN_CHECKPOINT_PAUSE_S")
         torch.save({**rank_state, "rng": rng_states()}, partial / _rank_state_file(self.rank))
-        if self.rank == 0:
-            (partial / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2) + "\n")
         dist.barrier()
         if self.rank == 0:
+            _write_atomically(partial / TRAINER_STATE, json.dumps(trainer_state, indent=2) + "\n")  # the marker
             superseded = final.with_name(tag + SUPERSEDED)
             if final.exists():
                 os.rename(final, superseded)
@@ -119,11 +142,15 @@ class Checkpointer:
 
     def _prune(self) -> None:
         complete = self.complete()
-        keep = {step for step, _ in complete[-self.keep_last :]} if self.keep_last > 0 else set()
+        keep = {step for step, _ in complete[-self.keep_last :]}
         keep |= {step for step, _ in complete if self.keep_every and step % self.keep_every == 0}
         for step, path in complete:
             if step not in keep:
-                shutil.rmtree(path, ignore_errors=True)
+                doomed = path.with_name(path.name + PRUNING)
+                shutil.rmtree(doomed, ignore_errors=True)  # an earlier attempt's leftover
+                os.rename(path, doomed)
+                _fault_injection_pause("FUSION_TRAIN_PRUNE_PAUSE_S")
+                shutil.rmtree(doomed, ignore_errors=True)
 
     def load_engine(self, engine, path: Path, load_optimizer: bool = True) -> None:
         """The model (and, unless another data-parallel split makes it unusable, the optimizer and
@@ -140,8 +167,18 @@ class Checkpointer:
         return torch.load(path / _rank_state_file(self.rank), weights_only=True)
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names it and what to choose instead."""
+
+
 def read_trainer_state(path: Path) -> dict:
-    return json.loads((Path(path) / TRAINER_STATE).read_text())
+    path = Path(path)
+    if not (path / TRAINER_STATE).is_file():
+        raise CheckpointError(
+            f"{path} is not a complete checkpoint: it has no {TRAINER_STATE}, the marker written last "
+            "(an interrupted save or prune leaves such a folder); choose a complete step_N folder"
+        )
+    return json.loads((path / TRAINER_STATE).read_text())
 
 
 def consolidated_state_dict(path: str | Path) -> dict:

@@ -21,6 +21,7 @@ from fusion_train.data.loader import DataConfig
 from fusion_train.model.chameleon import ChameleonConfig
 from fusion_train.monitor.config import MonitorConfig
 from fusion_train.monitor.guard import check_config as check_guard_config
+from fusion_train.train.checkpoint import check_retention
 from fusion_train.train.faults import FaultConfig
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -67,7 +68,7 @@ class TrainerConfig:
     steps: int = 1000
     global_batch_tokens: int = 2**23  # Chameleon-7B: 8,388,608 tokens per optimizer step
     checkpoint_every: int = 1000  # and at the end; 0: only on preemption (benchmarks)
-    keep_last: int = 3  # newest checkpoints kept ...
+    keep_last: int = 3  # newest checkpoints kept (at least 1) ...
     keep_every: int = 0  # ... plus every keep_every-th step (0: none)
     resume_from: str | None = None  # a checkpoint folder; default: this run's latest
     stop_after_steps: int | None = None  # this invocation's steps, then checkpoint and exit (time-limited jobs)
@@ -146,5 +147,6 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("logging.log_every must be positive and trainer.checkpoint_every positive or 0 (none)")
     try:
         check_guard_config(cfg.monitor.guard)
+        check_retention(cfg.trainer.keep_last, cfg.trainer.keep_every)
     except ValueError as error:
         raise ConfigError(str(error)) from error

@@ -3,6 +3,10 @@ from our config, activation checkpointing and regional torch.compile applied fro
 
 from __future__ import annotations
 
+import logging
+import os
+from pathlib import Path
+
 import deepspeed
 import torch
 from torch import nn
@@ -11,6 +15,29 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from fusion_train.model.chameleon import Chameleon, HeadLayerNorm, RMSNorm
 from fusion_train.train.config import TrainConfig
 from fusion_train.train.schedule import build_schedule
+
+log = logging.getLogger(__name__)
+SHM_COMM_OP = "deepspeed_shm_comm"
+
+
+def announce_op_builds() -> None:
+    """On a CPU, DeepSpeed's process-group setup JIT-compiles its shared-memory collective op the
+    first time in each environment (minutes, without a word). Say so first, on one rank per node.
+    The build is cached under the torch-extensions folder; another virtualenv's DeepSpeed sources
+    sit elsewhere, so its first launch compiles again (ninja sees other source paths)."""
+    if torch.cuda.is_available() or os.environ.get("LOCAL_RANK", "0") != "0":
+        return
+    from torch.utils.cpp_extension import _get_build_directory
+
+    build = Path(_get_build_directory(SHM_COMM_OP, verbose=False))
+    ninja = build / "build.ninja"
+    sources = str(Path(deepspeed.__file__).parent)
+    if (build / f"{SHM_COMM_OP}.so").is_file() and ninja.is_file() and sources in ninja.read_text():
+        return
+    log.warning(
+        "first launch in this environment: DeepSpeed compiles its CPU communication op %s (2-3 minutes, once; "
+        "cached in %s)", SHM_COMM_OP, build,
+    )  # fmt: skip
 
 
 def use_bf16(cfg: TrainConfig) -> bool:

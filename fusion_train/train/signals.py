@@ -1,13 +1,16 @@
 """Preemption: SIGTERM (the scheduler is ending the job) and SIGUSR1 (SLURM's advance warning,
 `--signal=USR1@120`) ask the trainer to finish its optimizer step, checkpoint and exit 0; under
-SLURM the job is then requeued and resumes from that checkpoint by itself."""
+SLURM the job is then requeued and resumes from that checkpoint by itself. And a rank whose
+launcher dies dies with it."""
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
 import subprocess
+import sys
 
 import torch
 import torch.distributed as dist
@@ -44,3 +47,21 @@ def requeue_slurm_job() -> bool:
         return False
     log.warning("SLURM job %s requeued; it resumes from the checkpoint just written", job)
     return True
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def exit_with_launcher() -> None:
+    """Under torchrun, have the kernel SIGKILL this rank when torchrun dies. torchrun starts its
+    ranks in sessions of their own, so a `kill -9` of torchrun alone leaves them training, and a
+    restart would then have two trainers writing one run folder. With the launcher gone nobody can
+    coordinate a clean stop: the last checkpoint is what a restart resumes from. (A SLURM step kill
+    reaches every process anyway.) Not for a rank started without torchrun: a `nohup fusion-train`
+    must outlive its shell."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    launcher = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != launcher:  # it died before the request was in place
+        os._exit(1)

@@ -9,6 +9,7 @@ import dataclasses
 import gc
 import logging
 import math
+import os
 import sys
 import time
 from itertools import islice
@@ -27,10 +28,12 @@ from fusion_train.monitor.guard import DivergenceGuard, GuardEvent
 from fusion_train.monitor.loggers import JsonlLogger, TensorBoardLogger, WandbLogger
 from fusion_train.monitor.parameters import ParameterMonitor
 from fusion_train.monitor.throughput import achieved_tflops, peak_memory_gb, reset_peak_memory
+from fusion_train.train import failure
 from fusion_train.train.checkpoint import Checkpointer, read_trainer_state, restore_rng_states
 from fusion_train.train.config import ConfigError, TrainConfig, as_dict, gradient_accumulation_steps, to_yaml
-from fusion_train.train.engine import build_engine
+from fusion_train.train.engine import announce_op_builds, build_engine
 from fusion_train.train.faults import FaultInjector
+from fusion_train.train.run_lock import RunFolderInUse, RunFolderLock, in_use
 from fusion_train.train.signals import PreemptionFlag, requeue_slurm_job
 from fusion_train.vocab import Modality
 
@@ -42,17 +45,18 @@ GUARD_EXIT = 3  # the divergence guard stopped the run
 class Trainer:
     def __init__(self, cfg: TrainConfig, loader=None):
         """`loader`: batches from elsewhere than `cfg.data` (benchmarks feed synthetic ones); it needs
-        the TokenLoader's iteration, state_dict/load_state_dict and `dataset.vocab`/`dataset.names`."""
+        the TokenLoader's iteration, state_dict/load_state_dict and `dataset.vocab`, `.names` and
+        `.fingerprints`."""
         self.cfg = cfg
+        if torch.cuda.is_available():  # one GPU per local rank, before any collective picks one
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        announce_op_builds()
         deepspeed.init_distributed()
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
         self.grad_accum = gradient_accumulation_steps(cfg, self.world_size)
         self.run_dir = Path(cfg.trainer.run_dir)
-        if self.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
-        dist.barrier()
+        self.run_lock = self._hold_run_folder()
 
         self.loader = loader or build_loader(cfg.data, self.rank, self.world_size)
         # Read from its start at every validation, in the main process: the same held-out batches each time.
@@ -71,13 +75,34 @@ class Trainer:
         self.checkpoints = Checkpointer(
             self.run_dir / "checkpoints", self.rank, cfg.trainer.keep_last, cfg.trainer.keep_every
         )
-        self.checkpoints.remove_partials()
+        self.checkpoints.remove_leftovers()
         self.preemption = PreemptionFlag()
         self._monitors(cfg)
         self.step, self.tokens_seen, self.wandb_run_id = 0, 0, None
         self.applied_lr = cfg.optim.lr  # the LR the last step ran with, for the log
-        self._resume()
+        resumed_from = self._resume()
         self.loggers = self._loggers()
+        if self.rank == 0:
+            self.loggers[0].mark_start(self.step, resumed_from)
+
+    def _hold_run_folder(self) -> RunFolderLock | None:
+        """Rank 0 locks the run folder before anything is written there; every rank learns whether
+        it could, and the holder's name is in the lock file for all of them to report."""
+        lock = None
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                lock = RunFolderLock(self.run_dir)
+            except RunFolderInUse:
+                pass
+            else:
+                failure.clear(self.run_dir)
+                (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
+        refused = torch.tensor([int(self.rank == 0 and lock is None)], device=self.device)
+        dist.all_reduce(refused, op=dist.ReduceOp.MAX)
+        if refused.item():
+            raise in_use(self.run_dir)
+        return lock
 
     def _monitors(self, cfg: TrainConfig) -> None:
         model, monitor = self.engine.module, cfg.monitor
@@ -96,11 +121,12 @@ class Trainer:
 
     # --- resume -------------------------------------------------------------------------------
 
-    def _resume(self) -> None:
+    def _resume(self) -> Path | None:
+        """The checkpoint this invocation continues from, if any."""
         resume_from = self.cfg.trainer.resume_from
         path = Path(resume_from) if resume_from else self.checkpoints.latest()
         if path is None:
-            return
+            return None
         saved = read_trainer_state(path)
         same_split = saved["world_size"] == self.world_size
         if not same_split and not self.cfg.data.restart_data_order:
@@ -124,6 +150,7 @@ class Trainer:
             log.warning(
                 "resumed from %s at step %d (%d tokens seen) in %.2f s", path, self.step, self.tokens_seen, seconds
             )
+        return path
 
     def _loggers(self) -> list:
         if self.rank != 0:
@@ -426,18 +453,27 @@ class Trainer:
             "wandb_run_id": self.wandb_run_id,
             "guard": self.guard.state_dict() if self.guard else None,
             "config": as_dict(self.cfg),
+            # What a conversion needs, so that it needs neither the shards nor the tokenizers.
+            "vocab": dataclasses.asdict(self.vocab),
+            "tokenizer_fingerprints": self.loader.dataset.fingerprints,
         }
         path = self.checkpoints.save(self.engine, self.step, {"loader": self.loader.state_dict()}, trainer_state)
         if self.rank == 0:
             log.info("checkpoint %s written in %.2f s", path, time.perf_counter() - started)
         return path
 
+    def close_loggers(self) -> None:
+        for logger in self.loggers:
+            logger.close()  # before any exit, or an offline W&B run loses its history
+        self.loggers = []
+
     def close(self) -> None:
         """Tear down in an order that lets gloo's threads end before the interpreter does."""
         dist.barrier()
-        for logger in self.loggers:
-            logger.close()  # before any exit, or an offline W&B run loses its history
+        self.close_loggers()
         self.engine.destroy()
         del self.engine, self.optimizer, self.scheduler, self.loader
         gc.collect()
         dist.destroy_process_group()
+        if self.run_lock is not None:
+            self.run_lock.release()

@@ -1,0 +1,83 @@
+"""How a run that cannot go on ends under torchrun: one `fusion-train: error: ...` message, exit
+code 2 on every rank, and the message as the root cause in torchrun's failure summary.
+
+Every failing rank writes the message to torchrun's error file (TORCHELASTIC_ERROR_FILE, the file
+`torch.distributed.elastic.multiprocessing.errors.record` writes and torchrun's summary reads),
+with the message itself in place of a traceback. Only one rank prints it:
+- errors found while the run starts (config, data, checkpoint, run folder) are the same on every
+  rank, so rank 0 prints them;
+- errors met during training (a source whose every shard turned unreadable, in a loader worker)
+  are printed by the first rank to create `RUN_DIR/failure.json`, which keeps the message. A
+  rank that then fails only because that peer left (a collective that lost its partner) ends
+  quietly with the peer's message instead of a traceback of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+FAILURE_FILE = "failure.json"
+EXIT_CODE = 2
+
+
+def user_message(error: BaseException) -> str:
+    """The error's own message; for one re-raised from a loader worker, the original's last line
+    rather than the worker's traceback that the DataLoader prepends."""
+    message = str(error)
+    if message.startswith("Caught ") and "Original Traceback" in message:
+        last_line = message.rstrip().splitlines()[-1]
+        message = last_line.split(": ", 1)[1] if ": " in last_line else last_line
+    return message
+
+
+def _record_for_torchrun(message: str) -> None:
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        text = f"fusion-train: error: {message}"
+        record = {"message": {"message": text, "extraInfo": {"py_callstack": text, "timestamp": str(int(time.time()))}}}
+        Path(path).write_text(json.dumps(record))
+
+
+def _print(message: str) -> None:
+    print(f"fusion-train: error: {message}", file=sys.stderr, flush=True)
+
+
+def fail_at_start(error: BaseException) -> int:
+    message = user_message(error)
+    _record_for_torchrun(message)
+    if os.environ.get("RANK", "0") == "0":
+        _print(message)
+    return EXIT_CODE
+
+
+def fail_in_training(error: BaseException, run_dir: Path) -> int:
+    message = user_message(error)
+    _record_for_torchrun(message)
+    try:
+        claim = os.open(Path(run_dir) / FAILURE_FILE, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return EXIT_CODE  # a peer has said it
+    with os.fdopen(claim, "w") as f:
+        f.write(json.dumps({"rank": int(os.environ.get("RANK", "0")), "time": time.time(), "message": message}) + "\n")
+    _print(message)
+    return EXIT_CODE
+
+
+def peer_failure(run_dir: Path) -> int | None:
+    """EXIT_CODE after recording a peer's failure as this rank's cause, or None when no peer failed."""
+    path = Path(run_dir) / FAILURE_FILE
+    try:
+        message = json.loads(path.read_text())["message"]
+    except (OSError, ValueError, KeyError):
+        return None
+    _record_for_torchrun(f"{message} (reported by another rank)")
+    return EXIT_CODE
+
+
+def clear(run_dir: Path) -> None:
+    """A new invocation's failures are its own (rank 0, holding the run folder)."""
+    (Path(run_dir) / FAILURE_FILE).unlink(missing_ok=True)
