@@ -99,7 +99,12 @@ def train_overrides(demo_data: dict, run_dir: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
+def read_records(run_dir: Path) -> list[dict]:
+    """Every record of metrics.jsonl: logged metrics and the marks of each invocation's start."""
     import json
 
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [r for r in read_records(run_dir) if "resumed_from" not in r]

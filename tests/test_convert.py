@@ -109,10 +109,36 @@ def test_cli_round_trip_through_hf_files(tmp_path):
         ours, theirs = model(ids), theirs_model(input_ids=ids).logits
     assert relative_error(ours, theirs, ~VOCAB.modality_mask(1)) <= 1e-4
 
-    assert (
-        convert_main(["from-hf", str(hf_dir), str(tmp_path / "back"), "--image-grid", "4", "--n-reserved", "600"]) == 0
-    )
+    # The export records the whole layout: nothing to say on the command line.
+    assert config["fusion_train_vocab"] == dataclasses.asdict(VOCAB)
+    assert convert_main(["from-hf", str(hf_dir), str(tmp_path / "back")]) == 0
     _assert_same_native(native, tmp_path / "back")
+
+
+def test_hf_import_infers_or_asks_for_the_layout_and_never_guesses(tmp_path, capsys):
+    cfg = small_config(vocab_size=VOCAB.vocab_size)
+    native = convert.save_native(randomized_model(cfg).state_dict(), cfg, VOCAB, tmp_path / "native")
+    hf_dir = convert.export_hf(native, tmp_path / "hf")
+    config = json.loads((hf_dir / "config.json").read_text())
+    del config["fusion_train_vocab"]  # as transformers' own converter, or an older fusion_train, writes it
+    (hf_dir / "config.json").write_text(json.dumps(config))
+
+    # The codebook and the reserved count follow from the vocabulary map's names; the grid cannot.
+    assert convert_main(["from-hf", str(hf_dir), str(tmp_path / "guess")]) == 2
+    message = capsys.readouterr().err
+    assert "does not record its vocabulary layout" in message and "pass --image-grid as it was trained" in message
+    assert "--n-reserved" not in message
+    assert convert_main(["from-hf", str(hf_dir), str(tmp_path / "back"), "--image-grid", "4"]) == 0
+    _assert_same_native(native, tmp_path / "back")
+
+    # A fusion_train model folder is not an HF export.
+    assert convert_main(["from-hf", str(native), str(tmp_path / "x")]) == 2
+    assert "is a fusion_train model folder, not an HF export" in capsys.readouterr().err
+    # Meta's format records no layout; an impossible one names the flags to change.
+    convert.export_meta(native, tmp_path / "meta")
+    assert convert_main(["from-meta", str(tmp_path / "meta"), str(tmp_path / "y")]) == 2
+    message = capsys.readouterr().err
+    assert "the checkpoint's vocab_size=1024 leaves no room" in message and "--image-codebook-size / --n-reserved" in message
 
 
 @pytest.mark.parametrize("arch, shards", [("prenorm-mha", 1), ("swin-gqa-qknorm-per-shard", 2)])

@@ -11,7 +11,7 @@ import pytest
 import torch
 from wandb_records import history as wandb_history
 
-from conftest import REPO, read_metrics, torchrun, torchrun_command, train_overrides
+from conftest import REPO, read_metrics, read_records, torchrun, torchrun_command, train_overrides
 from fusion_train.cli import train_main
 from fusion_train.monitor.parameters import GROUPS, parameter_group
 from fusion_train.train.checkpoint import consolidated_state_dict
@@ -133,31 +133,76 @@ def _logged_steps(run_dir):
     return len(path.read_text().splitlines()) if path.is_file() else 0
 
 
-def test_sigkill_mid_training_and_mid_checkpoint_lose_nothing(demo_data, tmp_path):
-    common = ["trainer.steps=16", "trainer.checkpoint_every=4"]
+def assert_one_clean_error(output: str, message: str) -> None:
+    """Printed once, by one rank; torchrun's summary names it as the root cause; no traceback from
+    our code (torchrun still prints its own)."""
+    printed = [line for line in output.splitlines() if line.startswith("fusion-train: error:")]
+    assert len(printed) == 1 and message in printed[0], output[-5000:]
+    root_cause = output.split("Root Cause (first observed failure):")[1]
+    assert "exitcode  : 2" in root_cause and f"traceback : fusion-train: error: {message}" in root_cause
+    frames = [line for line in output.splitlines() if line.lstrip().startswith('File "')]
+    assert not [frame for frame in frames if "/fusion_train/" in frame], output[-5000:]
+
+
+def _kill_launcher(process: subprocess.Popen) -> None:
+    """SIGKILL torchrun alone, as `kill -9 PID` does: its ranks must not go on without it."""
+    processes = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+    processes[0].kill()
+    process.wait()
+    deadline = time.time() + 30
+    while alive := [p for p in processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]:
+        assert time.time() < deadline, f"still running after their launcher died: {alive}"
+        time.sleep(0.2)
+
+
+def _wait_for_path(run, pattern, process):
+    _wait_for(lambda: list((run / "checkpoints").glob(pattern)), process)
+    return next((run / "checkpoints").glob(pattern))
+
+
+def test_kills_of_the_launcher_anywhere_lose_nothing_and_one_writer_holds_the_run(demo_data, tmp_path):
+    """kill -9 of torchrun mid-training, inside a checkpoint write and inside pruning: the ranks die
+    with it, a second invocation meanwhile is refused, and the resumed run equals an uninterrupted one."""
+    common = ["trainer.steps=16", "trainer.checkpoint_every=4", "trainer.keep_last=1"]
     torchrun(TRAIN, *train_overrides(demo_data, tmp_path / "reference", *common))
     reference = losses(tmp_path / "reference")
 
     run = tmp_path / "run"
     process = _start(demo_data, run, *common)
     _wait_for(lambda: _logged_steps(run) >= 6, process)
-    _kill_tree(process)  # mid-training
+    _kill_launcher(process)  # mid-training
+    logged = (run / "metrics.jsonl").read_text()
+    time.sleep(2)
+    assert (run / "metrics.jsonl").read_text() == logged  # nobody writes on
     assert checkpoints(run)[-1] in ("step_4", "step_8") and read_metrics(run)[-1]["step"] < 16
 
-    # Again, now inside the writing of the step-8 checkpoint.
-    env = {**os.environ, "FUSION_TRAIN_CHECKPOINT_PAUSE_S": "30"}
+    # Inside the writing of the next checkpoint; meanwhile a second invocation is refused.
+    env = {**os.environ, "FUSION_TRAIN_CHECKPOINT_PAUSE_S": "60"}
     process = _start(demo_data, run, *common, env=env)
-    next_save = int(checkpoints(run)[-1].split("_")[1]) + 4
-    _wait_for(lambda: (run / "checkpoints" / f"step_{next_save}.partial").is_dir(), process)
-    time.sleep(1)
-    _kill_tree(process)
-    assert f"step_{next_save}" not in checkpoints(run)
-    assert (run / "checkpoints" / f"step_{next_save}.partial").is_dir()
+    partial = _wait_for_path(run, "step_*.partial", process)
+    second = torchrun(TRAIN, *train_overrides(demo_data, run, *common), check=False)
+    output = second.stdout + second.stderr
+    assert second.returncode != 0 and "exitcode  : 2" in output
+    assert_one_clean_error(output, f"{run} is in use by another training invocation")
+    assert '"pid": ' in output  # the holder, named
+    _kill_launcher(process)
+    assert partial.is_dir() and partial.name.removesuffix(".partial") not in checkpoints(run)
+
+    # Inside pruning the previous checkpoint: it is renamed before it is deleted.
+    env = {**os.environ, "FUSION_TRAIN_PRUNE_PAUSE_S": "60"}
+    process = _start(demo_data, run, *common, env=env)
+    pruning = _wait_for_path(run, "step_*.pruning", process)
+    _kill_launcher(process)
+    assert pruning.is_dir() and pruning.name.removesuffix(".pruning") not in checkpoints(run)
 
     torchrun(TRAIN, *train_overrides(demo_data, run, *common))
-    assert not list((run / "checkpoints").glob("*.partial"))
+    assert checkpoints(run) == ["step_16"]
     by_step = {m["step"]: m["loss/total"] for m in read_metrics(run)}  # the last logging of each step
     assert [by_step[s] for s in range(1, 17)] == reference
+    # Each invocation marked where it started; the refused one wrote nothing.
+    starts = [r for r in read_records(run) if "resumed_from" in r]
+    assert len(starts) == 4 and starts[0] == {**starts[0], "step": 0, "resumed_from": None}
+    assert all(r["resumed_from"].endswith(f"step_{r['step']}") for r in starts[1:])
 
 
 def test_sigterm_writes_a_final_checkpoint_and_exits_0(demo_data, tmp_path):

@@ -72,10 +72,10 @@ class VocabSizes:
         try:
             return VocabLayout(**sizes, vocab_size=vocab_size)
         except ValueError as err:
-            message = str(err)
+            message = str(err).replace("vocab.vocab_size", "the checkpoint's vocab_size")
             for field, flag in self.FLAGS.items():
                 message = message.replace(f"vocab.{field}", flag).replace(field, flag)
-            raise ConversionError(f"{message} (the checkpoint has {vocab_size} ids)") from None
+            raise ConversionError(message) from None
 
 
 # --- native -------------------------------------------------------------------------------------
@@ -327,7 +327,7 @@ def _layout_from_hf(config: dict, vocab_size: int, said: VocabSizes) -> VocabLay
                 f"the export does not record its vocabulary layout (no {LAYOUT_KEY}) and its sizes are not "
                 f"Chameleon's released ones: pass {', '.join(unknown)} as it was trained"
             )
-        vocab = VocabLayout(codebook, image_grid, vocab_size, n_reserved)
+        vocab = VocabSizes(codebook, image_grid, n_reserved).layout(vocab_size)
     _check_names(names, vocab)
     return vocab
 
