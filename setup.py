@@ -20,6 +20,7 @@ setup(
         "torchdata>=0.10",
         "safetensors>=0.4",
         "tqdm>=4.66",
+        "xxhash>=3",  # shard hashes
         "numpy>=1.26",
         "pyyaml>=6",
         "pillow>=10",

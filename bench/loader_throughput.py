@@ -1,8 +1,10 @@
-"""Tokens per second the training loader delivers from real shards, with 1 and 2 workers.
+"""Tokens per second the training loader delivers from real shards, with 1 and 2 workers, with
+per-sample checksum verification on and off; and the throughput of the integrity hashes
+themselves (XXH3-128 over whole shards, CRC-32 over sample bytes) on the same files.
 
 Builds text shards from CPython's bundled documentation (a real SentencePiece model trained on
 it first) unless --shards names an existing folder, then times packed batches after a warm-up.
-Prints one JSON line per worker count.
+Prints one JSON line per measurement.
 
     python bench/loader_throughput.py [--shards DIR] [--seq-len 4096] [--batches 200]
 """
@@ -18,6 +20,7 @@ from pathlib import Path
 
 from data_pipelines.build import BuildSettings, build_shards
 from fusion_train.data.loader import DataConfig, SourceConfig, build_loader
+from fusion_train.data.manifest import file_hash, sample_checksum
 from fusion_train.tokenizers.text import train_text_tokenizer
 from fusion_train.vocab import VocabLayout
 
@@ -38,18 +41,39 @@ def make_shards(folder: Path, copies: int) -> Path:
     return folder / "shards"
 
 
-def measure(shards: Path, workers: int, seq_len: int, micro_batch: int, batches: int) -> dict:
+def measure(shards: Path, workers: int, verify: bool, seq_len: int, micro_batch: int, batches: int) -> dict:
     cfg = DataConfig(
-        sources={"text": SourceConfig(str(shards))}, seq_len=seq_len, micro_batch_size=micro_batch, num_workers=workers
-    )
+        sources={"text": SourceConfig(str(shards))}, seq_len=seq_len, micro_batch_size=micro_batch,
+        num_workers=workers, verify_checksums=verify,
+    )  # fmt: skip
     iterator = iter(build_loader(cfg))
     for _ in islice(iterator, 10):  # warm-up: worker start, first shard opens
         pass
     started = time.perf_counter()
     tokens = sum(batch["input_ids"].numel() for batch in islice(iterator, batches))
     seconds = time.perf_counter() - started
-    return {"bench": "loader_throughput", "workers": workers, "seq_len": seq_len, "micro_batch": micro_batch,
-            "batches": batches, "tokens_per_s": round(tokens / seconds), "seconds": round(seconds, 3)}  # fmt: skip
+    return {"bench": "loader_throughput", "workers": workers, "verify_checksums": verify, "seq_len": seq_len,
+            "micro_batch": micro_batch, "batches": batches, "tokens_per_s": round(tokens / seconds),
+            "seconds": round(seconds, 3)}  # fmt: skip
+
+
+def hash_throughput(shards: Path, repeats: int = 5) -> list[dict]:
+    """MB/s of each integrity hash over the shards' bytes (from the page cache: the hash's own cost)."""
+    files = sorted(shards.glob("*.tar"))
+    size = sum(f.stat().st_size for f in files) * repeats
+    contents = [f.read_bytes() for f in files]
+    results = []
+    for name, run in (
+        ("xxh3_128_shard_files", lambda: [file_hash(f) for f in files]),
+        ("crc32_sample_bytes", lambda: [sample_checksum(c) for c in contents]),
+    ):
+        started = time.perf_counter()
+        for _ in range(repeats):
+            run()
+        seconds = time.perf_counter() - started
+        results.append({"bench": "integrity_hash", "hash": name, "mb": round(size / 1e6, 1),
+                        "mb_per_s": round(size / 1e6 / seconds)})  # fmt: skip
+    return results
 
 
 def main() -> None:
@@ -61,8 +85,12 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         shards = args.shards or make_shards(Path(scratch), copies=20)
+        for result in hash_throughput(shards):
+            print(json.dumps(result), flush=True)
         for workers in (1, 2):
-            print(json.dumps(measure(shards, workers, args.seq_len, args.micro_batch, args.batches)), flush=True)
+            for verify in (True, False):
+                result = measure(shards, workers, verify, args.seq_len, args.micro_batch, args.batches)
+                print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

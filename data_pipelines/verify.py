@@ -1,5 +1,5 @@
 """`fusion-data verify SOURCE_DIR`: every shard of a source checked against its manifest, shards
-in parallel. A shard is hashed whole (blake2b, against the manifest) and each of its samples read
+in parallel. A shard is hashed whole (XXH3-128, against the manifest) and each of its samples read
 as the loader reads it (its checksum, ids and image blocks), so a report names both the damaged
 shard and the samples in it that training would skip. Shards from before hashes and checksums
 existed are read all the same, and the report says what could not be checked."""

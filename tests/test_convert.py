@@ -138,7 +138,10 @@ def test_hf_import_infers_or_asks_for_the_layout_and_never_guesses(tmp_path, cap
     convert.export_meta(native, tmp_path / "meta")
     assert convert_main(["from-meta", str(tmp_path / "meta"), str(tmp_path / "y")]) == 2
     message = capsys.readouterr().err
-    assert "the checkpoint's vocab_size=1024 leaves no room" in message and "--image-codebook-size / --n-reserved" in message
+    assert (
+        "the checkpoint's vocab_size=1024 leaves no room" in message
+        and "--image-codebook-size / --n-reserved" in message
+    )
 
 
 @pytest.mark.parametrize("arch, shards", [("prenorm-mha", 1), ("swin-gqa-qknorm-per-shard", 2)])

@@ -16,7 +16,7 @@ from PIL import Image
 from wandb_records import records
 
 from conftest import REPO, read_metrics, torchrun, train_overrides
-from fusion_train.monitor.report import kept_trajectory
+from fusion_train.monitor.report import kept_trajectory, read_run, summary_rows
 
 FAULT_STEPS = {"nonfinite": 12, "loss_spike": 24, "norm_growth": 33}
 CHECKPOINT_EVERY = 5
@@ -237,3 +237,26 @@ def test_report_names_a_folder_without_metrics(tmp_path):
         [sys.executable, "-m", "fusion_train.monitor.report", str(tmp_path)], capture_output=True, text=True
     )
     assert result.returncode == 2 and "metrics.jsonl does not exist" in result.stderr
+
+
+def test_the_report_takes_the_steps_a_resume_redid_once_and_not_as_a_rollback(tmp_path):
+    def row(step, loss):
+        return {"step": step, "loss/total": loss, "data/tokens_seen": 100 * step}
+
+    records = [
+        {"step": 0, "resumed_from": None, "time": 0.0}, *(row(s, 1.0) for s in range(1, 7)),
+        {"step": 4, "resumed_from": "checkpoints/step_4", "time": 1.0}, *(row(s, 2.0) for s in range(5, 9)),
+        row(6, 3.0),  # a rollback from step 8 to step 5
+    ]  # fmt: skip
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    run = read_run(tmp_path)
+    assert [(r["step"], r["loss/total"]) for r in run.kept] == [
+        (1, 1.0),
+        (2, 1.0),
+        (3, 1.0),
+        (4, 1.0),
+        (5, 2.0),
+        (6, 3.0),
+    ]
+    assert [r["step"] for r in run.abandoned] == [6, 7, 8]  # the rollback's, not the resume's
+    assert dict(summary_rows(run))["rollbacks"] == "1"

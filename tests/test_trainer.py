@@ -1,10 +1,13 @@
 """`fusion-train` on 2 CPU ranks through DeepSpeed, on the demo pipeline's real shards."""
 
+import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -13,6 +16,7 @@ from wandb_records import history as wandb_history
 
 from conftest import REPO, read_metrics, read_records, torchrun, torchrun_command, train_overrides
 from fusion_train.cli import train_main
+from fusion_train.data.manifest import MANIFEST, Manifest
 from fusion_train.monitor.parameters import GROUPS, parameter_group
 from fusion_train.train.checkpoint import consolidated_state_dict
 
@@ -149,7 +153,7 @@ def _kill_launcher(process: subprocess.Popen) -> None:
     processes = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
     processes[0].kill()
     process.wait()
-    deadline = time.time() + 30
+    deadline = time.time() + 10
     while alive := [p for p in processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]:
         assert time.time() < deadline, f"still running after their launcher died: {alive}"
         time.sleep(0.2)
@@ -205,6 +209,23 @@ def test_kills_of_the_launcher_anywhere_lose_nothing_and_one_writer_holds_the_ru
     assert all(r["resumed_from"].endswith(f"step_{r['step']}") for r in starts[1:])
 
 
+def test_config_and_data_errors_under_torchrun_end_with_one_clean_message(demo_data, tmp_path):
+    result = torchrun(TRAIN, *train_overrides(demo_data, tmp_path / "run", "trainer.keep_last=0"), check=False)
+    assert_one_clean_error(result.stdout + result.stderr, "trainer.keep_last=0, trainer.keep_every=0: keep_last must")
+
+    # Every shard of a source unreadable: the loader workers find out during training.
+    source, broken = Path(demo_data["shards"]["text"]), tmp_path / "broken_text"
+    broken.mkdir()
+    shutil.copy(source / MANIFEST, broken)
+    for shard in Manifest.read(source).shards:
+        (broken / shard.name).write_bytes(b"not a tar file " * 100)
+    overrides = train_overrides(demo_data, tmp_path / "run", "trainer.steps=4", f"data.sources.text.path={broken}")
+    result = torchrun(TRAIN, *overrides, check=False)
+    message = f"source text ({broken}): no usable sample in a whole epoch of this reader"
+    assert_one_clean_error(result.stdout + result.stderr, message)
+    assert json.loads((tmp_path / "run" / "failure.json").read_text())["message"] == message
+
+
 def test_sigterm_writes_a_final_checkpoint_and_exits_0(demo_data, tmp_path):
     run = tmp_path / "run"
     process = _start(demo_data, run, "trainer.steps=200", "trainer.checkpoint_every=100")
@@ -241,7 +262,7 @@ def test_batch_arithmetic_errors_say_what_to_change(demo_data, tmp_path, capsys)
     assert train_main(train_overrides(demo_data, tmp_path, "trainer.stepz=3")) == 2
 
 
-def test_zero3_checkpoint_consolidates_to_the_live_engines_loss(demo_data, tmp_path):
+def test_zero3_checkpoint_consolidates_to_the_live_engines_loss(demo_data, tmp_path, capsys):
     from fusion_train.cli import convert_main
     from fusion_train.model.chameleon import Chameleon
     from fusion_train.model.convert import load_native
@@ -252,12 +273,26 @@ def test_zero3_checkpoint_consolidates_to_the_live_engines_loss(demo_data, tmp_p
     torchrun(REPO / "tests" / "scripts" / "engine_loss.py", "--out", str(tmp_path / "live.pt"), *overrides)
     live = torch.load(tmp_path / "live.pt", weights_only=True)
 
-    assert convert_main(["zero-to-safetensors", str(run / "checkpoints" / "step_3"), str(tmp_path / "model")]) == 0
+    # The shards moved away since: the checkpoint itself says what the conversion needs.
+    checkpoint = run / "checkpoints" / "step_3"
+    trainer_state = json.loads((checkpoint / "trainer_state.json").read_text())
+    for source in trainer_state["config"]["data"]["sources"].values():
+        source["path"] = str(tmp_path / "moved_away")
+    (checkpoint / "trainer_state.json").write_text(json.dumps(trainer_state))
+    assert convert_main(["zero-to-safetensors", str(checkpoint), str(tmp_path / "model")]) == 0
     state, cfg, vocab = load_native(tmp_path / "model")
+    assert vocab == Manifest.read(demo_data["shards"]["text"]).vocab
+    fingerprints = json.loads((tmp_path / "model" / "config.json").read_text())["tokenizer_fingerprints"]
+    assert fingerprints == {k: v for k, v in Manifest.read(demo_data["shards"]["image_text"]).fingerprints.items() if v}
     model = Chameleon(cfg)
     model.load_state_dict(state)
     with torch.no_grad():
         loss = model(live["input_ids"], labels=live["labels"]).loss
     torch.testing.assert_close(loss, live["loss"], rtol=1e-5, atol=1e-5)
-    assert convert_main(["to-hf", str(run / "checkpoints" / "step_3"), str(tmp_path / "hf")]) == 0
+    assert convert_main(["to-hf", str(checkpoint), str(tmp_path / "hf")]) == 0
     assert (tmp_path / "hf" / "model.safetensors").is_file()
+    # A checkpoint from before the layout was stored in it needs its shards, and says so.
+    del trainer_state["vocab"]
+    (checkpoint / "trainer_state.json").write_text(json.dumps(trainer_state))
+    assert convert_main(["zero-to-safetensors", str(checkpoint), str(tmp_path / "old")]) == 2
+    assert "put the shards back at their training paths" in capsys.readouterr().err
