@@ -37,8 +37,9 @@ def run_once(shards: dict, run_dir: Path, monitoring: bool, args) -> float:
         *(f"data.sources.{name}.path={shards[name]}" for name in ("text", "image_text", "interleaved")),
     ]  # fmt: skip
     subprocess.run([sys.executable, "-m", "fusion_train.train", *overrides], cwd=REPO, check=True, capture_output=True)
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return statistics.median(r["perf/tokens_per_s"] for r in rows[1:] if "perf/tokens_per_s" in r)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in records if "perf/tokens_per_s" in r]
+    return statistics.median(r["perf/tokens_per_s"] for r in rows[1:])  # the first window warms up
 
 
 def main() -> None:

@@ -97,7 +97,8 @@ def main(argv=None) -> None:
         trainer.close()
         if rank != 0:
             return
-        rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+        records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+        rows = [r for r in records if "loss/total" in r]  # not the invocation's start mark
     timed = rows[1:]  # the first window is the warm-up (compilation, allocator, first shm build)
     step_time = statistics.mean(r["perf/step_time_s"] for r in timed)
     tokens_per_s = cfg.trainer.global_batch_tokens / step_time

@@ -133,8 +133,9 @@ def _wait_for(condition, process, timeout=240):
 
 
 def _logged_steps(run_dir):
+    """Lines counted, not parsed: the last may be half written."""
     path = run_dir / "metrics.jsonl"
-    return len(path.read_text().splitlines()) if path.is_file() else 0
+    return sum('"resumed_from"' not in line for line in path.read_text().splitlines()) if path.is_file() else 0
 
 
 def assert_one_clean_error(output: str, message: str) -> None:

@@ -80,10 +80,7 @@ class Trainer:
         self._monitors(cfg)
         self.step, self.tokens_seen, self.wandb_run_id = 0, 0, None
         self.applied_lr = cfg.optim.lr  # the LR the last step ran with, for the log
-        resumed_from = self._resume()
-        self.loggers = self._loggers()
-        if self.rank == 0:
-            self.loggers[0].mark_start(self.step, resumed_from)
+        self.loggers = self._loggers(resumed_from=self._resume())
 
     def _hold_run_folder(self) -> RunFolderLock | None:
         """Rank 0 locks the run folder before anything is written there; every rank learns whether
@@ -152,10 +149,12 @@ class Trainer:
             )
         return path
 
-    def _loggers(self) -> list:
+    def _loggers(self, resumed_from: Path | None) -> list:
         if self.rank != 0:
             return []
-        loggers = [JsonlLogger(self.run_dir)]
+        jsonl = JsonlLogger(self.run_dir)
+        jsonl.mark_start(self.step, resumed_from)
+        loggers = [jsonl]
         if self.cfg.logging.wandb:
             c = self.cfg.logging
             wandb_logger = WandbLogger(
