@@ -35,7 +35,7 @@ def announce_op_builds() -> None:
     if (build / f"{SHM_COMM_OP}.so").is_file() and ninja.is_file() and sources in ninja.read_text():
         return
     log.warning(
-        "first launch in this environment: DeepSpeed compiles its CPU communication op %s (2-3 minutes, once; "
+        "first launch in this environment: DeepSpeed compiles its CPU communication op %s (1-3 minutes, once; "
         "cached in %s)", SHM_COMM_OP, build,
     )  # fmt: skip
 
