@@ -112,7 +112,8 @@ def _init_worker(settings: BuildSettings) -> None:
     )
 
 
-def _parse_record(payload: bytes | dict) -> dict:
+def parse_record(payload: bytes | dict) -> dict:
+    """A jsonl line or WebDataset sample as a record; Skip when it is not one."""
     if isinstance(payload, dict):  # a WebDataset sample, already split into fields
         return payload
     try:
@@ -136,7 +137,7 @@ def _process_chunk(chunk: list[tuple[int, Path, bytes | dict]]) -> tuple[list[tu
     for index, base_dir, payload in chunk:
         images.base_dir = base_dir  # image paths are relative to their record's input file
         try:
-            drafts.append((index, kind.parse(_parse_record(payload), images)))
+            drafts.append((index, kind.parse(parse_record(payload), images)))
         except Skip as skip:
             skipped[skip.reason] += 1
     images.encode_pending()
@@ -284,8 +285,10 @@ def build_shards(
     ):
         raise DataError(
             f"image tokenizer {settings.image_tokenizer} makes a {image_tokenizer.grid}x{image_tokenizer.grid} grid of "
-            f"{image_tokenizer.model.cfg.n_embed} codes, but the text tokenizer's layout expects "
-            f"{vocab.image_grid}x{vocab.image_grid} of {vocab.image_codebook_size}"
+            f"{image_tokenizer.model.cfg.n_embed} codes, but text tokenizer {settings.text_tokenizer} was trained for "
+            f"{vocab.image_grid}x{vocab.image_grid} of {vocab.image_codebook_size}: train the text tokenizer again "
+            f"with `fusion-data train-text-tokenizer ... --image-tokenizer {settings.image_tokenizer}`, or build "
+            "with the image tokenizer it was trained for (--image-tokenizer)"
         )
     manifest = Manifest(
         kind=settings.kind,

@@ -13,6 +13,7 @@ from data_pipelines.demo import make_demo_data
 from data_pipelines.train_image_tokenizer import train_image_tokenizer
 from data_pipelines.verify import verify_source
 from fusion_train.data.manifest import DataError
+from fusion_train.tokenizers.image import image_layout
 from fusion_train.tokenizers.text import TokenizerError, train_text_tokenizer
 from fusion_train.vocab import VocabLayout
 
@@ -24,16 +25,29 @@ def _parser() -> argparse.ArgumentParser:
     text = commands.add_parser("train-text-tokenizer", help="SentencePiece BPE in Chameleon's id layout")
     text.add_argument("--input", nargs="+", required=True, help='jsonl files of {"text": ...}')
     text.add_argument("--output", required=True, help="the .model file to write (its layout goes beside it)")
+    layout = text.add_argument_group(
+        "vocabulary layout",
+        "image codes and grid come from --image-tokenizer, the tokenizer the shards will be built with; "
+        "without it, Chameleon's (8192 codes, 32 x 32, for Meta's VQGAN)",
+    )
+    layout.add_argument("--image-tokenizer", help="vqgan.ckpt (with vqgan.yaml beside it)")
     defaults = VocabLayout()
-    text.add_argument("--vocab-size", type=int, default=defaults.vocab_size)
-    text.add_argument("--image-codebook-size", type=int, default=defaults.image_codebook_size)
-    text.add_argument("--image-grid", type=int, default=defaults.image_grid)
-    text.add_argument("--n-reserved", type=int, default=defaults.n_reserved)
+    layout.add_argument("--vocab-size", type=int, default=defaults.vocab_size)
+    layout.add_argument("--n-reserved", type=int, default=defaults.n_reserved)
+    layout.add_argument("--image-codebook-size", type=int, help="without --image-tokenizer")
+    layout.add_argument("--image-grid", type=int, help="codes per image side, without --image-tokenizer")
     text.add_argument("--max-sentences", type=int, default=2_000_000)
     text.add_argument("--seed", type=int, default=0)
 
     image = commands.add_parser("train-image-tokenizer", help="a small VQGAN, trained on the CPU in minutes")
-    image.add_argument("--images", required=True, help="folder of images (searched recursively)")
+    image.add_argument(
+        "--images", nargs="+", required=True,
+        help="folders of images (searched recursively), image-text .jsonl or WebDataset .tar files",
+    )  # fmt: skip
+    image.add_argument(
+        "--exclude", nargs="+", default=[],
+        help="images not to train on, e.g. the held-out set (same kinds of input; matched by content)",
+    )  # fmt: skip
     image.add_argument("--output", required=True, help="folder for vqgan.ckpt and vqgan.yaml")
     image.add_argument("--resolution", type=int, default=64)
     image.add_argument("--grid", type=int, default=8)
@@ -68,11 +82,35 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _text_layout(args: argparse.Namespace) -> VocabLayout:
+    """The layout a text tokenizer is trained for: its image part is the image tokenizer's."""
+    chosen = {"image_codebook_size": args.image_codebook_size, "image_grid": args.image_grid}
+    if args.image_tokenizer:
+        images = image_layout(args.image_tokenizer)
+        for name, value in chosen.items():
+            if value is not None and value != images[name]:
+                flag = "--" + name.replace("_", "-")
+                raise TokenizerError(
+                    f"{flag} {value} contradicts --image-tokenizer {args.image_tokenizer}, whose {name} is "
+                    f"{images[name]}: drop {flag}"
+                )
+        chosen = images
+    defaults = VocabLayout()
+    sizes = {name: getattr(defaults, name) if value is None else value for name, value in chosen.items()}
+    try:
+        return VocabLayout(vocab_size=args.vocab_size, n_reserved=args.n_reserved, **sizes)
+    except ValueError as err:
+        raise TokenizerError(
+            f"{err} (set by --vocab-size {args.vocab_size}, --n-reserved {args.n_reserved}, and "
+            f"{'--image-tokenizer' if args.image_tokenizer else '--image-codebook-size/--image-grid'}: "
+            f"{sizes['image_codebook_size']} codes, {sizes['image_grid']} x {sizes['image_grid']})"
+        ) from None
+
+
 def _run(args: argparse.Namespace) -> dict:
     if args.command == "train-text-tokenizer":
-        vocab = VocabLayout(args.image_codebook_size, args.image_grid, args.vocab_size, args.n_reserved)
         tokenizer = train_text_tokenizer(
-            args.input, args.output, vocab, max_sentences=args.max_sentences, seed=args.seed
+            args.input, args.output, _text_layout(args), max_sentences=args.max_sentences, seed=args.seed
         )
         return {
             "model": str(tokenizer.path),
@@ -81,7 +119,7 @@ def _run(args: argparse.Namespace) -> dict:
         }
     if args.command == "train-image-tokenizer":
         return train_image_tokenizer(
-            args.images, args.output, resolution=args.resolution, grid=args.grid, codebook_size=args.codebook_size,
+            args.images, args.output, exclude=args.exclude, resolution=args.resolution, grid=args.grid, codebook_size=args.codebook_size,
             steps=args.steps, batch_size=args.batch_size, seed=args.seed,
         )  # fmt: skip
     if args.command == "make-demo-data":

@@ -69,7 +69,7 @@ def make_demo_data(
     vq = folder / "tokenizers" / "vq" / "vqgan.ckpt"
     if not vq.is_file():
         log.info("training the demo image tokenizer (%d steps)", vq_steps)
-        train_image_tokenizer(folder / "shapes" / "images", vq.parent, steps=vq_steps, codebook_size=512, seed=seed)
+        train_image_tokenizer([folder / "shapes" / "images"], vq.parent, steps=vq_steps, codebook_size=512, seed=seed)
     held_out = folder / "held_out" / "captions.jsonl"
     if not held_out.is_file():  # validation pairs, from a seed of their own
         write_image_captions(held_out.parent, max(20, images // 20), seed=seed + 1)

@@ -9,9 +9,14 @@ small codebook in use.
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import math
 import random
+import sys
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,12 +24,18 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
+from xxhash import xxh3_128_hexdigest
 
+from data_pipelines.build import parse_record, read_records
+from data_pipelines.records import Skip
+from fusion_train.data.manifest import DataError
 from fusion_train.tokenizers.image import ImageTokenizer, center_crop
 from fusion_train.tokenizers.vqgan import VQGAN, VQGANConfig
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 RESTART_EVERY = 20  # steps between restarts of unused codes
+
+log = logging.getLogger(__name__)
 
 
 def small_config(resolution: int, grid: int, codebook_size: int) -> VQGANConfig:
@@ -46,18 +57,62 @@ def small_config(resolution: int, grid: int, codebook_size: int) -> VQGANConfig:
     )
 
 
-def load_images(folder: str | Path, resolution: int) -> np.ndarray:
-    paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    images = []
-    for path in paths:
+def _folder_images(folder: Path) -> Iterator[bytes | None]:
+    for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+        yield path.read_bytes()
+
+
+def _record_images(path: Path) -> Iterator[bytes | None]:
+    """The images of an image-text jsonl (paths relative to it) or WebDataset tar, as build-shards
+    reads them; None for a record without a readable image."""
+    for base_dir, payload in read_records([path]):
         try:
-            with Image.open(path) as image:
+            image = parse_record(payload).get("image")
+        except Skip:
+            image = None
+        if isinstance(image, str):
+            image = (base_dir / image).read_bytes() if (base_dir / image).is_file() else None
+        yield image if isinstance(image, bytes) else None
+
+
+def image_bytes(inputs: list[str | Path]) -> Iterator[bytes | None]:
+    """Every image of the inputs (folders searched recursively, image-text .jsonl, WebDataset .tar),
+    encoded; None for each record whose image could not be read."""
+    for item in map(Path, inputs):
+        if item.is_dir():
+            yield from _folder_images(item)
+        elif item.suffix in (".jsonl", ".tar") and item.is_file():
+            yield from _record_images(item)
+        elif not item.exists():
+            raise DataError(f"image input {item} not found")
+        else:
+            raise DataError(
+                f'image input {item}: give a folder of images, an image-text .jsonl ({{"image": path, ...}}) '
+                "or a WebDataset .tar"
+            )
+
+
+def load_images(inputs: list[str | Path], resolution: int, exclude: list[str | Path] = ()) -> tuple[np.ndarray, dict]:
+    """The images, centre-cropped, without any whose bytes are among `exclude`'s (held-out images
+    must not be trained on); and counts of what was left out."""
+    excluded_hashes = {xxh3_128_hexdigest(b) for b in image_bytes(exclude) if b is not None}
+    images, counts = [], Counter(excluded=0, unreadable=0)
+    for encoded in image_bytes(inputs):
+        if encoded is not None and xxh3_128_hexdigest(encoded) in excluded_hashes:
+            counts["excluded"] += 1
+            continue
+        try:
+            with Image.open(io.BytesIO(encoded)) as image:
                 images.append(center_crop(image, resolution))
-        except (UnidentifiedImageError, OSError):
-            continue  # an unreadable file among many is not worth stopping for
+        except (UnidentifiedImageError, OSError, TypeError, Image.DecompressionBombError):
+            counts["unreadable"] += 1  # an unreadable file among many is not worth stopping for
+    if counts["unreadable"]:
+        log.warning("%d unreadable images skipped", counts["unreadable"])
+    if exclude and not counts["excluded"]:
+        log.warning("none of the images in %s was among the training inputs: is --exclude the right list?", exclude)
     if not images:
-        raise ValueError(f"no readable images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {folder}")
-    return np.stack(images)
+        raise DataError(f"no readable images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {', '.join(map(str, inputs))}")
+    return np.stack(images), dict(counts)
 
 
 def _pixels(images: np.ndarray) -> torch.Tensor:
@@ -83,9 +138,10 @@ def _restart_unused_codes(model: VQGAN, latents: torch.Tensor, used: torch.Tenso
 
 
 def train_image_tokenizer(
-    image_folder: str | Path,
+    inputs: list[str | Path],
     out_folder: str | Path,
     *,
+    exclude: list[str | Path] = (),
     resolution: int = 64,
     grid: int = 8,
     codebook_size: int = 512,
@@ -97,7 +153,7 @@ def train_image_tokenizer(
     """Returns a report with the held-out reconstruction MSE before and after training."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    images = load_images(image_folder, resolution)
+    images, left_out = load_images(inputs, resolution, exclude)
     order = list(range(len(images)))
     random.Random(seed).shuffle(order)
     held_out = _pixels(images[order[: max(1, len(order) // 10)]])
@@ -110,6 +166,7 @@ def train_image_tokenizer(
     initial = reconstruction_mse(model, held_out)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.5, 0.9))
     used = torch.zeros(codebook_size, dtype=torch.bool)
+    on_terminal = sys.stderr.isatty()
     for step in tqdm(range(steps), desc="training image tokenizer", disable=None):
         batch = train[torch.randint(len(train), (batch_size,), generator=generator)]
         latents = model.latents(batch)
@@ -120,6 +177,8 @@ def train_image_tokenizer(
         loss.backward()
         optimizer.step()
         used[codes.flatten().unique()] = True
+        if not on_terminal and ((step + 1) % max(1, steps // 10) == 0 or step + 1 == steps):
+            log.info("image tokenizer step %d/%d: loss %.4f", step + 1, steps, loss.item())
         if (step + 1) % RESTART_EVERY == 0 and step + 1 < steps:
             _restart_unused_codes(model, latents.detach(), used, generator)
             used.zero_()
@@ -129,6 +188,7 @@ def train_image_tokenizer(
     codes = tokenizer.encode(images)
     report = {
         "images": len(images),
+        **left_out,
         "resolution": resolution,
         "grid": grid,
         "codebook_size": codebook_size,

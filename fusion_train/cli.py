@@ -132,8 +132,28 @@ def _single_process_environment() -> None:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
+TRAIN_USAGE = """fusion-train [--config-dir DIR] [HYDRA OVERRIDES...]
+
+  fusion-train model=1b deepspeed=zero3 trainer.steps=1000
+  fusion-train --config-dir my_conf data=my_corpus        # my_conf/data/my_corpus.yaml
+  fusion-train +data.sources.mine.path=shards/mine +data.sources.mine.weight=2   # add a source
+  fusion-train '~data' +data.sources.mine.path=shards/mine data.seq_len=4096    # only this source
+
+--config-dir DIR (repeatable) adds DIR to the config search path after fusion_train's conf/: its
+group options (DIR/data/NAME.yaml, DIR/model/NAME.yaml, ...) are selected by name.
+"""
+
+
+def _train_arguments(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="fusion-train", usage=TRAIN_USAGE, add_help=False)
+    parser.add_argument("--config-dir", "-cd", action="append", default=[])
+    parser.add_argument("--help", "-h", action="store_true")
+    parser.add_argument("overrides", nargs="*")
+    return parser.parse_intermixed_args(argv)
+
+
 def train_main(argv: list[str] | None = None) -> int:
-    """`fusion-train [HYDRA OVERRIDES...]`, e.g. `fusion-train model=1b deepspeed=zero3 trainer.steps=1000`."""
+    """`fusion-train [--config-dir DIR] [HYDRA OVERRIDES...]`: see TRAIN_USAGE."""
     from fusion_train.train.signals import exit_with_launcher
 
     exit_with_launcher()
@@ -150,20 +170,20 @@ def train_main(argv: list[str] | None = None) -> int:
     # Deprecations inside torchdata and DeepSpeed, repeated by every rank, that a user cannot act on.
     warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor. is deprecated")
-    overrides = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in overrides):
-        print(train_main.__doc__)
+    args = _train_arguments(sys.argv[1:] if argv is None else argv)
+    if args.help:
+        print(TRAIN_USAGE)
         return 0
     try:
-        cfg = load_config(overrides)
+        cfg = load_config(args.overrides, args.config_dir)
         validate(cfg)
         gradient_accumulation_steps(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # before anything is allocated
     except (ConfigError, DataError, ValueError, HydraException, OmegaConfBaseException) as err:
         return failure.fail_at_start(err)
     _single_process_environment()
-    from fusion_train.train.trainer import Trainer
+    from fusion_train.train.trainer import Trainer, ValidationError
 
-    user_errors = (ConfigError, DataError, CheckpointError, RunFolderInUse)
+    user_errors = (ConfigError, DataError, CheckpointError, RunFolderInUse, ValidationError)
     try:
         trainer = Trainer(cfg)
     except user_errors as err:

@@ -101,7 +101,7 @@ def test_centre_crop_and_border_padding():
 
 def test_small_trainer_lowers_reconstruction_error(tmp_path):
     write_image_captions(tmp_path / "shapes", 64, seed=1)
-    report = train_image_tokenizer(tmp_path / "shapes" / "images", tmp_path / "vq", steps=40, codebook_size=64)
+    report = train_image_tokenizer([tmp_path / "shapes" / "images"], tmp_path / "vq", steps=40, codebook_size=64)
     assert report["final_mse"] < 0.8 * report["initial_mse"], report
     tokenizer = ImageTokenizer.load(tmp_path / "vq" / "vqgan.ckpt")
     assert tokenizer.fingerprint == report["fingerprint"]

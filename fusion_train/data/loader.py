@@ -10,10 +10,13 @@ StatefulDataLoader saves and restores it per worker, with the loader's own bookk
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,9 +37,27 @@ class SourceConfig:
     weight: float = 1.0
 
 
+def as_source(name: str, value: Any) -> SourceConfig:
+    """A source given as a mapping (YAML, a command-line override) checked into a SourceConfig."""
+    if isinstance(value, SourceConfig):
+        return value
+    known = [f.name for f in dataclasses.fields(SourceConfig)]
+    if not isinstance(value, Mapping) or "path" not in value or set(value) - set(known):
+        raise DataError(
+            f"data source {name!r} is {value!r}: give it as {{path: FOLDER, weight: W}} (keys {known}, path "
+            f"required), e.g. +data.sources.{name}.path=FOLDER"
+        )
+    try:
+        return SourceConfig(path=str(value["path"]), weight=float(value.get("weight", 1.0)))
+    except (TypeError, ValueError):
+        raise DataError(f"data source {name!r}: weight must be a number, not {value.get('weight')!r}") from None
+
+
 @dataclass
 class DataConfig:
-    sources: dict[str, SourceConfig] = field(default_factory=dict)
+    # name -> SourceConfig. Plain mappings in the schema, checked into SourceConfigs on creation:
+    # OmegaConf cannot add a key to a dict of dataclasses, so `+data.sources.NAME.path=...` would fail.
+    sources: dict[str, Any] = field(default_factory=dict)
     # Multipliers on the weights of named sources: Chameleon's stage 2 halves the stage-1 sources.
     reweight: dict[str, float] = field(default_factory=dict)
     mixture_unit: str = "documents"  # what the weights are proportions of: "documents" or "tokens"
@@ -48,6 +69,9 @@ class DataConfig:
     restart_data_order: bool = False
     # Check each sample's CRC-32 on every read: a mismatch is a counted `checksum_mismatch` skip.
     verify_checksums: bool = True
+
+    def __post_init__(self) -> None:
+        self.sources = {name: as_source(name, value) for name, value in self.sources.items()}
 
 
 def source_weights(cfg: DataConfig, manifests: dict[str, Manifest]) -> dict[str, float]:
@@ -83,9 +107,16 @@ def check_shards_present(name: str, folder: str | Path, manifest: Manifest) -> N
                     name, len(missing), len(manifest.shards), folder, missing[0])  # fmt: skip
 
 
+def _source_manifest(name: str, source: SourceConfig) -> Manifest:
+    try:
+        return Manifest.read(source.path)
+    except DataError as err:
+        raise DataError(f"source {name} (path {source.path}): {err}") from None
+
+
 def read_manifests(cfg: DataConfig, expected_fingerprints: dict[str, str] | None = None) -> dict[str, Manifest]:
     """Every source's manifest; all must share one vocabulary layout and tokenizers, the run's."""
-    manifests = {name: Manifest.read(source.path) for name, source in cfg.sources.items()}
+    manifests = {name: _source_manifest(name, source) for name, source in cfg.sources.items()}
     for name, manifest in manifests.items():
         check_shards_present(name, cfg.sources[name].path, manifest)
     reference = dict(expected_fingerprints or {})

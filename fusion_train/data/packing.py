@@ -39,7 +39,9 @@ class Packer:
         cut_block = starts[(starts < end) & (starts + self.vocab.image_block_length > end)]
         return (int(cut_block[0]) if len(cut_block) else end) - self.offset
 
-    def next_sequence(self, next_document: Callable[[], tuple[int, Document]]) -> dict[str, torch.Tensor]:
+    def next_sequence(self, next_document: Callable[[], tuple[int, Document] | None]) -> dict[str, torch.Tensor] | None:
+        """The next sequence; `next_document` returns None at the end of a finite input (held-out
+        data), where the last sequence is padded, and after which this returns None."""
         tokens = np.full(self.seq_len, self.vocab.pad, dtype=np.int64)
         labels = np.full(self.seq_len, IGNORE_INDEX, dtype=np.int64)
         doc_ids = np.full(self.seq_len, -1, dtype=np.int64)
@@ -47,7 +49,10 @@ class Packer:
         filled = piece = 0
         while filled < self.seq_len:
             if self.current is None:
-                source, document = next_document()
+                drawn = next_document()
+                if drawn is None:
+                    break
+                source, document = drawn
                 self._start(source, document)
                 documents_per_source[source] += 1
             take = self._fitting(self.seq_len - filled)
@@ -66,6 +71,8 @@ class Packer:
             filled, piece, self.offset = filled + take, piece + 1, self.offset + take
             if self.offset == len(document.tokens):
                 self.current = None
+        if filled == 0:
+            return None
         return {
             "input_ids": torch.from_numpy(tokens),
             "labels": torch.from_numpy(labels),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import zlib
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -75,20 +76,34 @@ class SourceStream:
         for _ in range(self.per_epoch + 1):
             if self.position >= self.per_epoch:
                 self.epoch, self.position = self.epoch + 1, 0
-            shard, sample = self._address(self.reader + self.position * self.readers)
-            self.position += 1
-            try:
-                return self._reader(shard).read(sample)
-            except Skip as skip:
-                if not self.skipped[skip.reason]:
-                    log.warning(
-                        "source %s: skipping bad samples (%s), first in %s",
-                        self.name,
-                        skip.reason,
-                        self.manifest.shards[shard].name,
-                    )
-                self.skipped[skip.reason] += 1
+            document = self._read_next()
+            if document is not None:
+                return document
         raise DataError(f"source {self.name} ({self.folder}): no usable sample in a whole epoch of this reader")
+
+    def rest_of_epoch(self) -> Iterator[Document]:
+        """This reader's remaining documents of the current epoch, each once (validation)."""
+        while self.position < self.per_epoch:
+            document = self._read_next()
+            if document is not None:
+                yield document
+
+    def _read_next(self) -> Document | None:
+        """The document at the position, or None when it is skipped (counted); then move on."""
+        shard, sample = self._address(self.reader + self.position * self.readers)
+        self.position += 1
+        try:
+            return self._reader(shard).read(sample)
+        except Skip as skip:
+            if not self.skipped[skip.reason]:
+                log.warning(
+                    "source %s: skipping bad samples (%s), first in %s",
+                    self.name,
+                    skip.reason,
+                    self.manifest.shards[shard].name,
+                )
+            self.skipped[skip.reason] += 1
+            return None
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "skipped": dict(self.skipped)}

@@ -30,6 +30,8 @@ from matplotlib.colors import LogNorm  # noqa: E402
 GUARD_KEY = re.compile(r"^guard/(nonfinite|loss_spike|norm_growth)$")
 BLOCK_KEY = re.compile(r"^norms/block_(\d+)_out$")
 QK_KEY = re.compile(r"^attn/qk_logit_max_(\d+)$")
+EVAL_SOURCE_KEY = re.compile(r"^eval/(.+)/loss$")
+MODALITIES = ("text", "image", "special")
 ABANDONED = "#bbbbbb"
 
 
@@ -161,6 +163,23 @@ def losses_plot(run: Run):
     return figure
 
 
+def held_out_plot(run: Run):
+    """Validation loss by target modality (its mix differs from training's, so the total alone
+    misleads) and by held-out source (dashed)."""
+    if not run.evals:
+        return None
+    figure, ax = plt.subplots(figsize=(9, 3.6))
+    sources = sorted({EVAL_SOURCE_KEY.match(k)[1] for r in run.evals for k in r if EVAL_SOURCE_KEY.match(k)})
+    curves = [("eval/loss", "all", "o-")] + [(f"eval/loss_{m}", m, "o-") for m in MODALITIES]
+    curves += [(f"eval/{name}/loss", f"source {name}", "s--") for name in sources]
+    for key, label, style in curves:
+        x, y = series(run.evals, key)
+        if x:
+            ax.plot(x, y, style, label=label, markersize=4, linewidth=1.2)
+    finish(ax, run, "Held-out loss by target modality and by source", "cross-entropy (nats)")
+    return figure
+
+
 def norm_heatmap(run: Run):
     keys = indexed_keys(run.kept, BLOCK_KEY)
     rows = [r for r in run.kept if all(k in r for k in keys)]
@@ -197,6 +216,11 @@ def plots(run: Run) -> list[tuple[str, str, object]]:
     groups = ("embeddings", "attention", "ffn", "norms", "output")
     candidates = [
         ("losses.png", "Losses by target modality; black: validation.", losses_plot(run)),
+        (
+            "held_out.png",
+            "Held-out loss over all sources and by target modality; dashed: each held-out source.",
+            held_out_plot(run),
+        ),
         ("norms_heatmap.png", "Each block's output RMS over tokens (log colour scale).", norm_heatmap(run)),
         (
             "final_norm.png",

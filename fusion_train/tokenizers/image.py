@@ -69,6 +69,15 @@ def config_to_yaml(cfg: VQGANConfig) -> str:
     )
 
 
+def image_layout(checkpoint: str | Path) -> dict[str, int]:
+    """The codebook size and grid of an image tokenizer, from the config beside its checkpoint."""
+    config = Path(checkpoint).with_name("vqgan.yaml")
+    if not config.is_file():
+        raise TokenizerError(f"image tokenizer config {config} not found (vqgan.yaml beside {Path(checkpoint).name})")
+    cfg = config_from_yaml(config)
+    return {"image_codebook_size": cfg.n_embed, "image_grid": cfg.grid}
+
+
 class ImageTokenizer:
     def __init__(self, model: VQGAN, fingerprint: str, device: str | torch.device | None = None, batch_size: int = 32):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import logging
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -20,6 +21,8 @@ import sentencepiece as spm
 from tqdm import tqdm
 
 from fusion_train.vocab import SPECIAL_NAMES, VocabLayout
+
+log = logging.getLogger(__name__)
 
 _TRAINER_SETTINGS = dict(
     model_type="bpe",
@@ -43,20 +46,54 @@ def fingerprint_file(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
-def iter_jsonl_texts(paths: Iterable[str | Path]) -> Iterator[str]:
-    """The non-empty lines of every `{"text": ...}` record, with a progress bar over records.
-    Lines, not whole documents: SentencePiece drops training sentences longer than its limit."""
-    with tqdm(desc="reading text", unit=" docs", disable=None) as progress:
-        for path in paths:
-            with open(path, encoding="utf-8", errors="replace") as f:
-                for line in f:
-                    try:
-                        text = json.loads(line).get("text")
-                    except (json.JSONDecodeError, AttributeError):
-                        continue  # the shard builder reports bad records; training just needs text
-                    progress.update()
-                    if isinstance(text, str):
-                        yield from (part for part in text.split("\n") if part.strip())
+class _JsonlTexts:
+    """The non-empty lines of every `{"text": ...}` record, with a progress bar over records, and
+    counts of what was read. Lines, not whole documents: SentencePiece drops training sentences
+    longer than its limit."""
+
+    def __init__(self, paths: Iterable[str | Path]):
+        self.paths = [Path(p) for p in paths]
+        self.records = self.with_text = 0
+        self.fields: set[str] = set()  # of records without text, to say what they have instead
+
+    def __iter__(self) -> Iterator[str]:
+        with tqdm(desc="reading text", unit=" docs", disable=None) as progress:
+            for path in self.paths:
+                if not path.is_file():
+                    raise TokenizerError(f"input {path} not found")
+                with open(path, encoding="utf-8", errors="replace") as f:
+                    for line in f:
+                        yield from self._lines(line)
+                        progress.update()
+
+    def _lines(self, line: str) -> Iterator[str]:
+        if not line.strip():
+            return
+        self.records += 1
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            return  # the shard builder reports bad records; training just needs text
+        text = record.get("text") if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            if isinstance(record, dict) and len(self.fields) < 20:
+                self.fields.update(record)
+            return
+        self.with_text += 1
+        yield from (part for part in text.split("\n") if part.strip())
+
+    def check(self) -> None:
+        """After reading: no text at all is the user's error to fix, some records without it a warning."""
+        if not self.with_text:
+            found = f"; their fields: {sorted(self.fields)}" if self.fields else ""
+            raise TokenizerError(
+                f"none of the {self.records:,} records read from {', '.join(map(str, self.paths))} has a string "
+                f'"text" field{found}: give jsonl lines like {{"text": "..."}} (rename the field, e.g. with '
+                "jq -c '{text: .body}')"
+            )
+        if self.with_text < self.records:
+            log.warning("%d of %d records have no text field (or are not JSON) and were not used",
+                        self.records - self.with_text, self.records)  # fmt: skip
 
 
 def train_text_tokenizer(
@@ -70,20 +107,26 @@ def train_text_tokenizer(
     """Train a BPE model of vocab.vocab_size pieces (fewer if the corpus cannot fill them)."""
     spm.set_random_generator_seed(seed)
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter_jsonl_texts(jsonl_paths),
-        model_writer=model,
-        vocab_size=vocab.vocab_size,
-        bos_id=vocab.bos, pad_id=vocab.pad, eos_id=vocab.eos, unk_id=vocab.unk,
-        bos_piece=SPECIAL_NAMES[vocab.bos], pad_piece=SPECIAL_NAMES[vocab.pad],
-        eos_piece=SPECIAL_NAMES[vocab.eos], unk_piece=SPECIAL_NAMES[vocab.unk],
-        control_symbols=vocab.control_token_names(),
-        input_sentence_size=max_sentences,
-        shuffle_input_sentence=True,
-        num_threads=os.cpu_count() or 1,
-        minloglevel=2,
-        **_TRAINER_SETTINGS,
-    )  # fmt: skip
+    texts = _JsonlTexts(jsonl_paths)
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(texts),
+            model_writer=model,
+            vocab_size=vocab.vocab_size,
+            bos_id=vocab.bos, pad_id=vocab.pad, eos_id=vocab.eos, unk_id=vocab.unk,
+            bos_piece=SPECIAL_NAMES[vocab.bos], pad_piece=SPECIAL_NAMES[vocab.pad],
+            eos_piece=SPECIAL_NAMES[vocab.eos], unk_piece=SPECIAL_NAMES[vocab.unk],
+            control_symbols=vocab.control_token_names(),
+            input_sentence_size=max_sentences,
+            shuffle_input_sentence=True,
+            num_threads=os.cpu_count() or 1,
+            minloglevel=2,
+            **_TRAINER_SETTINGS,
+        )  # fmt: skip
+    except RuntimeError:
+        texts.check()  # SentencePiece's own message says only that it got no sentences
+        raise
+    texts.check()
     Path(model_path).parent.mkdir(parents=True, exist_ok=True)
     Path(model_path).write_bytes(model.getvalue())
     layout_path(model_path).write_text(json.dumps(dataclasses.asdict(vocab), indent=2) + "\n")

@@ -77,7 +77,9 @@ class TrainerConfig:
     compile: bool = False
     progress_bar: bool = True
     eval_every: int = 0  # steps between validations on `eval_data` (0: none)
-    eval_batches: int = 10  # the same first micro-batches of `eval_data` each time
+    # Micro-batches per rank and held-out source at most: a smaller source is scored once in full,
+    # a larger one on the same first batches each time; null: always in full.
+    eval_batches: int | None = 50
 
 
 @dataclass
@@ -100,10 +102,35 @@ class ConfigError(ValueError):
 ConfigStore.instance().store(name="schema", node=TrainConfig)
 
 
-def load_config(overrides: list[str] | None = None, config_dir: str | Path = CONFIG_DIR) -> TrainConfig:
-    with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base="1.3"):
-        composed = compose(config_name="config", overrides=overrides or [])
+def load_config(overrides: list[str] | None = None, user_config_dirs: list[str | Path] = ()) -> TrainConfig:
+    """`conf/config.yaml` with the overrides; `user_config_dirs` are searched after `conf/` for the
+    group options and files they add (Hydra's `--config-dir`, the same as `hydra.searchpath`)."""
+    overrides = list(overrides or [])
+    if user_config_dirs:
+        overrides.append(_search_path_override(overrides, [Path(d) for d in user_config_dirs]))
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        composed = compose(config_name="config", overrides=overrides)
     return OmegaConf.to_object(composed)
+
+
+def _search_path_override(overrides: list[str], folders: list[Path]) -> str:
+    """A user's folder can add options, never replace ours: Hydra finds `conf/` first, so a file
+    of the same name there would be ignored without a word. Refuse it instead."""
+    if any(o.startswith("hydra.searchpath=") for o in overrides):
+        raise ConfigError("give your config folders either as --config-dir or as hydra.searchpath=[...], not both")
+    for folder in folders:
+        if not folder.is_dir():
+            raise ConfigError(f"--config-dir {folder}: no such folder")
+        shadowed = sorted(
+            str(p.relative_to(folder)) for p in folder.rglob("*.yaml") if (CONFIG_DIR / p.relative_to(folder)).exists()
+        )
+        if shadowed:
+            raise ConfigError(
+                f"--config-dir {folder}: {', '.join(shadowed)} has the name of a fusion_train option in {CONFIG_DIR}, "
+                "which Hydra finds first and would use instead: rename yours (e.g. data/my_corpus.yaml) and select it "
+                "(data=my_corpus)"
+            )
+    return "hydra.searchpath=[" + ",".join(f"file://{f.resolve()}" for f in folders) + "]"
 
 
 def to_yaml(cfg: TrainConfig) -> str:
@@ -145,6 +172,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"deepspeed.zero_stage={cfg.deepspeed.zero_stage}: choose 0, 1, 2 or 3")
     if cfg.trainer.checkpoint_every < 0 or cfg.logging.log_every <= 0:
         raise ConfigError("logging.log_every must be positive and trainer.checkpoint_every positive or 0 (none)")
+    if cfg.trainer.eval_batches is not None and cfg.trainer.eval_batches < 1:
+        raise ConfigError("trainer.eval_batches must be positive, or null to score the held-out set in full")
     try:
         check_guard_config(cfg.monitor.guard)
         check_retention(cfg.trainer.keep_last, cfg.trainer.keep_every)

@@ -25,12 +25,20 @@ EXIT_CODE = 2
 
 
 def user_message(error: BaseException) -> str:
-    """The error's own message; for one re-raised from a loader worker, the original's last line
-    rather than the worker's traceback that the DataLoader prepends."""
+    """The error's own message, then each underlying cause it does not already say (Hydra's
+    "Error merging override X" is only useful with OmegaConf's reason under it). For an error
+    re-raised from a loader worker, the original's last line rather than the worker's traceback
+    that the DataLoader prepends."""
     message = str(error)
     if message.startswith("Caught ") and "Original Traceback" in message:
         last_line = message.rstrip().splitlines()[-1]
         message = last_line.split(": ", 1)[1] if ": " in last_line else last_line
+    cause = error.__cause__
+    while cause is not None:
+        text = str(cause).strip()
+        if text and text not in message:
+            message += "\n  because: " + text.replace("\n", "\n    ")
+        cause = cause.__cause__
     return message
 
 

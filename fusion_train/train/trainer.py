@@ -12,7 +12,6 @@ import math
 import os
 import sys
 import time
-from itertools import islice
 from pathlib import Path
 
 import deepspeed
@@ -20,6 +19,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from fusion_train.data.held_out import HeldOutSet
 from fusion_train.data.loader import build_loader
 from fusion_train.model.chameleon import Chameleon
 from fusion_train.model.size import flops_per_token
@@ -42,6 +42,10 @@ N_MODALITIES = len(Modality)
 GUARD_EXIT = 3  # the divergence guard stopped the run
 
 
+class ValidationError(RuntimeError):
+    """Validation failed; raised on every rank together, after the training state is saved."""
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, loader=None):
         """`loader`: batches from elsewhere than `cfg.data` (benchmarks feed synthetic ones); it needs
@@ -59,16 +63,20 @@ class Trainer:
         self.run_lock = self._hold_run_folder()
 
         self.loader = loader or build_loader(cfg.data, self.rank, self.world_size)
-        # Read from its start at every validation, in the main process: the same held-out batches each time.
-        self.eval_loader = (
-            build_loader(dataclasses.replace(cfg.eval_data, num_workers=0), self.rank, self.world_size)
+        self.vocab = self.loader.dataset.vocab
+        self.held_out = (
+            HeldOutSet(
+                cfg.eval_data, self.rank, self.world_size, self.vocab, self.loader.dataset.fingerprints,
+                cfg.trainer.eval_batches,
+            )
             if cfg.eval_data.sources and cfg.trainer.eval_every
             else None
-        )
-        self.vocab = self.loader.dataset.vocab
+        )  # fmt: skip
+        self.coverage_logged = False
         if self.vocab.vocab_size != cfg.model.vocab_size:
             raise ConfigError(
-                f"model.vocab_size={cfg.model.vocab_size} but the shards' vocabulary has {self.vocab.vocab_size} ids"
+                f"model.vocab_size={cfg.model.vocab_size} but the shards' vocabulary has {self.vocab.vocab_size} ids: "
+                f"set model.vocab_size={self.vocab.vocab_size}"
             )
         torch.manual_seed(cfg.trainer.seed)  # the same initial weights on every rank
         self.engine, self.optimizer, self.scheduler = build_engine(Chameleon(cfg.model), cfg, self.grad_accum)
@@ -193,8 +201,8 @@ class Trainer:
                 return GUARD_EXIT
             if verdict == "rolled_back":
                 continue  # from the rewritten checkpoint; the abandoned step is neither validated nor saved
-            if self.eval_loader is not None and self.step % cfg.eval_every == 0:
-                self.evaluate()
+            if self.held_out is not None and self.step % cfg.eval_every == 0:
+                self._validate()
                 last_log = time.perf_counter()
             preempted = self.preemption.anywhere(self.device)
             scheduled = cfg.checkpoint_every and (self.step % cfg.checkpoint_every == 0 or self.step == stop_at)
@@ -250,10 +258,13 @@ class Trainer:
             sums["block_rms"] = zeros(len(self.engine.module.layers))
         return sums
 
-    def _forward(self, batch: dict, sums: dict):
+    def _model_out(self, batch: dict) -> tuple[torch.Tensor, dict]:
         input_ids = batch["input_ids"].to(self.device, non_blocking=True)
         labels = batch["labels"].to(self.device, non_blocking=True)
-        out = self.engine(input_ids, labels=labels, label_modality=self.vocab.modality_of(labels))
+        return input_ids, self.engine(input_ids, labels=labels, label_modality=self.vocab.modality_of(labels))
+
+    def _forward(self, batch: dict, sums: dict):
+        input_ids, out = self._model_out(batch)
         sums["loss"] += out.loss.detach()
         sums["z"] += out.z
         sums["micro_steps"] += 1
@@ -262,10 +273,14 @@ class Trainer:
         # Which tokens, in which order: equal checksums say two runs read the same data.
         positions = torch.arange(1, input_ids.numel() + 1, device=self.device, dtype=torch.float64)
         sums["checksum"] += (input_ids.flatten().double() * positions).sum() % 2**40
+        self._add_modality_sums(out, sums)
+        return out
+
+    @staticmethod
+    def _add_modality_sums(out, sums: dict) -> None:
         sums["ce"] += out.ce_sum_by_modality
         sums["logz"] += out.logz_sum_by_modality
         sums["count"] += out.count_by_modality
-        return out
 
     def _end_of_step_norms(self, window: dict) -> torch.Tensor | None:
         """This step's block-output RMS joins the window; the last block's is the guard's."""
@@ -351,21 +366,85 @@ class Trainer:
 
     # --- metrics --------------------------------------------------------------------------------
 
+    # --- validation ------------------------------------------------------------------------------
+
+    def _validate(self) -> None:
+        """A failed validation loses no training: the state is saved before the error ends the run."""
+        try:
+            self.evaluate()
+        except ValidationError as error:
+            path = self.save()
+            raise ValidationError(
+                f"{error}. The training state of step {self.step} is saved in {path}: fix the held-out data "
+                "(eval_data) and start again to resume, or resume without validation (trainer.eval_every=0)"
+            ) from None
+
     def evaluate(self) -> None:
-        sums = self._zero_sums()
+        """Every held-out source in turn; logs the loss per source and per target modality, and
+        over all of them (per target token: eval/loss is cross-entropy without z-loss)."""
         self.engine.eval()
-        with torch.no_grad():
-            for batch in islice(iter(self.eval_loader), self.cfg.trainer.eval_batches):
-                self._forward(batch, sums)
-        self.engine.train()
-        reduced = self._reduce(sums)
-        metrics = {
-            "eval/loss": reduced["loss"].item() / reduced["micro_steps"].item(),
-            "data/tokens_seen": self.tokens_seen,
-        }
-        metrics.update({f"eval/{k.replace('/', '_')}": v for k, v in self._modality_metrics(reduced).items()})
+        try:
+            by_source = {name: self._score_held_out(name) for name in self.held_out.names}
+        finally:
+            self.engine.train()
+        totals = {key: sum(r[key] for r in by_source.values()) for key in ("ce", "logz", "count")}
+        metrics = {**self._held_out_metrics("eval", totals), "data/tokens_seen": self.tokens_seen}
+        for name, reduced in by_source.items():
+            metrics.update(self._held_out_metrics(f"eval/{name}", reduced))
+            metrics[f"eval/{name}/samples"] = reduced["read"][0].item()
+        if self.rank == 0 and not self.coverage_logged:
+            for name, reduced in by_source.items():
+                scored, skipped = (int(v) for v in reduced["read"].tolist())
+                coverage = self.held_out.coverage(name, scored, skipped)
+                log.info("validation of held-out source %s: %s", name, coverage.describe(self.cfg.trainer.eval_batches))
+            self.coverage_logged = True
         for logger in self.loggers:
             logger.log(metrics, self.step)
+
+    def _score_held_out(self, name: str) -> dict:
+        """Cross-entropy sums of one held-out source over all ranks. A rank whose share has ended
+        scores a padding batch while others go on; any rank's error ends it on every rank."""
+        zeros = lambda: torch.zeros(N_MODALITIES, dtype=torch.float64, device=self.device)  # noqa: E731
+        sums, batches, error = {"ce": zeros(), "logz": zeros(), "count": zeros()}, self.held_out.batches(name), None
+        while True:
+            batch = None
+            if error is None:
+                try:
+                    batch = next(batches, None)
+                except Exception as err:  # noqa: BLE001 - any rank's failure must reach all of them
+                    error = err
+            if not self._any_rank_goes_on(batch is not None, error, name):
+                break
+            try:
+                with torch.no_grad():
+                    self._add_modality_sums(self._model_out(batch or self.held_out.padding_batch())[1], sums)
+            except Exception as err:  # noqa: BLE001
+                error = err
+        sums["read"] = torch.tensor(self.held_out.read_counts(name), dtype=torch.float64, device=self.device)
+        return self._reduce(sums)
+
+    def _any_rank_goes_on(self, has_batch: bool, error: Exception | None, name: str) -> bool:
+        """Whether any rank has a held-out batch left; raises ValidationError on every rank when
+        any rank failed. The ranks agree before each forward (ZeRO-3 gathers parameters inside
+        it): one host sync per held-out micro-batch."""
+        status = torch.tensor([has_batch, error is not None], dtype=torch.float64, device=self.device)
+        dist.all_reduce(status, op=dist.ReduceOp.MAX)
+        goes_on, failed = status.tolist()
+        if failed:
+            messages = [None] * self.world_size
+            dist.all_gather_object(messages, failure.user_message(error) if error else None)
+            rank, message = next((r, m) for r, m in enumerate(messages) if m)
+            path = self.cfg.eval_data.sources[name].path
+            raise ValidationError(
+                f"validation at step {self.step} failed on held-out source {name} ({path}), rank {rank}: {message}"
+            )
+        return bool(goes_on)
+
+    def _held_out_metrics(self, prefix: str, reduced: dict) -> dict:
+        count = reduced["count"].sum().item()
+        metrics = {f"{prefix}/loss": reduced["ce"].sum().item() / count} if count else {}
+        metrics.update({f"{prefix}/{k.replace('/', '_')}": v for k, v in self._modality_metrics(reduced).items()})
+        return metrics
 
     @staticmethod
     def _reduce(sums: dict, op=dist.ReduceOp.SUM) -> dict:
