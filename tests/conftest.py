@@ -55,6 +55,17 @@ def torchrun(
     return result
 
 
+def assert_one_clean_error(output: str, message: str) -> None:
+    """Printed once, by one rank; torchrun's summary names it as the root cause; no traceback from
+    our code (torchrun still prints its own)."""
+    printed = [line for line in output.splitlines() if line.startswith("fusion-train: error:")]
+    assert len(printed) == 1 and message in printed[0], output[-5000:]
+    root_cause = output.split("Root Cause (first observed failure):")[1]
+    assert "exitcode  : 2" in root_cause and f"traceback : fusion-train: error: {message}" in root_cause
+    frames = [line for line in output.splitlines() if line.lstrip().startswith('File "')]
+    assert not [frame for frame in frames if "/fusion_train/" in frame], output[-5000:]
+
+
 @pytest.fixture(scope="session")
 def text_tokenizer(tmp_path_factory):
     """A SentencePiece model trained once per test session on the small layout."""

@@ -14,7 +14,15 @@ import pytest
 import torch
 from wandb_records import history as wandb_history
 
-from conftest import REPO, read_metrics, read_records, torchrun, torchrun_command, train_overrides
+from conftest import (
+    REPO,
+    assert_one_clean_error,
+    read_metrics,
+    read_records,
+    torchrun,
+    torchrun_command,
+    train_overrides,
+)
 from fusion_train.cli import train_main
 from fusion_train.data.manifest import MANIFEST, Manifest
 from fusion_train.monitor.parameters import GROUPS, parameter_group
@@ -44,23 +52,31 @@ def _kill_tree(process: subprocess.Popen) -> None:
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_every_zero_stage_trains_the_tiny_model(demo_data, tmp_path, stage):
     run = tmp_path / "run"
-    held_out = demo_data["shards"]["held_out"]
+    held_out, text = demo_data["shards"]["held_out"], demo_data["shards"]["text"]
+    # Two held-out sources. Under ZeRO-3, whose forward gathers parameters, each read once in full:
+    # the prose's shares differ between the ranks (151 and 100 micro-batches), so one rank scores
+    # padding while the other goes on. Elsewhere the first 2 micro-batches per rank and source.
+    full_pass = stage == 3
     validation = [
-        "eval_data=demo",
-        f"eval_data.sources.held_out.path={held_out}",
-        "eval_data.seq_len=128",
-        "trainer.eval_every=6",
-    ]
+        "eval_data=demo", f"eval_data.sources.held_out.path={held_out}", f"+eval_data.sources.prose.path={text}",
+        "eval_data.seq_len=128", "eval_data.micro_batch_size=4", "trainer.eval_every=6",
+        f"trainer.eval_batches={'null' if full_pass else 2}",
+    ]  # fmt: skip
     overrides = train_overrides(
         demo_data, run, f"deepspeed=zero{stage}", "trainer.steps=12", "trainer.checkpoint_every=6"
     )
-    torchrun(TRAIN, *overrides, *validation, "trainer.eval_batches=2")
+    torchrun(TRAIN, *overrides, *validation)
     history = losses(run)
     assert len(history) == 12
     assert sum(history[-3:]) / 3 < 0.9 * sum(history[:3]) / 3, history
     evaluations = [m for m in read_metrics(run) if "eval/loss" in m]
-    assert [m["step"] for m in evaluations] == [6, 12] and "eval/loss_image" in evaluations[0]
-    assert evaluations[1]["eval/loss"] < evaluations[0]["eval/loss"]
+    assert [m["step"] for m in evaluations] == [6, 12]
+    for source, samples in [("held_out", 20), ("prose", 199)]:
+        assert (evaluations[0][f"eval/{source}/samples"] == samples) == full_pass
+        assert evaluations[1][f"eval/{source}/loss"] < evaluations[0][f"eval/{source}/loss"]
+    assert {"eval/held_out/loss_image", "eval/prose/loss_text", "eval/loss_image", "eval/loss_text"} <= set(
+        evaluations[0]
+    )
     assert checkpoints(run) == ["step_6", "step_12"]
     assert (run / "config.yaml").is_file() and list((run / "wandb").glob("offline-run-*"))
     # The per-group statistics read through this stage's partitioning: the group gradient norms make
@@ -136,17 +152,6 @@ def _logged_steps(run_dir):
     """Lines counted, not parsed: the last may be half written."""
     path = run_dir / "metrics.jsonl"
     return sum('"resumed_from"' not in line for line in path.read_text().splitlines()) if path.is_file() else 0
-
-
-def assert_one_clean_error(output: str, message: str) -> None:
-    """Printed once, by one rank; torchrun's summary names it as the root cause; no traceback from
-    our code (torchrun still prints its own)."""
-    printed = [line for line in output.splitlines() if line.startswith("fusion-train: error:")]
-    assert len(printed) == 1 and message in printed[0], output[-5000:]
-    root_cause = output.split("Root Cause (first observed failure):")[1]
-    assert "exitcode  : 2" in root_cause and f"traceback : fusion-train: error: {message}" in root_cause
-    frames = [line for line in output.splitlines() if line.lstrip().startswith('File "')]
-    assert not [frame for frame in frames if "/fusion_train/" in frame], output[-5000:]
 
 
 def _kill_launcher(process: subprocess.Popen) -> None:

@@ -72,7 +72,7 @@ class HeldOutSet:
             self.cfg.verify_checksums,
         )  # fmt: skip
         self.streams[name] = stream
-        documents = ((0, document) for document in stream.rest_of_epoch())
+        documents = ((0, document) for document in self._readable(stream))
         packer = Packer(self.cfg.seq_len, self.vocab, 1)
         produced = 0
         while self.max_batches is None or produced < self.max_batches:
@@ -87,6 +87,18 @@ class HeldOutSet:
             produced += 1
             if len(rows) < self.cfg.micro_batch_size:
                 return
+
+    @staticmethod
+    def _readable(stream: SourceStream) -> Iterator:
+        """The stream's documents; a share of which none could be read is an error (the shards
+        are gone or damaged), not a validation of nothing."""
+        yield from stream.rest_of_epoch()
+        skipped = sum(stream.skipped.values())
+        if stream.per_epoch and skipped == stream.per_epoch:
+            raise DataError(
+                f"none of the {skipped} samples of held-out source {stream.name} this rank reads could be read "
+                f"({dict(stream.skipped)}): check its shards with `fusion-data verify {stream.folder}`"
+            )
 
     def padding_batch(self) -> dict:
         """A micro-batch that scores nothing: for a rank whose share has ended while others' go on."""
