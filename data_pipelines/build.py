@@ -13,12 +13,15 @@ is skipped and counted by reason; an input file that cannot be read at all stops
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
 import multiprocessing
+import os
 import tarfile
+import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -30,9 +33,15 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from data_pipelines import image_text, interleaved, sft, text
+from data_pipelines.parts import (
+    PartProgress,
+    differing_settings,
+    existing_outputs,
+    progress_path,
+    shard_prefix,
+)
 from data_pipelines.records import PendingImage, Skip
 from fusion_train.data.manifest import (
-    MANIFEST,
     SAMPLE_CHECKSUM,
     DataError,
     Manifest,
@@ -129,9 +138,10 @@ def parse_record(payload: bytes | dict) -> dict:
     return record
 
 
-def _process_chunk(chunk: list[tuple[int, Path, bytes | dict]]) -> tuple[list[tuple[int, TokenizedDocument]], Counter]:
+def _process_chunk(chunk: list[tuple[int, Path, bytes | dict]]) -> list[tuple[int, TokenizedDocument | str]]:
+    """Each record's document, or the reason it was skipped, in record order."""
     kind, documents = _worker["kind"], _worker["documents"]
-    skipped: Counter = Counter()
+    outcomes: dict[int, TokenizedDocument | str] = {}
     drafts = []
     images = ImageLoader(_worker["images"])
     for index, base_dir, payload in chunk:
@@ -139,15 +149,14 @@ def _process_chunk(chunk: list[tuple[int, Path, bytes | dict]]) -> tuple[list[tu
         try:
             drafts.append((index, kind.parse(parse_record(payload), images)))
         except Skip as skip:
-            skipped[skip.reason] += 1
+            outcomes[index] = skip.reason
     images.encode_pending()
-    built = []
     for index, draft in drafts:
         try:
-            built.append((index, kind.assemble(draft, documents, index)))
+            outcomes[index] = kind.assemble(draft, documents, index)
         except Skip as skip:
-            skipped[skip.reason] += 1
-    return built, skipped
+            outcomes[index] = skip.reason
+    return sorted(outcomes.items(), key=lambda item: item[0])
 
 
 # --- main side ---------------------------------------------------------------------------------
@@ -191,15 +200,15 @@ def read_records(paths: list[Path]) -> Iterator[tuple[Path, bytes | dict]]:
             raise DataError(f"input {path} cannot be read: {err}") from err
 
 
-def _chunks(records: Iterator[tuple[Path, bytes | dict]]) -> Iterator[list]:
-    chunk = []
-    for index, (base_dir, payload) in enumerate(records):
-        chunk.append((index, base_dir, payload))
-        if len(chunk) == CHUNK_RECORDS:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
+def _chunks(records: Iterator[tuple[Path, bytes | dict]], part: int, parts: int, first_record: int) -> Iterator[list]:
+    """This part's chunks (every parts-th, from the part-th) holding records from first_record on.
+    Every part reads the whole record stream, so records keep their one-process numbers."""
+    numbered = enumerate(records)
+    for number, group in itertools.groupby(numbered, key=lambda item: item[0] // CHUNK_RECORDS):
+        if number % parts == part:
+            chunk = [(index, base_dir, payload) for index, (base_dir, payload) in group]
+            if chunk[-1][0] >= first_record:
+                yield chunk
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -212,27 +221,38 @@ class ShardSink:
     """Writes samples into `shard-NNNNNN.tar` files, starting a new one past either bound; each
     sample carries the checksum of its arrays' bytes, each finished shard its hash in the manifest."""
 
-    def __init__(self, folder: Path, manifest: Manifest, max_samples: int, max_bytes: int):
-        self.folder, self.manifest = folder, manifest
+    def __init__(
+        self, folder: Path, manifest: Manifest, max_samples: int, max_bytes: int, prefix: str = "",
+        on_shard_complete: Callable[[int], None] | None = None,
+    ):  # fmt: skip
+        """`on_shard_complete(next_record)` runs after each shard but the last is complete and named."""
+        self.folder, self.manifest, self.prefix = folder, manifest, prefix
         self.max_samples, self.max_bytes = max_samples, max_bytes
+        self.on_shard_complete = on_shard_complete
         self.dtype = token_dtype(manifest.vocab)
         self.writer: wds.TarWriter | None = None
-        self.tokens_by_modality: Counter = Counter()
+        self.tokens_by_modality: Counter = Counter(manifest.tokens_by_modality)
         manifest.sample_checksums = SAMPLE_CHECKSUM
+        self.pause_after = int(os.environ.get("FUSION_DATA_PAUSE_AFTER_SAMPLES", "0"))  # fault tests: a kill mid-shard
+        self.written = 0
 
-    def _roll(self) -> None:
-        self.close()
-        name = f"shard-{len(self.manifest.shards):06d}.tar"
-        self.file = open(self.folder / name, "wb")
+    def _open(self) -> None:
+        name = f"{self.prefix}shard-{len(self.manifest.shards):06d}.tar"
+        self.path = self.folder / name
+        self.file = open(self.path.with_name(name + ".partial"), "wb")
         self.writer = wds.TarWriter(self.file, mtime=0)  # fixed mtime: identical inputs, identical bytes
         self.manifest.shards.append(ShardInfo(name, 0, 0))
         self.bytes = 0
 
     def write(self, index: int, document: TokenizedDocument) -> None:
         current = self.manifest.shards[-1] if self.writer else None
-        if current is None or current.samples >= self.max_samples or self.bytes >= self.max_bytes:
-            self._roll()
-            current = self.manifest.shards[-1]
+        if current is not None and (current.samples >= self.max_samples or self.bytes >= self.max_bytes):
+            self.close()
+            if self.on_shard_complete:
+                self.on_shard_complete(index)
+        if self.writer is None:
+            self._open()
+        current = self.manifest.shards[-1]
         arrays = {"tokens.npy": _npy_bytes(document.tokens.astype(self.dtype))}
         if document.loss_mask is not None:
             arrays["mask.npy"] = _npy_bytes(document.loss_mask)
@@ -244,22 +264,47 @@ class ShardSink:
         modality = self.manifest.vocab.modality_of(torch.from_numpy(document.tokens))
         for m in Modality:
             self.tokens_by_modality[m.name.lower()] += int((modality == m).sum())
+        self.written += 1
+        if self.written == self.pause_after:
+            time.sleep(3600)
 
     def close(self) -> None:
+        """Complete the open shard: its hash, then its final name."""
         if self.writer is not None:
             self.writer.close()
             self.file.close()
             self.writer = None
             self.manifest.shards[-1].content_hash = file_hash(Path(self.file.name))
+            os.replace(self.file.name, self.path)
+            self.manifest.tokens_by_modality = dict(self.tokens_by_modality)
 
 
-def _prepare_output(folder: Path, overwrite: bool) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    old = list(folder.glob("shard-*.tar")) + [p for p in [folder / MANIFEST] if p.exists()]
-    if old and not overwrite:
-        raise DataError(f"{folder} already holds shards; choose an empty folder or pass --overwrite")
-    for path in old:
-        path.unlink()
+def _resume_or_start(output: Path, fresh: Manifest, part: int, parts: int, overwrite: bool) -> PartProgress:
+    """The part's progress so far (its complete shards kept, any other of its files removed), or
+    a new start."""
+    output.mkdir(parents=True, exist_ok=True)
+    path = progress_path(output, part, parts)
+    if overwrite:
+        for old in existing_outputs(output, part, parts):
+            old.unlink()
+    elif path.is_file():
+        progress = PartProgress.read(path)
+        differing = differing_settings(progress.manifest, fresh)
+        if differing:
+            raise DataError(
+                f"{output}: part {part} of {parts} was started with other {', '.join(differing)}: pass --overwrite "
+                "to build it again from the start"
+            )
+        complete = {shard.name for shard in progress.manifest.shards}
+        for old in existing_outputs(output, part, parts):
+            if old != path and old.name not in complete:
+                old.unlink()
+        log.warning("part %d of %d: resuming at record %d, %d complete shards kept", part, parts,
+                    progress.next_record, len(complete))  # fmt: skip
+        return progress
+    elif existing_outputs(output, part, parts):
+        raise DataError(f"{output} already holds shards; choose an empty folder or pass --overwrite")
+    return PartProgress(part, parts, fresh)
 
 
 def build_shards(
@@ -271,11 +316,16 @@ def build_shards(
     max_samples_per_shard: int = 10_000,
     max_bytes_per_shard: int = 256 * 2**20,
     overwrite: bool = False,
+    part: int = 0,
+    parts: int = 1,
 ) -> Manifest:
+    """Part `part` of `parts` of a build (see parts.py); a part that was stopped resumes unless
+    `overwrite`. Returns the manifest of the source (one part) or of this part's shards."""
     if settings.kind not in KIND_MODULES:
         raise DataError(f"unknown kind {settings.kind!r}; choose one of {sorted(KIND_MODULES)}")
+    if not 0 <= part < parts:
+        raise DataError(f"--part {part} --parts {parts}: parts are numbered 0 to parts - 1")
     output = Path(output)
-    _prepare_output(output, overwrite)
     text_tokenizer = TextTokenizer(settings.text_tokenizer)
     image_tokenizer = ImageTokenizer.load(settings.image_tokenizer, device="cpu") if settings.image_tokenizer else None
     vocab = text_tokenizer.vocab
@@ -300,24 +350,53 @@ def build_shards(
         seed=settings.seed,
         inputs=[str(p) for p in inputs],
     )
-    sink = ShardSink(output, manifest, max_samples_per_shard, max_bytes_per_shard)
-    skipped: Counter = Counter()
-    chunks = _chunks(read_records([Path(p) for p in inputs]))
-    with tqdm(desc=f"building {settings.kind} shards", unit=" records", disable=None) as progress:
-        for built, chunk_skips in _map_chunks(settings, chunks, workers):
-            for index, document in built:
-                sink.write(index, document)
-            skipped.update(chunk_skips)
-            progress.update(len(built) + sum(chunk_skips.values()))
-    sink.close()
+    progress = _resume_or_start(output, manifest, part, parts, overwrite)
+    if not progress.complete:
+        _build_part(settings, inputs, output, progress, workers, max_samples_per_shard, max_bytes_per_shard)
+    manifest = progress.manifest
+    if manifest.skipped:
+        log.warning("skipped %d records: %s", sum(manifest.skipped.values()), manifest.skipped)
+    if parts > 1:
+        log.info(
+            "part %d of %d done; once every part is, join them: fusion-data merge-manifests %s", part, parts, output
+        )
+        return manifest
     if not manifest.shards:
-        raise DataError(f"no usable record in {', '.join(map(str, inputs))}: skipped {dict(skipped)}")
-    manifest.tokens_by_modality = dict(sink.tokens_by_modality)
-    manifest.skipped = dict(sorted(skipped.items()))
-    if skipped:
-        log.warning("skipped %d records: %s", sum(skipped.values()), manifest.skipped)
+        raise DataError(f"no usable record in {', '.join(map(str, inputs))}: skipped {manifest.skipped}")
     manifest.write(output)
+    progress_path(output, part, parts).unlink()
     return manifest
+
+
+def _build_part(
+    settings: BuildSettings, inputs: list, output: Path, progress: PartProgress, workers: int, max_samples: int,
+    max_bytes: int,
+) -> None:  # fmt: skip
+    """Records from progress.next_record on into shards, saving the progress after each shard."""
+    manifest = progress.manifest
+    skipped = Counter(manifest.skipped)
+
+    def shard_complete(next_record: int) -> None:
+        progress.next_record, manifest.skipped = next_record, dict(sorted(skipped.items()))
+        progress.save(output)
+
+    prefix = shard_prefix(progress.part, progress.parts)
+    sink = ShardSink(output, manifest, max_samples, max_bytes, prefix, shard_complete)
+    chunks = _chunks(read_records([Path(p) for p in inputs]), progress.part, progress.parts, progress.next_record)
+    with tqdm(desc=f"building {settings.kind} shards", unit=" records", disable=None) as bar:
+        for outcomes in _map_chunks(settings, chunks, workers):
+            for index, outcome in outcomes:
+                if index < progress.next_record:
+                    continue  # in a complete shard already
+                if isinstance(outcome, str):
+                    skipped[outcome] += 1
+                else:
+                    sink.write(index, outcome)
+            bar.update(len(outcomes))
+    sink.close()
+    manifest.skipped = dict(sorted(skipped.items()))
+    progress.complete = True
+    progress.save(output)
 
 
 def _map_chunks(settings: BuildSettings, chunks: Iterator[list], workers: int):

@@ -10,9 +10,10 @@ import sys
 
 from data_pipelines.build import KIND_MODULES, BuildSettings, build_shards
 from data_pipelines.demo import make_demo_data
+from data_pipelines.parts import merge_manifests
 from data_pipelines.train_image_tokenizer import train_image_tokenizer
 from data_pipelines.verify import verify_source
-from fusion_train.data.manifest import DataError
+from fusion_train.data.manifest import DataError, Manifest
 from fusion_train.tokenizers.image import image_layout
 from fusion_train.tokenizers.text import TokenizerError, train_text_tokenizer
 from fusion_train.vocab import VocabLayout
@@ -75,6 +76,14 @@ def _parser() -> argparse.ArgumentParser:
     shards.add_argument("--max-samples-per-shard", type=int, default=10_000)
     shards.add_argument("--max-mb-per-shard", type=int, default=256)
     shards.add_argument("--overwrite", action="store_true", help="replace shards already in --output")
+    shards.add_argument("--part", type=int, default=0, help="this part of the build, 0 to --parts - 1")
+    shards.add_argument(
+        "--parts", type=int, default=1,
+        help="split the build into this many parts (e.g. SLURM array tasks); join them with merge-manifests",
+    )  # fmt: skip
+
+    merge = commands.add_parser("merge-manifests", help="join the finished parts of a build into manifest.json")
+    merge.add_argument("output", help="the --output folder the parts were built into")
 
     verify = commands.add_parser("verify", help="check every shard of a source against its manifest")
     verify.add_argument("source_dir", help="a folder with manifest.json and its shards")
@@ -126,11 +135,17 @@ def _run(args: argparse.Namespace) -> dict:
         return make_demo_data(
             args.output, images=args.images, vq_steps=args.vq_steps, seed=args.seed, workers=args.workers
         )
+    if args.command == "merge-manifests":
+        return _summary(merge_manifests(args.output))
     settings = BuildSettings(args.kind, args.text_tokenizer, args.image_tokenizer, args.seed, args.device)
     manifest = build_shards(
         settings, args.input, args.output, workers=args.workers, max_samples_per_shard=args.max_samples_per_shard,
-        max_bytes_per_shard=args.max_mb_per_shard * 2**20, overwrite=args.overwrite,
+        max_bytes_per_shard=args.max_mb_per_shard * 2**20, overwrite=args.overwrite, part=args.part, parts=args.parts,
     )  # fmt: skip
+    return _summary(manifest)
+
+
+def _summary(manifest: Manifest) -> dict:
     return {
         "shards": len(manifest.shards),
         "samples": manifest.samples,

@@ -97,12 +97,21 @@ class Manifest:
             raise DataError(f"{path} not found: build the shards with `fusion-data build-shards`")
         try:
             record = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path} is not a fusion_train shard manifest ({err})") from err
+        return cls.from_json(record, path)
+
+    @classmethod
+    def from_json(cls, record: dict, path: Path) -> Manifest:
+        """`path`: where the record was read, for the error message."""
+        try:
+            record = dict(record)
             if record.pop("format") != FORMAT:
                 raise DataError(f"{path}: unknown format, expected {FORMAT}")
             record.pop("samples")
             manifest = cls(**{**record, "vocab": VocabLayout(**record["vocab"])})
             manifest.shards = [ShardInfo(**s) for s in record["shards"]]
-        except (KeyError, TypeError, json.JSONDecodeError) as err:
+        except (KeyError, TypeError) as err:
             raise DataError(f"{path} is not a fusion_train shard manifest ({err})") from err
         return manifest
 
