@@ -91,6 +91,18 @@ def image_tokenizer_path(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def paragraphs(tmp_path_factory):
+    """About 700 text records in two files: enough for several chunks of 64 records per part."""
+    from helpers import english_documents, write_jsonl
+
+    folder = tmp_path_factory.mktemp("paragraphs")
+    texts = [p for document in english_documents() for p in document.split("\n\n") if p.strip()][:700]
+    half = len(texts) // 2
+    return [write_jsonl(folder / "a.jsonl", [{"text": t} for t in texts[:half]] + [{"no_text": 1}]),
+            write_jsonl(folder / "b.jsonl", [{"text": t} for t in texts[half:]])]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
 def demo_data(tmp_path_factory):
     """The demo's data pipeline at test size: real images, both tokenizers, three kinds of shards."""
     from data_pipelines.demo import make_demo_data

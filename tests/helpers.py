@@ -1,11 +1,14 @@
 """Shared test fixtures that are plain functions."""
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import torch
+import webdataset as wds
 import yaml
 
+from fusion_train.data.manifest import Manifest
 from fusion_train.model.chameleon import Chameleon, ChameleonConfig
 from fusion_train.vocab import VocabLayout
 
@@ -98,3 +101,12 @@ def write_shards(
     manifest.tokens_by_modality = dict(sink.tokens_by_modality)
     manifest.write(folder)
     return folder
+
+
+def shard_documents(folder) -> Counter:
+    """The samples of a shard source as a multiset of (key, tokens bytes)."""
+    found: Counter = Counter()
+    for shard in Manifest.read(folder).shards:
+        for sample in wds.WebDataset(str(Path(folder) / shard.name), shardshuffle=False):
+            found[(sample["__key__"], sample["tokens.npy"])] += 1
+    return found

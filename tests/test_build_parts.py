@@ -7,38 +7,17 @@ import signal
 import subprocess
 import sys
 import time
-from collections import Counter
 
 import pytest
-import webdataset as wds
 
 from conftest import REPO
 from data_pipelines.build import BuildSettings, build_shards
 from data_pipelines.cli import main as fusion_data
 from data_pipelines.parts import merge_manifests
-from fusion_train.data.manifest import DataError, Manifest
-from helpers import english_documents, write_jsonl
+from fusion_train.data.manifest import DataError
+from helpers import shard_documents as documents
 
 PER_SHARD = 20
-
-
-@pytest.fixture(scope="module")
-def paragraphs(tmp_path_factory):
-    """About 700 text records in two files: enough for several chunks of 64 records per part."""
-    folder = tmp_path_factory.mktemp("paragraphs")
-    texts = [p for document in english_documents() for p in document.split("\n\n") if p.strip()][:700]
-    half = len(texts) // 2
-    return [write_jsonl(folder / "a.jsonl", [{"text": t} for t in texts[:half]] + [{"no_text": 1}]),
-            write_jsonl(folder / "b.jsonl", [{"text": t} for t in texts[half:]])]  # fmt: skip
-
-
-def documents(folder) -> Counter:
-    """The samples of a source as a multiset of (key, tokens bytes)."""
-    found = Counter()
-    for shard in Manifest.read(folder).shards:
-        for sample in wds.WebDataset(str(folder / shard.name), shardshuffle=False):
-            found[(sample["__key__"], sample["tokens.npy"])] += 1
-    return found
 
 
 def build(text_tokenizer, inputs, out, seed=0, **options):

@@ -69,3 +69,41 @@ def test_usr1_checkpoints_requeues_and_the_job_finishes(slurm, demo_data, tmp_pa
     assert f"resumed from {run}/checkpoints/step_{stopped_at} at step {stopped_at} " in log
     assert "restart 1" in log and stopped_at < 60
     assert [m["step"] for m in read_metrics(run)] == list(range(1, 61))
+
+
+def test_a_job_array_builds_the_parts_that_merge_into_the_one_process_build(
+    slurm, text_tokenizer, paragraphs, tmp_path
+):
+    """launch/slurm/build_shards.sbatch as a 2-task array on the real cluster, then merge-manifests."""
+    from data_pipelines.build import BuildSettings, build_shards
+    from data_pipelines.cli import main as fusion_data
+    from helpers import shard_documents
+
+    out, whole = tmp_path / "parts", tmp_path / "whole"
+    build_shards(
+        BuildSettings("text", str(text_tokenizer.path)), paragraphs, whole, workers=0, max_samples_per_shard=20
+    )
+    arguments = ["--kind", "text", "--input", *map(str, paragraphs), "--output", str(out),
+                 "--text-tokenizer", str(text_tokenizer.path), "--workers", "0", "--max-samples-per-shard", "20"]  # fmt: skip
+    env = {**SLURM_ENV, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    submitted = subprocess.run(
+        ["sbatch", "--parsable", "--array=0-1", "--cpus-per-task=1", f"--output={tmp_path}/shards_%A_%a.out",
+         "launch/slurm/build_shards.sbatch", *arguments],
+        cwd=REPO, env=env, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    job = submitted.stdout.strip().split(";")[0]
+
+    def finished() -> bool:
+        out_text = subprocess.run(["scontrol", "show", "job", "-o", job], env=SLURM_ENV, capture_output=True, text=True)
+        states = re.findall(r"JobState=(\S+)", out_text.stdout)
+        assert not {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"} & set(states), out_text.stdout
+        return len(states) == 2 and set(states) == {"COMPLETED"}
+
+    deadline = time.time() + 300
+    while not finished():
+        assert time.time() < deadline, "the array did not finish in 300 s"
+        time.sleep(0.5)
+    logs = sorted(tmp_path.glob("shards_*.out"))
+    assert [re.search(r"part (\d) of 2", p.read_text())[1] for p in logs] == ["0", "1"]
+    assert fusion_data(["merge-manifests", str(out)]) == 0
+    assert shard_documents(out) == shard_documents(whole)
