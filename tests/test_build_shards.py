@@ -1,11 +1,13 @@
 """`fusion-data build-shards` for each kind: real images and tokenizers, bad records counted,
 deterministic output whatever the number of workers."""
 
+import io
 import json
 
 import numpy as np
 import pytest
 import webdataset as wds
+from PIL import Image
 
 from data_pipelines.build import BuildSettings, build_shards
 from data_pipelines.cli import main as fusion_data
@@ -74,17 +76,29 @@ def test_image_text_from_jsonl_with_bad_records(text_tokenizer, image_tokenizer_
     assert manifest.tokens_by_modality["image"] == 40 * V.image_tokens
 
 
-def test_image_text_from_a_webdataset(text_tokenizer, image_tokenizer_path, shapes, tmp_path):
+def test_image_text_from_img2dataset_tars(text_tokenizer, image_tokenizer_path, shapes, tmp_path):
+    """As img2dataset writes them: KEY.jpg/.png/.webp, KEY.txt, KEY.json; several tars per build."""
     _, records = shapes
-    with wds.TarWriter(str(tmp_path / "pairs.tar")) as writer:
-        for i, record in enumerate(records[:10]):
-            with open(record["image"], "rb") as f:
-                writer.write({"__key__": f"s{i:03d}", "png": f.read(), "txt": record["caption"]})
-        writer.write({"__key__": "nocaption", "png": open(records[0]["image"], "rb").read()})
-    manifest = build_shards(
-        settings("image-text", text_tokenizer, image_tokenizer_path), [tmp_path / "pairs.tar"], tmp_path / "out"
-    )
-    assert manifest.samples == 10 and manifest.skipped == {"missing_caption": 1}
+    for number, part in enumerate([records[:6], records[6:10]]):
+        with wds.TarWriter(str(tmp_path / f"{number:05d}.tar")) as writer:
+            for i, record in enumerate(part):
+                image = Image.open(record["image"]).convert("RGB")
+                encoded = io.BytesIO()
+                extension = ["jpg", "png", "webp"][i % 3]
+                image.save(encoded, format={"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}[extension])
+                metadata = {
+                    "url": f"https://example.com/{i}.{extension}",
+                    "caption": record["caption"],
+                    "status": "success",
+                }
+                writer.write({"__key__": f"{number:05d}{i:04d}", extension: encoded.getvalue(), "txt": record["caption"],
+                              "json": metadata})  # fmt: skip
+            if number == 0:
+                writer.write({"__key__": "0000nocaption", "png": open(records[0]["image"], "rb").read(), "json": {}})
+                writer.write({"__key__": "0000corrupt", "jpg": b"\xff\xd8 not really a jpeg", "txt": "a caption"})
+    tars = [tmp_path / "00000.tar", tmp_path / "00001.tar"]
+    manifest = build_shards(settings("image-text", text_tokenizer, image_tokenizer_path), tars, tmp_path / "out")
+    assert manifest.samples == 10 and manifest.skipped == {"missing_caption": 1, "undecodable_image": 1}
 
 
 def test_interleaved_keeps_order(text_tokenizer, image_tokenizer_path, shapes, tmp_path):
