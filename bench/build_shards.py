@@ -1,13 +1,17 @@
 """Shard-building throughput (records/s) for each kind, on generated shapes and CPython's bundled
 documentation, with a small VQ tokenizer on the CPU. Prints one JSON line per kind.
 
-    python bench/build_shards.py [--records 400] [--workers 2]
+    python bench/build_shards.py [--records 400] [--workers 2] [--parts 1]
+
+With --parts N the build runs as N concurrent part processes (as N array tasks on one machine
+would), each with workers / N workers, then merge-manifests; the time covers all of it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import tempfile
 import time
 from pathlib import Path
@@ -15,6 +19,7 @@ from pathlib import Path
 import torch
 
 from data_pipelines.build import BuildSettings, build_shards
+from data_pipelines.parts import merge_manifests
 from data_pipelines.synthetic import write_image_captions
 from data_pipelines.train_image_tokenizer import small_config
 from fusion_train.tokenizers.image import ImageTokenizer
@@ -50,10 +55,28 @@ def write_inputs(folder: Path, records: int) -> dict[str, Path]:
     return paths
 
 
+def build_in_parts(settings: BuildSettings, inputs: list[Path], out: Path, workers: int, parts: int):
+    if parts == 1:
+        return build_shards(settings, inputs, out, workers=workers)
+    context = multiprocessing.get_context("fork")
+    processes = [
+        context.Process(target=build_shards, args=(settings, inputs, out),
+                        kwargs={"workers": max(1, workers // parts), "part": part, "parts": parts})
+        for part in range(parts)
+    ]  # fmt: skip
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join()
+        assert process.exitcode == 0, f"a part exited {process.exitcode}"
+    return merge_manifests(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", type=int, default=400)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--parts", type=int, default=1)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
@@ -65,10 +88,10 @@ def main() -> None:
         for kind, path in inputs.items():
             settings = BuildSettings(kind, str(folder / "text.model"), None if kind == "text" else str(vq))
             started = time.perf_counter()
-            manifest = build_shards(settings, [path], folder / "out" / kind, workers=args.workers)
+            manifest = build_in_parts(settings, [path], folder / "out" / kind, args.workers, args.parts)
             seconds = time.perf_counter() - started
             tokens = sum(manifest.tokens_by_modality.values())
-            print(json.dumps({"bench": "build_shards", "kind": kind, "workers": args.workers, "records": manifest.samples,
+            print(json.dumps({"bench": "build_shards", "kind": kind, "workers": args.workers, "parts": args.parts, "records": manifest.samples,
                               "records_per_s": round(manifest.samples / seconds, 1), "tokens_per_s": round(tokens / seconds),
                               "image_resolution": 64, "seconds": round(seconds, 2)}), flush=True)  # fmt: skip
 
