@@ -50,10 +50,14 @@ def measure(shards: Path, workers: int, verify: bool, seq_len: int, micro_batch:
     for _ in islice(iterator, 10):  # warm-up: worker start, first shard opens
         pass
     started = time.perf_counter()
-    tokens = sum(batch["input_ids"].numel() for batch in islice(iterator, batches))
+    tokens = documents = 0
+    for batch in islice(iterator, batches):
+        tokens += batch["input_ids"].numel()
+        documents += int(batch["documents_per_source"].sum())
     seconds = time.perf_counter() - started
     return {"bench": "loader_throughput", "workers": workers, "verify_checksums": verify, "seq_len": seq_len,
             "micro_batch": micro_batch, "batches": batches, "tokens_per_s": round(tokens / seconds),
+            "documents_per_s": round(documents / seconds),
             "seconds": round(seconds, 3)}  # fmt: skip
 
 

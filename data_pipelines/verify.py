@@ -37,13 +37,13 @@ def verify_shard(folder: Path, shard: ShardInfo, vocab: VocabLayout, checksums: 
         if actual != shard.content_hash:
             report.problems.append(f"hash mismatch: {actual}, manifest {shard.content_hash}")
     reader = ShardReader(path, vocab, verify_checksums=checksums)
-    for index in range(len(reader.samples)):
+    for index in range(len(reader)):
         try:
             reader.read(index)
         except Skip as skip:
             report.bad_samples.append({"index": index, "key": reader.key(index), "reason": skip.reason})
-    if len(reader.samples) != shard.samples:
-        report.problems.append(f"{len(reader.samples)} readable samples, manifest says {shard.samples}")
+    if len(reader) != shard.samples:
+        report.problems.append(f"{len(reader)} readable samples, manifest says {shard.samples}")
     reader.close()
     return report
 

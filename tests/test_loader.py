@@ -4,6 +4,7 @@ every kind of bad input."""
 import dataclasses
 import io
 import json
+import math
 import subprocess
 import sys
 from itertools import islice
@@ -16,6 +17,7 @@ import webdataset as wds
 from conftest import REPO
 from fusion_train.data.loader import DataConfig, SourceConfig, build_loader
 from fusion_train.data.manifest import DataError, Manifest, sample_checksum
+from fusion_train.data.stream import SourceStream
 from helpers import SMALL_VOCAB as V
 from helpers import document_number, numbered_documents, write_shards
 
@@ -78,10 +80,11 @@ def test_resume_in_a_new_process_continues_exactly(mixed_shards, tmp_path):
     assert_images_whole(torch.stack([b["input_ids"] for b in uninterrupted]))
 
 
-def test_an_epoch_over_2_ranks_x_2_workers_sees_every_sample_exactly_once(mixed_shards):
+@pytest.mark.parametrize("block", [2**18, 64])  # the whole source, and blocks that cut across shards
+def test_an_epoch_over_2_ranks_x_2_workers_sees_every_sample_exactly_once(mixed_shards, block):
     """Batches alternate between a rank's 2 workers; each reader's sequences are unpacked back into
     documents, and the readers' first epochs together must be the 600 documents, once each."""
-    cfg = config({"mixed": (mixed_shards, 1.0)}, micro_batch_size=1)
+    cfg = config({"mixed": (mixed_shards, 1.0)}, micro_batch_size=1, shuffle_block_size=block)
     total, readers = 600, 4
     seen = []
     for rank in range(2):
@@ -223,3 +226,28 @@ def test_mixture_in_tokens(tmp_path):
     for batch in islice(build_loader(cfg), 150):
         tokens += batch["documents_per_source"].sum(0) * mean_length
     assert (tokens / tokens.sum()).tolist() == pytest.approx([0.5, 0.5], abs=0.03)
+
+
+def test_block_shuffle_mixes_shards_of_sorted_input(mixed_shards):
+    """The 600 documents were written in order, 50 to a shard: a shard is a "domain". Eight readers
+    read 4 documents each per global batch. A block of 200 samples spans 4 shards, and a global
+    batch of 32 consecutive positions drawn from it misses one of them with probability
+    C(150, 32) / C(200, 32): the threshold follows from that. Blocks of one shard's size (the order
+    before blocks existed) give one or two domains per batch."""
+    manifest = Manifest.read(mixed_shards)
+    readers, per_reader, batches = 8, 4, 18
+
+    def domains_per_batch(block: int) -> list[int]:
+        streams = [
+            SourceStream("s", mixed_shards, manifest, r, readers, seed=1, shuffle_block=block) for r in range(readers)
+        ]
+        return [
+            len({document_number(stream.next_document().tokens) // 50 for stream in streams for _ in range(per_reader)})
+            for _ in range(batches)
+        ]
+
+    window_domains, batch = 200 // 50, readers * per_reader
+    expected = window_domains * (1 - math.comb(150, batch) / math.comb(200, batch))
+    mixed = domains_per_batch(200)
+    assert np.mean(mixed) >= expected - 0.25 and min(mixed) >= round(expected) - 1, mixed
+    assert max(domains_per_batch(50)) <= 2

@@ -69,7 +69,7 @@ class HeldOutSet:
         source = self.cfg.sources[name]
         stream = SourceStream(
             name, source.path, self.manifests[name], self.rank, self.world_size, self.cfg.seed,
-            self.cfg.verify_checksums,
+            self.cfg.verify_checksums, self.cfg.shuffle_block_size,
         )  # fmt: skip
         self.streams[name] = stream
         documents = ((0, document) for document in self._readable(stream))

@@ -65,6 +65,9 @@ class DataConfig:
     micro_batch_size: int = 1
     num_workers: int = 2
     seed: int = 0
+    # Samples of a source shuffled together (stream.py): many shards' worth, so that a global batch
+    # mixes shards written from sorted or per-domain inputs. MosaicML Streaming's default.
+    shuffle_block_size: int = 2**18
     # Resume with another number of ranks or workers: restart the data order instead of failing.
     restart_data_order: bool = False
     # Check each sample's CRC-32 on every read: a mismatch is a counted `checksum_mismatch` skip.
@@ -72,6 +75,8 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         self.sources = {name: as_source(name, value) for name, value in self.sources.items()}
+        if self.shuffle_block_size < 1:
+            raise DataError(f"data.shuffle_block_size={self.shuffle_block_size} must be positive")
 
 
 def source_weights(cfg: DataConfig, manifests: dict[str, Manifest]) -> dict[str, float]:
@@ -157,7 +162,8 @@ class MixtureDataset(IterableDataset):
 
     def identity(self, workers: int) -> dict:
         """What a saved position is only valid for."""
-        return {"world_size": self.world_size, "workers": workers, "seed": self.cfg.seed, "sources": self.names}
+        return {"world_size": self.world_size, "workers": workers, "seed": self.cfg.seed, "sources": self.names,
+                "shuffle_block_size": self.cfg.shuffle_block_size}  # fmt: skip
 
     def __iter__(self):
         # Set up before returning: the loader asks for the state right after iter(), before any next().
@@ -167,7 +173,7 @@ class MixtureDataset(IterableDataset):
         self.streams = [
             SourceStream(
                 n, self.cfg.sources[n].path, self.manifests[n], reader, readers, self.cfg.seed,
-                self.cfg.verify_checksums,
+                self.cfg.verify_checksums, self.cfg.shuffle_block_size,
             )
             for n in self.names
         ]  # fmt: skip

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,54 +52,73 @@ def validate(tokens: np.ndarray, vocab: VocabLayout) -> None:
 
 
 class ShardReader:
-    def __init__(self, path: Path, vocab: VocabLayout, verify_checksums: bool = False):
+    """Random access to one shard's samples. Opening scans the tar headers once into a compact
+    index (each sample's key, and where its members' bytes lie); a read is then one `pread` per
+    member, so many shards can stay open at little cost."""
+
+    MEMBERS = ("tokens.npy", "mask.npy", "json")
+
+    def __init__(self, path: Path, vocab: VocabLayout, verify_checksums: bool = True):
         """`verify_checksums`: each sample's arrays must match the CRC-32 in its json member."""
         self.path, self.vocab, self.verify_checksums = path, vocab, verify_checksums
-        self.samples: list[dict[str, tarfile.TarInfo]] = []
+        self.fd: int | None = None
         try:
-            self.tar = tarfile.open(path, mode="r:")
-            members = self._members()
+            with tarfile.open(path, mode="r:") as tar:
+                members = self._members(tar)
+            self.fd = os.open(path, os.O_RDONLY)
         except (OSError, tarfile.TarError) as err:
             log.warning("shard %s cannot be read (%s): its samples are skipped", path, err)
-            self.tar, members = None, []
+            members = []
         keys: dict[str, dict[str, tarfile.TarInfo]] = {}
         for member in members:
             key, _, field = member.name.partition(".")
             keys.setdefault(key, {})[field] = member
-        self.samples = list(keys.values())
+        self.keys = list(keys)
+        # [sample, member, (offset, size)]; -1 where a sample lacks the member
+        self.extents = np.full((len(keys), len(self.MEMBERS), 2), -1, dtype=np.int64)
+        for i, fields in enumerate(keys.values()):
+            for j, name in enumerate(self.MEMBERS):
+                if name in fields:
+                    self.extents[i, j] = fields[name].offset_data, fields[name].size
 
-    def _members(self) -> list[tarfile.TarInfo]:
+    def _members(self, tar: tarfile.TarFile) -> list[tarfile.TarInfo]:
         """Headers up to the first damage; a truncated tar keeps the samples before it."""
         members = []
         try:
-            for member in self.tar:
+            for member in tar:
                 members.append(member)
         except (OSError, tarfile.TarError) as err:
             log.warning("shard %s is damaged after %d members (%s): the rest is skipped", self.path, len(members), err)
         return [m for m in members if m.isfile()]
 
-    def key(self, index: int) -> str:
-        return next(iter(self.samples[index].values())).name.partition(".")[0]
+    def __len__(self) -> int:
+        return len(self.keys)
 
-    def _read(self, member: tarfile.TarInfo) -> bytes:
-        data = self.tar.extractfile(member).read()
-        if len(data) != member.size:
+    def key(self, index: int) -> str:
+        return self.keys[index]
+
+    def _read(self, index: int, member: int) -> bytes | None:
+        offset, size = self.extents[index, member]
+        if size < 0:
+            return None
+        data = os.pread(self.fd, int(size), int(offset))
+        if len(data) != size:
             raise Skip("corrupt_shard")
         return data
 
     def read(self, index: int) -> Document:
-        if index >= len(self.samples):
+        if index >= len(self.keys):
             raise Skip("corrupt_shard")
-        members = self.samples[index]
-        if "tokens.npy" not in members:
-            raise Skip("corrupt_sample")
         try:
-            arrays = [self._read(members[name]) for name in ("tokens.npy", "mask.npy") if name in members]
+            tokens_bytes, mask_bytes = self._read(index, 0), self._read(index, 1)
+            if tokens_bytes is None:
+                raise Skip("corrupt_sample")
+            arrays = [tokens_bytes] if mask_bytes is None else [tokens_bytes, mask_bytes]
             if self.verify_checksums:
-                self._verify(members, arrays)
-            tokens = np.load(io.BytesIO(arrays[0]), allow_pickle=False)
-            mask = np.load(io.BytesIO(arrays[1]), allow_pickle=False) if len(arrays) == 2 else None
-        except (OSError, ValueError, EOFError, tarfile.TarError):
+                self._verify(index, arrays)
+            tokens = np.load(io.BytesIO(tokens_bytes), allow_pickle=False)
+            mask = None if mask_bytes is None else np.load(io.BytesIO(mask_bytes), allow_pickle=False)
+        except (OSError, ValueError, EOFError):
             raise Skip("corrupt_sample") from None
         if tokens.ndim != 1 or (mask is not None and mask.shape != tokens.shape):
             raise Skip("corrupt_sample")
@@ -106,13 +126,17 @@ class ShardReader:
         validate(tokens, self.vocab)
         return Document(tokens, mask)
 
-    def _verify(self, members: dict[str, tarfile.TarInfo], arrays: list[bytes]) -> None:
-        if "json" not in members:
+    def _verify(self, index: int, arrays: list[bytes]) -> None:
+        metadata = self._read(index, 2)
+        if metadata is None:
             raise Skip("corrupt_sample")
-        metadata = json.loads(self._read(members["json"]))
+        metadata = json.loads(metadata)
         if not isinstance(metadata, dict) or metadata.get(SAMPLE_CHECKSUM) != sample_checksum(*arrays):
             raise Skip("checksum_mismatch")
 
     def close(self) -> None:
-        if self.tar is not None:
-            self.tar.close()
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    __del__ = close  # a raw descriptor is not closed by the garbage collector otherwise

@@ -1,17 +1,23 @@
 """One source's documents for one reader (a loader worker of one data-parallel rank).
 
-Each epoch has a seeded order of the source's samples: the shards permuted, and the samples of
-each shard permuted, computed from the manifest's counts alone. Reader `s` of `S` takes every S-th
-sample of that order starting at the s-th, so the S readers together see every sample exactly
-once per epoch, and a reader's position is two integers (epoch, position) that are saved and
-restored without reading anything.
+Each epoch has a seeded order of the source's samples, computed from the manifest's counts alone:
+the shards are permuted, their samples laid end to end, and each block of `shuffle_block`
+consecutive samples of that sequence is permuted. Reader `s` of `S` takes every S-th sample of the
+order starting at the s-th, so the S readers together see every sample exactly once per epoch,
+and a reader's position is two integers (epoch, position) that are saved and restored without
+reading anything.
+
+Why blocks: all readers move through the order together, so what a global batch can mix is what
+one block holds. A block spanning many shards mixes shards written from sorted or per-domain
+inputs, and spreads the cluster's reads over that many files (MosaicML Streaming's block shuffle;
+its default block is 2^18 samples). Readers keep up to MAX_OPEN shards open for that.
 """
 
 from __future__ import annotations
 
 import logging
 import zlib
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,12 +27,13 @@ from fusion_train.data.manifest import DataError, Manifest, Skip
 from fusion_train.data.shards import Document, ShardReader
 
 log = logging.getLogger(__name__)
+MAX_OPEN = 64  # shards a reader keeps open (a file descriptor and a small index each)
 
 
 class SourceStream:
     def __init__(
         self, name: str, folder: str | Path, manifest: Manifest, reader: int, readers: int, seed: int,
-        verify_checksums: bool = True,
+        verify_checksums: bool = True, shuffle_block: int = 2**18,
     ):  # fmt: skip
         self.name, self.folder, self.manifest = name, Path(folder), manifest
         # Shards built before samples carried checksums are read unchecked.
@@ -36,11 +43,12 @@ class SourceStream:
         self.counts = np.array([s.samples for s in manifest.shards], dtype=np.int64)
         self.total = int(self.counts.sum())
         self.per_epoch = len(range(reader, self.total, readers))
+        self.shuffle_block = shuffle_block
         self.epoch, self.position = 0, 0
         self.skipped: Counter = Counter()
         self._order_epoch = None
-        self._open: tuple[int, ShardReader] | None = None
-        self._shard_order: tuple[int, np.ndarray] | None = None
+        self._open: OrderedDict[int, ShardReader] = OrderedDict()
+        self._block_order: tuple[tuple[int, int], np.ndarray] | None = None
 
     @property
     def has_samples(self) -> bool:
@@ -56,21 +64,25 @@ class SourceStream:
 
     def _address(self, index: int) -> tuple[int, int]:
         """(shard, sample in shard) of the epoch order's index-th sample."""
+        block, offset = divmod(index, self.shuffle_block)
+        if self._block_order is None or self._block_order[0] != (self.epoch, block):
+            size = min(self.shuffle_block, self.total - block * self.shuffle_block)
+            order = np.random.default_rng([*self.seed, self.epoch, block + 1]).permutation(size)
+            self._block_order = ((self.epoch, block), order)
+        position = block * self.shuffle_block + int(self._block_order[1][offset])
         permutation, starts = self._epoch_order()
-        slot = int(np.searchsorted(starts, index, side="right")) - 1
-        shard = int(permutation[slot])
-        if self._shard_order is None or self._shard_order[0] != (self.epoch, shard):
-            order = np.random.default_rng([*self.seed, self.epoch, shard + 1]).permutation(self.counts[shard])
-            self._shard_order = ((self.epoch, shard), order)
-        return shard, int(self._shard_order[1][index - starts[slot]])
+        slot = int(np.searchsorted(starts, position, side="right")) - 1
+        return int(permutation[slot]), position - int(starts[slot])
 
     def _reader(self, shard: int) -> ShardReader:
-        if self._open is None or self._open[0] != shard:
-            if self._open is not None:
-                self._open[1].close()
+        if shard in self._open:
+            self._open.move_to_end(shard)
+        else:
+            if len(self._open) == MAX_OPEN:
+                self._open.popitem(last=False)[1].close()
             path = self.folder / self.manifest.shards[shard].name
-            self._open = (shard, ShardReader(path, self.manifest.vocab, self.verify_checksums))
-        return self._open[1]
+            self._open[shard] = ShardReader(path, self.manifest.vocab, self.verify_checksums)
+        return self._open[shard]
 
     def next_document(self) -> Document:
         for _ in range(self.per_epoch + 1):
