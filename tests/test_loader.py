@@ -147,13 +147,17 @@ def test_stage_two_reweighting(tmp_path):
         build_loader(dataclasses.replace(cfg, reweight={"z": 0.5}))
 
 
-def test_resuming_with_another_world_size_is_refused_unless_asked(mixed_shards, caplog):
+def test_another_seed_or_a_split_without_every_rank_is_refused_unless_asked(mixed_shards, caplog):
     cfg = config({"mixed": (mixed_shards, 1.0)}, num_workers=0)
     loader = build_loader(cfg, 0, 2)
     take(loader, 3)
     state = loader.state_dict()
-    with pytest.raises(DataError, match="world_size.*restart_data_order"):
+    with pytest.raises(
+        DataError, match=r"world_size.*every old rank's position \(every_rank\), or set data.restart_data_order"
+    ):
         build_loader(cfg, 0, 1).load_state_dict(state)
+    with pytest.raises(DataError, match="resume with the same seed, sources and shuffle block"):
+        build_loader(dataclasses.replace(cfg, seed=6), 0, 1).load_state_dict(state, every_rank=lambda: [state])
     restarted = build_loader(dataclasses.replace(cfg, restart_data_order=True), 0, 1)
     restarted.load_state_dict(state)
     assert "data order restarted" in caplog.text
@@ -251,3 +255,49 @@ def test_block_shuffle_mixes_shards_of_sorted_input(mixed_shards):
     mixed = domains_per_batch(200)
     assert np.mean(mixed) >= expected - 0.25 and min(mixed) >= round(expected) - 1, mixed
     assert max(domains_per_batch(50)) <= 2
+
+
+def documents_started(batches, lookahead=()) -> list[int]:
+    """Numbers of the documents that start in the batches' sequences, in reading order; the
+    batches after them (lookahead) complete the number of one cut right after its start."""
+    read = torch.cat([b["input_ids"][0] for b in batches]).numpy()
+    stream = np.concatenate([read, *[b["input_ids"][0].numpy() for b in lookahead]])
+    return [document_number(stream[p:]) for p in np.flatnonzero(read == V.bos)]
+
+
+def read_then_save(loader, count: int, workers: int = 1) -> tuple[list[int], dict]:
+    """The documents started in `count` batches (alternating over the workers), and the position
+    saved right after them."""
+    batches = iter(loader)
+    taken = list(islice(batches, count))
+    state = loader.state_dict()
+    lookahead = list(islice(batches, workers))
+    read = [d for w in range(workers) for d in documents_started(taken[w::workers], lookahead[w : w + 1])]
+    return read, state
+
+
+def test_an_epoch_continues_on_any_split_and_reads_every_document_once(mixed_shards):
+    """2 ranks x 1 worker read part of the epoch, 1 rank x 2 workers go on from their positions,
+    then 3 ranks x 1 worker finish it: the 600 documents, each once (a document whose sequence was
+    cut by a change counts as read)."""
+    cfg = config({"mixed": (mixed_shards, 1.0)}, micro_batch_size=1, num_workers=0)
+    read, first = [], []
+    for rank in range(2):
+        documents, state = read_then_save(build_loader(cfg, rank, 2), 40)
+        read, first = read + documents, first + [state]
+
+    two_workers = build_loader(dataclasses.replace(cfg, num_workers=2), 0, 1)
+    two_workers.load_state_dict(first[0], every_rank=lambda: first)
+    documents, second = read_then_save(two_workers, 40, workers=2)
+    read += documents
+    assert len(read) < 600, "the first two splits must leave part of the epoch"
+
+    for rank in range(3):
+        loader = build_loader(cfg, rank, 3)
+        loader.load_state_dict(second, every_rank=lambda: [second])
+        layer = loader.dataset._continued["mixed"]["layers"]["0"]
+        share = len(range(rank, len(layer["holes"]) + 600 - layer["base"], 3))
+        documents = documents_started(take(loader, share))
+        assert len(documents) >= share
+        read += documents[:share]
+    assert sorted(read) == list(range(600))

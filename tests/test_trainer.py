@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import time
+from itertools import islice
 from pathlib import Path
 
 import psutil
@@ -24,9 +25,12 @@ from conftest import (
     train_overrides,
 )
 from fusion_train.cli import train_main
+from fusion_train.data.elastic import Layer
+from fusion_train.data.loader import build_loader, reader_states
 from fusion_train.data.manifest import MANIFEST, Manifest
 from fusion_train.monitor.parameters import GROUPS, parameter_group
 from fusion_train.train.checkpoint import consolidated_state_dict
+from fusion_train.train.config import load_config
 
 TRAIN = "-m fusion_train.train"
 
@@ -244,18 +248,46 @@ def test_sigterm_writes_a_final_checkpoint_and_exits_0(demo_data, tmp_path):
     assert 3 <= last_logged < 200
 
 
-def test_resuming_with_another_number_of_ranks_is_refused(demo_data, tmp_path):
+def checksum(input_ids: torch.Tensor) -> float:
+    """The trainer's data/checksum of one micro-batch."""
+    positions = torch.arange(1, input_ids.numel() + 1, dtype=torch.float64)
+    return ((input_ids.flatten().double() * positions).sum() % 2**40).item()
+
+
+def read_positions(reader_state: dict, reader: int, readers: int) -> set[tuple[str, int]]:
+    """(source, order position) of every sample a reader consumed in epoch 0."""
+    read = set()
+    for name, stream in reader_state["streams"].items():
+        assert stream["epoch"] == 0
+        layer = Layer.from_state(stream["layers"]["0"]) if "0" in stream.get("layers", {}) else Layer()
+        read |= {(name, layer.element(reader + k * readers)) for k in range(stream["position"])}
+    return read
+
+
+def test_two_ranks_resumed_on_one_continue_the_data_and_read_no_sample_twice(demo_data, tmp_path):
+    """Resumed on 1 rank without restart_data_order: the weights load, the optimizer restarts, and
+    the data goes on from both ranks' positions. The 1-rank run's logged data checksums are those
+    of the continued loader's batches, and the samples it read are none of those read before."""
     run = tmp_path / "run"
-    torchrun(TRAIN, *train_overrides(demo_data, run, "trainer.steps=2"))
+    torchrun(TRAIN, *train_overrides(demo_data, run, "trainer.steps=4", "trainer.stop_after_steps=2"))
     # 1 rank: the global batch needs 2 micro-steps of 4 x 128 tokens more than with 2 ranks.
-    one_rank = torchrun(TRAIN, *train_overrides(demo_data, run, "trainer.steps=4"), nproc=1, check=False)
-    assert one_rank.returncode != 0
-    assert "written by 2 ranks and this run has 1" in one_rank.stderr + one_rank.stdout
-    assert "data.restart_data_order=true" in one_rank.stderr + one_rank.stdout
-    restarted = torchrun(
-        TRAIN, *train_overrides(demo_data, run, "trainer.steps=4", "data.restart_data_order=true"), nproc=1
-    )
-    assert restarted.returncode == 0 and read_metrics(run)[-1]["step"] == 4
+    one_rank = torchrun(TRAIN, *train_overrides(demo_data, run, "trainer.steps=4"), nproc=1)
+    assert "written by 2 ranks and this run has 1: weights loaded, the data order continues" in one_rank.stderr
+    assert "optimizer state (Adam moments) starts afresh" in one_rank.stderr
+
+    checkpoint = run / "checkpoints" / "step_2"
+    old = [torch.load(checkpoint / f"rank{r:05d}_state.pt", weights_only=True)["loader"] for r in range(2)]
+    cfg = load_config(train_overrides(demo_data, run)).data
+    continued = build_loader(cfg, 0, 1)
+    continued.load_state_dict(old[0], every_rank=lambda: old)
+    batches = list(islice(iter(continued), 8))  # 4 micro-steps a step on 1 rank
+    logged = {m["step"]: m["data/checksum"] for m in read_metrics(run) if "data/checksum" in m}
+    for step, micro_batches in zip((3, 4), (batches[:4], batches[4:]), strict=True):
+        assert logged[step] == pytest.approx(sum(checksum(b["input_ids"]) for b in micro_batches), rel=1e-12)
+
+    before = set().union(*(read_positions(reader_states(state)[0], r, 2) for r, state in enumerate(old)))
+    after = read_positions(reader_states(continued.state_dict())[0], 0, 1)
+    assert before and after and not before & after
 
 
 def test_batch_arithmetic_errors_say_what_to_change(demo_data, tmp_path, capsys):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from fusion_train.data.elastic import rebalance
 from fusion_train.data.manifest import DataError, Manifest
 from fusion_train.data.packing import Packer
 from fusion_train.data.stream import SourceStream
@@ -159,6 +160,7 @@ class MixtureDataset(IterableDataset):
                         "rebuild their shards to have every read checked", unchecked)  # fmt: skip
         Packer(cfg.seq_len, self.vocab, len(self.names))  # checks seq_len before any worker starts
         self._pending_state: dict | None = None
+        self._continued: dict | None = None  # per source, where readers of another split left off
 
     def identity(self, workers: int) -> dict:
         """What a saved position is only valid for."""
@@ -188,7 +190,17 @@ class MixtureDataset(IterableDataset):
         self.packer = Packer(self.cfg.seq_len, self.vocab, len(self.names))
         if self._pending_state is not None:
             self._restore(self._pending_state)
+        if self._continued is not None:
+            for stream in self.streams:
+                stream.continue_elsewhere(self._continued[stream.name])
         return self._sequences()
+
+    def continue_from(self, reader_states: list[dict]) -> None:
+        """Continue the epochs that another split's readers (their states, in reader order) left."""
+        self._continued = {
+            name: rebalance(self.manifests[name].samples, [state["streams"][name] for state in reader_states])
+            for name in self.names
+        }
 
     def _sequences(self):
         reported_skips = self.skipped_total()
@@ -202,6 +214,10 @@ class MixtureDataset(IterableDataset):
     def _next_document(self):
         source = int(self.rng.choice(len(self.names), p=self.draw))
         return source, self.streams[source].next_document()
+
+    def fresh_state(self) -> dict:
+        """The position of a reader that has read nothing."""
+        return {"streams": {name: {"epoch": 0, "position": 0} for name in self.names}}
 
     def skipped_total(self) -> int:
         return sum(sum(s.skipped.values()) for s in self.streams)
@@ -223,25 +239,54 @@ class MixtureDataset(IterableDataset):
         self.packer.load_state_dict(state["packer"])
 
 
+SPLIT = ("world_size", "workers")  # what a saved position may differ in and still continue (elastic.py)
+
+
+def reader_states(state: dict) -> list[dict | None]:
+    """The dataset states of one rank's readers (its loader workers, in order) in a saved position;
+    None for a worker that had not produced a batch."""
+    inner = state["loader"]
+    if "_snapshot" not in inner:
+        return [inner.get("dataset_state")]
+    workers = inner["_snapshot"]["_worker_snapshots"]
+    return [workers[f"worker_{i}"]["dataset_state"] for i in range(len(workers))]
+
+
 class TokenLoader(StatefulDataLoader):
-    """A StatefulDataLoader whose saved position refuses to load into a different split of the data
-    (another number of ranks or workers, another seed or set of sources) unless the config says to
-    restart the data order."""
+    """A StatefulDataLoader whose saved position resumes exactly with the same split of the data;
+    with another number of ranks or workers it continues the epochs from every old rank's
+    position (`every_rank`); another seed, set of sources or shuffle block is refused unless the
+    config says to restart the data order."""
 
     def state_dict(self) -> dict:
         return {"identity": self.dataset.identity(max(self.num_workers, 1)), "loader": super().state_dict()}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, every_rank: Callable[[], list[dict]] | None = None) -> None:
+        """`every_rank()`: every old rank's saved loader state, in rank order; read only when the
+        split changed."""
         saved, current = state["identity"], self.dataset.identity(max(self.num_workers, 1))
-        if saved != current:
-            if not self.dataset.cfg.restart_data_order:
-                raise DataError(
-                    f"the saved data position is for {saved}, this run is {current}: resume with the same "
-                    "ranks, workers, seed and sources, or set data.restart_data_order=true to start the data order anew"
-                )
-            log.warning("data order restarted: saved position is for %s, this run is %s", saved, current)
+        if saved == current:
+            super().load_state_dict(state["loader"])
             return
-        super().load_state_dict(state["loader"])
+        same_data = all(saved[k] == current[k] for k in current if k not in SPLIT)
+        if same_data and every_rank is not None and not self.dataset.cfg.restart_data_order:
+            readers = [reader for rank_state in every_rank() for reader in reader_states(rank_state)]
+            self.dataset.continue_from([s or self.dataset.fresh_state() for s in readers])
+            log.warning("data position continued from %d readers (%d ranks x %d workers) on this split's %d",
+                        len(readers), saved["world_size"], saved["workers"],
+                        current["world_size"] * current["workers"])  # fmt: skip
+            return
+        if not self.dataset.cfg.restart_data_order:
+            need = (
+                "give every old rank's position (every_rank)"
+                if same_data
+                else "resume with the same seed, sources and shuffle block"
+            )
+            raise DataError(
+                f"the saved data position is for {saved}, this run is {current}: {need}, or set "
+                "data.restart_data_order=true to start the data order anew"
+            )
+        log.warning("data order restarted: saved position is for %s, this run is %s", saved, current)
 
 
 def build_loader(

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fusion_train.data.elastic import Layer
 from fusion_train.data.manifest import DataError, Manifest, Skip
 from fusion_train.data.shards import Document, ShardReader
 
@@ -42,9 +43,9 @@ class SourceStream:
         self.seed = [seed, zlib.crc32(name.encode())]
         self.counts = np.array([s.samples for s in manifest.shards], dtype=np.int64)
         self.total = int(self.counts.sum())
-        self.per_epoch = len(range(reader, self.total, readers))
         self.shuffle_block = shuffle_block
-        self.epoch, self.position = 0, 0
+        self.layers: dict[int, Layer] = {}  # epochs that continue after a change of readers (elastic.py)
+        self._enter_epoch(0)
         self.skipped: Counter = Counter()
         self._order_epoch = None
         self._open: OrderedDict[int, ShardReader] = OrderedDict()
@@ -52,7 +53,20 @@ class SourceStream:
 
     @property
     def has_samples(self) -> bool:
-        return self.per_epoch > 0
+        """Whether a whole epoch gives this reader any sample."""
+        return len(range(self.reader, self.total, self.readers)) > 0
+
+    def _enter_epoch(self, epoch: int) -> None:
+        """Start `epoch` at its layer's first element: this reader's share is every readers-th."""
+        self.epoch, self.position = epoch, 0
+        self.layers = {e: layer for e, layer in self.layers.items() if e >= epoch}
+        self.layer = self.layers.get(epoch, Layer())
+        self.per_epoch = len(range(self.reader, self.layer.length(self.total), self.readers))
+
+    def continue_elsewhere(self, state: dict) -> None:
+        """Take up an epoch that other readers began, from `elastic.rebalance`'s state."""
+        self.layers = {int(e): Layer.from_state(layer) for e, layer in state["layers"].items()}
+        self._enter_epoch(state["epoch"])
 
     def _epoch_order(self) -> tuple[np.ndarray, np.ndarray]:
         """This epoch's shard permutation and where each permuted shard starts in the order."""
@@ -85,9 +99,9 @@ class SourceStream:
         return self._open[shard]
 
     def next_document(self) -> Document:
-        for _ in range(self.per_epoch + 1):
+        for _ in range(self.per_epoch + len(range(self.reader, self.total, self.readers)) + 1):
             if self.position >= self.per_epoch:
-                self.epoch, self.position = self.epoch + 1, 0
+                self._enter_epoch(self.epoch + 1)
             document = self._read_next()
             if document is not None:
                 return document
@@ -102,7 +116,7 @@ class SourceStream:
 
     def _read_next(self) -> Document | None:
         """The document at the position, or None when it is skipped (counted); then move on."""
-        shard, sample = self._address(self.reader + self.position * self.readers)
+        shard, sample = self._address(self.layer.element(self.reader + self.position * self.readers))
         self.position += 1
         try:
             return self._reader(shard).read(sample)
@@ -118,8 +132,11 @@ class SourceStream:
             return None
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "skipped": dict(self.skipped)}
+        layers = {str(e): layer.to_state() for e, layer in self.layers.items()}
+        return {"epoch": self.epoch, "position": self.position, "skipped": dict(self.skipped), "layers": layers}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.position = state["epoch"], state["position"]
+        self.layers = {int(e): Layer.from_state(layer) for e, layer in state.get("layers", {}).items()}
+        self._enter_epoch(state["epoch"])
+        self.position = state["position"]
         self.skipped = Counter(state["skipped"])

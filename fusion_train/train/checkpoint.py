@@ -163,8 +163,9 @@ class Checkpointer:
             load_module_only=not load_optimizer,
         )
 
-    def load_rank_state(self, path: Path) -> dict:
-        return torch.load(path / _rank_state_file(self.rank), weights_only=True)
+    def load_rank_state(self, path: Path, rank: int | None = None) -> dict:
+        """This rank's saved state, or another rank's (a new split reads every old rank's)."""
+        return torch.load(path / _rank_state_file(self.rank if rank is None else rank), weights_only=True)
 
 
 class CheckpointError(ValueError):

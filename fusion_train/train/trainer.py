@@ -133,19 +133,24 @@ class Trainer:
         if path is None:
             return None
         saved = read_trainer_state(path)
-        same_split = saved["world_size"] == self.world_size
-        if not same_split and not self.cfg.data.restart_data_order:
-            raise ConfigError(
-                f"{path} was written by {saved['world_size']} ranks and this run has {self.world_size}: resume "
-                "with the same number of ranks, or set data.restart_data_order=true to continue from its weights "
-                "with a new data order and a fresh optimizer state"
-            )
+        same_ranks = saved["world_size"] == self.world_size
         started = time.perf_counter()
-        self.checkpoints.load_engine(self.engine, path, load_optimizer=same_split)
-        if same_split:
+        self.checkpoints.load_engine(self.engine, path, load_optimizer=same_ranks)
+        every_rank = lambda: [self.checkpoints.load_rank_state(path, r)["loader"] for r in range(saved["world_size"])]  # noqa: E731
+        if same_ranks:
             rank_state = self.checkpoints.load_rank_state(path)
-            self.loader.load_state_dict(rank_state["loader"])
+            self.loader.load_state_dict(rank_state["loader"], every_rank)
             restore_rng_states(rank_state["rng"])
+        else:
+            old_ranks = every_rank()
+            self.loader.load_state_dict(old_ranks[0], lambda: old_ranks)
+            if self.rank == 0:
+                data = "starts anew" if self.cfg.data.restart_data_order else "continues the epoch (no sample repeated)"
+                log.warning(
+                    "%s was written by %d ranks and this run has %d: weights loaded, the data order %s, and the "
+                    "optimizer state (Adam moments) starts afresh: it does not carry across ranks yet",
+                    path, saved["world_size"], self.world_size, data,
+                )  # fmt: skip
         self.step, self.tokens_seen, self.wandb_run_id = saved["step"], saved["tokens_seen"], saved["wandb_run_id"]
         if self.guard and saved.get("guard"):
             self.guard.load_state_dict(saved["guard"])
