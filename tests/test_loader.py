@@ -301,3 +301,30 @@ def test_an_epoch_continues_on_any_split_and_reads_every_document_once(mixed_sha
         assert len(documents) >= share
         read += documents[:share]
     assert sorted(read) == list(range(600))
+
+
+def test_the_shard_index_reads_headers_as_tarfile_does(mixed_shards, tmp_path):
+    """The 512-byte header walk gives tarfile's members; a tar with a pax header (a long name)
+    goes through tarfile; arrays parse as np.load parses them."""
+    import tarfile
+
+    from fusion_train.data.shards import ShardReader, npy_array
+
+    shard = mixed_shards / Manifest.read(mixed_shards).shards[0].name
+    reader = ShardReader(shard, V)
+    with tarfile.open(shard) as tar:
+        expected = {m.name: [m.offset_data, m.size] for m in tar if m.isfile()}
+    indexed = {f"{key}.{member}": reader.extents[i, j].tolist() for i, key in enumerate(reader.keys)
+               for j, member in enumerate(ShardReader.MEMBERS) if reader.extents[i, j, 1] >= 0}  # fmt: skip
+    assert indexed == expected and len(reader) == 50
+
+    long_key = "k" * 120
+    with wds.TarWriter(str(tmp_path / "pax.tar")) as writer:
+        tokens = np.array([V.bos, V.text_start, V.text_start, V.eos], dtype=np.uint16)
+        writer.write({"__key__": long_key, "tokens.npy": tokens})
+    pax = ShardReader(tmp_path / "pax.tar", V, verify_checksums=False)
+    assert pax.keys == [long_key] and pax.read(0).tokens.tolist() == tokens.tolist()
+    for array in (np.arange(7, dtype=np.uint16), np.ones(3, dtype=np.uint8), np.zeros((2, 2), np.int32)):
+        buffer = io.BytesIO()
+        np.save(buffer, array)
+        assert np.array_equal(npy_array(buffer.getvalue()), array)

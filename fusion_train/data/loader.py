@@ -185,7 +185,8 @@ class MixtureDataset(IterableDataset):
                 f"reader {reader} of {readers} has no samples in any source: fewer samples than ranks x workers"
             )
         # A source with fewer samples than readers leaves some readers without any: they draw from the rest.
-        self.draw = np.where(usable, self.probabilities, 0.0) / (self.probabilities * usable).sum()
+        # Cumulative draw probabilities: a source is where a uniform number falls (unusable ones have no width).
+        self.draw = np.cumsum(np.where(usable, self.probabilities, 0.0))
         self.rng = np.random.default_rng([self.cfg.seed, reader, readers])
         self.packer = Packer(self.cfg.seq_len, self.vocab, len(self.names))
         if self._pending_state is not None:
@@ -212,7 +213,7 @@ class MixtureDataset(IterableDataset):
             yield sequence
 
     def _next_document(self):
-        source = int(self.rng.choice(len(self.names), p=self.draw))
+        source = int(np.searchsorted(self.draw, self.rng.random() * self.draw[-1], side="right"))
         return source, self.streams[source].next_document()
 
     def fresh_state(self) -> dict:

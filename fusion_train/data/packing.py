@@ -28,7 +28,8 @@ class Packer:
         self.offset = 0
 
     def _start(self, source: int, document: Document) -> None:
-        self.current = (source, document, image_block_starts(document.tokens, self.vocab))
+        starts = document.image_starts
+        self.current = (source, document, image_block_starts(document.tokens, self.vocab) if starts is None else starts)
         self.offset = 0
 
     def _fitting(self, space: int) -> int:

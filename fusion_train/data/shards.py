@@ -8,9 +8,9 @@ A truncated or unreadable tar loses only the samples it cannot give; those come 
 from __future__ import annotations
 
 import io
-import json
 import logging
 import os
+import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,28 +27,69 @@ log = logging.getLogger(__name__)
 class Document:
     tokens: np.ndarray  # int64
     loss_mask: np.ndarray | None  # uint8 or None (all trained on)
+    image_starts: np.ndarray | None = None  # where its image blocks begin, when already known
 
 
 def image_block_starts(tokens: np.ndarray, vocab: VocabLayout) -> np.ndarray:
     return np.flatnonzero(tokens == vocab.begin_of_image)
 
 
-def validate(tokens: np.ndarray, vocab: VocabLayout) -> None:
-    """Ids in range, and every image a whole block: begin marker, grid^2 codes, end marker."""
+def validate(tokens: np.ndarray, vocab: VocabLayout) -> np.ndarray:
+    """Ids in range, and every image a whole block: begin marker, grid^2 codes, end marker.
+    Returns where the blocks begin."""
     if len(tokens) == 0:
         raise Skip("empty_document")
     if tokens.min() < 0 or tokens.max() >= vocab.vocab_size:
         raise Skip("out_of_vocab")
-    inside_blocks = np.zeros(len(tokens), dtype=bool)
     starts = image_block_starts(tokens, vocab)
+    # Image codes and the end marker are one id range: text without images has none of it.
+    codes_or_end = (tokens >= vocab.image_code_start) & (tokens <= vocab.end_of_image)
+    if not len(starts):
+        if codes_or_end.any():
+            raise Skip("broken_image_block")
+        return starts
+    inside_blocks = np.zeros(len(tokens), dtype=bool)
     for start in starts:
         end = start + vocab.image_block_length - 1
         if end >= len(tokens) or tokens[end] != vocab.end_of_image:
             raise Skip("broken_image_block")
-        inside_blocks[start + 1 : end] = True
-    is_code = (tokens >= vocab.image_code_start) & (tokens < vocab.image_code_end)
-    if (is_code != inside_blocks).any() or (tokens == vocab.end_of_image).sum() != len(starts):
+        inside_blocks[start + 1 : end + 1] = True
+    if (codes_or_end != inside_blocks).any() or np.count_nonzero(tokens == vocab.end_of_image) != len(starts):
         raise Skip("broken_image_block")
+    return starts
+
+
+BLOCK = 512
+CHECKSUM_FIELD = re.compile(rb'"' + SAMPLE_CHECKSUM.encode() + rb'": (\d+)')
+NPY_HEADER = re.compile(rb"\{'descr': '([<>|][a-z]\d+)', 'fortran_order': False, 'shape': \((\d+),\), \}\s*\n")
+
+
+def _plain_members(fd: int, path: Path) -> list[tuple[str, int, int]] | None:
+    """(name, data offset, size) of a tar's regular files, reading only the 512-byte headers, up to
+    the end marker or the first damaged header (a truncated shard keeps the samples before it);
+    None when a header is of a kind this does not read (long names, pax, links)."""
+    members, offset = [], 0
+    while len(header := os.pread(fd, BLOCK, offset)) == BLOCK and header.count(0) != BLOCK:
+        if int(header[148:156].strip(b"\0 ") or b"0", 8) != sum(header[:148]) + 256 + sum(header[156:]):
+            log.warning("shard %s: damaged tar header at byte %d: the rest is skipped", path, offset)
+            break
+        if header[156:157] not in (b"0", b"\0"):
+            return None
+        size = int(header[124:136].strip(b"\0 ") or b"0", 8)
+        members.append((header[:100].split(b"\0", 1)[0].decode(), offset + BLOCK, size))
+        offset += BLOCK + -(-size // BLOCK) * BLOCK
+    return members
+
+
+def npy_array(data: bytes) -> np.ndarray:
+    """A 1-D `.npy` array as the shard builder writes it, without numpy's general header parse;
+    other layouts through np.load."""
+    if data[:8] == b"\x93NUMPY\x01\x00":
+        length = int.from_bytes(data[8:10], "little")
+        match = NPY_HEADER.fullmatch(data[10 : 10 + length])
+        if match:
+            return np.frombuffer(data, np.dtype(match[1].decode()), int(match[2]), offset=10 + length)
+    return np.load(io.BytesIO(data), allow_pickle=False)
 
 
 class ShardReader:
@@ -63,23 +104,25 @@ class ShardReader:
         self.path, self.vocab, self.verify_checksums = path, vocab, verify_checksums
         self.fd: int | None = None
         try:
-            with tarfile.open(path, mode="r:") as tar:
-                members = self._members(tar)
             self.fd = os.open(path, os.O_RDONLY)
+            members = _plain_members(self.fd, path)
+            if members is None:  # headers this fast path does not read (long names, pax): tarfile's way
+                with tarfile.open(path, mode="r:") as tar:
+                    members = [(m.name, m.offset_data, m.size) for m in self._members(tar)]
         except (OSError, tarfile.TarError) as err:
             log.warning("shard %s cannot be read (%s): its samples are skipped", path, err)
             members = []
-        keys: dict[str, dict[str, tarfile.TarInfo]] = {}
-        for member in members:
-            key, _, field = member.name.partition(".")
-            keys.setdefault(key, {})[field] = member
+        keys: dict[str, dict[str, tuple[int, int]]] = {}
+        for name, offset, size in members:
+            key, _, field = name.partition(".")
+            keys.setdefault(key, {})[field] = (offset, size)
         self.keys = list(keys)
         # [sample, member, (offset, size)]; -1 where a sample lacks the member
         self.extents = np.full((len(keys), len(self.MEMBERS), 2), -1, dtype=np.int64)
         for i, fields in enumerate(keys.values()):
             for j, name in enumerate(self.MEMBERS):
                 if name in fields:
-                    self.extents[i, j] = fields[name].offset_data, fields[name].size
+                    self.extents[i, j] = fields[name]
 
     def _members(self, tar: tarfile.TarFile) -> list[tarfile.TarInfo]:
         """Headers up to the first damage; a truncated tar keeps the samples before it."""
@@ -116,22 +159,21 @@ class ShardReader:
             arrays = [tokens_bytes] if mask_bytes is None else [tokens_bytes, mask_bytes]
             if self.verify_checksums:
                 self._verify(index, arrays)
-            tokens = np.load(io.BytesIO(tokens_bytes), allow_pickle=False)
-            mask = None if mask_bytes is None else np.load(io.BytesIO(mask_bytes), allow_pickle=False)
+            tokens = npy_array(tokens_bytes)
+            mask = None if mask_bytes is None else npy_array(mask_bytes)
         except (OSError, ValueError, EOFError):
             raise Skip("corrupt_sample") from None
         if tokens.ndim != 1 or (mask is not None and mask.shape != tokens.shape):
             raise Skip("corrupt_sample")
-        tokens = tokens.astype(np.int64)
-        validate(tokens, self.vocab)
-        return Document(tokens, mask)
+        starts = validate(tokens, self.vocab)
+        return Document(tokens.astype(np.int64), mask, starts)
 
     def _verify(self, index: int, arrays: list[bytes]) -> None:
         metadata = self._read(index, 2)
         if metadata is None:
             raise Skip("corrupt_sample")
-        metadata = json.loads(metadata)
-        if not isinstance(metadata, dict) or metadata.get(SAMPLE_CHECKSUM) != sample_checksum(*arrays):
+        found = CHECKSUM_FIELD.search(metadata)  # the builder's json; a regular expression is 8x json.loads
+        if found is None or int(found[1]) != sample_checksum(*arrays):
             raise Skip("checksum_mismatch")
 
     def close(self) -> None:
