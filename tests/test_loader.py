@@ -314,8 +314,8 @@ def test_the_shard_index_reads_headers_as_tarfile_does(mixed_shards, tmp_path):
     reader = ShardReader(shard, V)
     with tarfile.open(shard) as tar:
         expected = {m.name: [m.offset_data, m.size] for m in tar if m.isfile()}
-    indexed = {f"{key}.{member}": reader.extents[i, j].tolist() for i, key in enumerate(reader.keys)
-               for j, member in enumerate(ShardReader.MEMBERS) if reader.extents[i, j, 1] >= 0}  # fmt: skip
+    indexed = {f"{key}.{member}": list(reader.extents[i][j]) for i, key in enumerate(reader.keys)
+               for j, member in enumerate(ShardReader.MEMBERS) if reader.extents[i][j] is not None}  # fmt: skip
     assert indexed == expected and len(reader) == 50
 
     long_key = "k" * 120

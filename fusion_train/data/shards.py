@@ -39,7 +39,7 @@ def validate(tokens: np.ndarray, vocab: VocabLayout) -> np.ndarray:
     Returns where the blocks begin."""
     if len(tokens) == 0:
         raise Skip("empty_document")
-    if tokens.min() < 0 or tokens.max() >= vocab.vocab_size:
+    if tokens.max() >= vocab.vocab_size or (tokens.dtype.kind == "i" and tokens.min() < 0):
         raise Skip("out_of_vocab")
     starts = image_block_starts(tokens, vocab)
     # Image codes and the end marker are one id range: text without images has none of it.
@@ -48,12 +48,13 @@ def validate(tokens: np.ndarray, vocab: VocabLayout) -> np.ndarray:
         if codes_or_end.any():
             raise Skip("broken_image_block")
         return starts
-    inside_blocks = np.zeros(len(tokens), dtype=bool)
-    for start in starts:
-        end = start + vocab.image_block_length - 1
-        if end >= len(tokens) or tokens[end] != vocab.end_of_image:
-            raise Skip("broken_image_block")
-        inside_blocks[start + 1 : end + 1] = True
+    ends = starts + vocab.image_block_length - 1
+    if ends[-1] >= len(tokens) or (tokens[ends] != vocab.end_of_image).any():
+        raise Skip("broken_image_block")
+    edges = np.zeros(len(tokens) + 1, dtype=np.int32)  # +1 where a block's codes begin, -1 past its end marker
+    edges[starts + 1] += 1
+    edges[ends + 1] -= 1
+    inside_blocks = np.cumsum(edges[:-1]) > 0
     if (codes_or_end != inside_blocks).any() or np.count_nonzero(tokens == vocab.end_of_image) != len(starts):
         raise Skip("broken_image_block")
     return starts
@@ -117,12 +118,8 @@ class ShardReader:
             key, _, field = name.partition(".")
             keys.setdefault(key, {})[field] = (offset, size)
         self.keys = list(keys)
-        # [sample, member, (offset, size)]; -1 where a sample lacks the member
-        self.extents = np.full((len(keys), len(self.MEMBERS), 2), -1, dtype=np.int64)
-        for i, fields in enumerate(keys.values()):
-            for j, name in enumerate(self.MEMBERS):
-                if name in fields:
-                    self.extents[i, j] = fields[name]
+        # per sample, per member: (offset, size), or None where the sample lacks the member
+        self.extents = [tuple(fields.get(name) for name in self.MEMBERS) for fields in keys.values()]
 
     def _members(self, tar: tarfile.TarFile) -> list[tarfile.TarInfo]:
         """Headers up to the first damage; a truncated tar keeps the samples before it."""
@@ -141,10 +138,11 @@ class ShardReader:
         return self.keys[index]
 
     def _read(self, index: int, member: int) -> bytes | None:
-        offset, size = self.extents[index, member]
-        if size < 0:
+        extent = self.extents[index][member]
+        if extent is None:
             return None
-        data = os.pread(self.fd, int(size), int(offset))
+        offset, size = extent
+        data = os.pread(self.fd, size, offset)
         if len(data) != size:
             raise Skip("corrupt_shard")
         return data
