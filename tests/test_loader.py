@@ -305,7 +305,7 @@ def test_an_epoch_continues_on_any_split_and_reads_every_document_once(mixed_sha
 
 def test_the_shard_index_reads_headers_as_tarfile_does(mixed_shards, tmp_path):
     """The 512-byte header walk gives tarfile's members; a tar with a pax header (a long name)
-    goes through tarfile; arrays parse as np.load parses them."""
+    goes through tarfile; a file of garbage has no samples; arrays parse as np.load parses them."""
     import tarfile
 
     from fusion_train.data.shards import ShardReader, npy_array
@@ -324,6 +324,8 @@ def test_the_shard_index_reads_headers_as_tarfile_does(mixed_shards, tmp_path):
         writer.write({"__key__": long_key, "tokens.npy": tokens})
     pax = ShardReader(tmp_path / "pax.tar", V, verify_checksums=False)
     assert pax.keys == [long_key] and pax.read(0).tokens.tolist() == tokens.tolist()
+    (tmp_path / "garbage.tar").write_bytes(b"not a tar file " * 100)
+    assert len(ShardReader(tmp_path / "garbage.tar", V)) == 0  # a damaged header ends the index, not the run
     for array in (np.arange(7, dtype=np.uint16), np.ones(3, dtype=np.uint8), np.zeros((2, 2), np.int32)):
         buffer = io.BytesIO()
         np.save(buffer, array)

@@ -71,15 +71,23 @@ def _plain_members(fd: int, path: Path) -> list[tuple[str, int, int]] | None:
     None when a header is of a kind this does not read (long names, pax, links)."""
     members, offset = [], 0
     while len(header := os.pread(fd, BLOCK, offset)) == BLOCK and header.count(0) != BLOCK:
-        if int(header[148:156].strip(b"\0 ") or b"0", 8) != sum(header[:148]) + 256 + sum(header[156:]):
+        try:  # the checksum counts its own field as 8 spaces
+            intact = _octal(header[148:156]) == sum(header[:148]) + 256 + sum(header[156:])
+            size = _octal(header[124:136])
+        except ValueError:
+            intact = False
+        if not intact:
             log.warning("shard %s: damaged tar header at byte %d: the rest is skipped", path, offset)
             break
         if header[156:157] not in (b"0", b"\0"):
             return None
-        size = int(header[124:136].strip(b"\0 ") or b"0", 8)
-        members.append((header[:100].split(b"\0", 1)[0].decode(), offset + BLOCK, size))
+        members.append((header[:100].split(b"\0", 1)[0].decode(errors="replace"), offset + BLOCK, size))
         offset += BLOCK + -(-size // BLOCK) * BLOCK
     return members
+
+
+def _octal(field: bytes) -> int:
+    return int(field.strip(b"\0 ") or b"0", 8)
 
 
 def npy_array(data: bytes) -> np.ndarray:
