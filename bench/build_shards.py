@@ -1,7 +1,13 @@
 """Shard-building throughput (records/s) for each kind, on generated shapes and CPython's bundled
 documentation, with a small VQ tokenizer on the CPU. Prints one JSON line per kind.
 
-    python bench/build_shards.py [--records 400] [--workers 2] [--parts 1]
+    python bench/build_shards.py [--records 400] [--workers 2] [--parts 1] [--device cpu]
+        [--encode-in workers|main] [--chameleon-vq]
+
+With --chameleon-vq only image-text is built, from 512 px images, with Chameleon's VQGAN size
+(32 x 32 codes of 8,192) at random weights: the figure to compare with the HF encoder's
+(../shared/bench/vq_encode_peer.py) on a GPU (--device cuda, where images are encoded in the main
+process by default).
 
 With --parts N the build runs as N concurrent part processes (as N array tasks on one machine
 would), each with workers / N workers, then merge-manifests; the time covers all of it.
@@ -24,15 +30,15 @@ from data_pipelines.synthetic import write_image_captions
 from data_pipelines.train_image_tokenizer import small_config
 from fusion_train.tokenizers.image import ImageTokenizer
 from fusion_train.tokenizers.text import train_text_tokenizer
-from fusion_train.tokenizers.vqgan import VQGAN
+from fusion_train.tokenizers.vqgan import VQGAN, VQGANConfig
 from fusion_train.vocab import VocabLayout
 
 
-def write_inputs(folder: Path, records: int) -> dict[str, Path]:
+def write_inputs(folder: Path, records: int, image_size: int = 64) -> dict[str, Path]:
     from pydoc_data.topics import topics
 
     texts = list(topics.values())
-    captions = write_image_captions(folder / "shapes", records)
+    captions = write_image_captions(folder / "shapes", records, size=image_size)
     pairs = [json.loads(line) for line in captions.read_text().splitlines()]
     pairs = [{**p, "image": str(captions.parent / p["image"])} for p in pairs]
     rows = {
@@ -77,23 +83,32 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=400)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--parts", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--encode-in", choices=["workers", "main"])
+    parser.add_argument("--chameleon-vq", action="store_true")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
-        inputs = write_inputs(folder, args.records)
-        vocab = VocabLayout(image_codebook_size=512, image_grid=8, vocab_size=8192, n_reserved=513)
-        train_text_tokenizer([inputs["text"]], folder / "text.model", vocab)
+        chameleon = args.chameleon_vq
+        inputs = write_inputs(folder, args.records, image_size=512 if chameleon else 64)
+        if chameleon:
+            inputs = {"image-text": inputs["image-text"]}
+        vocab = VocabLayout() if chameleon else VocabLayout(512, 8, vocab_size=8192, n_reserved=513)
+        train_text_tokenizer([folder / "text.jsonl"], folder / "text.model", vocab)
         torch.manual_seed(0)
-        vq = ImageTokenizer(VQGAN(small_config(64, 8, 512)), fingerprint="", device="cpu").save(folder / "vq")
+        vq_config = VQGANConfig() if chameleon else small_config(64, 8, 512)
+        vq = ImageTokenizer(VQGAN(vq_config), fingerprint="", device="cpu").save(folder / "vq")
         for kind, path in inputs.items():
-            settings = BuildSettings(kind, str(folder / "text.model"), None if kind == "text" else str(vq))
+            settings = BuildSettings(kind, str(folder / "text.model"), None if kind == "text" else str(vq), 0,
+                                     args.device, args.encode_in)  # fmt: skip
             started = time.perf_counter()
             manifest = build_in_parts(settings, [path], folder / "out" / kind, args.workers, args.parts)
             seconds = time.perf_counter() - started
             tokens = sum(manifest.tokens_by_modality.values())
-            print(json.dumps({"bench": "build_shards", "kind": kind, "workers": args.workers, "parts": args.parts, "records": manifest.samples,
+            print(json.dumps({"bench": "build_shards", "kind": kind, "workers": args.workers, "parts": args.parts,
+                              "device": args.device, "encode_in": settings.encode_in, "records": manifest.samples,
                               "records_per_s": round(manifest.samples / seconds, 1), "tokens_per_s": round(tokens / seconds),
-                              "image_resolution": 64, "seconds": round(seconds, 2)}), flush=True)  # fmt: skip
+                              "image_resolution": vq_config.resolution, "seconds": round(seconds, 2)}), flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

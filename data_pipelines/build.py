@@ -50,7 +50,7 @@ from fusion_train.data.manifest import (
     sample_checksum,
     token_dtype,
 )
-from fusion_train.tokenizers.image import ImageTokenizer
+from fusion_train.tokenizers.image import ImageTokenizer, image_config, preprocess
 from fusion_train.tokenizers.multimodal import DocumentTokenizer, TokenizedDocument
 from fusion_train.tokenizers.text import TextTokenizer
 from fusion_train.vocab import Modality
@@ -64,15 +64,15 @@ CHUNK_RECORDS = 64
 
 class ImageLoader:
     """Loads the images that one chunk's records refer to (a path relative to the input file, or
-    the bytes of a WebDataset sample)."""
+    the bytes of a WebDataset sample), preprocessed for an image tokenizer of `resolution`."""
 
-    def __init__(self, tokenizer: ImageTokenizer | None):
-        self.tokenizer = tokenizer
+    def __init__(self, resolution: int | None):
+        self.resolution = resolution
         self.base_dir = Path(".")
         self.pending: list[PendingImage] = []
 
     def __call__(self, source: str | bytes, pad: bool = False) -> PendingImage:
-        if self.tokenizer is None:
+        if self.resolution is None:
             raise DataError("records refer to images but no image tokenizer was given (--image-tokenizer)")
         if isinstance(source, str):
             path = self.base_dir / source
@@ -82,18 +82,27 @@ class ImageLoader:
         try:
             with Image.open(io.BytesIO(source)) as image:
                 image.load()
-                pixels = self.tokenizer.preprocess(image, pad=pad)
+                pixels = preprocess(image, self.resolution, pad)
         except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
             raise Skip("undecodable_image") from None
         pending = PendingImage(pixels)
         self.pending.append(pending)
         return pending
 
-    def encode_pending(self) -> None:
-        if self.pending:
-            codes = self.tokenizer.encode(np.stack([p.pixels for p in self.pending]))
-            for pending, image_codes in zip(self.pending, codes, strict=True):
-                pending.codes = image_codes
+
+def encode_images(tokenizer: ImageTokenizer, images: list[PendingImage]) -> None:
+    if images:
+        codes = tokenizer.encode(np.stack([image.pixels for image in images]))
+        for image, image_codes in zip(images, codes, strict=True):
+            image.codes = image_codes
+
+
+@dataclass
+class Unencoded:
+    """A record parsed, its images decoded and preprocessed, their codes still to come."""
+
+    draft: object
+    images: list[PendingImage]
 
 
 @dataclass
@@ -103,6 +112,16 @@ class BuildSettings:
     image_tokenizer: str | None = None
     seed: int = 0
     device: str = "cpu"
+    # Where images are encoded: "workers" (each with its own copy of the image tokenizer), or
+    # "main": workers decode and preprocess, and the main process, owning the device, encodes the
+    # images of several chunks at once (one GPU's large batches). Default: main on CUDA.
+    encode_in: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.encode_in is None:
+            self.encode_in = "main" if self.device.startswith("cuda") else "workers"
+        if self.encode_in not in ("workers", "main"):
+            raise DataError(f"--encode-in {self.encode_in}: choose workers or main")
 
 
 # --- worker side: one set of tokenizers per process ---------------------------------------------
@@ -112,12 +131,20 @@ _worker: dict = {}
 
 def _init_worker(settings: BuildSettings) -> None:
     torch.set_num_threads(1)  # the workers are the parallelism
+    encoder = None
+    if settings.image_tokenizer and settings.encode_in == "workers":
+        encoder = ImageTokenizer.load(settings.image_tokenizer, device=settings.device)
+    _set_up(settings, encoder)
+
+
+def _set_up(settings: BuildSettings, encoder: ImageTokenizer | None) -> None:
+    """This process's tokenizers, for parsing and assembling records."""
     text_tokenizer = TextTokenizer(settings.text_tokenizer)
-    images = ImageTokenizer.load(settings.image_tokenizer, device=settings.device) if settings.image_tokenizer else None
     _worker.update(
         kind=KIND_MODULES[settings.kind],
         documents=DocumentTokenizer(text_tokenizer, text_tokenizer.vocab, settings.seed),
-        images=images,
+        encoder=encoder,
+        resolution=image_config(settings.image_tokenizer).resolution if settings.image_tokenizer else None,
     )
 
 
@@ -138,25 +165,34 @@ def parse_record(payload: bytes | dict) -> dict:
     return record
 
 
-def _process_chunk(chunk: list[tuple[int, Path, bytes | dict]]) -> list[tuple[int, TokenizedDocument | str]]:
-    """Each record's document, or the reason it was skipped, in record order."""
-    kind, documents = _worker["kind"], _worker["documents"]
-    outcomes: dict[int, TokenizedDocument | str] = {}
-    drafts = []
-    images = ImageLoader(_worker["images"])
+def _process_chunk(
+    chunk: list[tuple[int, Path, bytes | dict]],
+) -> list[tuple[int, TokenizedDocument | str | Unencoded]]:
+    """Each record's document, or the reason it was skipped, in record order; without an encoder
+    here, records with images are returned Unencoded."""
+    kind, encoder = _worker["kind"], _worker["encoder"]
+    outcomes: dict[int, TokenizedDocument | str | Unencoded] = {}
+    images = ImageLoader(_worker["resolution"])
     for index, base_dir, payload in chunk:
         images.base_dir = base_dir  # image paths are relative to their record's input file
+        loaded = len(images.pending)
         try:
-            drafts.append((index, kind.parse(parse_record(payload), images)))
+            outcomes[index] = Unencoded(kind.parse(parse_record(payload), images), images.pending[loaded:])
         except Skip as skip:
             outcomes[index] = skip.reason
-    images.encode_pending()
-    for index, draft in drafts:
-        try:
-            outcomes[index] = kind.assemble(draft, documents, index)
-        except Skip as skip:
-            outcomes[index] = skip.reason
-    return sorted(outcomes.items(), key=lambda item: item[0])
+    if encoder is not None:
+        encode_images(encoder, images.pending)
+    return [(index, _assembled(outcome, index, encoder is not None)) for index, outcome in sorted(outcomes.items())]
+
+
+def _assembled(outcome, index: int, encoded: bool):
+    """The record's document once its images have codes (or it has none), or its skip reason."""
+    if not isinstance(outcome, Unencoded) or (outcome.images and not encoded):
+        return outcome
+    try:
+        return _worker["kind"].assemble(outcome.draft, _worker["documents"], index)
+    except Skip as skip:
+        return skip.reason
 
 
 # --- main side ---------------------------------------------------------------------------------
@@ -400,6 +436,33 @@ def _build_part(
 
 
 def _map_chunks(settings: BuildSettings, chunks: Iterator[list], workers: int):
+    """Each chunk's outcomes, in chunk order."""
+    outcomes = _worker_outcomes(settings, chunks, workers)
+    if settings.encode_in == "main" and settings.image_tokenizer:
+        outcomes = _encode_here(settings, outcomes)
+    yield from outcomes
+
+
+def _encode_here(settings: BuildSettings, outcomes: Iterator[list], batch: int = 256) -> Iterator[list]:
+    """The workers' unencoded records, encoded here in batches of about `batch` images gathered
+    over chunks (the workers go on decoding meanwhile), then assembled."""
+    encoder = ImageTokenizer.load(
+        settings.image_tokenizer, device=settings.device, batch_size=batch if settings.device != "cpu" else 32,
+        bf16=settings.device.startswith("cuda"),
+    )  # fmt: skip
+    _set_up(settings, encoder)
+    waiting: list[list] = []
+    for chunk in itertools.chain(outcomes, [None]):
+        if chunk is not None:
+            waiting.append(chunk)
+        images = [image for c in waiting for _, o in c if isinstance(o, Unencoded) for image in o.images]
+        if chunk is None or len(images) >= batch:
+            encode_images(encoder, images)
+            yield from ([(index, _assembled(o, index, encoded=True)) for index, o in c] for c in waiting)
+            waiting = []
+
+
+def _worker_outcomes(settings: BuildSettings, chunks: Iterator[list], workers: int):
     if workers <= 0:
         _init_worker(settings)
         yield from map(_process_chunk, chunks)

@@ -73,6 +73,11 @@ def _parser() -> argparse.ArgumentParser:
     shards.add_argument("--seed", type=int, default=0)
     shards.add_argument("--workers", type=int, default=2)
     shards.add_argument("--device", default="cpu", help="where images are encoded: cpu or cuda")
+    shards.add_argument(
+        "--encode-in", choices=["workers", "main"],
+        help="workers: each encodes its own images; main: workers decode, the main process encodes large "
+        "batches on --device (default: main with cuda, else workers)",
+    )  # fmt: skip
     shards.add_argument("--max-samples-per-shard", type=int, default=10_000)
     shards.add_argument("--max-mb-per-shard", type=int, default=256)
     shards.add_argument("--overwrite", action="store_true", help="replace shards already in --output")
@@ -137,7 +142,9 @@ def _run(args: argparse.Namespace) -> dict:
         )
     if args.command == "merge-manifests":
         return _summary(merge_manifests(args.output))
-    settings = BuildSettings(args.kind, args.text_tokenizer, args.image_tokenizer, args.seed, args.device)
+    settings = BuildSettings(
+        args.kind, args.text_tokenizer, args.image_tokenizer, args.seed, args.device, args.encode_in
+    )
     manifest = build_shards(
         settings, args.input, args.output, workers=args.workers, max_samples_per_shard=args.max_samples_per_shard,
         max_bytes_per_shard=args.max_mb_per_shard * 2**20, overwrite=args.overwrite, part=args.part, parts=args.parts,

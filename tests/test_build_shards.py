@@ -1,6 +1,7 @@
 """`fusion-data build-shards` for each kind: real images and tokenizers, bad records counted,
 deterministic output whatever the number of workers."""
 
+import dataclasses
 import io
 import json
 
@@ -168,6 +169,30 @@ def test_output_does_not_depend_on_the_number_of_workers(text_tokenizer, image_t
     )
     for shard in serial.shards:
         assert (tmp_path / "serial" / shard.name).read_bytes() == (tmp_path / "parallel" / shard.name).read_bytes()
+
+
+@pytest.mark.parametrize("kind", ["image-text", "interleaved", "sft"])
+def test_images_encoded_in_the_main_process_give_the_same_shards(
+    kind, text_tokenizer, image_tokenizer_path, shapes, tmp_path
+):
+    """--encode-in main (the GPU layout: workers decode, one process encodes batches gathered over
+    chunks) writes the same bytes as encoding in each worker, on the CPU in fp32."""
+    _, records = shapes
+    rows = {
+        "image-text": records,
+        "interleaved": [{"segments": [{"text": r["caption"]}, {"image": r["image"]}]} for r in records]
+        + [{"segments": [{"text": "no image here"}]}],
+        "sft": [{"messages": [{"role": "user", "content": [{"type": "image", "image": r["image"]}]},
+                              {"role": "assistant", "content": r["caption"]}]} for r in records],
+    }[kind] * 5  # fmt: skip
+    path = write_jsonl(tmp_path / "in.jsonl", rows + [{"segments": 3}, {"caption": "no image"}])
+    built = {}
+    for encode_in in ("workers", "main"):
+        build = dataclasses.replace(settings(kind, text_tokenizer, image_tokenizer_path), encode_in=encode_in)
+        built[encode_in] = build_shards(build, [path], tmp_path / encode_in, workers=2, max_samples_per_shard=60)
+    assert built["main"].samples == built["workers"].samples and built["main"].skipped == built["workers"].skipped
+    for shard in built["workers"].shards:
+        assert (tmp_path / "main" / shard.name).read_bytes() == (tmp_path / "workers" / shard.name).read_bytes()
 
 
 def test_built_shards_feed_the_loader(text_tokenizer, image_tokenizer_path, shapes, tmp_path):

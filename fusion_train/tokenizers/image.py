@@ -69,21 +69,35 @@ def config_to_yaml(cfg: VQGANConfig) -> str:
     )
 
 
-def image_layout(checkpoint: str | Path) -> dict[str, int]:
-    """The codebook size and grid of an image tokenizer, from the config beside its checkpoint."""
+def image_config(checkpoint: str | Path) -> VQGANConfig:
+    """An image tokenizer's config, from `vqgan.yaml` beside its checkpoint, without its weights."""
     config = Path(checkpoint).with_name("vqgan.yaml")
     if not config.is_file():
         raise TokenizerError(f"image tokenizer config {config} not found (vqgan.yaml beside {Path(checkpoint).name})")
-    cfg = config_from_yaml(config)
+    return config_from_yaml(config)
+
+
+def image_layout(checkpoint: str | Path) -> dict[str, int]:
+    """The codebook size and grid of an image tokenizer."""
+    cfg = image_config(checkpoint)
     return {"image_codebook_size": cfg.n_embed, "image_grid": cfg.grid}
 
 
+def preprocess(image: Image.Image, resolution: int, pad: bool = False) -> np.ndarray:
+    """uint8 [resolution, resolution, 3]: centre-cropped, or padded for SFT prompts."""
+    return (pad_to_square if pad else center_crop)(image, resolution)
+
+
 class ImageTokenizer:
-    def __init__(self, model: VQGAN, fingerprint: str, device: str | torch.device | None = None, batch_size: int = 32):
+    def __init__(
+        self, model: VQGAN, fingerprint: str, device: str | torch.device | None = None, batch_size: int = 32,
+        bf16: bool = False,
+    ):  # fmt: skip
+        """`bf16`: encode under bfloat16 autocast (a GPU's fast path; codes near a tie may differ from fp32's)."""
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.eval().to(self.device)
         self.fingerprint = fingerprint
-        self.batch_size = batch_size
+        self.batch_size, self.bf16 = batch_size, bf16
 
     @property
     def resolution(self) -> int:
@@ -124,8 +138,7 @@ class ImageTokenizer:
         return folder / "vqgan.ckpt"
 
     def preprocess(self, image: Image.Image, pad: bool = False) -> np.ndarray:
-        """uint8 [resolution, resolution, 3]: centre-cropped, or padded for SFT prompts."""
-        return (pad_to_square if pad else center_crop)(image, self.resolution)
+        return preprocess(image, self.resolution, pad)
 
     @torch.inference_mode()
     def encode(self, images: np.ndarray) -> np.ndarray:
@@ -134,7 +147,8 @@ class ImageTokenizer:
         for start in range(0, len(images), self.batch_size):
             batch = torch.from_numpy(np.ascontiguousarray(images[start : start + self.batch_size])).to(self.device)
             pixels = batch.permute(0, 3, 1, 2).float() / 127.5 - 1.0
-            codes.append(self.model.encode(pixels).cpu())
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                codes.append(self.model.encode(pixels).cpu())
         return torch.cat(codes).numpy() if codes else np.zeros((0, self.grid, self.grid), np.int64)
 
     @torch.inference_mode()
