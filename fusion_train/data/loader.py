@@ -69,7 +69,8 @@ class DataConfig:
     # Samples of a source shuffled together (stream.py): many shards' worth, so that a global batch
     # mixes shards written from sorted or per-domain inputs. MosaicML Streaming's default.
     shuffle_block_size: int = 2**18
-    # Resume with another number of ranks or workers: restart the data order instead of failing.
+    # A saved position that does not fit (another split, seed, sources or shuffle block): restart
+    # the data order, where another split would otherwise continue the epoch (elastic.py).
     restart_data_order: bool = False
     # Check each sample's CRC-32 on every read: a mismatch is a counted `checksum_mismatch` skip.
     verify_checksums: bool = True

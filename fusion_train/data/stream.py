@@ -5,7 +5,7 @@ the shards are permuted, their samples laid end to end, and each block of `shuff
 consecutive samples of that sequence is permuted. Reader `s` of `S` takes every S-th sample of the
 order starting at the s-th, so the S readers together see every sample exactly once per epoch,
 and a reader's position is two integers (epoch, position) that are saved and restored without
-reading anything.
+reading anything (after a change of readers, also the epoch's layer: elastic.py).
 
 Why blocks: all readers move through the order together, so what a global batch can mix is what
 one block holds. A block spanning many shards mixes shards written from sorted or per-domain
