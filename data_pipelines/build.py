@@ -60,6 +60,7 @@ log = logging.getLogger(__name__)
 KIND_MODULES: dict[str, ModuleType] = {"text": text, "image-text": image_text, "interleaved": interleaved, "sft": sft}
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 CHUNK_RECORDS = 64
+RecordId = tuple[int, int]  # (the input file's number in the list of inputs, the record's number in that file)
 
 
 class ImageLoader:
@@ -166,8 +167,8 @@ def parse_record(payload: bytes | dict) -> dict:
 
 
 def _process_chunk(
-    chunk: list[tuple[int, Path, bytes | dict]],
-) -> list[tuple[int, TokenizedDocument | str | Unencoded]]:
+    chunk: list[tuple[RecordId, Path, bytes | dict]],
+) -> list[tuple[RecordId, TokenizedDocument | str | Unencoded]]:
     """Each record's document, or the reason it was skipped, in record order; without an encoder
     here, records with images are returned Unencoded."""
     kind, encoder = _worker["kind"], _worker["encoder"]
@@ -185,7 +186,7 @@ def _process_chunk(
     return [(index, _assembled(outcome, index, encoder is not None)) for index, outcome in sorted(outcomes.items())]
 
 
-def _assembled(outcome, index: int, encoded: bool):
+def _assembled(outcome, index: RecordId, encoded: bool):
     """The record's document once its images have codes (or it has none), or its skip reason."""
     if not isinstance(outcome, Unencoded) or (outcome.images and not encoded):
         return outcome
@@ -224,27 +225,28 @@ def _webdataset_samples(grouped: dict[str, dict]) -> Iterator[dict]:
         yield {"image": image, "caption_bytes": fields.get("txt")}
 
 
-def read_records(paths: list[Path]) -> Iterator[tuple[Path, bytes | dict]]:
-    for path in paths:
-        if not path.is_file():
-            raise DataError(f"input {path} not found")
-        reader = _read_webdataset if path.suffix == ".tar" else _read_jsonl
-        try:
-            for payload in reader(path):
-                yield path.parent, payload
-        except (OSError, tarfile.TarError) as err:
-            raise DataError(f"input {path} cannot be read: {err}") from err
+def read_input(path: Path) -> Iterator[bytes | dict]:
+    reader = _read_webdataset if path.suffix == ".tar" else _read_jsonl
+    try:
+        yield from reader(path)
+    except (OSError, tarfile.TarError) as err:
+        raise DataError(f"input {path} cannot be read: {err}") from err
 
 
-def _chunks(records: Iterator[tuple[Path, bytes | dict]], part: int, parts: int, first_record: int) -> Iterator[list]:
-    """This part's chunks (every parts-th, from the part-th) holding records from first_record on.
-    Every part reads the whole record stream, so records keep their one-process numbers."""
-    numbered = enumerate(records)
-    for number, group in itertools.groupby(numbered, key=lambda item: item[0] // CHUNK_RECORDS):
-        if number % parts == part:
-            chunk = [(index, base_dir, payload) for index, (base_dir, payload) in group]
-            if chunk[-1][0] >= first_record:
-                yield chunk
+def _part_chunks(paths: list[Path], part: int, parts: int, first: RecordId) -> Iterator[list]:
+    """This part's chunks of a file's CHUNK_RECORDS consecutive records, from record `first` on.
+    With at least as many input files as parts, part I takes files I, I + N, ... and reads no
+    other; with fewer, every part reads every file and takes chunk c of file f when (f + c) % N is I."""
+    by_file = len(paths) >= parts
+    for file_number, path in enumerate(paths):
+        if file_number < first[0] or (by_file and file_number % parts != part):
+            continue
+        numbered = enumerate(read_input(path))
+        for chunk_number, group in itertools.groupby(numbered, key=lambda item: item[0] // CHUNK_RECORDS):
+            if by_file or (file_number + chunk_number) % parts == part:
+                chunk = [((file_number, number), path.parent, payload) for number, payload in group]
+                if chunk[-1][0] >= first:
+                    yield chunk
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -280,7 +282,7 @@ class ShardSink:
         self.manifest.shards.append(ShardInfo(name, 0, 0))
         self.bytes = 0
 
-    def write(self, index: int, document: TokenizedDocument) -> None:
+    def write(self, index: RecordId, document: TokenizedDocument) -> None:
         current = self.manifest.shards[-1] if self.writer else None
         if current is not None and (current.samples >= self.max_samples or self.bytes >= self.max_bytes):
             self.close()
@@ -292,8 +294,10 @@ class ShardSink:
         arrays = {"tokens.npy": _npy_bytes(document.tokens.astype(self.dtype))}
         if document.loss_mask is not None:
             arrays["mask.npy"] = _npy_bytes(document.loss_mask)
-        metadata = {"kind": self.manifest.kind, "record": index, SAMPLE_CHECKSUM: sample_checksum(*arrays.values())}
-        sample = {"__key__": f"{index:010d}", **arrays, "json": metadata}
+        input_number, record = index
+        metadata = {"kind": self.manifest.kind, "input": input_number, "record": record,
+                    SAMPLE_CHECKSUM: sample_checksum(*arrays.values())}  # fmt: skip
+        sample = {"__key__": f"{input_number:05d}-{record:010d}", **arrays, "json": metadata}
         self.bytes += self.writer.write(sample)
         current.samples += 1
         current.tokens += len(document.tokens)
@@ -335,8 +339,9 @@ def _resume_or_start(output: Path, fresh: Manifest, part: int, parts: int, overw
         for old in existing_outputs(output, part, parts):
             if old != path and old.name not in complete:
                 old.unlink()
-        log.warning("part %d of %d: resuming at record %d, %d complete shards kept", part, parts,
-                    progress.next_record, len(complete))  # fmt: skip
+        input_number, record = progress.next_record
+        log.warning("part %d of %d: resuming at record %d of input %s, %d complete shards kept", part, parts,
+                    record, fresh.inputs[input_number], len(complete))  # fmt: skip
         return progress
     elif existing_outputs(output, part, parts):
         raise DataError(f"{output} already holds shards; choose an empty folder or pass --overwrite")
@@ -362,6 +367,9 @@ def build_shards(
     if not 0 <= part < parts:
         raise DataError(f"--part {part} --parts {parts}: parts are numbered 0 to parts - 1")
     output = Path(output)
+    missing = [str(p) for p in inputs if not Path(p).is_file()]
+    if missing:
+        raise DataError(f"input {', '.join(missing)} not found: check --input")
     text_tokenizer = TextTokenizer(settings.text_tokenizer)
     image_tokenizer = ImageTokenizer.load(settings.image_tokenizer, device="cpu") if settings.image_tokenizer else None
     vocab = text_tokenizer.vocab
@@ -412,13 +420,13 @@ def _build_part(
     manifest = progress.manifest
     skipped = Counter(manifest.skipped)
 
-    def shard_complete(next_record: int) -> None:
+    def shard_complete(next_record: RecordId) -> None:
         progress.next_record, manifest.skipped = next_record, dict(sorted(skipped.items()))
         progress.save(output)
 
     prefix = shard_prefix(progress.part, progress.parts)
     sink = ShardSink(output, manifest, max_samples, max_bytes, prefix, shard_complete)
-    chunks = _chunks(read_records([Path(p) for p in inputs]), progress.part, progress.parts, progress.next_record)
+    chunks = _part_chunks([Path(p) for p in inputs], progress.part, progress.parts, progress.next_record)
     with tqdm(desc=f"building {settings.kind} shards", unit=" records", disable=None) as bar:
         for outcomes in _map_chunks(settings, chunks, workers):
             for index, outcome in outcomes:

@@ -81,7 +81,13 @@ def _parser() -> argparse.ArgumentParser:
     shards.add_argument("--max-samples-per-shard", type=int, default=10_000)
     shards.add_argument("--max-mb-per-shard", type=int, default=256)
     shards.add_argument("--overwrite", action="store_true", help="replace shards already in --output")
-    shards.add_argument("--part", type=int, default=0, help="this part of the build, 0 to --parts - 1")
+    shards.add_argument(
+        "--part",
+        type=int,
+        default=0,
+        help="this part of the build, 0 to --parts - 1: every --parts-th input file from the --part-th "
+        "(with fewer files than parts, every --parts-th chunk of 64 records)",
+    )
     shards.add_argument(
         "--parts", type=int, default=1,
         help="split the build into this many parts (e.g. SLURM array tasks); join them with merge-manifests",

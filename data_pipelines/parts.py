@@ -1,12 +1,17 @@
 """A shard build split into parts (one per SLURM array task, say) that survive being killed.
 
-Part I of N takes every N-th chunk of the input records, counted from chunk I, so the parts
-together build exactly the one-process build's documents, with the same record numbers. Each part
-writes `part-IIIII-shard-NNNNNN.tar` files (a one-part build keeps `shard-NNNNNN.tar`), each under
-`.partial` until complete, and after every complete shard its progress file
+A record is numbered by its input file and its place in that file, so a part need not read the
+other parts' files: with at least as many input files as parts, part I of N takes files I, I + N,
+I + 2N, ... and reads no other; with fewer (one big file), every part reads every file and takes
+chunk c (of 64 records) of file f when (f + c) mod N = I. Either way the parts together build
+exactly the one-process build's documents, with the same record numbers, and one file's records
+stay in one part whenever they can (a tar read once, not N times).
+
+Each part writes `part-IIIII-shard-NNNNNN.tar` files (a one-part build keeps `shard-NNNNNN.tar`),
+each under `.partial` until complete, and after every complete shard its progress file
 `part-IIIII-of-NNNNN.json`: the shards done, the first record not in them, and the counts so far.
-A rerun of the part keeps those shards and goes on from that record; `merge-manifests` joins the
-finished parts into the source's `manifest.json`.
+A rerun of the part keeps those shards and goes on from that record, skipping the files before it
+unread; `merge-manifests` joins the finished parts into the source's `manifest.json`.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ class PartProgress:
     part: int
     parts: int
     manifest: Manifest  # the complete shards so far, their tokens and the records skipped before next_record
-    next_record: int = 0
+    next_record: tuple[int, int] = (0, 0)  # (input file number, record number in it)
     complete: bool = False
 
     def save(self, folder: Path) -> None:
@@ -51,7 +56,7 @@ class PartProgress:
         try:
             record = json.loads(path.read_text())
             manifest = Manifest.from_json(record.pop("manifest"), path)
-            return cls(manifest=manifest, **record)
+            return cls(manifest=manifest, **{**record, "next_record": tuple(record["next_record"])})
         except (KeyError, TypeError, json.JSONDecodeError) as err:
             raise DataError(f"{path} is not a shard-build progress file ({err})") from err
 

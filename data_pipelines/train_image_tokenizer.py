@@ -26,7 +26,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 from xxhash import xxh3_128_hexdigest
 
-from data_pipelines.build import parse_record, read_records
+from data_pipelines.build import parse_record, read_input
 from data_pipelines.records import Skip
 from fusion_train.data.manifest import DataError
 from fusion_train.tokenizers.image import ImageTokenizer, center_crop
@@ -66,7 +66,8 @@ def _folder_images(folder: Path) -> Iterator[bytes | None]:
 def _record_images(path: Path) -> Iterator[bytes | None]:
     """The images of an image-text jsonl (paths relative to it) or WebDataset tar, as build-shards
     reads them; None for a record without a readable image."""
-    for base_dir, payload in read_records([path]):
+    base_dir = path.parent
+    for payload in read_input(path):
         try:
             image = parse_record(payload).get("image")
         except Skip:

@@ -96,7 +96,7 @@ def write_shards(
     manifest = Manifest(kind="text", vocab=vocab, fingerprints=fingerprints or {"text": "t0", "image": None})
     sink = ShardSink(folder, manifest, per_shard, 2**30)
     for i, document in enumerate(documents):
-        sink.write(i, document)
+        sink.write((0, i), document)
     sink.close()
     manifest.tokens_by_modality = dict(sink.tokens_by_modality)
     manifest.write(folder)

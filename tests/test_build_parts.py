@@ -13,7 +13,7 @@ import pytest
 from conftest import REPO
 from data_pipelines.build import BuildSettings, build_shards
 from data_pipelines.cli import main as fusion_data
-from data_pipelines.parts import merge_manifests
+from data_pipelines.parts import PartProgress, merge_manifests
 from fusion_train.data.manifest import DataError
 from helpers import shard_documents as documents
 
@@ -23,6 +23,10 @@ PER_SHARD = 20
 def build(text_tokenizer, inputs, out, seed=0, **options):
     settings = BuildSettings("text", str(text_tokenizer.path), seed=seed)
     return build_shards(settings, inputs, out, workers=0, max_samples_per_shard=PER_SHARD, **options)
+
+
+def progress_files(folder):
+    return sorted(folder.glob("part-*-of-*.json"))
 
 
 def build_command(text_tokenizer, inputs, out, part, parts) -> list[str]:
@@ -68,6 +72,29 @@ def test_parts_built_apart_one_killed_mid_shard_merge_into_the_one_process_build
     assert merged.samples == whole.samples and merged.skipped == whole.skipped == {"missing_text": 1}
     assert merged.tokens_by_modality == whole.tokens_by_modality
     assert fusion_data(["verify", str(out)]) == 0
+
+
+def test_with_fewer_files_than_parts_every_part_takes_chunks_of_each_file(text_tokenizer, paragraphs, tmp_path):
+    one_file = paragraphs[1:]
+    whole = build(text_tokenizer, one_file, tmp_path / "whole")
+    for part in range(3):
+        build(text_tokenizer, one_file, tmp_path / "parts", part=part, parts=3)
+    merged = merge_manifests(tmp_path / "parts")
+    assert documents(tmp_path / "parts") == documents(tmp_path / "whole")
+    per_part = [
+        sum(s.samples for s in PartProgress.read(p).manifest.shards) for p in progress_files(tmp_path / "parts")
+    ]
+    assert merged.samples == whole.samples == sum(per_part) and min(per_part) >= 64
+
+
+def test_with_as_many_files_as_parts_a_part_reads_only_its_own(text_tokenizer, paragraphs, tmp_path):
+    unreadable = tmp_path / "not_a.tar"
+    unreadable.write_bytes(b"no tar header here " * 100)
+    inputs = [paragraphs[0], unreadable]
+    part = build(text_tokenizer, inputs, tmp_path / "parts", part=0, parts=2)
+    assert part.samples == 350 and part.skipped == {"missing_text": 1}
+    with pytest.raises(DataError, match=f"input {unreadable} cannot be read"):
+        build(text_tokenizer, inputs, tmp_path / "parts", part=1, parts=2)
 
 
 def test_merging_refuses_missing_unfinished_foreign_and_mixed_parts(text_tokenizer, paragraphs, tmp_path):

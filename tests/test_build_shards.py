@@ -12,11 +12,12 @@ from PIL import Image
 
 from data_pipelines.build import BuildSettings, build_shards
 from data_pipelines.cli import main as fusion_data
+from data_pipelines.parts import merge_manifests
 from data_pipelines.synthetic import write_image_captions
 from fusion_train.data.loader import DataConfig, SourceConfig, build_loader
 from fusion_train.data.manifest import DataError, Manifest
 from helpers import SMALL_VOCAB as V
-from helpers import english_documents, write_jsonl
+from helpers import english_documents, shard_documents, write_jsonl
 
 
 def samples(folder):
@@ -78,10 +79,12 @@ def test_image_text_from_jsonl_with_bad_records(text_tokenizer, image_tokenizer_
 
 
 def test_image_text_from_img2dataset_tars(text_tokenizer, image_tokenizer_path, shapes, tmp_path):
-    """As img2dataset writes them: KEY.jpg/.png/.webp, KEY.txt, KEY.json; several tars per build."""
+    """As img2dataset writes them: KEY.jpg/.png/.webp, KEY.txt, KEY.json; several tars per build and
+    per part of a build."""
     _, records = shapes
-    for number, part in enumerate([records[:6], records[6:10]]):
-        with wds.TarWriter(str(tmp_path / f"{number:05d}.tar")) as writer:
+    tars = [tmp_path / f"{number:05d}.tar" for number in range(4)]
+    for number, part in enumerate([records[:3], records[3:6], records[6:8], records[8:10]]):
+        with wds.TarWriter(str(tars[number])) as writer:
             for i, record in enumerate(part):
                 image = Image.open(record["image"]).convert("RGB")
                 encoded = io.BytesIO()
@@ -97,9 +100,15 @@ def test_image_text_from_img2dataset_tars(text_tokenizer, image_tokenizer_path, 
             if number == 0:
                 writer.write({"__key__": "0000nocaption", "png": open(records[0]["image"], "rb").read(), "json": {}})
                 writer.write({"__key__": "0000corrupt", "jpg": b"\xff\xd8 not really a jpeg", "txt": "a caption"})
-    tars = [tmp_path / "00000.tar", tmp_path / "00001.tar"]
-    manifest = build_shards(settings("image-text", text_tokenizer, image_tokenizer_path), tars, tmp_path / "out")
+    build = settings("image-text", text_tokenizer, image_tokenizer_path)
+    manifest = build_shards(build, tars, tmp_path / "out")
     assert manifest.samples == 10 and manifest.skipped == {"missing_caption": 1, "undecodable_image": 1}
+    for part in range(2):  # tars 0 and 2, then 1 and 3
+        build_shards(build, tars, tmp_path / "parts", part=part, parts=2)
+    merged = merge_manifests(tmp_path / "parts")
+    assert merged.skipped == manifest.skipped and shard_documents(tmp_path / "parts") == shard_documents(
+        tmp_path / "out"
+    )
 
 
 def test_interleaved_keeps_order(text_tokenizer, image_tokenizer_path, shapes, tmp_path):

@@ -79,10 +79,10 @@ def test_one_training_source_two_held_out_and_a_failed_validation_that_loses_no_
     assert "validation of held-out source copy: one full pass, 20 samples" in first.stderr
     (validation,) = [m for m in read_metrics(run) if "eval/loss" in m]
     # The same samples, read in another seeded order (a source's order follows its name), so packed
-    # with other neighbours: nearly the same loss.
+    # with other neighbours and cut at other places: the same loss to within a percent.
     for key in ("loss", "loss_image", "loss_text"):
-        assert validation[f"eval/held_out/{key}"] == pytest.approx(validation[f"eval/copy/{key}"], rel=1e-3)
-    assert validation["eval/loss"] == pytest.approx(validation["eval/copy/loss"], rel=1e-3)
+        assert validation[f"eval/held_out/{key}"] == pytest.approx(validation[f"eval/copy/{key}"], rel=1e-2)
+    assert validation["eval/loss"] == pytest.approx(validation["eval/copy/loss"], rel=1e-2)
     assert validation["eval/held_out/samples"] == validation["eval/copy/samples"] == 20
 
     for shard in copy.glob("shard-*.tar"):

@@ -29,9 +29,10 @@ class TokenizedDocument:
     loss_mask: np.ndarray | None = None  # uint8, 1 where trained on; None: everywhere
 
 
-def seeded_coin(seed: int, index: int) -> bool:
-    """A fair coin per (seed, record index), the same in any process."""
-    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+def seeded_coin(seed: int, record: tuple[int, int]) -> bool:
+    """A fair coin per seed and record (input file number, record number in it), the same in any
+    process and in any part of a build."""
+    digest = hashlib.blake2b(f"{seed}:{record[0]}:{record[1]}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & 1 == 1
 
 
@@ -61,8 +62,8 @@ class DocumentTokenizer:
         body = self.segments(segments)
         return TokenizedDocument(np.concatenate([[self.vocab.bos], body, [self.vocab.eos]]).astype(np.int64))
 
-    def image_text(self, codes: np.ndarray, caption: str, index: int) -> TokenizedDocument:
-        order = [codes, caption] if seeded_coin(self.seed, index) else [caption, codes]
+    def image_text(self, codes: np.ndarray, caption: str, record: tuple[int, int]) -> TokenizedDocument:
+        order = [codes, caption] if seeded_coin(self.seed, record) else [caption, codes]
         return self.document(order)
 
     def sft(self, turns: list[tuple[list[Segment], list[Segment]]]) -> TokenizedDocument:
