@@ -1,7 +1,7 @@
 """Shard-building throughput (records/s) for each kind, on generated shapes and CPython's bundled
 documentation, with a small VQ tokenizer on the CPU. Prints one JSON line per kind.
 
-    python bench/build_shards.py [--records 400] [--workers 2] [--parts 1] [--device cpu]
+    python bench/build_shards.py [--records 400] [--files 1] [--workers 2] [--parts 1] [--device cpu]
         [--encode-in workers|main] [--chameleon-vq]
 
 With --chameleon-vq only image-text is built, from 512 px images, with Chameleon's VQGAN size
@@ -10,7 +10,8 @@ With --chameleon-vq only image-text is built, from 512 px images, with Chameleon
 process by default).
 
 With --parts N the build runs as N concurrent part processes (as N array tasks on one machine
-would), each with workers / N workers, then merge-manifests; the time covers all of it.
+would), each with workers / N workers, then merge-manifests; the time covers all of it. With
+--files at least N, each part reads only its own files; with fewer, every part reads every file.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ from fusion_train.tokenizers.vqgan import VQGAN, VQGANConfig
 from fusion_train.vocab import VocabLayout
 
 
-def write_inputs(folder: Path, records: int, image_size: int = 64) -> dict[str, Path]:
+def write_inputs(folder: Path, records: int, files: int, image_size: int = 64) -> dict[str, list[Path]]:
+    """Each kind's records, split into `files` jsonl files."""
     from pydoc_data.topics import topics
 
     texts = list(topics.values())
@@ -54,10 +56,11 @@ def write_inputs(folder: Path, records: int, image_size: int = 64) -> dict[str, 
             for p in pairs
         ],
     }  # fmt: skip
-    paths = {}
+    paths: dict[str, list[Path]] = {}
     for kind, records_of_kind in rows.items():
-        paths[kind] = folder / f"{kind}.jsonl"
-        paths[kind].write_text("".join(json.dumps(r) + "\n" for r in records_of_kind))
+        paths[kind] = [folder / f"{kind}-{number}.jsonl" for number in range(files)]
+        for number, path in enumerate(paths[kind]):
+            path.write_text("".join(json.dumps(r) + "\n" for r in records_of_kind[number::files]))
     return paths
 
 
@@ -81,6 +84,7 @@ def build_in_parts(settings: BuildSettings, inputs: list[Path], out: Path, worke
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", type=int, default=400)
+    parser.add_argument("--files", type=int, default=1, help="input files per kind")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--parts", type=int, default=1)
     parser.add_argument("--device", default="cpu")
@@ -90,22 +94,22 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
         chameleon = args.chameleon_vq
-        inputs = write_inputs(folder, args.records, image_size=512 if chameleon else 64)
+        inputs = write_inputs(folder, args.records, args.files, image_size=512 if chameleon else 64)
+        vocab = VocabLayout() if chameleon else VocabLayout(512, 8, vocab_size=8192, n_reserved=513)
+        train_text_tokenizer(inputs["text"], folder / "text.model", vocab)
         if chameleon:
             inputs = {"image-text": inputs["image-text"]}
-        vocab = VocabLayout() if chameleon else VocabLayout(512, 8, vocab_size=8192, n_reserved=513)
-        train_text_tokenizer([folder / "text.jsonl"], folder / "text.model", vocab)
         torch.manual_seed(0)
         vq_config = VQGANConfig() if chameleon else small_config(64, 8, 512)
         vq = ImageTokenizer(VQGAN(vq_config), fingerprint="", device="cpu").save(folder / "vq")
-        for kind, path in inputs.items():
+        for kind, paths in inputs.items():
             settings = BuildSettings(kind, str(folder / "text.model"), None if kind == "text" else str(vq), 0,
                                      args.device, args.encode_in)  # fmt: skip
             started = time.perf_counter()
-            manifest = build_in_parts(settings, [path], folder / "out" / kind, args.workers, args.parts)
+            manifest = build_in_parts(settings, paths, folder / "out" / kind, args.workers, args.parts)
             seconds = time.perf_counter() - started
             tokens = sum(manifest.tokens_by_modality.values())
-            print(json.dumps({"bench": "build_shards", "kind": kind, "workers": args.workers, "parts": args.parts,
+            print(json.dumps({"bench": "build_shards", "kind": kind, "files": args.files, "workers": args.workers, "parts": args.parts,
                               "device": args.device, "encode_in": settings.encode_in, "records": manifest.samples,
                               "records_per_s": round(manifest.samples / seconds, 1), "tokens_per_s": round(tokens / seconds),
                               "image_resolution": vq_config.resolution, "seconds": round(seconds, 2)}), flush=True)  # fmt: skip
