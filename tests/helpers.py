@@ -28,7 +28,7 @@ def randomized_model(cfg: ChameleonConfig, seed: int = 0) -> Chameleon:
     """A model whose every parameter, norms and QK-norm biases included, is away from its init, so
     that a conversion mixing up any of them shows in the outputs."""
     torch.manual_seed(seed)
-    model = Chameleon(cfg)
+    model = Chameleon(cfg, seed=seed)
     with torch.no_grad():
         for param in model.parameters():
             param.add_(torch.randn_like(param) * 0.1)

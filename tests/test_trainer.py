@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -92,6 +93,21 @@ def test_every_zero_stage_trains_the_tiny_model(demo_data, tmp_path, stage):
     for group in GROUPS:
         norm = math.sqrt(sum(t.double().pow(2).sum().item() for n, t in weights.items() if parameter_group(n) == group))
         assert last[f"params/norm_{group}"] == pytest.approx(norm, rel=1e-5), group
+
+
+def test_zero3_builds_the_model_partitioned_with_the_weights_of_any_other_stage(demo_data, tmp_path):
+    """Under ZeRO-3 each of the 2 ranks holds half of the parameters from construction on, and the
+    first step's loss is ZeRO-2's from the same seed: the initial weights do not depend on how the
+    model is built."""
+    first_losses = {}
+    for stage in (2, 3):
+        run = tmp_path / f"zero{stage}"
+        result = torchrun(TRAIN, *train_overrides(demo_data, run, f"deepspeed=zero{stage}", "trainer.steps=1"))
+        first_losses[stage] = losses(run)
+    held = re.findall(r"rank (\d) holds ([\d.]+)% of the model's parameters", result.stderr)
+    assert sorted(rank for rank, _ in held) == ["0", "1"], result.stderr[-3000:]
+    assert all(float(share) == pytest.approx(50, abs=0.5) for _, share in held), held
+    assert first_losses[3] == pytest.approx(first_losses[2], rel=1e-6)
 
 
 MONITORING_KEYS = [

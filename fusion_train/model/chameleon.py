@@ -11,6 +11,7 @@ compilation are applied from outside.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 
@@ -209,29 +210,38 @@ class OutputLayer(nn.Linear):
 
 
 class Chameleon(nn.Module):
-    def __init__(self, cfg: ChameleonConfig):
+    def __init__(self, cfg: ChameleonConfig, seed: int | None = 0):
+        """`seed`: the initial weights, a function of it alone (`init_weights`); None leaves them
+        to the caller, as when the parameters are partitioned as they are created."""
         super().__init__()
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = OutputLayer(cfg)
-        self.init_weights()
+        if seed is not None:
+            self.init_weights(seed)
 
     @torch.no_grad()
-    def init_weights(self) -> None:
-        """Normal(0, init_std); the projections that write into the residual stream are scaled
-        down by sqrt(2 * n_layers) so that its variance does not grow with depth (GPT-2)."""
+    def init_weights(self, seed: int) -> None:
+        for name, param in self.named_parameters():
+            param.copy_(self.initial_value(name, param.shape, seed))
+
+    def initial_value(self, name: str, shape: torch.Size, seed: int) -> torch.Tensor:
+        """Parameter `name`'s initial value, fp32 on the CPU, a function of (seed, name) alone, so
+        the same whether the model is built whole or a part of a parameter at a time, on any
+        device. Norm weights 1 and biases 0; matrices Normal(0, init_std), the projections that
+        write into the residual stream scaled down by sqrt(2 * n_layers) so that its variance does
+        not grow with depth (GPT-2)."""
+        module = self.get_submodule(name.rpartition(".")[0])
+        if isinstance(module, RMSNorm | HeadLayerNorm):
+            return torch.full(shape, 1.0 if name.endswith("weight") else 0.0)
         std = self.cfg.init_std
-        residual_std = std / math.sqrt(2 * self.cfg.n_layers)
-        for name, module in self.named_modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                is_residual_out = name.endswith(("attention.wo", "feed_forward.w2"))
-                nn.init.normal_(module.weight, std=residual_std if is_residual_out else std)
-            elif isinstance(module, (RMSNorm, HeadLayerNorm)):
-                nn.init.ones_(module.weight)
-                if isinstance(module, HeadLayerNorm):
-                    nn.init.zeros_(module.bias)
+        if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+            std /= math.sqrt(2 * self.cfg.n_layers)
+        digest = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
+        generator = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+        return torch.empty(shape).normal_(0.0, std, generator=generator)
 
     def forward(
         self,

@@ -21,7 +21,6 @@ from tqdm import tqdm
 
 from fusion_train.data.held_out import HeldOutSet
 from fusion_train.data.loader import build_loader
-from fusion_train.model.chameleon import Chameleon
 from fusion_train.model.size import flops_per_token
 from fusion_train.monitor.activations import ActivationMonitor
 from fusion_train.monitor.guard import DivergenceGuard, GuardEvent
@@ -31,7 +30,7 @@ from fusion_train.monitor.throughput import achieved_tflops, peak_memory_gb, res
 from fusion_train.train import failure
 from fusion_train.train.checkpoint import Checkpointer, read_trainer_state, restore_rng_states
 from fusion_train.train.config import ConfigError, TrainConfig, as_dict, gradient_accumulation_steps, to_yaml
-from fusion_train.train.engine import announce_op_builds, build_engine
+from fusion_train.train.engine import announce_op_builds, build_engine, build_model
 from fusion_train.train.faults import FaultInjector
 from fusion_train.train.run_lock import RunFolderInUse, RunFolderLock, in_use
 from fusion_train.train.signals import PreemptionFlag, requeue_slurm_job
@@ -78,8 +77,9 @@ class Trainer:
                 f"model.vocab_size={cfg.model.vocab_size} but the shards' vocabulary has {self.vocab.vocab_size} ids: "
                 f"set model.vocab_size={self.vocab.vocab_size}"
             )
-        torch.manual_seed(cfg.trainer.seed)  # the same initial weights on every rank
-        self.engine, self.optimizer, self.scheduler = build_engine(Chameleon(cfg.model), cfg, self.grad_accum)
+        torch.manual_seed(cfg.trainer.seed)  # the same dropout on every run of this seed
+        model = build_model(cfg, self.grad_accum)
+        self.engine, self.optimizer, self.scheduler = build_engine(model, cfg, self.grad_accum)
         self.checkpoints = Checkpointer(
             self.run_dir / "checkpoints", self.rank, cfg.trainer.keep_last, cfg.trainer.keep_every
         )
