@@ -141,6 +141,13 @@ TRAIN_USAGE = """fusion-train [--config-dir DIR] [HYDRA OVERRIDES...]
 
 --config-dir DIR (repeatable) adds DIR to the config search path after fusion_train's conf/: its
 group options (DIR/data/NAME.yaml, DIR/model/NAME.yaml, ...) are selected by name.
+
+--plan [--gpus N] prints the run's plan and writes RUN_DIR/plan.json without allocating anything:
+parameters, FLOPs, batch, memory per GPU by component against trainer.gpu_memory_gb (and the first
+setting to change when it does not fit), time per step and GPU-hours at trainer.plan_mfu on
+trainer.gpu. N defaults to WORLD_SIZE, else 1.
+
+  fusion-train --plan --gpus 64 model=34b deepspeed=zero3 trainer.global_batch_tokens=12582912
 """
 
 
@@ -148,6 +155,8 @@ def _train_arguments(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="fusion-train", usage=TRAIN_USAGE, add_help=False)
     parser.add_argument("--config-dir", "-cd", action="append", default=[])
     parser.add_argument("--help", "-h", action="store_true")
+    parser.add_argument("--plan", action="store_true")
+    parser.add_argument("--gpus", type=int, default=int(os.environ.get("WORLD_SIZE", "1")))
     parser.add_argument("overrides", nargs="*")
     return parser.parse_intermixed_args(argv)
 
@@ -177,6 +186,8 @@ def train_main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.overrides, args.config_dir)
         validate(cfg)
+        if args.plan:
+            return _print_plan(cfg, args.gpus)
         gradient_accumulation_steps(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # before anything is allocated
     except (ConfigError, DataError, ValueError, HydraException, OmegaConfBaseException) as err:
         return failure.fail_at_start(err)
@@ -201,6 +212,15 @@ def train_main(argv: list[str] | None = None) -> int:
         _exit_now(code)
     trainer.close()
     return code
+
+
+def _print_plan(cfg, gpus: int) -> int:
+    from fusion_train.train.plan import make_plan, render, write_plan
+
+    plan = make_plan(cfg, gpus)
+    print(render(plan))
+    print(f"wrote {write_plan(plan, Path(cfg.trainer.run_dir))}")
+    return 0
 
 
 def _exit_now(code: int) -> None:

@@ -18,17 +18,28 @@ class ParameterCounts:
         return self.total - self.embedding
 
 
-def parameter_counts(cfg: ChameleonConfig) -> ParameterCounts:
+def parameters_by_group(cfg: ChameleonConfig) -> dict[str, int]:
+    """Parameters in the monitors' groups: embeddings, attention, ffn, norms (QK-norm included), output."""
     kv_dim = cfg.n_kv_heads * cfg.head_dim
-    attention = 2 * cfg.dim * cfg.dim + 2 * cfg.dim * kv_dim
     qk_norm = 2 * 2 * cfg.qk_norm_groups * cfg.head_dim if cfg.qk_norm else 0  # weight + bias, q and k
-    feed_forward = 3 * cfg.dim * cfg.ffn_dim
-    block_norms = 2 * cfg.dim
-    per_layer = attention + qk_norm + feed_forward + block_norms
-    embedding = cfg.vocab_size * cfg.dim
-    output = cfg.vocab_size * cfg.dim
-    total = embedding + cfg.n_layers * per_layer + cfg.dim + output
-    return ParameterCounts(total=total, embedding=embedding)
+    return {
+        "embeddings": cfg.vocab_size * cfg.dim,
+        "attention": cfg.n_layers * (2 * cfg.dim * cfg.dim + 2 * cfg.dim * kv_dim),
+        "ffn": cfg.n_layers * 3 * cfg.dim * cfg.ffn_dim,
+        "norms": cfg.n_layers * (2 * cfg.dim + qk_norm) + cfg.dim,
+        "output": cfg.vocab_size * cfg.dim,
+    }
+
+
+def parameter_counts(cfg: ChameleonConfig) -> ParameterCounts:
+    groups = parameters_by_group(cfg)
+    return ParameterCounts(total=sum(groups.values()), embedding=groups["embeddings"])
+
+
+def largest_module_parameters(cfg: ChameleonConfig) -> int:
+    """The most parameters one module holds itself (the embedding or output matrix, or one
+    feed-forward matrix): what ZeRO-3 gathers at once."""
+    return max(cfg.vocab_size * cfg.dim, cfg.dim * cfg.ffn_dim)
 
 
 def flops_per_token(cfg: ChameleonConfig, seq_len: int) -> int:

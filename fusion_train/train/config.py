@@ -80,6 +80,12 @@ class TrainerConfig:
     # Micro-batches per rank and held-out source at most: a smaller source is scored once in full,
     # a larger one on the same first batches each time; null: always in full.
     eval_batches: int | None = 50
+    # What `fusion-train --plan` plans for: the GPU (a100 or h100, for its bf16 peak), its memory,
+    # and the model FLOPs utilisation without activation checkpointing (with it, each forward runs
+    # twice and a step takes 4/3 as long).
+    gpu: str = "h100"
+    gpu_memory_gb: float = 80.0
+    plan_mfu: float = 0.4
 
 
 @dataclass

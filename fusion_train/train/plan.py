@@ -1,0 +1,158 @@
+"""A run's plan from its config alone, before any GPU spins: parameters, FLOPs, batch, memory per
+GPU by component, whether it fits and what to change first when it does not, and what the run
+costs in time and GPU-hours at a stated MFU.
+
+Model states follow DeepSpeed's own accounting (its `estimate_zero{2,3}_model_states_mem_needs`,
+which the tests compare with): bytes per parameter of bf16 weights 2, bf16 gradients 2, fp32
+gradients 4 and fp32 master weights plus Adam's two moments 12, each divided over the ranks from the
+stage that partitions it; ZeRO-3 also gathers its largest module in fp32 (4 bytes per parameter),
+and DeepSpeed counts 2 bytes for its fp32 gradient. Activations are counted from the tensors
+autograd keeps for one block (bf16, the RMSNorms' fp32 copies, flash attention's log-sum-exp: no
+seq² scores), which puts them within about 20%; the chunked loss adds its fp32 logits and their
+gradient for one chunk. Not counted: the CUDA context and allocator slack (keep a few GB free).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from fusion_train.model.chameleon import ChameleonConfig
+from fusion_train.model.size import flops_per_token, largest_module_parameters, parameters_by_group
+from fusion_train.train.config import TrainConfig, gradient_accumulation_steps
+
+GB = 1e9
+PEAK_TFLOPS = {"a100": 312.0, "h100": 989.0}  # dense bf16, the MFU denominators
+
+
+def model_state_bytes(parameters: int, largest_module: int, stage: int, ranks: int) -> dict[str, float]:
+    """Bytes per GPU of each part of the model states under ZeRO `stage` over `ranks`."""
+    share = lambda bytes_per_parameter, from_stage: (  # noqa: E731
+        bytes_per_parameter * parameters / (ranks if stage >= from_stage else 1)
+    )
+    if stage == 3:
+        gradients = share(2, 2) + share(2, 1)  # bf16 partition + DeepSpeed's 2 bytes for the fp32 step
+        gathered = 4 * largest_module
+    else:
+        gradients = share(2, 2) + share(4, 1)
+        gathered = 0
+    return {"weights_bf16": share(2, 3), "gradients": gradients, "master_and_adam_fp32": share(12, 1),
+            "gathered_module": gathered}  # fmt: skip
+
+
+def activation_bytes_per_token_and_layer(model: ChameleonConfig) -> int:
+    h, kv, f = model.dim, model.n_kv_heads * model.head_dim, model.ffn_dim
+    norms = 2 * (4 * h + 2 * h)  # two RMSNorms: fp32 input, bf16 output
+    attention = 2 * (2 * (h + kv)) + 2 * (h + 2 * kv) + 2 * h + 4 * model.n_heads  # QK-norm, q k v, out, lse
+    feed_forward = 2 * 4 * f  # w1 and w3 outputs, silu, their product
+    dropout_masks = 2 * h if model.dropout > 0 else 0
+    return norms + attention + feed_forward + dropout_masks
+
+
+def activation_bytes(cfg: TrainConfig, checkpointing: bool) -> float:
+    """One micro-batch's activations kept for backward: every block's, or with activation
+    checkpointing each block's input plus one block recomputed."""
+    model, tokens = cfg.model, cfg.data.micro_batch_size * cfg.data.seq_len
+    block = activation_bytes_per_token_and_layer(model) * tokens
+    if checkpointing:
+        return model.n_layers * 2 * model.dim * tokens + block
+    return model.n_layers * block + 2 * model.dim * tokens * 2  # + the embeddings and the final norm's input
+
+
+def loss_bytes(cfg: TrainConfig) -> float:
+    """The chunked loss's working set: one chunk's fp32 logits and their gradient."""
+    chunk = min(cfg.model.loss_chunk_size, cfg.data.micro_batch_size * cfg.data.seq_len)
+    return 2 * 4 * chunk * cfg.model.vocab_size
+
+
+def memory(cfg: TrainConfig, ranks: int) -> dict[str, float]:
+    """GB per GPU by component."""
+    groups = parameters_by_group(cfg.model)
+    states = model_state_bytes(sum(groups.values()), largest_module_parameters(cfg.model), cfg.deepspeed.zero_stage,
+                               ranks)  # fmt: skip
+    buckets = 2 * (cfg.deepspeed.reduce_bucket_size + cfg.deepspeed.allgather_bucket_size)
+    parts = {**states, "activations": activation_bytes(cfg, cfg.trainer.activation_checkpointing),
+             "chunked_loss": loss_bytes(cfg), "communication_buckets": buckets if cfg.deepspeed.zero_stage else 0}  # fmt: skip
+    return {name: round(value / GB, 2) for name, value in parts.items()}
+
+
+def _with(cfg: TrainConfig, setting: str, value) -> TrainConfig:
+    group, name = setting.split(".")
+    return dataclasses.replace(cfg, **{group: dataclasses.replace(getattr(cfg, group), **{name: value})})
+
+
+def _fits(cfg: TrainConfig, ranks: int) -> bool:
+    return sum(memory(cfg, ranks).values()) <= cfg.trainer.gpu_memory_gb
+
+
+def first_change(cfg: TrainConfig, ranks: int) -> str:
+    """The first setting, in order of what it costs in speed, whose change alone makes it fit; or
+    the smallest number of GPUs that would, with everything else on."""
+    candidates = [("deepspeed.zero_stage", stage) for stage in range(cfg.deepspeed.zero_stage + 1, 4)]
+    if not cfg.trainer.activation_checkpointing:
+        candidates.append(("trainer.activation_checkpointing", True))
+    if cfg.data.micro_batch_size > 1:
+        candidates.append(("data.micro_batch_size", 1))
+    for setting, value in candidates:
+        if _fits(_with(cfg, setting, value), ranks):
+            return f"{setting}={str(value).lower() if isinstance(value, bool) else value}"
+    for setting, value in candidates:
+        cfg = _with(cfg, setting, value)
+    changed = ", ".join(f"{s}={str(v).lower() if isinstance(v, bool) else v}" for s, v in candidates)
+    for more in (2**k for k in range(1, 21)):
+        if _fits(cfg, ranks * more):
+            return f"more GPUs: {ranks * more} with {changed or 'the settings as they are'}"
+    return "nothing: it does not fit on any number of these GPUs"
+
+
+def make_plan(cfg: TrainConfig, ranks: int) -> dict:
+    groups = parameters_by_group(cfg.model)
+    accumulation = gradient_accumulation_steps(cfg, ranks)
+    per_token = flops_per_token(cfg.model, cfg.data.seq_len)
+    gpu = cfg.trainer.gpu
+    if gpu not in PEAK_TFLOPS:
+        raise ValueError(f"trainer.gpu={gpu!r}: choose one of {sorted(PEAK_TFLOPS)}")
+    # Activation checkpointing runs each forward twice: 4/3 of the model's FLOPs at the same utilisation.
+    recompute = 4 / 3 if cfg.trainer.activation_checkpointing else 1.0
+    peak = ranks * PEAK_TFLOPS[gpu] * 1e12 * cfg.trainer.plan_mfu
+    step_seconds = cfg.trainer.global_batch_tokens * per_token * recompute / peak
+    parts = memory(cfg, ranks)
+    total = round(sum(parts.values()), 2)
+    fits = total <= cfg.trainer.gpu_memory_gb
+    return {
+        "gpus": ranks, "gpu": gpu, "gpu_memory_gb": cfg.trainer.gpu_memory_gb, "zero_stage": cfg.deepspeed.zero_stage,
+        "parameters": sum(groups.values()), "parameters_by_group": groups, "flops_per_token": per_token,
+        "tokens_per_step": cfg.trainer.global_batch_tokens, "micro_batch_size": cfg.data.micro_batch_size,
+        "seq_len": cfg.data.seq_len, "gradient_accumulation_steps": accumulation,
+        "activation_checkpointing": cfg.trainer.activation_checkpointing,
+        "memory_gb_per_gpu": parts, "memory_gb_per_gpu_total": total,
+        "activations_gb_per_micro_batch": {
+            "without_checkpointing": round(activation_bytes(cfg, False) / GB, 2),
+            "with_checkpointing": round(activation_bytes(cfg, True) / GB, 2),
+        },
+        "fits": fits, "first_change": None if fits else first_change(cfg, ranks),
+        "mfu": cfg.trainer.plan_mfu, "seconds_per_step": round(step_seconds, 2), "steps": cfg.trainer.steps,
+        "gpu_hours": round(step_seconds * cfg.trainer.steps * ranks / 3600, 1),
+    }  # fmt: skip
+
+
+def render(plan: dict) -> str:
+    memory_lines = "\n".join(f"  {name:<22} {gb:8.2f} GB" for name, gb in plan["memory_gb_per_gpu"].items())
+    verdict = "fits" if plan["fits"] else f"does NOT fit: change first {plan['first_change']}"
+    return (
+        f"{plan['parameters'] / 1e9:.2f}B parameters ({', '.join(f'{g} {n / 1e9:.2f}B' for g, n in plan['parameters_by_group'].items())})\n"
+        f"{plan['flops_per_token'] / 1e9:.1f} GFLOP per token; {plan['tokens_per_step']:,} tokens per step = "
+        f"{plan['micro_batch_size']} x {plan['seq_len']} tokens x {plan['gpus']} GPUs x {plan['gradient_accumulation_steps']} micro-steps\n"
+        f"memory per GPU, ZeRO-{plan['zero_stage']}, activation checkpointing {'on' if plan['activation_checkpointing'] else 'off'}:\n"
+        f"{memory_lines}\n  {'total':<22} {plan['memory_gb_per_gpu_total']:8.2f} GB of {plan['gpu_memory_gb']:g}: {verdict}\n"
+        f"at {plan['mfu']:.0%} MFU on {plan['gpus']} {plan['gpu'].upper()}: {plan['seconds_per_step']:.2f} s per step, "
+        f"{plan['gpu_hours']:,.0f} GPU-hours for {plan['steps']:,} steps"
+    )  # fmt: skip
+
+
+def write_plan(plan: dict, folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "plan.json"
+    path.write_text(json.dumps(plan, indent=2) + "\n")
+    return path

@@ -1,0 +1,49 @@
+"""`fusion-train --plan`: the model-state memory is DeepSpeed's own estimate, and a 34B plan is made
+from the config alone."""
+
+import json
+
+import pytest
+from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+from deepspeed.runtime.zero.stage3 import model_to_params as parameters_and_largest_module
+from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+from fusion_train.cli import train_main
+from fusion_train.model.chameleon import Chameleon
+from fusion_train.model.size import largest_module_parameters, parameter_counts
+from fusion_train.train.config import load_config
+from fusion_train.train.plan import model_state_bytes
+
+
+@pytest.mark.parametrize("gpus_per_node, nodes", [(1, 1), (8, 1), (8, 16)])
+def test_model_states_are_deepspeeds_estimate_for_every_stage(gpus_per_node, nodes):
+    cfg = load_config(["model=tiny"]).model
+    total, largest = parameters_and_largest_module(Chameleon(cfg))
+    assert (total, largest) == (parameter_counts(cfg).total, largest_module_parameters(cfg))
+    ranks = gpus_per_node * nodes
+    plan = {stage: sum(model_state_bytes(total, largest, stage, ranks).values()) for stage in (1, 2, 3)}
+    _, zero2 = estimate_zero2_model_states_mem_needs(total, gpus_per_node, nodes, cpu_offload=False)
+    _, zero3, _ = estimate_zero3_model_states_mem_needs(total, largest, gpus_per_node, nodes, cpu_offload=False)
+    assert plan[2] == pytest.approx(zero2, abs=1) and plan[3] == pytest.approx(zero3, abs=1)
+    # DeepSpeed has no ZeRO-1 estimate: stage 1 is stage 2 with the bf16 gradients whole on every rank.
+    assert plan[1] == pytest.approx(zero2 + 2 * total * (1 - 1 / ranks), abs=1)
+
+
+def test_a_34b_plan_on_8_gpus_from_the_config_alone(tmp_path, capsys):
+    """The 34B preset never exists here (137 GB in fp32): the plan needs only its config."""
+    overrides = ["--plan", "--gpus", "8", "model=34b", "deepspeed=zero3", "data=chameleon_stage1",
+                 "trainer.global_batch_tokens=12582912", "trainer.gpu=a100", f"trainer.run_dir={tmp_path}"]  # fmt: skip
+    assert train_main(overrides) == 0
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["parameters"] == parameter_counts(load_config(["model=34b"]).model).total
+    assert plan["gradient_accumulation_steps"] == 12582912 // (4096 * 8)
+    assert not plan["fits"] and plan["first_change"].startswith("more GPUs: 16 with trainer.activation_checkpointing")
+    assert plan["memory_gb_per_gpu_total"] == pytest.approx(sum(plan["memory_gb_per_gpu"].values()), abs=0.01)
+    assert "does NOT fit: change first more GPUs: 16" in capsys.readouterr().out
+
+    assert train_main([*overrides[:2], "64", *overrides[3:]]) == 0
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["first_change"] == "trainer.activation_checkpointing=true"
+    # The time is the FLOPs over the GPUs at the stated MFU.
+    expected = 12582912 * plan["flops_per_token"] / (64 * 312e12 * 0.4)
+    assert plan["seconds_per_step"] == pytest.approx(expected, abs=0.01)
