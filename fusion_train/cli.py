@@ -11,7 +11,6 @@ import warnings
 from pathlib import Path
 
 from fusion_train.model import convert
-from fusion_train.vocab import VocabLayout
 
 
 def _vocab_arguments(parser: argparse.ArgumentParser, when_missing: str) -> None:
@@ -60,58 +59,20 @@ def _convert_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _is_training_checkpoint(path: str) -> bool:
-    from fusion_train.train.checkpoint import TRAINER_STATE
-
-    return (Path(path) / TRAINER_STATE).is_file()
-
-
-def _checkpoint_vocab(state: dict, cfg) -> VocabLayout:
-    """The vocabulary layout the checkpoint records; checkpoints written before it did are read
-    through their shards' manifests, which must then still be where training read them."""
-    from fusion_train.data.loader import read_manifests
-    from fusion_train.data.manifest import DataError
-
-    if "vocab" in state:
-        return VocabLayout(**state["vocab"])
-    try:
-        return next(iter(read_manifests(cfg.data).values())).vocab
-    except DataError as err:
-        raise convert.ConversionError(
-            f"this checkpoint predates the vocabulary layout being stored in it, and its shards' manifests "
-            f"cannot be read ({err}): put the shards back at their training paths, or use fusion-convert's "
-            "--image-grid/--n-reserved route on an exported model"
-        ) from err
-
-
-def _zero_to_safetensors(checkpoint: str, out_dir) -> Path:
-    """The consolidated weights of a training checkpoint, with its model config and the vocabulary
-    layout it trained with (stored in the checkpoint: the shards are not needed)."""
-    from fusion_train.train.checkpoint import consolidated_state_dict, read_trainer_state
-    from fusion_train.train.config import from_dict
-
-    if not _is_training_checkpoint(checkpoint):
-        raise convert.ConversionError(f"{checkpoint} is not a training checkpoint (no trainer_state.json)")
-    state = read_trainer_state(Path(checkpoint))
-    cfg = from_dict(state["config"])
-    vocab = _checkpoint_vocab(state, cfg)
-    return convert.save_native(
-        consolidated_state_dict(checkpoint), cfg.model, vocab, out_dir, state.get("tokenizer_fingerprints")
-    )
-
-
 def convert_main(argv: list[str] | None = None) -> int:
+    from fusion_train.train.init_from import checkpoint_to_model_folder, is_training_checkpoint
+
     args = _convert_parser().parse_args(argv)
     try:
         if args.command == "from-hf":
             out = convert.import_hf(args.hf_dir, args.out_dir, _vocab_sizes(args))
         elif args.command == "to-hf":
             model_dir = args.model_dir
-            if _is_training_checkpoint(model_dir):
-                model_dir = _zero_to_safetensors(model_dir, Path(args.out_dir) / "fusion_train")
+            if is_training_checkpoint(model_dir):
+                model_dir = checkpoint_to_model_folder(model_dir, Path(args.out_dir) / "fusion_train")
             out = convert.export_hf(model_dir, args.out_dir)
         elif args.command == "zero-to-safetensors":
-            out = _zero_to_safetensors(args.checkpoint, args.out_dir)
+            out = checkpoint_to_model_folder(args.checkpoint, args.out_dir)
         elif args.command == "from-meta":
             out = convert.import_meta(args.meta_dir, args.out_dir, _vocab_sizes(args))
         else:

@@ -345,6 +345,23 @@ def test_zero3_checkpoint_consolidates_to_the_live_engines_loss(demo_data, tmp_p
     torch.testing.assert_close(loss, live["loss"], rtol=1e-5, atol=1e-5)
     assert convert_main(["to-hf", str(checkpoint), str(tmp_path / "hf")]) == 0
     assert (tmp_path / "hf" / "model.safetensors").is_file()
+    assert convert_main(["from-hf", str(tmp_path / "hf"), str(tmp_path / "from_hf")]) == 0
+
+    # New runs start from those weights (trainer.init_from): from the ZeRO-3 checkpoint under
+    # ZeRO-1, and from the HF export imported back under ZeRO-3. Their first batch's loss is the
+    # source model's.
+    for name, init_from, stage in [("from_checkpoint", checkpoint, 1), ("from_hf", tmp_path / "from_hf", 3)]:
+        started = tmp_path / f"{name}.pt"
+        new_run = train_overrides(
+            demo_data, tmp_path / name, f"deepspeed=zero{stage}", f"trainer.init_from={init_from}"
+        )
+        torchrun(REPO / "tests" / "scripts" / "engine_loss.py", "--out", str(started), *new_run)
+        first = torch.load(started, weights_only=True)
+        with torch.no_grad():
+            expected = model(first["input_ids"], labels=first["labels"]).loss
+        torch.testing.assert_close(first["loss"], expected, rtol=1e-5, atol=1e-5)
+        fresh = Chameleon(cfg, seed=0)(first["input_ids"], labels=first["labels"]).loss
+        assert not torch.allclose(fresh, expected, rtol=1e-3), "the trained weights must differ from a fresh start"
     # A checkpoint from before the layout was stored in it needs its shards, and says so.
     del trainer_state["vocab"]
     (checkpoint / "trainer_state.json").write_text(json.dumps(trainer_state))

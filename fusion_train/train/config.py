@@ -71,6 +71,9 @@ class TrainerConfig:
     keep_last: int = 3  # newest checkpoints kept (at least 1) ...
     keep_every: int = 0  # ... plus every keep_every-th step (0: none)
     resume_from: str | None = None  # a checkpoint folder; default: this run's latest
+    # A new run's initial weights: a fusion_train model folder or a training checkpoint (optimizer,
+    # schedule, step and data order start afresh); not used once the run has its own checkpoint.
+    init_from: str | None = None
     stop_after_steps: int | None = None  # this invocation's steps, then checkpoint and exit (time-limited jobs)
     seed: int = 0
     activation_checkpointing: bool = False

@@ -15,6 +15,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 
 from fusion_train.model.chameleon import Chameleon, HeadLayerNorm, RMSNorm
 from fusion_train.train.config import TrainConfig
+from fusion_train.train.init_from import pretrained_values
 from fusion_train.train.schedule import build_schedule
 
 log = logging.getLogger(__name__)
@@ -76,35 +77,47 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_model(cfg: TrainConfig, gradient_accumulation_steps: int) -> Chameleon:
-    """The model with its initial weights, a function of trainer.seed alone. Under ZeRO-3 it is
-    built inside deepspeed.zero.Init, which partitions each module's parameters over the ranks as
-    soon as the module is made, so no rank ever holds more than its share plus one module's
-    tensors; then each rank writes its part of every parameter's initial value."""
-    if cfg.deepspeed.zero_stage < 3:
+def build_model(cfg: TrainConfig, gradient_accumulation_steps: int, pretrained: Path | None = None) -> Chameleon:
+    """The model with its initial weights: those of the `pretrained` model folder, else a function
+    of trainer.seed alone. Under ZeRO-3 it is built inside deepspeed.zero.Init, which partitions
+    each module's parameters over the ranks as soon as the module is made, so no rank ever holds
+    more than its share plus one module's tensors; then each rank writes its slice of every
+    parameter's initial value, one parameter at a time."""
+    partitioned = cfg.deepspeed.zero_stage == 3
+    if not partitioned and pretrained is None:
         return Chameleon(cfg.model, seed=cfg.trainer.seed)
-    config = deepspeed_config(cfg, gradient_accumulation_steps)
-    # mem_efficient_linear would replace torch.nn.functional.linear for the whole process.
-    with deepspeed.zero.Init(config_dict_or_path=config, mem_efficient_linear=False):
+    if partitioned:
+        # mem_efficient_linear would replace torch.nn.functional.linear for the whole process.
+        with deepspeed.zero.Init(config_dict_or_path=deepspeed_config(cfg, gradient_accumulation_steps),
+                                 mem_efficient_linear=False):  # fmt: skip
+            model = Chameleon(cfg.model, seed=None)
+    else:
         model = Chameleon(cfg.model, seed=None)
-    for name, param in model.named_parameters():
-        _init_partition(model, name, param, cfg.trainer.seed)
-    held = sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in model.parameters())
-    whole = sum(p.ds_numel * p.ds_tensor.element_size() for p in model.parameters())
-    log.info("rank %d holds %.1f%% of the model's parameters (%.3g of %.3g GB), built partitioned (ZeRO-3)",
-             dist.get_rank(), 100 * held / whole, held / 1e9, whole / 1e9)  # fmt: skip
+    if pretrained is None:
+        values = lambda name, shape: model.initial_value(name, shape, cfg.trainer.seed)  # noqa: E731
+    else:
+        values = pretrained_values(pretrained, [name for name, _ in model.named_parameters()])
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if partitioned:
+                _write_partition(param, values(name, param.ds_shape))
+            else:
+                param.copy_(values(name, param.shape))
+    if partitioned:
+        held = sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in model.parameters())
+        whole = sum(p.ds_numel * p.ds_tensor.element_size() for p in model.parameters())
+        log.info("rank %d holds %.1f%% of the model's parameters (%.3g of %.3g GB), built partitioned (ZeRO-3)",
+                 dist.get_rank(), 100 * held / whole, held / 1e9, whole / 1e9)  # fmt: skip
     return model
 
 
-@torch.no_grad()
-def _init_partition(model: Chameleon, name: str, param: nn.Parameter, seed: int) -> None:
-    """This rank's part of a ZeRO-3 parameter: the slice of its flattened initial value that
-    ds_tensor holds (the layout DeepSpeed's own consolidation reads). Every rank draws the whole
-    value, one parameter at a time, rather than gathering: no collective, and no buffer beyond it."""
-    whole = model.initial_value(name, param.ds_shape, seed)
+def _write_partition(param: nn.Parameter, whole: torch.Tensor) -> None:
+    """This rank's part of a ZeRO-3 parameter: the slice of the flattened whole value that its
+    ds_tensor holds (the layout DeepSpeed's own consolidation reads). Every rank has the whole
+    value, one parameter at a time, rather than gathering: no collective, no buffer beyond it."""
     part = param.ds_tensor
     start = dist.get_rank() * part.numel()
-    values = whole.view(-1)[start : start + part.numel()]
+    values = whole.reshape(-1)[start : start + part.numel()]
     part[: values.numel()].copy_(values)
 
 

@@ -32,6 +32,7 @@ from fusion_train.train.checkpoint import Checkpointer, read_trainer_state, rest
 from fusion_train.train.config import ConfigError, TrainConfig, as_dict, gradient_accumulation_steps, to_yaml
 from fusion_train.train.engine import announce_op_builds, build_engine, build_model
 from fusion_train.train.faults import FaultInjector
+from fusion_train.train.init_from import check_compatible, model_folder
 from fusion_train.train.run_lock import RunFolderInUse, RunFolderLock, in_use
 from fusion_train.train.signals import PreemptionFlag, requeue_slurm_job
 from fusion_train.vocab import Modality
@@ -77,13 +78,13 @@ class Trainer:
                 f"model.vocab_size={cfg.model.vocab_size} but the shards' vocabulary has {self.vocab.vocab_size} ids: "
                 f"set model.vocab_size={self.vocab.vocab_size}"
             )
-        torch.manual_seed(cfg.trainer.seed)  # the same dropout on every run of this seed
-        model = build_model(cfg, self.grad_accum)
-        self.engine, self.optimizer, self.scheduler = build_engine(model, cfg, self.grad_accum)
         self.checkpoints = Checkpointer(
             self.run_dir / "checkpoints", self.rank, cfg.trainer.keep_last, cfg.trainer.keep_every
         )
         self.checkpoints.remove_leftovers()
+        torch.manual_seed(cfg.trainer.seed)  # the same dropout on every run of this seed
+        model = build_model(cfg, self.grad_accum, self._pretrained())
+        self.engine, self.optimizer, self.scheduler = build_engine(model, cfg, self.grad_accum)
         self.preemption = PreemptionFlag()
         self._monitors(cfg)
         self.step, self.tokens_seen, self.wandb_run_id = 0, 0, None
@@ -125,6 +126,22 @@ class Trainer:
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
 
     # --- resume -------------------------------------------------------------------------------
+
+    def _pretrained(self) -> Path | None:
+        """The model folder whose weights a new run starts from (trainer.init_from); none when the
+        run resumes its own checkpoint."""
+        init_from = self.cfg.trainer.init_from
+        if not init_from:
+            return None
+        if self.cfg.trainer.resume_from or self.checkpoints.latest():
+            if self.rank == 0:
+                log.warning("trainer.init_from=%s is not used: the run resumes from its own checkpoint", init_from)
+            return None
+        folder = model_folder(Path(init_from), self.run_dir, self.rank)
+        check_compatible(folder, self.cfg.model, self.vocab, self.loader.dataset.fingerprints)
+        if self.rank == 0:
+            log.warning("starting from the weights of %s, with a fresh optimizer, schedule and data order", folder)
+        return folder
 
     def _resume(self) -> Path | None:
         """The checkpoint this invocation continues from, if any."""
