@@ -10,6 +10,10 @@ step; the newest complete one is never pruned. Pruning renames `step_N` to `step
 deleting it, so a kill in the middle leaves a marked leftover, removed at the next start, and never
 a half-deleted `step_N`.
 
+A checkpoint resumed on another number of ranks is first converted, once, into DeepSpeed's
+universal format in `step_N/universal` (by rank 0, under `universal.partial` until complete): each
+parameter's fp32 weights and Adam moments whole, which any data-parallel split can load.
+
 A rollback rewrites the checkpoint it went back to (same weights, a data position past the skipped
 batches): the old folder is set aside as `step_N.superseded` until the new one is in place, and a
 crash in between restores it at the next start.
@@ -17,6 +21,7 @@ crash in between restores it at the next start.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -36,6 +41,7 @@ PARTIAL = ".partial"
 SUPERSEDED = ".superseded"
 PRUNING = ".pruning"
 TRAINER_STATE = "trainer_state.json"
+UNIVERSAL = "universal"
 
 
 def _rank_state_file(rank: int) -> str:
@@ -152,16 +158,27 @@ class Checkpointer:
                 _fault_injection_pause("FUSION_TRAIN_PRUNE_PAUSE_S")
                 shutil.rmtree(doomed, ignore_errors=True)
 
-    def load_engine(self, engine, path: Path, load_optimizer: bool = True) -> None:
-        """The model (and, unless another data-parallel split makes it unusable, the optimizer and
-        schedule) from the checkpoint at `path`."""
-        engine.load_checkpoint(
-            str(path.parent),
-            tag=path.name,
-            load_optimizer_states=load_optimizer,
-            load_lr_scheduler_states=load_optimizer,
-            load_module_only=not load_optimizer,
-        )
+    def load_engine(self, engine, path: Path) -> None:
+        """The model, optimizer and schedule from the checkpoint at `path` (or its universal form)."""
+        engine.load_checkpoint(str(path.parent), tag=path.name)
+
+    def universal(self, path: Path) -> Path:
+        """The checkpoint at `path` in DeepSpeed's universal format, converted by rank 0 if it is
+        not yet (the optimizer's fp32 partitions of every old rank read and merged per parameter)."""
+        universal = path / UNIVERSAL
+        if self.rank == 0 and not universal.is_dir():
+            from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+            partial = universal.with_name(UNIVERSAL + PARTIAL)
+            shutil.rmtree(partial, ignore_errors=True)
+            started = time.perf_counter()
+            options = dict(input_folder=str(path), output_folder=str(partial), num_extract_workers=1,
+                           num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)  # fmt: skip
+            ds_to_universal(argparse.Namespace(**options))
+            os.rename(partial, universal)
+            log.warning("converted %s to DeepSpeed's universal format in %.1f s", path, time.perf_counter() - started)
+        dist.barrier()
+        return universal
 
     def load_rank_state(self, path: Path, rank: int | None = None) -> dict:
         """This rank's saved state, or another rank's (a new split reads every old rank's)."""

@@ -47,7 +47,7 @@ def use_bf16(cfg: TrainConfig) -> bool:
     return cfg.deepspeed.bf16 and torch.cuda.is_available()
 
 
-def deepspeed_config(cfg: TrainConfig, gradient_accumulation_steps: int) -> dict:
+def deepspeed_config(cfg: TrainConfig, gradient_accumulation_steps: int, load_universal: bool = False) -> dict:
     zero = {"stage": cfg.deepspeed.zero_stage}
     if cfg.deepspeed.zero_stage > 0:
         zero.update(
@@ -63,6 +63,7 @@ def deepspeed_config(cfg: TrainConfig, gradient_accumulation_steps: int) -> dict
         "zero_optimization": zero,
         "bf16": {"enabled": use_bf16(cfg)},
         "steps_per_print": 2**31 - 1,  # our monitors log
+        "checkpoint": {"load_universal": load_universal},
     }
 
 
@@ -132,7 +133,9 @@ def prepare_model(model: Chameleon, cfg: TrainConfig) -> Chameleon:
     return model
 
 
-def build_engine(model: Chameleon, cfg: TrainConfig, gradient_accumulation_steps: int):
+def build_engine(model: Chameleon, cfg: TrainConfig, gradient_accumulation_steps: int, load_universal: bool = False):
+    """`load_universal`: the checkpoint to resume comes in DeepSpeed's universal format (another
+    number of ranks wrote it)."""
     optimizer = torch.optim.AdamW(
         parameter_groups(model, cfg.optim.weight_decay),
         lr=cfg.optim.lr,
@@ -146,6 +149,6 @@ def build_engine(model: Chameleon, cfg: TrainConfig, gradient_accumulation_steps
         model=prepare_model(model, cfg),
         optimizer=optimizer,
         lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, gradient_accumulation_steps),
+        config=deepspeed_config(cfg, gradient_accumulation_steps, load_universal),
     )
     return engine, optimizer, scheduler

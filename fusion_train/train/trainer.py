@@ -82,14 +82,21 @@ class Trainer:
             self.run_dir / "checkpoints", self.rank, cfg.trainer.keep_last, cfg.trainer.keep_every
         )
         self.checkpoints.remove_leftovers()
+        resume_from = Path(cfg.trainer.resume_from) if cfg.trainer.resume_from else self.checkpoints.latest()
+        saved = read_trainer_state(resume_from) if resume_from else None
+        other_split = saved is not None and saved["world_size"] != self.world_size
         torch.manual_seed(cfg.trainer.seed)  # the same dropout on every run of this seed
-        model = build_model(cfg, self.grad_accum, self._pretrained())
-        self.engine, self.optimizer, self.scheduler = build_engine(model, cfg, self.grad_accum)
+        model = build_model(cfg, self.grad_accum, None if resume_from else self._pretrained())
+        self.engine, self.optimizer, self.scheduler = build_engine(model, cfg, self.grad_accum, other_split)
         self.preemption = PreemptionFlag()
         self._monitors(cfg)
         self.step, self.tokens_seen, self.wandb_run_id = 0, 0, None
         self.applied_lr = cfg.optim.lr  # the LR the last step ran with, for the log
-        self.loggers = self._loggers(resumed_from=self._resume())
+        if resume_from and cfg.trainer.init_from and self.rank == 0:
+            log.warning(
+                "trainer.init_from=%s is not used: the run resumes from its own checkpoint", cfg.trainer.init_from
+            )
+        self.loggers = self._loggers(resumed_from=self._resume(resume_from, saved))
 
     def _hold_run_folder(self) -> RunFolderLock | None:
         """Rank 0 locks the run folder before anything is written there; every rank learns whether
@@ -128,14 +135,9 @@ class Trainer:
     # --- resume -------------------------------------------------------------------------------
 
     def _pretrained(self) -> Path | None:
-        """The model folder whose weights a new run starts from (trainer.init_from); none when the
-        run resumes its own checkpoint."""
+        """The model folder whose weights a new run starts from (trainer.init_from), if any."""
         init_from = self.cfg.trainer.init_from
         if not init_from:
-            return None
-        if self.cfg.trainer.resume_from or self.checkpoints.latest():
-            if self.rank == 0:
-                log.warning("trainer.init_from=%s is not used: the run resumes from its own checkpoint", init_from)
             return None
         folder = model_folder(Path(init_from), self.run_dir, self.rank)
         check_compatible(folder, self.cfg.model, self.vocab, self.loader.dataset.fingerprints)
@@ -143,16 +145,15 @@ class Trainer:
             log.warning("starting from the weights of %s, with a fresh optimizer, schedule and data order", folder)
         return folder
 
-    def _resume(self) -> Path | None:
-        """The checkpoint this invocation continues from, if any."""
-        resume_from = self.cfg.trainer.resume_from
-        path = Path(resume_from) if resume_from else self.checkpoints.latest()
+    def _resume(self, path: Path | None, saved: dict | None) -> Path | None:
+        """Continue from the checkpoint at `path`, if any. On another number of ranks the engine
+        loads it through DeepSpeed's universal format, Adam's moments included, and the data goes
+        on from every old rank's position."""
         if path is None:
             return None
-        saved = read_trainer_state(path)
         same_ranks = saved["world_size"] == self.world_size
         started = time.perf_counter()
-        self.checkpoints.load_engine(self.engine, path, load_optimizer=same_ranks)
+        self.checkpoints.load_engine(self.engine, path if same_ranks else self.checkpoints.universal(path))
         every_rank = lambda: [self.checkpoints.load_rank_state(path, r)["loader"] for r in range(saved["world_size"])]  # noqa: E731
         if same_ranks:
             rank_state = self.checkpoints.load_rank_state(path)
@@ -164,9 +165,8 @@ class Trainer:
             if self.rank == 0:
                 data = "starts anew" if self.cfg.data.restart_data_order else "continues the epoch (no sample repeated)"
                 log.warning(
-                    "%s was written by %d ranks and this run has %d: weights loaded, the data order %s, and the "
-                    "optimizer state (Adam moments) starts afresh: it does not carry across ranks yet",
-                    path, saved["world_size"], self.world_size, data,
+                    "%s was written by %d ranks and this run has %d: weights and optimizer state loaded from its "
+                    "universal form, and the data order %s", path, saved["world_size"], self.world_size, data,
                 )  # fmt: skip
         self.step, self.tokens_seen, self.wandb_run_id = saved["step"], saved["tokens_seen"], saved["wandb_run_id"]
         if self.guard and saved.get("guard"):
