@@ -1,0 +1,37 @@
+"""Resume a run's engine from its latest checkpoint on however many ranks this is launched with,
+and write (rank 0) each parameter's whole fp32 weights and Adam moments, gathered from the ranks'
+partitions by DeepSpeed, for comparison across numbers of ranks."""
+
+import argparse
+import sys
+
+import torch
+from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+from fusion_train.cli import _single_process_environment
+from fusion_train.train.config import load_config
+from fusion_train.train.trainer import Trainer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    args, overrides = parser.parse_known_args()
+    _single_process_environment()
+    trainer = Trainer(load_config(overrides))
+    # DeepSpeed links each parameter to its slice of the optimizer state at the first step; a
+    # freshly loaded engine has taken none.
+    trainer.optimizer._lazy_init_hp_params_optimizer_state()
+    state = {}
+    for name, param in trainer.engine.module.named_parameters():
+        name = name.replace("._checkpoint_wrapped_module", "")
+        state[name] = {"fp32": safe_get_full_fp32_param(param)}
+        for moment in ("exp_avg", "exp_avg_sq"):
+            state[name][moment] = safe_get_full_optimizer_state(param, moment)
+    if trainer.rank == 0:
+        torch.save({"step": trainer.step, "state": state}, args.out)
+    trainer.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
