@@ -316,12 +316,16 @@ def test_a_run_moves_from_2_ranks_to_1_and_back_with_adams_moments(demo_data, tm
     script = REPO / "tests" / "scripts" / "optimizer_state.py"
     for ranks in (2, 1):
         torchrun(script, "--out", str(tmp_path / f"{ranks}.pt"), *train_overrides(demo_data, run), nproc=ranks)
-    two, one = (torch.load(tmp_path / f"{ranks}.pt", weights_only=True) for ranks in (2, 1))
+    restart = ("trainer.restart_optimizer=true",)
+    torchrun(script, "--out", str(tmp_path / "restarted.pt"), *train_overrides(demo_data, run, *restart), nproc=1)
+    two, one, restarted = (torch.load(tmp_path / f"{n}.pt", weights_only=True) for n in (2, 1, "restarted"))
     assert two["step"] == one["step"] == 2 and two["state"].keys() == one["state"].keys()
     for name, states in two["state"].items():
         for key, tensor in states.items():
             assert torch.equal(one["state"][name][key], tensor), (name, key)
             assert key == "fp32" or tensor.abs().sum() > 0, (name, key)  # the moments are there, not zeros
+            # trainer.restart_optimizer: the same weights, Adam's moments at zero.
+            assert torch.equal(restarted["state"][name][key], tensor if key == "fp32" else torch.zeros_like(tensor))
 
     torchrun(TRAIN, *train_overrides(demo_data, run, "trainer.steps=6", "trainer.stop_after_steps=2"), nproc=1)
     back = torchrun(TRAIN, *train_overrides(demo_data, run, "trainer.steps=6"))

@@ -74,6 +74,9 @@ class TrainerConfig:
     # A new run's initial weights: a fusion_train model folder or a training checkpoint (optimizer,
     # schedule, step and data order start afresh); not used once the run has its own checkpoint.
     init_from: str | None = None
+    # On resume, Adam's moments and step count start afresh (the weights, schedule, step and data
+    # go on): after changing optim.beta1/beta2/eps, say. A fresh Adam takes full-size steps at first.
+    restart_optimizer: bool = False
     stop_after_steps: int | None = None  # this invocation's steps, then checkpoint and exit (time-limited jobs)
     seed: int = 0
     activation_checkpointing: bool = False

@@ -133,6 +133,19 @@ def prepare_model(model: Chameleon, cfg: TrainConfig) -> Chameleon:
     return model
 
 
+@torch.no_grad()
+def restart_adam(optimizer) -> None:
+    """Adam's moments and step count back to zero, in place, in whatever partition of them this
+    rank holds (DeepSpeed's ZeRO optimizers wrap the torch AdamW and keep links to its state)."""
+    adam = getattr(optimizer, "optimizer", optimizer)
+    for state in adam.state.values():
+        for value in state.values():
+            if torch.is_tensor(value):
+                value.zero_()
+        if not torch.is_tensor(state.get("step", 0)):
+            state["step"] = 0
+
+
 def build_engine(model: Chameleon, cfg: TrainConfig, gradient_accumulation_steps: int, load_universal: bool = False):
     """`load_universal`: the checkpoint to resume comes in DeepSpeed's universal format (another
     number of ranks wrote it)."""

@@ -30,7 +30,7 @@ from fusion_train.monitor.throughput import achieved_tflops, peak_memory_gb, res
 from fusion_train.train import failure
 from fusion_train.train.checkpoint import Checkpointer, read_trainer_state, restore_rng_states
 from fusion_train.train.config import ConfigError, TrainConfig, as_dict, gradient_accumulation_steps, to_yaml
-from fusion_train.train.engine import announce_op_builds, build_engine, build_model
+from fusion_train.train.engine import announce_op_builds, build_engine, build_model, restart_adam
 from fusion_train.train.faults import FaultInjector
 from fusion_train.train.init_from import check_compatible, model_folder
 from fusion_train.train.run_lock import RunFolderInUse, RunFolderLock, in_use
@@ -154,6 +154,10 @@ class Trainer:
         same_ranks = saved["world_size"] == self.world_size
         started = time.perf_counter()
         self.checkpoints.load_engine(self.engine, path if same_ranks else self.checkpoints.universal(path))
+        if self.cfg.trainer.restart_optimizer:
+            restart_adam(self.optimizer)
+            if self.rank == 0:
+                log.warning("trainer.restart_optimizer: Adam's moments start afresh at step %d", saved["step"])
         every_rank = lambda: [self.checkpoints.load_rank_state(path, r)["loader"] for r in range(saved["world_size"])]  # noqa: E731
         if same_ranks:
             rank_state = self.checkpoints.load_rank_state(path)
