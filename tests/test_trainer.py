@@ -306,17 +306,21 @@ def test_two_ranks_resumed_on_one_continue_the_data_and_read_no_sample_twice(dem
     assert before and after and not before & after
 
 
-def test_a_run_moves_from_2_ranks_to_1_and_back_with_adams_moments(demo_data, tmp_path):
-    """2 ranks, then 1, then 2 again, each change through DeepSpeed's universal form of the
-    checkpoint: the 1-rank engine's fp32 weights and Adam moments equal those gathered from the
-    2 ranks' partitions, and the losses go on as in an uninterrupted run."""
+def test_a_zero3_run_moves_from_2_ranks_to_1_and_back_with_adams_moments_and_no_sample_twice(demo_data, tmp_path):
+    """2 ranks, then 1, then 2 again under ZeRO-3, each change through DeepSpeed's universal form
+    of the checkpoint: the 1-rank engine's fp32 weights and Adam moments equal those gathered from
+    the 2 ranks' partitions, the losses go on as in an uninterrupted run, and no sample of the
+    epoch is read in two of the three parts."""
     run, reference = tmp_path / "run", tmp_path / "reference"
-    torchrun(TRAIN, *train_overrides(demo_data, reference, "trainer.steps=6"))
-    torchrun(TRAIN, *train_overrides(demo_data, run, "trainer.steps=6", "trainer.stop_after_steps=2"))
+    zero3_steps = ("deepspeed=zero3", "trainer.steps=6")
+    torchrun(TRAIN, *train_overrides(demo_data, reference, *zero3_steps))
+    torchrun(TRAIN, *train_overrides(demo_data, run, *zero3_steps, "trainer.stop_after_steps=2"))
     script = REPO / "tests" / "scripts" / "optimizer_state.py"
     for ranks in (2, 1):
-        torchrun(script, "--out", str(tmp_path / f"{ranks}.pt"), *train_overrides(demo_data, run), nproc=ranks)
-    restart = ("trainer.restart_optimizer=true",)
+        torchrun(
+            script, "--out", str(tmp_path / f"{ranks}.pt"), *train_overrides(demo_data, run, *zero3_steps), nproc=ranks
+        )
+    restart = (*zero3_steps, "trainer.restart_optimizer=true")
     torchrun(script, "--out", str(tmp_path / "restarted.pt"), *train_overrides(demo_data, run, *restart), nproc=1)
     two, one, restarted = (torch.load(tmp_path / f"{n}.pt", weights_only=True) for n in (2, 1, "restarted"))
     assert two["step"] == one["step"] == 2 and two["state"].keys() == one["state"].keys()
@@ -327,14 +331,22 @@ def test_a_run_moves_from_2_ranks_to_1_and_back_with_adams_moments(demo_data, tm
             # trainer.restart_optimizer: the same weights, Adam's moments at zero.
             assert torch.equal(restarted["state"][name][key], tensor if key == "fp32" else torch.zeros_like(tensor))
 
-    torchrun(TRAIN, *train_overrides(demo_data, run, "trainer.steps=6", "trainer.stop_after_steps=2"), nproc=1)
-    back = torchrun(TRAIN, *train_overrides(demo_data, run, "trainer.steps=6"))
+    torchrun(TRAIN, *train_overrides(demo_data, run, *zero3_steps, "trainer.stop_after_steps=2"), nproc=1)
+    back = torchrun(TRAIN, *train_overrides(demo_data, run, *zero3_steps))
     assert "written by 1 ranks and this run has 2: weights and optimizer state loaded" in back.stderr
     history, uninterrupted = losses(run), losses(reference)
     assert history[:2] == uninterrupted[:2] and len(history) == 6
     # After a change the batches hold other documents (the rest of the epoch in another split's
     # order, and other mixture draws), so the losses differ by batch noise: up to 3.3% here.
     assert history == pytest.approx(uninterrupted, rel=0.05)
+
+    def read_by(step: int, ranks: int) -> set:
+        states = [torch.load(run / "checkpoints" / f"step_{step}" / f"rank{r:05d}_state.pt", weights_only=True)
+                  for r in range(ranks)]  # fmt: skip
+        return set().union(*(read_positions(reader_states(s["loader"])[0], r, ranks) for r, s in enumerate(states)))
+
+    parts = [read_by(2, 2), read_by(4, 1), read_by(6, 2)]
+    assert all(parts) and sum(map(len, parts)) == len(set().union(*parts)), [len(p) for p in parts]
 
 
 def test_batch_arithmetic_errors_say_what_to_change(demo_data, tmp_path, capsys):

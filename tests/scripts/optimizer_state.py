@@ -19,9 +19,10 @@ def main() -> None:
     args, overrides = parser.parse_known_args()
     _single_process_environment()
     trainer = Trainer(load_config(overrides))
-    # DeepSpeed links each parameter to its slice of the optimizer state at the first step; a
-    # freshly loaded engine has taken none.
-    trainer.optimizer._lazy_init_hp_params_optimizer_state()
+    # ZeRO-1/2 link each parameter to its slice of the optimizer state at the first step; a freshly
+    # loaded engine has taken none. (ZeRO-3 reads the state from its partitions directly.)
+    if hasattr(trainer.optimizer, "_lazy_init_hp_params_optimizer_state"):
+        trainer.optimizer._lazy_init_hp_params_optimizer_state()
     state = {}
     for name, param in trainer.engine.module.named_parameters():
         name = name.replace("._checkpoint_wrapped_module", "")
