@@ -315,13 +315,10 @@ def test_a_zero3_run_moves_from_2_ranks_to_1_and_back_with_adams_moments_and_no_
     zero3_steps = ("deepspeed=zero3", "trainer.steps=6")
     torchrun(TRAIN, *train_overrides(demo_data, reference, *zero3_steps))
     torchrun(TRAIN, *train_overrides(demo_data, run, *zero3_steps, "trainer.stop_after_steps=2"))
-    script = REPO / "tests" / "scripts" / "optimizer_state.py"
-    for ranks in (2, 1):
-        torchrun(
-            script, "--out", str(tmp_path / f"{ranks}.pt"), *train_overrides(demo_data, run, *zero3_steps), nproc=ranks
-        )
-    restart = (*zero3_steps, "trainer.restart_optimizer=true")
-    torchrun(script, "--out", str(tmp_path / "restarted.pt"), *train_overrides(demo_data, run, *restart), nproc=1)
+    script = (REPO / "tests" / "scripts" / "resumed_engine.py", "--write", "optimizer_state")
+    for out, ranks, extra in [("2", 2, ()), ("1", 1, ()), ("restarted", 1, ("trainer.restart_optimizer=true",))]:
+        overrides = train_overrides(demo_data, run, *zero3_steps, *extra)
+        torchrun(*script, "--out", str(tmp_path / f"{out}.pt"), *overrides, nproc=ranks)
     two, one, restarted = (torch.load(tmp_path / f"{n}.pt", weights_only=True) for n in (2, 1, "restarted"))
     assert two["step"] == one["step"] == 2 and two["state"].keys() == one["state"].keys()
     for name, states in two["state"].items():
@@ -367,7 +364,7 @@ def test_zero3_checkpoint_consolidates_to_the_live_engines_loss(demo_data, tmp_p
     run = tmp_path / "run"
     overrides = train_overrides(demo_data, run, "deepspeed=zero3", "trainer.steps=3")
     torchrun(TRAIN, *overrides)
-    torchrun(REPO / "tests" / "scripts" / "engine_loss.py", "--out", str(tmp_path / "live.pt"), *overrides)
+    torchrun(REPO / "tests" / "scripts" / "resumed_engine.py", "--out", str(tmp_path / "live.pt"), *overrides)
     live = torch.load(tmp_path / "live.pt", weights_only=True)
 
     # The shards moved away since: the checkpoint itself says what the conversion needs.
@@ -398,7 +395,7 @@ def test_zero3_checkpoint_consolidates_to_the_live_engines_loss(demo_data, tmp_p
         new_run = train_overrides(
             demo_data, tmp_path / name, f"deepspeed=zero{stage}", f"trainer.init_from={init_from}"
         )
-        torchrun(REPO / "tests" / "scripts" / "engine_loss.py", "--out", str(started), *new_run)
+        torchrun(REPO / "tests" / "scripts" / "resumed_engine.py", "--out", str(started), *new_run)
         first = torch.load(started, weights_only=True)
         with torch.no_grad():
             expected = model(first["input_ids"], labels=first["labels"]).loss
