@@ -36,6 +36,7 @@ setup(
             "fusion-convert=fusion_train.cli:convert_main",
             "fusion-data=data_pipelines.cli:main",
             "fusion-train=fusion_train.cli:train_main",
+            "fusion-generate=fusion_train.generate.cli:main",
             "fusion-report=fusion_train.monitor.report:main",
         ]
     },

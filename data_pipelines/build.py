@@ -393,6 +393,10 @@ def build_shards(
         },
         seed=settings.seed,
         inputs=[str(p) for p in inputs],
+        tokenizer_paths={
+            "text": str(Path(settings.text_tokenizer).resolve()),
+            "image": str(Path(settings.image_tokenizer).resolve()) if settings.image_tokenizer else None,
+        },
     )
     progress = _resume_or_start(output, manifest, part, parts, overwrite)
     if not progress.complete:

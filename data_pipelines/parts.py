@@ -91,7 +91,7 @@ def merge_manifests(folder: str | Path) -> Manifest:
                 "the same inputs, tokenizers and seed (--overwrite)"
             )
     merged = Manifest(first.kind, first.vocab, first.fingerprints, seed=first.seed, inputs=first.inputs,
-                      sample_checksums=first.sample_checksums)  # fmt: skip
+                      sample_checksums=first.sample_checksums, tokenizer_paths=first.tokenizer_paths)  # fmt: skip
     for p in progress:
         merged.shards += p.manifest.shards
         for counts, added in ((merged.tokens_by_modality, p.manifest.tokens_by_modality),

@@ -76,6 +76,9 @@ class Manifest:
     seed: int = 0
     inputs: list[str] = field(default_factory=list)
     sample_checksums: str | None = None  # SAMPLE_CHECKSUM when every sample carries one
+    # Where the build found its tokenizers (absolute), for tools that decode a run's outputs; the
+    # fingerprints say whether a file found there is still the same. Absent in older manifests.
+    tokenizer_paths: dict[str, str | None] = field(default_factory=dict)
 
     @property
     def samples(self) -> int:

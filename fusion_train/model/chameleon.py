@@ -5,8 +5,9 @@ with weight and bias over each head's query/key vector, after the projection and
 optional Swin-style norm reordering, residual dropout, and z-loss in the output layer. Parameter
 names and the RoPE layout (interleaved pairs) are those of Meta's released checkpoints.
 
-Plain PyTorch: parallelism, activation checkpointing (wrap the modules in `layers`) and
-compilation are applied from outside.
+`forward` trains and scores whole sequences; `decode` extends a KV cache (`kv_cache.py`) by new
+tokens, for generation. Plain PyTorch: parallelism, activation checkpointing (wrap the modules in
+`layers`), compilation and sampling are applied from outside.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fusion_train.model.kv_cache import KVCache, LayerCache
 from fusion_train.model.loss import LossOutput, chunked_lm_loss
 
 BLOCK_STYLES = ("prenorm", "swin")
@@ -95,11 +97,11 @@ class HeadLayerNorm(nn.Module):
         return normed * weight + bias
 
 
-def rope_angles(head_dim: int, seq_len: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin, [seq_len, head_dim/2] in fp32. Computed per call rather than kept as buffers,
-    which a cast of the module to bf16 would round."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
-    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+def rope_angles(head_dim: int, positions: torch.Tensor, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin at integer `positions` ([T], or [B, T] when each row counts its own), [..., head_dim/2]
+    in fp32. Computed per call rather than kept as buffers, which a cast of the module to bf16 would round."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    angles = positions.float().unsqueeze(-1) * inv_freq
     return angles.cos(), angles.sin()
 
 
@@ -107,7 +109,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate interleaved pairs (x[2i], x[2i+1]) of each head's vector, Meta's layout."""
     pairs = x.float().unflatten(-1, (-1, 2))
     even, odd = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
     rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
     return rotated.flatten(-2).type_as(x)
 
@@ -144,15 +146,17 @@ class Attention(nn.Module):
             self.k_normalization = HeadLayerNorm(cfg.n_kv_heads, cfg.head_dim, cfg.qk_norm_groups)
         self.attend = ScaledDotProductAttention()
 
-    def forward(self, x, cos, sin, attn_mask=None):
+    def forward(self, x, cos, sin, attn_mask=None, cache: LayerCache | None = None):
         batch, seq_len, _ = x.shape
         q = self.wq(x).view(batch, seq_len, self.n_heads, self.head_dim)
         k = self.wk(x).view(batch, seq_len, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(batch, seq_len, self.n_kv_heads, self.head_dim)
         if self.q_normalization is not None:
             q, k = self.q_normalization(q), self.k_normalization(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = self.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask)
+        q, k, v = apply_rope(q, cos, sin).transpose(1, 2), apply_rope(k, cos, sin).transpose(1, 2), v.transpose(1, 2)
+        if cache is not None:
+            k, v = cache.write(k, v)
+        out = self.attend(q, k, v, attn_mask)
         return self.wo(out.transpose(1, 2).reshape(batch, seq_len, -1))
 
 
@@ -179,12 +183,12 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cos, sin, attn_mask=None):
+    def forward(self, x, cos, sin, attn_mask=None, cache: LayerCache | None = None):
         if self.swin:
             # Normalising each branch's output bounds its norm growth (Chameleon-34B).
-            h = x + self.dropout(self.attention_norm(self.attention(x, cos, sin, attn_mask)))
+            h = x + self.dropout(self.attention_norm(self.attention(x, cos, sin, attn_mask, cache)))
             return h + self.dropout(self.ffn_norm(self.feed_forward(h)))
-        h = x + self.dropout(self.attention(self.attention_norm(x), cos, sin, attn_mask))
+        h = x + self.dropout(self.attention(self.attention_norm(x), cos, sin, attn_mask, cache))
         return h + self.dropout(self.feed_forward(self.ffn_norm(h)))
 
 
@@ -255,12 +259,26 @@ class Chameleon(nn.Module):
         seq_len = input_ids.shape[1]
         if seq_len > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {seq_len} exceeds model max_seq_len={self.cfg.max_seq_len}")
-        cos, sin = rope_angles(self.cfg.head_dim, seq_len, self.cfg.rope_theta, input_ids.device)
+        positions = torch.arange(seq_len, device=input_ids.device)
         attn_mask = document_causal_mask(doc_ids) if doc_ids is not None else None
-        h = self.tok_embeddings(input_ids)
-        for layer in self.layers:
-            h = layer(h, cos, sin, attn_mask)
-        h = self.norm(h)
+        h = self._trunk(input_ids, positions, attn_mask)
         if labels is None:
             return self.output(h)
         return self.output(h, labels=labels, label_modality=label_modality)
+
+    def decode(self, input_ids: torch.Tensor, cache: KVCache, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, T, vocab] of T new tokens after those in `cache`, which they join. `valid`
+        [B, T] is False on left padding (a batch of prompts of different lengths)."""
+        valid = torch.ones_like(input_ids, dtype=torch.bool) if valid is None else valid
+        positions, attn_mask = cache.extend(valid)
+        if positions.max() >= self.cfg.max_seq_len:
+            raise ValueError(f"decoding past the model's max_seq_len={self.cfg.max_seq_len}")
+        return self.output(self._trunk(input_ids, positions, attn_mask, cache))
+
+    def _trunk(self, input_ids, positions, attn_mask, cache: KVCache | None = None) -> torch.Tensor:
+        """Embeddings, blocks and the final norm: the hidden states the output layer reads."""
+        cos, sin = rope_angles(self.cfg.head_dim, positions, self.cfg.rope_theta)
+        h = self.tok_embeddings(input_ids)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, attn_mask, cache.layers[i] if cache is not None else None)
+        return self.norm(h)

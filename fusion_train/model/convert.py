@@ -385,13 +385,23 @@ def read_hf_weights(folder: Path) -> dict:
     return state_dict
 
 
-def import_hf(hf_dir: str | Path, out_dir: str | Path, said: VocabSizes | None = None) -> Path:
+def read_hf(hf_dir: str | Path, said: VocabSizes | None = None) -> tuple[dict, ChameleonConfig, VocabLayout]:
+    """An HF ChameleonForConditionalGeneration folder's weights under our names and layout."""
     folder = Path(hf_dir)
     config_path = folder / CONFIG_FILE
     if not config_path.is_file():
         raise ConversionError(f"{config_path} not found: expected a transformers model folder")
     cfg, vocab = configs_from_hf(json.loads(config_path.read_text()), said)
-    return save_native(from_hf_state_dict(read_hf_weights(folder), cfg), cfg, vocab, out_dir)
+    return from_hf_state_dict(read_hf_weights(folder), cfg), cfg, vocab
+
+
+def is_hf_folder(folder: str | Path) -> bool:
+    config_path = Path(folder) / CONFIG_FILE
+    return config_path.is_file() and "model_type" in json.loads(config_path.read_text())
+
+
+def import_hf(hf_dir: str | Path, out_dir: str | Path, said: VocabSizes | None = None) -> Path:
+    return save_native(*read_hf(hf_dir, said), out_dir)
 
 
 def export_hf(native_dir: str | Path, out_dir: str | Path) -> Path:

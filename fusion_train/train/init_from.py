@@ -28,7 +28,7 @@ from safetensors import safe_open
 from fusion_train.model.chameleon import ChameleonConfig
 from fusion_train.model.convert import CONFIG_FILE, NATIVE_WEIGHTS, ConversionError, save_native
 from fusion_train.train.checkpoint import TRAINER_STATE, consolidated_state_dict, read_trainer_state
-from fusion_train.train.config import ConfigError, from_dict
+from fusion_train.train.config import ConfigError, TrainConfig, from_dict
 from fusion_train.vocab import VocabLayout
 
 log = logging.getLogger(__name__)
@@ -62,17 +62,19 @@ def checkpoint_vocab(state: dict, cfg) -> VocabLayout:
         ) from err
 
 
-def checkpoint_to_model_folder(checkpoint: str | Path, out_dir: str | Path) -> Path:
-    """The consolidated weights of a training checkpoint, with its model config and the vocabulary
-    layout it trained with (stored in the checkpoint: the shards are not needed)."""
+def checkpoint_weights(checkpoint: str | Path) -> tuple[dict, TrainConfig, VocabLayout, dict | None]:
+    """The consolidated fp32 weights of a training checkpoint, the run's config, the vocabulary layout
+    it trained with (stored in the checkpoint: the shards are not needed) and its tokenizers' fingerprints."""
     if not is_training_checkpoint(checkpoint):
         raise ConversionError(f"{checkpoint} is not a training checkpoint (no {TRAINER_STATE})")
     state = read_trainer_state(Path(checkpoint))
     cfg = from_dict(state["config"])
-    vocab = checkpoint_vocab(state, cfg)
-    return save_native(
-        consolidated_state_dict(checkpoint), cfg.model, vocab, out_dir, state.get("tokenizer_fingerprints")
-    )
+    return consolidated_state_dict(checkpoint), cfg, checkpoint_vocab(state, cfg), state.get("tokenizer_fingerprints")
+
+
+def checkpoint_to_model_folder(checkpoint: str | Path, out_dir: str | Path) -> Path:
+    state_dict, cfg, vocab, fingerprints = checkpoint_weights(checkpoint)
+    return save_native(state_dict, cfg.model, vocab, out_dir, fingerprints)
 
 
 def model_folder(init_from: Path, run_dir: Path, rank: int) -> Path:

@@ -1,0 +1,142 @@
+"""`fusion-generate`: text and pictures from a trained model.
+
+  fusion-generate runs/1/checkpoints/step_300 --prompt "a big red circle" --mode image
+  fusion-generate MODEL --prompts prompts.jsonl --out generations/ --chat
+
+A prompts file holds one JSON object per line: {"prompt": [SEGMENT, ...], "mode": "text" | "image" |
+"interleaved", "chat": true | false}, a segment being text or {"image": PATH} (relative to the file).
+Writes OUT/outputs.jsonl, OUT/images/*.png and OUT/index.html.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from fusion_train.generate.constraints import Mode
+from fusion_train.generate.documents import Codec, PromptError
+from fusion_train.generate.generator import Generator, Request
+from fusion_train.generate.guidance import Guidance
+from fusion_train.generate.load import load_model, load_tokenizers
+from fusion_train.generate.page import Sample, write_outputs
+from fusion_train.generate.sampling import Sampling
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fusion-generate", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    parser.add_argument("model", help="a training checkpoint (step_N, any ZeRO stage), a model folder or an HF export")
+    prompts = parser.add_argument_group("prompts")
+    prompts.add_argument("--prompt", action="append", default=[], help="a text prompt (repeatable)")
+    prompts.add_argument("--image", action="append", default=[], help="an image put before each --prompt's text")
+    prompts.add_argument("--prompts", help="a jsonl of prompts (see above)")
+    prompts.add_argument("--mode", choices=[m.value for m in Mode], default="text", help="for --prompt (default text)")
+    prompts.add_argument("--chat", action="store_true", help="prompts end as SFT prompts do: for a fine-tuned model")
+    sampling = parser.add_argument_group("sampling (defaults: Meta's inference settings)")
+    sampling.add_argument("--temperature", type=float, default=0.7, help="0: greedy")
+    sampling.add_argument("--greedy", action="store_true", help="the same as --temperature 0")
+    sampling.add_argument("--top-p", type=float, default=0.9)
+    sampling.add_argument("--top-k", type=int, default=0)
+    sampling.add_argument("--seed", type=int, default=0)
+    sampling.add_argument("--max-new-tokens", type=int, help="default: a picture's codes + 1 in image mode, else "
+                          "512 or room for two pictures, whichever is more")  # fmt: skip
+    sampling.add_argument("--image-scale", type=float, default=1.2, help="guidance towards the prompt's images")
+    sampling.add_argument("--text-scale", type=float, default=3.0, help="guidance towards the prompt's text")
+    sampling.add_argument("--no-guidance", action="store_true", help="images without classifier-free guidance")
+    run = parser.add_argument_group("run")
+    run.add_argument("--out", default="generations", help="output folder (default ./generations)")
+    run.add_argument("--text-tokenizer", help="default: the path the run's shard manifests record")
+    run.add_argument("--image-tokenizer", help="the VQ tokenizer's vqgan.ckpt; default as --text-tokenizer")
+    run.add_argument("--batch-size", type=int, default=8)
+    run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    run.add_argument("--dtype", choices=DTYPES, help="default: bf16 on a GPU, fp32 on the CPU")
+    run.add_argument("--no-cache", action="store_true", help="recompute every position for each token (slow)")
+    return parser
+
+
+def read_prompts(args: argparse.Namespace) -> tuple[list[dict], Path]:
+    """Prompt records, and the folder their relative image paths start from."""
+    records = [{"prompt": [*({"image": p} for p in args.image), text], "mode": args.mode, "chat": args.chat}
+               for text in args.prompt]  # fmt: skip
+    base = Path()
+    if args.prompts:
+        path = Path(args.prompts)
+        if not path.is_file():
+            raise PromptError(f"prompts file {path} does not exist")
+        base = path.parent
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise PromptError(f"{path}, line {number}: not JSON ({err})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("prompt"), list):
+                raise PromptError(f'{path}, line {number}: expected {{"prompt": [segments], "mode": ...}}')
+            records.append({"mode": "text", "chat": args.chat, **record, "where": f"{path}, line {number}"})
+    if not records:
+        raise PromptError("no prompts: give --prompt TEXT or --prompts FILE.jsonl")
+    return records, base
+
+
+def default_max_new_tokens(codec: Codec, modes: list[str]) -> int:
+    if all(m == Mode.IMAGE for m in modes):
+        return codec.vocab.image_tokens + 1
+    return max(512, 2 * codec.vocab.image_block_length)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = _parser().parse_args(argv)
+    try:
+        return _generate(args)
+    except (PromptError, ValueError, FileNotFoundError) as err:
+        print(f"fusion-generate: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _generate(args: argparse.Namespace) -> int:
+    records, base = read_prompts(args)
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    loaded = load_model(args.model, device, dtype)
+    codec = Codec(*load_tokenizers(loaded, args.text_tokenizer, args.image_tokenizer, device, args.model))
+    requests = [
+        Request(
+            codec.prompt_ids(r["prompt"], r["mode"], r["chat"], r.get("where", f"prompt {i}"), base), Mode(r["mode"])
+        )
+        for i, r in enumerate(records)
+    ]
+    sampling = Sampling(0.0 if args.greedy else args.temperature, args.top_p, args.top_k, args.seed)
+    guidance = None if args.no_guidance else Guidance(args.image_scale, args.text_scale)
+    max_new_tokens = args.max_new_tokens or default_max_new_tokens(codec, [r.mode for r in requests])
+    generator = Generator(loaded.model, loaded.vocab, use_cache=not args.no_cache)
+    samples = []
+    batches = range(0, len(requests), args.batch_size)
+    for start in tqdm(batches, desc="batches", disable=len(batches) < 2 or not sys.stderr.isatty()):
+        batch = requests[start : start + args.batch_size]
+        outputs = generator.generate(batch, sampling, max_new_tokens, guidance, progress=sys.stderr.isatty())
+        for record, request, output in zip(records[start:], batch, outputs, strict=False):
+            segments = codec.decode(output.tokens, request.mode)
+            samples.append(Sample(record["prompt"], request.mode.value, segments, output.stop, len(output.tokens)))
+    page = write_outputs(args.out, samples, base)
+    pictures = sorted((Path(args.out) / "images").glob("*.png"))
+    print(f"{len(samples)} prompts, {len(pictures)} pictures: {Path(args.out) / 'outputs.jsonl'}")
+    for picture in pictures:
+        print(f"  {picture}")
+    print(f"page: {page}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
