@@ -122,6 +122,12 @@ def train_overrides(demo_data: dict, run_dir: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
+def sample_overrides(demo_data: dict, every: int) -> list[str]:
+    """The demo's fixed prompts (text, caption -> image, image -> caption) generated every `every` steps."""
+    images = Path(demo_data["folder"]) / "held_out" / "images"
+    return ["eval_samples=demo", f"eval_samples.image_dir={images}", f"trainer.eval_every={every}"]
+
+
 def read_records(run_dir: Path) -> list[dict]:
     """Every record of metrics.jsonl: logged metrics and the marks of each invocation's start."""
     import json

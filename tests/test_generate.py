@@ -125,7 +125,7 @@ def test_bad_prompts_are_clear_errors():
     with pytest.raises(ValueError, match="prompt 1 has 128 tokens: the model's context is 128"):
         generator.generate([Request([0, 700]), Request([0] * 128)], Sampling(), 4)
     with pytest.raises(ValueError, match="image mode needs room for 16 codes"):
-        generator.generate([Request([0, VOCAB.begin_of_image], Mode.IMAGE)], Sampling(), 8)
+        generator.generate([Request([0] * 120 + [VOCAB.begin_of_image], Mode.IMAGE)], Sampling(), 8)
     with pytest.raises(ValueError, match="prompt 0 must start with <s>"):
         generator.generate([Request([700])], Sampling(), 4)
 

@@ -48,8 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     sampling.add_argument("--top-p", type=float, default=0.9)
     sampling.add_argument("--top-k", type=int, default=0)
     sampling.add_argument("--seed", type=int, default=0)
-    sampling.add_argument("--max-new-tokens", type=int, help="default: a picture's codes + 1 in image mode, else "
-                          "512 or room for two pictures, whichever is more")  # fmt: skip
+    sampling.add_argument("--max-new-tokens", type=int, help="for text and interleaved prompts (an image-mode prompt "
+                          "gets its picture); default: 512 or room for two pictures, whichever is more")  # fmt: skip
     sampling.add_argument("--image-scale", type=float, default=1.2, help="guidance towards the prompt's images")
     sampling.add_argument("--text-scale", type=float, default=3.0, help="guidance towards the prompt's text")
     sampling.add_argument("--no-guidance", action="store_true", help="images without classifier-free guidance")
@@ -89,12 +89,6 @@ def read_prompts(args: argparse.Namespace) -> tuple[list[dict], Path]:
     return records, base
 
 
-def default_max_new_tokens(codec: Codec, modes: list[str]) -> int:
-    if all(m == Mode.IMAGE for m in modes):
-        return codec.vocab.image_tokens + 1
-    return max(512, 2 * codec.vocab.image_block_length)
-
-
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = _parser().parse_args(argv)
@@ -110,7 +104,7 @@ def _generate(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     loaded = load_model(args.model, device, dtype)
-    codec = Codec(*load_tokenizers(loaded, args.text_tokenizer, args.image_tokenizer, device, args.model))
+    codec = Codec(*load_tokenizers(loaded.trained_with, args.text_tokenizer, args.image_tokenizer, device, args.model))
     requests = [
         Request(
             codec.prompt_ids(r["prompt"], r["mode"], r["chat"], r.get("where", f"prompt {i}"), base), Mode(r["mode"])
@@ -119,8 +113,8 @@ def _generate(args: argparse.Namespace) -> int:
     ]
     sampling = Sampling(0.0 if args.greedy else args.temperature, args.top_p, args.top_k, args.seed)
     guidance = None if args.no_guidance else Guidance(args.image_scale, args.text_scale)
-    max_new_tokens = args.max_new_tokens or default_max_new_tokens(codec, [r.mode for r in requests])
-    generator = Generator(loaded.model, loaded.vocab, use_cache=not args.no_cache)
+    max_new_tokens = args.max_new_tokens or max(512, 2 * codec.vocab.image_block_length)
+    generator = Generator(loaded.model, codec.vocab, use_cache=not args.no_cache)
     samples = []
     batches = range(0, len(requests), args.batch_size)
     for start in tqdm(batches, desc="batches", disable=len(batches) < 2 or not sys.stderr.isatty()):

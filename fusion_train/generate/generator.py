@@ -47,13 +47,16 @@ class Generator:
     @torch.no_grad()
     def generate(self, requests: list[Request], sampling: Sampling, max_new_tokens: int,
                  guidance: Guidance | None = None, progress: bool = False) -> list[Generation]:  # fmt: skip
+        """`max_new_tokens` bounds text and interleaved requests; an image-mode request is its
+        picture's codes and `<eoss>`."""
         budgets = [self._budget(i, r, max_new_tokens) for i, r in enumerate(requests)]
         constraints = ModalityConstraints(self.vocab, [r.mode for r in requests], budgets, self.device)
         streams = [self._streams(r, guidance) for r in requests]
         sequences = [list(s) for request_streams in streams for s in request_streams]
         request_of_row = torch.tensor([i for i, s in enumerate(streams) for _ in s], device=self.device)
         generated: list[list[int]] = [[] for _ in requests]
-        stops = ["max_new_tokens" if b == max_new_tokens else "context_full" for b in budgets]
+        stops = ["context_full" if b < max_new_tokens and r.mode != Mode.IMAGE else "max_new_tokens"
+                 for r, b in zip(requests, budgets, strict=True)]  # fmt: skip
         rng = sampling.generator()
         logits, cache = self._prefill(sequences, max(budgets))
         for _ in tqdm(range(max(budgets)), desc="generating", disable=not progress, leave=False):
@@ -83,7 +86,8 @@ class Generator:
                 f"prompt {index} has {len(request.prompt)} tokens: the model's context is {self.context} "
                 "(model.max_seq_len); shorten it"
             )
-        return min(max_new_tokens, self.context - len(request.prompt))
+        wanted = self.vocab.image_tokens + 1 if request.mode == Mode.IMAGE else max_new_tokens
+        return min(wanted, self.context - len(request.prompt))
 
     def _streams(self, request: Request, guidance: Guidance | None) -> list[list[int]]:
         if request.mode == Mode.IMAGE and request.prompt[-1] != self.vocab.begin_of_image:

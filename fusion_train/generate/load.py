@@ -26,11 +26,16 @@ from fusion_train.vocab import VocabLayout
 
 
 @dataclass
-class Loaded:
-    model: Chameleon  # in eval mode
+class TrainedWith:
     vocab: VocabLayout
     tokenizer_paths: dict[str, str | None]  # what the run's manifests record; empty when unknown
     fingerprints: dict[str, str | None]  # of the tokenizers the weights were trained with, when known
+
+
+@dataclass
+class Loaded:
+    model: Chameleon  # in eval mode
+    trained_with: TrainedWith
 
 
 def load_model(path: str | Path, device: torch.device, dtype: torch.dtype) -> Loaded:
@@ -50,44 +55,44 @@ def load_model(path: str | Path, device: torch.device, dtype: torch.dtype) -> Lo
         )
     model = Chameleon(cfg, seed=None)
     model.load_state_dict(state_dict)
-    return Loaded(model.to(device=device, dtype=dtype).eval(), vocab, paths, fingerprints or {})
+    return Loaded(model.to(device=device, dtype=dtype).eval(), TrainedWith(vocab, paths, fingerprints or {}))
 
 
-def recorded_tokenizer_paths(data_cfg) -> dict[str, str | None]:
-    """The tokenizer paths the run's shard manifests record (the first that records them)."""
+def recorded_tokenizer_paths(data_cfg) -> dict[str, str]:
+    """The tokenizer paths the run's shard manifests record (a text source's has no image tokenizer)."""
     from fusion_train.data.manifest import DataError, Manifest
 
+    found = {}
     for source in data_cfg.sources.values():
         try:
-            paths = Manifest.read(source.path).tokenizer_paths
+            recorded = Manifest.read(source.path).tokenizer_paths
         except DataError:
             continue
-        if paths:
-            return paths
-    return {}
+        found.update({kind: path for kind, path in recorded.items() if path})
+    return found
 
 
-def load_tokenizers(loaded: Loaded, text: str | None, image: str | None, device: torch.device,
+def load_tokenizers(trained_with: TrainedWith, text: str | None, image: str | None, device: torch.device,
                     where: str = "the model") -> tuple[TextTokenizer, ImageTokenizer | None]:  # fmt: skip
     """The given tokenizer files, else those the run recorded; each checked against the fingerprint
     the weights were trained with, when it is known."""
-    text = text or loaded.tokenizer_paths.get("text")
-    image = image or loaded.tokenizer_paths.get("image")
+    text = text or trained_with.tokenizer_paths.get("text")
+    image = image or trained_with.tokenizer_paths.get("image")
     if not text:
         raise ConversionError(
             f"{where} does not say where its text tokenizer is (only a training checkpoint whose shard manifests "
             "record it does): pass --text-tokenizer PATH (and --image-tokenizer PATH to draw or read images)"
         )
     for kind, file in (("text", text), ("image", image)):
-        expected = loaded.fingerprints.get(kind)
+        expected = trained_with.fingerprints.get(kind)
         if file and expected and Path(file).is_file() and fingerprint_file(file) != expected:
             raise ConversionError(
                 f"{kind} tokenizer {file} is not the one {where} was trained with (fingerprint "
                 f"{fingerprint_file(file)}, trained with {expected})"
             )
     text_tokenizer = TextTokenizer(text)
-    if text_tokenizer.vocab != loaded.vocab:
+    if text_tokenizer.vocab != trained_with.vocab:
         raise ConversionError(
-            f"text tokenizer {text} is for the layout {text_tokenizer.vocab}, the model's is {loaded.vocab}"
+            f"text tokenizer {text} is for the layout {text_tokenizer.vocab}, the model's is {trained_with.vocab}"
         )
     return text_tokenizer, ImageTokenizer.load(image, device=device) if image else None

@@ -28,30 +28,59 @@ class Sample:
     new_tokens: int
 
 
+def as_text(segments: list) -> str:
+    """Segments in one line: text as it is, pictures as [image] or [image PATH]."""
+    return " ".join(
+        "[image]" if isinstance(s, np.ndarray) else f"[image {s['image']}]" if isinstance(s, dict) and "image" in s
+        else s["text"] if isinstance(s, dict) else s
+        for s in segments
+    )  # fmt: skip
+
+
+def save_output(sample: Sample, folder: Path, stem: str, relative_to: Path) -> dict:
+    """The sample as a JSON record, its pictures written as `folder/STEM_K.png` (paths relative to `relative_to`)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    output = []
+    for segment in sample.output:
+        if isinstance(segment, np.ndarray):
+            path = folder / f"{stem}_{len(output)}.png"
+            Image.fromarray(segment).save(path)
+            output.append({"image": str(path.relative_to(relative_to))})
+        else:
+            output.append({"text": segment})
+    return {"prompt": sample.prompt, "mode": sample.mode, "output": output, "stop": sample.stop,
+            "new_tokens": sample.new_tokens}  # fmt: skip
+
+
 def png_bytes(pixels: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
-def inline_image(png: bytes, alt: str) -> str:
+def inline_image(png: bytes, alt: str, size: int = THUMBNAIL) -> str:
     return (
-        f'<img alt="{html.escape(alt)}" width="{THUMBNAIL}" style="image-rendering: pixelated" '
+        f'<img alt="{html.escape(alt)}" width="{size}" style="image-rendering: pixelated" '
         f'src="data:image/png;base64,{base64.b64encode(png).decode()}">'
     )
 
 
-def segments_html(segments: list, base: Path = Path()) -> str:
+def segments_html(segments: list, base: Path = Path(), size: int = THUMBNAIL) -> str:
     """Text escaped, pictures (arrays, or {"image": PATH} relative to `base`) inline."""
     parts = []
     for segment in segments:
         if isinstance(segment, np.ndarray):
-            parts.append(inline_image(png_bytes(segment), "generated image"))
+            parts.append(inline_image(png_bytes(segment), "generated image", size))
         elif isinstance(segment, dict) and "image" in segment:
-            with Image.open(base / segment["image"]) as image:
-                parts.append(inline_image(png_bytes(np.asarray(image.convert("RGB"))), segment["image"]))
+            path = base / segment["image"]
+            if not path.is_file():
+                parts.append(html.escape(f"[image {path}: missing]"))
+                continue
+            with Image.open(path) as image:
+                parts.append(inline_image(png_bytes(np.asarray(image.convert("RGB"))), segment["image"], size))
         else:
-            parts.append(html.escape(segment["text"] if isinstance(segment, dict) else segment))
+            text = segment["text"] if isinstance(segment, dict) else segment
+            parts.append(f'<span style="white-space: pre-wrap">{html.escape(text)}</span>')
     return "<br>".join(parts)
 
 
@@ -64,16 +93,7 @@ def write_outputs(out_dir: str | Path, samples: list[Sample], prompt_base: Path 
     rows = []
     with open(out_dir / "outputs.jsonl", "w") as records:
         for index, sample in enumerate(samples):
-            output = []
-            for segment in sample.output:
-                if isinstance(segment, np.ndarray):
-                    path = Path("images") / f"{index:04d}_{len(output)}.png"
-                    Image.fromarray(segment).save(out_dir / path)
-                    output.append({"image": str(path)})
-                else:
-                    output.append({"text": segment})
-            record = {"index": index, "prompt": sample.prompt, "mode": sample.mode, "output": output,
-                      "stop": sample.stop, "new_tokens": sample.new_tokens}  # fmt: skip
+            record = {"index": index, **save_output(sample, out_dir / "images", f"{index:04d}", out_dir)}
             records.write(json.dumps(record) + "\n")
             rows.append(
                 f"<tr><td>{index}</td><td>{html.escape(sample.mode)}</td><td>{segments_html(sample.prompt, prompt_base)}"

@@ -1,8 +1,10 @@
-"""What the monitors measure and how the divergence guard acts (the `monitor` config group)."""
+"""What the monitors measure and how the divergence guard acts (the `monitor` config group), and the
+prompts sampled during training (the `eval_samples` group)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 GUARD_ACTIONS = ("warn", "stop", "rollback")
 
@@ -30,3 +32,22 @@ class MonitorConfig:
     parameters: bool = True  # grad/norm_{group}, params/norm_{group}, optim/update_ratio_{group}
     peak_tflops: float = 989.0  # dense bf16 peak per device for perf/mfu: 989 H100 SXM, 312 A100
     guard: GuardConfig = field(default_factory=GuardConfig)
+
+
+@dataclass
+class SamplesConfig:
+    # {"prompt": [text or {"image": PATH}, ...], "mode": "text" | "image" | "interleaved"}, each
+    prompts: list[Any] = field(default_factory=list)
+    image_dir: str = "."  # where relative image paths in the prompts start
+    chat: bool = False  # prompts end as SFT prompts do (for a fine-tuning run)
+    max_new_tokens: int = 64  # text and interleaved prompts; an image-mode prompt gets its picture
+    temperature: float = 0.0  # greedy by default: the same prompts give comparable outputs over training
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    guidance: bool = True  # Meta's three-stream guidance for image-mode prompts
+    image_scale: float = 1.2
+    text_scale: float = 3.0
+    # The run's tokenizers; default: the paths its shard manifests record.
+    text_tokenizer: str | None = None
+    image_tokenizer: str | None = None

@@ -1,6 +1,8 @@
 """Where metrics go: `metrics.jsonl` in the run folder always (guard alerts beside it in
 `alerts.jsonl`), Weights & Biases on rank 0 when enabled (`WANDB_MODE=offline` honoured), and
-TensorBoard when asked for. Each gets the same dict per logged step.
+TensorBoard when asked for. Each gets the same dict per logged step, and the samples generated
+during training (`log_samples`): PNG files under `samples/` and `samples.jsonl` in the run folder,
+a table and images in W&B, text and images in TensorBoard.
 
 `metrics.jsonl` also marks where each invocation starts, `{"step": N, "resumed_from": PATH or
 null, "time": ...}`: the steps after N that an earlier invocation logged before it was killed are
@@ -11,6 +13,14 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+
+import numpy as np
+
+from fusion_train.generate.page import Sample, as_text, save_output
+
+
+def _pictures(sample: Sample) -> list[np.ndarray]:
+    return [s for s in sample.output if isinstance(s, np.ndarray)]
 
 
 class JsonlLogger:
@@ -27,6 +37,13 @@ class JsonlLogger:
     def _write(self, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+
+    def log_samples(self, samples: list[Sample], step: int) -> None:
+        folder = self.run_dir / "samples" / f"step_{step:07d}"
+        with open(self.run_dir / "samples.jsonl", "a") as records:
+            for index, sample in enumerate(samples):
+                record = save_output(sample, folder, f"{index:03d}", self.run_dir)
+                records.write(json.dumps({"step": step, "index": index, **record}) + "\n")
 
     def alert(self, title: str, text: str, step: int) -> None:
         with open(self.run_dir / "alerts.jsonl", "a") as alerts:
@@ -60,6 +77,17 @@ class WandbLogger:
     def log(self, metrics: dict, step: int) -> None:
         self.run.log({"trainer/step": step, **metrics})
 
+    def log_samples(self, samples: list[Sample], step: int) -> None:
+        table = self.wandb.Table(columns=["step", "prompt", "mode", "output", "image", "stop"])
+        row = {"trainer/step": step}
+        for index, sample in enumerate(samples):
+            images = [self.wandb.Image(p, caption=as_text(sample.prompt)) for p in _pictures(sample)]
+            table.add_data(step, as_text(sample.prompt), sample.mode, as_text(sample.output),
+                           images[0] if images else None, sample.stop)  # fmt: skip
+            if images:
+                row[f"samples/prompt_{index}"] = images
+        self.run.log({**row, "samples/table": table})
+
     def alert(self, title: str, text: str, step: int) -> None:
         self.run.alert(title=title, text=text, level=self.wandb.AlertLevel.WARN)
 
@@ -80,6 +108,15 @@ class TensorBoardLogger:
     def log(self, metrics: dict, step: int) -> None:
         for key, value in metrics.items():
             self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+
+    def log_samples(self, samples: list[Sample], step: int) -> None:
+        for index, sample in enumerate(samples):
+            self.writer.add_text(
+                f"samples/prompt_{index}", f"{as_text(sample.prompt)} → {as_text(sample.output)}", step
+            )
+            for k, picture in enumerate(_pictures(sample)):
+                self.writer.add_image(f"samples/prompt_{index}_{k}", picture, step, dataformats="HWC")
         self.writer.flush()
 
     def alert(self, title: str, text: str, step: int) -> None:

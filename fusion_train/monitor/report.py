@@ -5,7 +5,8 @@ Plots, against tokens seen: losses per modality (and validation), each block's o
 map and the last block's as a curve (the paper's divergence predictor), the largest attention
 logit per layer, gradient norms, the update-to-weight ratio, the LR, and throughput with MFU.
 Guard events are red lines on every plot. After a rollback the abandoned steps are drawn grey and
-the run that continued in colour.
+the run that continued in colour. The samples generated during training (`samples.jsonl`) form a
+grid, prompts by steps; pages that `fusion-generate` wrote into the run folder are linked.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
+
+from fusion_train.generate.page import as_text, segments_html  # noqa: E402
 
 GUARD_KEY = re.compile(r"^guard/(nonfinite|loss_spike|norm_growth)$")
 BLOCK_KEY = re.compile(r"^norms/block_(\d+)_out$")
@@ -282,6 +285,49 @@ def summary_rows(run: Run) -> list[tuple[str, str]]:
     return rows
 
 
+MAX_SAMPLE_STEPS = 8  # columns of the samples grid: evenly spaced steps, the last one always
+SAMPLE_THUMBNAIL = 96  # px
+
+
+def samples_grid(run_dir: Path) -> str:
+    """Rows: the prompts; columns: the steps they were generated at (the last record of each)."""
+    path = run_dir / "samples.jsonl"
+    if not path.is_file():
+        return ""
+    records, _ = read_jsonl(path)
+    by_prompt: dict[int, dict[int, dict]] = {}
+    for record in records:
+        by_prompt.setdefault(record["index"], {})[record["step"]] = record
+    steps = sorted({step for outputs in by_prompt.values() for step in outputs})
+    if len(steps) > MAX_SAMPLE_STEPS:
+        stride = (len(steps) - 1) / (MAX_SAMPLE_STEPS - 1)
+        steps = [steps[round(i * stride)] for i in range(MAX_SAMPLE_STEPS)]
+    header = "".join(f"<th>step {step}</th>" for step in steps)
+    rows = []
+    for _, outputs in sorted(by_prompt.items()):
+        first = next(iter(outputs.values()))
+        cells = "".join(
+            f"<td>{segments_html(outputs[step]['output'], run_dir, SAMPLE_THUMBNAIL)}</td>"
+            if step in outputs
+            else "<td></td>"
+            for step in steps
+        )
+        rows.append(f"<tr><th>{html.escape(first['mode'])}: {html.escape(as_text(first['prompt']))}</th>{cells}</tr>")
+    return (
+        "<h2>Samples during training</h2><p>Fixed prompts (eval_samples), generated every trainer.eval_every steps.</p>"
+        f'<div style="overflow-x: auto"><table><tr><th>prompt</th>{header}</tr>{"".join(rows)}</table></div>'
+    )
+
+
+def generation_links(run_dir: Path) -> str:
+    pages = sorted(run_dir.glob("*/index.html"))
+    pages = [p for p in pages if (p.parent / "outputs.jsonl").is_file()]  # fusion-generate's pages
+    links = "".join(
+        f'<li><a href="../{p.relative_to(run_dir)}">{html.escape(str(p.parent.name))}</a></li>' for p in pages
+    )
+    return f"<h2>Generations</h2><ul>{links}</ul>" if pages else ""
+
+
 def render_html(run_dir: Path, run: Run, images: list[tuple[str, str, bytes]]) -> str:
     escape = html.escape
     summary = "".join(f"<tr><th>{escape(k)}</th><td>{escape(v)}</td></tr>" for k, v in summary_rows(run))
@@ -313,7 +359,9 @@ figure {{ margin: 1.5em 0; }} img {{ max-width: 100%; }} figcaption {{ color: #5
 <h1>fusion_train run report</h1>
 <p>{escape(str(run_dir.resolve()))}</p>
 <table>{summary}</table>
+{generation_links(run_dir)}
 {figures}
+{samples_grid(run_dir)}
 {alert_table}
 </body></html>
 """

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 from fusion_train.data.loader import DataConfig
 from fusion_train.model.chameleon import ChameleonConfig
-from fusion_train.monitor.config import MonitorConfig
+from fusion_train.monitor.config import MonitorConfig, SamplesConfig
 from fusion_train.monitor.guard import check_config as check_guard_config
 from fusion_train.train.checkpoint import check_retention
 from fusion_train.train.faults import FaultConfig
@@ -104,6 +104,7 @@ class TrainConfig:
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval_data: DataConfig = field(default_factory=DataConfig)  # held-out shards; no sources: no validation
+    eval_samples: SamplesConfig = field(default_factory=SamplesConfig)  # prompts generated at each validation
     faults: FaultConfig = field(default_factory=FaultConfig)  # injected on purpose, to test the guard
 
 
@@ -184,6 +185,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"deepspeed.zero_stage={cfg.deepspeed.zero_stage}: choose 0, 1, 2 or 3")
     if cfg.trainer.checkpoint_every < 0 or cfg.logging.log_every <= 0:
         raise ConfigError("logging.log_every must be positive and trainer.checkpoint_every positive or 0 (none)")
+    if cfg.eval_samples.prompts and not cfg.trainer.eval_every:
+        raise ConfigError("eval_samples has prompts, generated every trainer.eval_every steps: set trainer.eval_every")
     if cfg.trainer.eval_batches is not None and cfg.trainer.eval_batches < 1:
         raise ConfigError("trainer.eval_batches must be positive, or null to score the held-out set in full")
     try:

@@ -21,11 +21,13 @@ from tqdm import tqdm
 
 from fusion_train.data.held_out import HeldOutSet
 from fusion_train.data.loader import build_loader
+from fusion_train.generate.load import TrainedWith, recorded_tokenizer_paths
 from fusion_train.model.size import flops_per_token
 from fusion_train.monitor.activations import ActivationMonitor
 from fusion_train.monitor.guard import DivergenceGuard, GuardEvent
 from fusion_train.monitor.loggers import JsonlLogger, TensorBoardLogger, WandbLogger
 from fusion_train.monitor.parameters import ParameterMonitor
+from fusion_train.monitor.samples import TrainingSamples
 from fusion_train.monitor.throughput import achieved_tflops, peak_memory_gb, reset_peak_memory
 from fusion_train.train import failure
 from fusion_train.train.checkpoint import Checkpointer, read_trainer_state, restore_rng_states
@@ -90,6 +92,7 @@ class Trainer:
         self.engine, self.optimizer, self.scheduler = build_engine(model, cfg, self.grad_accum, other_split)
         self.preemption = PreemptionFlag()
         self._monitors(cfg)
+        self.samples = self._training_samples()
         self.step, self.tokens_seen, self.wandb_run_id = 0, 0, None
         self.applied_lr = cfg.optim.lr  # the LR the last step ran with, for the log
         if resume_from and cfg.trainer.init_from and self.rank == 0:
@@ -227,8 +230,11 @@ class Trainer:
                 return GUARD_EXIT
             if verdict == "rolled_back":
                 continue  # from the rewritten checkpoint; the abandoned step is neither validated nor saved
-            if self.held_out is not None and self.step % cfg.eval_every == 0:
-                self._validate()
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and (self.held_out or self.samples):
+                if self.held_out is not None:
+                    self._validate()
+                if self.samples is not None:
+                    self._log_samples()
                 last_log = time.perf_counter()
             preempted = self.preemption.anywhere(self.device)
             scheduled = cfg.checkpoint_every and (self.step % cfg.checkpoint_every == 0 or self.step == stop_at)
@@ -390,9 +396,26 @@ class Trainer:
         for logger in self.loggers:
             logger.alert(title, text, step)
 
-    # --- metrics --------------------------------------------------------------------------------
+    # --- validation and samples ------------------------------------------------------------------
 
-    # --- validation ------------------------------------------------------------------------------
+    def _training_samples(self) -> TrainingSamples | None:
+        if not (self.cfg.eval_samples.prompts and self.cfg.trainer.eval_every):
+            return None
+        trained_with = TrainedWith(
+            self.vocab, recorded_tokenizer_paths(self.cfg.data), self.loader.dataset.fingerprints
+        )
+        try:
+            return TrainingSamples(
+                self.cfg.eval_samples, trained_with, self.device, self.rank, self.cfg.deepspeed.zero_stage
+            )
+        except ValueError as err:  # a prompt, a tokenizer
+            raise ConfigError(f"eval_samples: {err}") from None
+
+    def _log_samples(self) -> None:
+        samples, seconds = self.samples.generate(self.engine.module)
+        for logger in self.loggers:
+            logger.log_samples(samples, self.step)
+            logger.log({"samples/seconds": seconds}, self.step)
 
     def _validate(self) -> None:
         """A failed validation loses no training: the state is saved before the error ends the run."""

@@ -1,0 +1,84 @@
+"""Samples during training: fixed prompts generated every `trainer.eval_every` steps with a fixed
+seed, so that a user sees what the model has learned (text continuation, caption -> image,
+image -> caption) as it learns it. The loggers take them: PNG files and `samples.jsonl` in the run
+folder, images and a table in W&B, and `fusion-report` shows them as a grid (prompts by steps).
+
+Generation observes: the model is put back in train mode, the training RNG streams are restored
+(sampling draws from its own seeded generator), the KV cache is freed. Under ZeRO-1/2 rank 0
+generates alone; under ZeRO-3 every rank runs the same forwards, since each holds only a part of
+the weights, and rank 0's tokens are broadcast each step so that the ranks stop together.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from fusion_train.generate.constraints import Mode
+from fusion_train.generate.documents import Codec
+from fusion_train.generate.generator import Generator, Request
+from fusion_train.generate.guidance import Guidance
+from fusion_train.generate.load import TrainedWith, load_tokenizers
+from fusion_train.generate.page import Sample
+from fusion_train.generate.sampling import Sampling
+from fusion_train.monitor.config import SamplesConfig
+
+log = logging.getLogger(__name__)
+
+
+class TrainingSamples:
+    def __init__(self, cfg: SamplesConfig, trained_with: TrainedWith, device: torch.device, rank: int, zero_stage: int):
+        self.cfg, self.device, self.rank = cfg, device, rank
+        self.everyone = zero_stage == 3
+        self.requests: list[Request] = []
+        self.codec = None
+        if not (self.everyone or rank == 0):
+            return
+        where = "eval_samples: the run"
+        self.codec = Codec(*load_tokenizers(trained_with, cfg.text_tokenizer, cfg.image_tokenizer, device, where))
+        for i, prompt in enumerate(cfg.prompts):
+            mode = prompt.get("mode", "text")
+            ids = self.codec.prompt_ids(list(prompt["prompt"]), mode, cfg.chat, f"eval_samples.prompts[{i}]",
+                                        Path(cfg.image_dir))  # fmt: skip
+            self.requests.append(Request(ids, Mode(mode)))
+
+    def generate(self, model: torch.nn.Module) -> tuple[list[Sample], float]:
+        """This step's samples (on rank 0; an empty list elsewhere) and the seconds they took."""
+        if self.codec is None:
+            return [], 0.0
+        started = time.perf_counter()
+        agree = self._broadcast if self.everyone else None
+        sampling = Sampling(self.cfg.temperature, self.cfg.top_p, self.cfg.top_k, self.cfg.seed)
+        guidance = Guidance(self.cfg.image_scale, self.cfg.text_scale) if self.cfg.guidance else None
+        cuda = [self.device] if self.device.type == "cuda" else []
+        model.eval()
+        try:
+            with torch.random.fork_rng(devices=cuda):
+                generator = Generator(model, self.codec.vocab, agree=agree)
+                outputs = generator.generate(self.requests, sampling, self.cfg.max_new_tokens, guidance)
+        finally:
+            model.train()
+            if cuda:
+                torch.cuda.empty_cache()
+        if self.rank != 0:
+            return [], 0.0
+        samples = [
+            Sample(
+                list(prompt["prompt"]),
+                request.mode.value,
+                self.codec.decode(o.tokens, request.mode),
+                o.stop,
+                len(o.tokens),
+            )  # fmt: skip
+            for prompt, request, o in zip(self.cfg.prompts, self.requests, outputs, strict=True)
+        ]
+        return samples, time.perf_counter() - started
+
+    @staticmethod
+    def _broadcast(tokens: torch.Tensor) -> torch.Tensor:
+        dist.broadcast(tokens, src=0)
+        return tokens
