@@ -1,0 +1,101 @@
+"""`fusion-generate` on a trained tiny model: its outputs, its errors, and HF transformers as a peer."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from transformers import ChameleonForConditionalGeneration
+
+from conftest import torchrun, train_overrides
+from fusion_train.cli import convert_main
+from fusion_train.generate.cli import main as generate_main
+from fusion_train.generate.generator import Generator, Request
+from fusion_train.generate.load import load_model
+from fusion_train.generate.sampling import Sampling
+from fusion_train.tokenizers.text import TextTokenizer
+
+
+@pytest.fixture(scope="module")
+def checkpoint(demo_data, tmp_path_factory):
+    """The tiny model after 16 steps on the demo shards (2 ranks, ZeRO-2)."""
+    run = tmp_path_factory.mktemp("pretrained") / "run"
+    torchrun("-m fusion_train.train", *train_overrides(demo_data, run, "trainer.steps=16", "optim.lr=3e-3"))
+    return run / "checkpoints" / "step_16"
+
+
+def _outputs(folder):
+    return [json.loads(line) for line in (folder / "outputs.jsonl").read_text().splitlines()]
+
+
+def test_fusion_generate_writes_outputs_pictures_and_a_page(checkpoint, demo_data, tmp_path, capsys):
+    picture = tmp_path / "inputs" / "shape.png"
+    picture.parent.mkdir()
+    shutil.copy(Path(demo_data["folder"]) / "held_out" / "images" / "000000.png", picture)
+    prompts = tmp_path / "inputs" / "prompts.jsonl"
+    records = [
+        {"prompt": ["a big red circle on a white background"], "mode": "image"},
+        {"prompt": [{"image": "shape.png"}, "This picture shows"], "mode": "text"},
+        {"prompt": ["Here are two pictures. The first is"], "mode": "interleaved"},
+    ]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "out"
+    assert generate_main([str(checkpoint), "--prompts", str(prompts), "--prompt", "This picture", "--out", str(out),
+                          "--max-new-tokens", "100", "--batch-size", "3"]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    outputs = _outputs(out)
+    assert [o["mode"] for o in outputs] == ["text", "image", "text", "interleaved"]
+    image = outputs[1]
+    assert image["stop"] == "image_done" and image["new_tokens"] == 65 and len(image["output"]) == 1
+    assert Image.open(out / image["output"][0]["image"]).size == (64, 64)
+    assert str(out / image["output"][0]["image"]) in printed and f"page: {out / 'index.html'}" in printed
+    assert all(o["stop"] in ("end_of_sequence", "max_new_tokens") for o in outputs if o["mode"] != "image")
+    page = (out / "index.html").read_text()
+    # Every picture inline: the prompt's own and each generated one.
+    pictures = sum(1 for o in outputs for s in o["output"] if "image" in s)
+    assert page.count("<img ") == 1 + pictures and "This picture shows" in page
+
+
+def test_bad_input_is_a_clear_error_naming_it(checkpoint, demo_data, tmp_path, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    cases = [
+        ([{"prompt": [{"image": "missing.png"}, "What is it?"]}], f"{prompts}, line 1: image file {tmp_path}/missing.png does not exist"),
+        ([{"prompt": ["a circle"], "mode": "video"}], f"{prompts}, line 1: mode 'video' is not one of ['text', 'image', 'interleaved']"),
+        ([{"prompt": ["word " * 5000]}], "prompt 0 has"),
+        ([{"text": "no prompt key"}], f'{prompts}, line 1: expected {{"prompt": [segments], "mode": ...}}'),
+    ]  # fmt: skip
+    for records, message in cases:
+        prompts.write_text("".join(json.dumps(r) + "\n" for r in records))
+        assert generate_main([str(checkpoint), "--prompts", str(prompts), "--out", str(tmp_path / "out")]) == 2
+        error = capsys.readouterr().err
+        assert f"fusion-generate: error: {message}" in error, error
+    # A model folder does not say where its tokenizers are.
+    assert convert_main(["zero-to-safetensors", str(checkpoint), str(tmp_path / "model")]) == 0
+    assert generate_main([str(tmp_path / "model"), "--prompt", "a", "--out", str(tmp_path / "out")]) == 2
+    assert "pass --text-tokenizer PATH" in capsys.readouterr().err
+    assert generate_main([str(tmp_path / "nothing"), "--prompt", "a"]) == 2
+    assert "neither a training checkpoint" in capsys.readouterr().err
+
+
+def test_hf_transformers_generates_the_same_greedy_text_from_an_hf_export(checkpoint, demo_data, tmp_path):
+    hf = tmp_path / "hf"
+    assert convert_main(["to-hf", str(checkpoint), str(hf)]) == 0
+    text = TextTokenizer(demo_data["text_tokenizer"])
+    prompts = ["This picture shows a big", "Here are two pictures. The first is", "The"]
+    out = tmp_path / "out"
+    assert generate_main([str(hf), *[a for p in prompts for a in ("--prompt", p)], "--greedy", "--max-new-tokens", "20",
+                          "--text-tokenizer", demo_data["text_tokenizer"], "--out", str(out)]) == 0  # fmt: skip
+    ours = [o["output"][0]["text"] if o["output"] else "" for o in _outputs(out)]
+
+    peer = ChameleonForConditionalGeneration.from_pretrained(hf, dtype=torch.float32).eval()
+    loaded = load_model(hf, torch.device("cpu"), torch.float32)
+    for prompt, our_text in zip(prompts, ours, strict=True):
+        ids = [0, *text.encode([prompt])[0]]
+        with torch.no_grad():
+            theirs = peer.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False)[0, len(ids) :].tolist()
+        theirs = theirs[: theirs.index(2) + 1] if 2 in theirs else theirs
+        [generation] = Generator(loaded.model, loaded.trained_with.vocab).generate([Request(ids)], Sampling(), 20)
+        assert generation.tokens == theirs and len(theirs) > 3
+        assert our_text == text.decode([[t for t in theirs if t >= text.vocab.text_start]])[0]
