@@ -2,19 +2,23 @@
 
 Generated coloured-shape images with captions, a text corpus (CPython's bundled documentation
 plus sentences about shapes), interleaved documents mixing both; then the SentencePiece and small
-VQ tokenizers are trained and the text, image-text and interleaved shards built. Each step is
-skipped when its output is already there, so a second run reuses the first's data.
+VQ tokenizers are trained and the text, image-text and interleaved shards built. For the SFT
+stage, chats in three of Chameleon's SFT categories: image generation ("Draw a big red circle in
+the centre." -> a picture on white), visual chat ("What is in this picture?" -> its caption) and
+text questions. Each step is skipped when its output is already there, so a second run reuses
+the first's data.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 from pathlib import Path
 
 from data_pipelines.build import BuildSettings, build_shards
-from data_pipelines.synthetic import write_image_captions
+from data_pipelines.synthetic import COLOURS, PLACES, SHAPES, draw_shape, write_image_captions
 from data_pipelines.train_image_tokenizer import train_image_tokenizer
 from fusion_train.data.manifest import MANIFEST
 from fusion_train.tokenizers.text import train_text_tokenizer
@@ -53,6 +57,62 @@ def _write_corpora(folder: Path, captions_file: Path, seed: int) -> None:
             f.write(json.dumps({"segments": segments}) + "\n")
 
 
+# Left out of the SFT data: what `make demo` asks the fine-tuned model to draw at the end.
+HELD_OUT_DRAWINGS = [
+    ("big", colour, "circle", "centre") for colour in ("red", "green", "blue", "yellow", "purple", "orange")
+]
+OBJECT_COLOURS = {"the sky": "blue", "grass": "green", "a tomato": "red", "a banana": "yellow", "snow": "white",
+                  "coal": "black", "an orange": "orange", "a plum": "purple", "a lemon": "yellow", "a leaf": "green"}  # fmt: skip
+SIDES = {"triangle": "three", "square": "four"}
+
+
+def drawing_instruction(size: str, colour: str, shape: str, place: str) -> str:
+    return f"Draw a {size} {colour} {shape} in the {place}."
+
+
+def _chat(prompt, answer) -> dict:
+    return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]}
+
+
+def _write_sft_corpora(folder: Path, captions_file: Path, drawings: int, seed: int) -> dict[str, Path]:
+    """One jsonl per SFT category; the drawings' pictures under sft/images."""
+    rng = random.Random(seed)
+    sft = folder / "sft"
+    (sft / "images").mkdir(parents=True, exist_ok=True)
+    combos = [(size, colour, shape, place) for size in ("big", "small") for colour in sorted(COLOURS) if colour != "white"
+              for shape in SHAPES for place in sorted(PLACES)]  # fmt: skip
+    combos = [c for c in combos if c not in HELD_OUT_DRAWINGS]
+    drawing_chats = []
+    for i in range(drawings):
+        size, colour, shape, place = rng.choice(combos)
+        draw_shape(shape, colour, "white", place, size == "big").save(sft / "images" / f"{i:06d}.png")
+        picture = [{"type": "image", "image": f"images/{i:06d}.png"}]
+        drawing_chats.append(_chat(drawing_instruction(size, colour, shape, place), picture))
+    pairs = [json.loads(line) for line in captions_file.read_text().splitlines()]
+    visual_chats = [
+        _chat(
+            [
+                {"type": "image", "image": os.path.relpath(captions_file.parent / p["image"], sft)},
+                {"type": "text", "text": "What is in this picture?"},
+            ],
+            f"It is {p['caption']}.",
+        )  # fmt: skip
+        for p in pairs[: max(1, drawings // 2)]
+    ]
+    text_chats = [_chat(f"What colour is {thing}?", f"{thing[0].upper()}{thing[1:]} is {colour}.")
+                  for thing, colour in OBJECT_COLOURS.items()]  # fmt: skip
+    text_chats += [
+        _chat(f"How many sides does a {shape} have?", f"A {shape} has {n} sides.") for shape, n in SIDES.items()
+    ]
+    text_chats += [_chat("Which shapes can you draw?", "Circles, squares and triangles, in eight colours.")]
+    files = {"image_generation": drawing_chats, "visual_chat": visual_chats, "text": text_chats * 8}
+    for name, chats in files.items():
+        rng.shuffle(chats)
+        with open(sft / f"{name}.jsonl", "w") as f:
+            f.writelines(json.dumps(chat) + "\n" for chat in chats)
+    return {name: sft / f"{name}.jsonl" for name in files}
+
+
 def make_demo_data(
     folder: str | Path, *, images: int = 2000, vq_steps: int = 400, seed: int = 0, workers: int = 2
 ) -> dict:
@@ -73,11 +133,17 @@ def make_demo_data(
     held_out = folder / "held_out" / "captions.jsonl"
     if not held_out.is_file():  # validation pairs, from a seed of their own
         write_image_captions(held_out.parent, max(20, images // 20), seed=seed + 1)
+    if not (folder / "sft" / "text.jsonl").is_file():
+        _write_sft_corpora(folder, captions, max(20, images // 2), seed)
     inputs = {
         "text": ("text", folder / "text.jsonl"),
         "image_text": ("image-text", captions),
         "interleaved": ("interleaved", folder / "interleaved.jsonl"),
         "held_out": ("image-text", held_out),
+        **{
+            f"sft_{name}": ("sft", folder / "sft" / f"{name}.jsonl")
+            for name in ("text", "visual_chat", "image_generation")
+        },
     }
     manifests = {}
     for name, (kind, path) in inputs.items():

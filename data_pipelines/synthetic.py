@@ -8,6 +8,7 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 COLOURS = {
@@ -29,6 +30,12 @@ def shape_image(rng: random.Random, size: int = 64) -> tuple[Image.Image, str]:
     colour, background = rng.sample(sorted(COLOURS), 2)
     place = rng.choice(sorted(PLACES))
     big = rng.random() < 0.5
+    image = draw_shape(shape, colour, background, place, big, size)
+    caption = f"a {'big' if big else 'small'} {colour} {shape} on a {background} background, in the {place}"
+    return image, caption
+
+
+def draw_shape(shape: str, colour: str, background: str, place: str, big: bool, size: int = 64) -> Image.Image:
     image = Image.new("RGB", (size, size), COLOURS[background])
     cx, cy = (c * size for c in PLACES[place])
     radius = size * (0.24 if big else 0.14)
@@ -40,8 +47,21 @@ def shape_image(rng: random.Random, size: int = 64) -> tuple[Image.Image, str]:
         draw.rectangle(box, fill=COLOURS[colour])
     else:
         draw.polygon([(cx, cy - radius), (cx - radius, cy + radius), (cx + radius, cy + radius)], fill=COLOURS[colour])
-    caption = f"a {'big' if big else 'small'} {colour} {shape} on a {background} background, in the {place}"
-    return image, caption
+    return image
+
+
+def dominant_colour(pixels: np.ndarray, background: str = "white", min_distance: float = 60.0) -> str | None:
+    """The palette colour nearest to most pixels that are not near the background: the colour a
+    picture of a shape shows, read by its pixels. None when (almost) every pixel is background."""
+    palette = {name: np.asarray(rgb, dtype=np.float32) for name, rgb in COLOURS.items() if name != background}
+    flat = pixels.reshape(-1, 3).astype(np.float32)
+    foreground = flat[np.linalg.norm(flat - np.asarray(COLOURS[background], np.float32), axis=1) > min_distance]
+    if len(foreground) < 0.01 * len(flat):
+        return None
+    names = list(palette)
+    distances = np.stack([np.linalg.norm(foreground - palette[n], axis=1) for n in names])
+    votes = np.bincount(distances.argmin(0), minlength=len(names))
+    return names[int(votes.argmax())]
 
 
 def write_image_captions(folder: str | Path, count: int, seed: int = 0, size: int = 64) -> Path:

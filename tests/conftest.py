@@ -122,6 +122,15 @@ def train_overrides(demo_data: dict, run_dir: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
+@pytest.fixture(scope="session")
+def pretrained_checkpoint(demo_data, tmp_path_factory):
+    """The tiny model after 16 steps on the demo shards (2 ranks, ZeRO-2): what generation and the
+    SFT stage start from."""
+    run = tmp_path_factory.mktemp("pretrained") / "run"
+    torchrun("-m fusion_train.train", *train_overrides(demo_data, run, "trainer.steps=16"))
+    return run / "checkpoints" / "step_16"
+
+
 def sample_overrides(demo_data: dict, every: int) -> list[str]:
     """The demo's fixed prompts (text, caption -> image, image -> caption) generated every `every` steps."""
     images = Path(demo_data["folder"]) / "held_out" / "images"

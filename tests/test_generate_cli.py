@@ -9,7 +9,6 @@ import torch
 from PIL import Image
 from transformers import ChameleonForConditionalGeneration
 
-from conftest import torchrun, train_overrides
 from fusion_train.cli import convert_main
 from fusion_train.generate.cli import main as generate_main
 from fusion_train.generate.generator import Generator, Request
@@ -18,12 +17,9 @@ from fusion_train.generate.sampling import Sampling
 from fusion_train.tokenizers.text import TextTokenizer
 
 
-@pytest.fixture(scope="module")
-def checkpoint(demo_data, tmp_path_factory):
-    """The tiny model after 16 steps on the demo shards (2 ranks, ZeRO-2)."""
-    run = tmp_path_factory.mktemp("pretrained") / "run"
-    torchrun("-m fusion_train.train", *train_overrides(demo_data, run, "trainer.steps=16", "optim.lr=3e-3"))
-    return run / "checkpoints" / "step_16"
+@pytest.fixture
+def checkpoint(pretrained_checkpoint):
+    return pretrained_checkpoint
 
 
 def _outputs(folder):

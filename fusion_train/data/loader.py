@@ -301,4 +301,7 @@ def build_loader(
         num_workers=cfg.num_workers,
         persistent_workers=cfg.num_workers > 0,
         pin_memory=torch.cuda.is_available(),  # page-locked batches copy to the GPU without a staging copy
+        # Its own generator: each new iterator draws a base seed, which from the global one would
+        # shift the dropout masks of a resumed run (it starts iterating after restoring the RNG).
+        generator=torch.Generator().manual_seed(cfg.seed),
     )

@@ -1,7 +1,7 @@
 """Build a run's trainer as a new invocation would (resuming its latest checkpoint, or starting
 from trainer.init_from) on however many ranks this is launched with, and write (rank 0) either
 the loss it gives on its first batch, with the batch, or each parameter's whole fp32 weights and
-Adam moments, gathered from the ranks' partitions by DeepSpeed."""
+Adam moments (None before Adam's first step), gathered from the ranks' partitions by DeepSpeed."""
 
 import argparse
 import sys
@@ -27,12 +27,14 @@ def optimizer_state(trainer: Trainer) -> dict:
     # loaded engine has taken none. (ZeRO-3 reads the state from its partitions directly.)
     if hasattr(trainer.optimizer, "_lazy_init_hp_params_optimizer_state"):
         trainer.optimizer._lazy_init_hp_params_optimizer_state()
+    # Adam has moments once it has taken a step.
+    stepped = any("exp_avg" in s for s in trainer.optimizer.optimizer.state.values())
     state = {}
     for name, param in trainer.engine.module.named_parameters():
         name = name.replace("._checkpoint_wrapped_module", "")
         state[name] = {"fp32": safe_get_full_fp32_param(param)}
         for moment in ("exp_avg", "exp_avg_sq"):
-            state[name][moment] = safe_get_full_optimizer_state(param, moment)
+            state[name][moment] = safe_get_full_optimizer_state(param, moment) if stepped else None
     return {"step": trainer.step, "state": state}
 
 
