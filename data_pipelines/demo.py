@@ -17,8 +17,11 @@ import os
 import random
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
 from data_pipelines.build import BuildSettings, build_shards
-from data_pipelines.synthetic import COLOURS, PLACES, SHAPES, draw_shape, write_image_captions
+from data_pipelines.synthetic import COLOURS, PLACES, SHAPES, dominant_colour, draw_shape, write_image_captions
 from data_pipelines.train_image_tokenizer import train_image_tokenizer
 from fusion_train.data.manifest import MANIFEST
 from fusion_train.tokenizers.text import train_text_tokenizer
@@ -106,11 +109,39 @@ def _write_sft_corpora(folder: Path, captions_file: Path, drawings: int, seed: i
     ]
     text_chats += [_chat("Which shapes can you draw?", "Circles, squares and triangles, in eight colours.")]
     files = {"image_generation": drawing_chats, "visual_chat": visual_chats, "text": text_chats * 8}
+    _write_held_out_prompts(sft / "held_out_prompts.jsonl", folder / "held_out" / "images")
     for name, chats in files.items():
         rng.shuffle(chats)
         with open(sft / f"{name}.jsonl", "w") as f:
             f.writelines(json.dumps(chat) + "\n" for chat in chats)
     return {name: sft / f"{name}.jsonl" for name in files}
+
+
+def _write_held_out_prompts(path: Path, held_out_images: Path) -> None:
+    """What the fine-tuned model is asked at the end of the demo: drawings it never saw, pictures
+    from the held-out set to describe, a question it saw."""
+    prompts = [{"prompt": [drawing_instruction(*d)], "mode": "image"} for d in HELD_OUT_DRAWINGS]
+    prompts += [
+        {"prompt": [{"image": os.path.relpath(held_out_images / f"{i:06d}.png", path.parent)}, "What is in this picture?"],
+         "mode": "text"}
+        for i in range(2)
+    ]  # fmt: skip
+    prompts.append({"prompt": ["What colour is snow?"], "mode": "text"})
+    path.write_text("".join(json.dumps(p) + "\n" for p in prompts))
+
+
+def colour_check(outputs: Path) -> tuple[int, int]:
+    """Of fusion-generate's drawings of "Draw a ... COLOUR shape ...", how many show COLOUR the most."""
+    matches = total = 0
+    for line in outputs.read_text().splitlines():
+        record = json.loads(line)
+        pictures = [s["image"] for s in record["output"] if "image" in s]
+        if record["mode"] != "image" or not pictures:
+            continue
+        asked = next(c for c in COLOURS if f" {c} " in record["prompt"][0])
+        shown = dominant_colour(np.asarray(Image.open(outputs.parent / pictures[0]).convert("RGB")))
+        matches, total = matches + (shown == asked), total + 1
+    return matches, total
 
 
 def make_demo_data(

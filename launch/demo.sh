@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# The embedded default, end to end: generated images and text, both tokenizers, the three kinds
-# of shards, then the tiny Chameleon pretrained through DeepSpeed on 2 CPU ranks (one rank per
-# GPU when there are GPUs), W&B offline. Run again, it resumes an unfinished run or starts the
-# next one; data already made is reused.
-#   DEMO_DIR=demo DEMO_STEPS=300 DEMO_IMAGES=2000 DEMO_VQ_STEPS=400 launch/demo.sh [OVERRIDES...]
+# The embedded default, end to end: generated images and text, both tokenizers, the shards, then
+# the tiny Chameleon pretrained through DeepSpeed on 2 CPU ranks (one rank per GPU when there are
+# GPUs), W&B offline, with samples of fixed prompts along the way; then the SFT stage from its last
+# checkpoint, and fusion-generate drawing and answering held-out instructions. Run again, it
+# resumes an unfinished run or starts the next one; data already made is reused.
+#   DEMO_DIR=demo DEMO_STEPS=300 DEMO_SFT_STEPS=150 DEMO_IMAGES=2000 DEMO_VQ_STEPS=400 launch/demo.sh [OVERRIDES...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 DEMO_DIR=${DEMO_DIR:-demo}
 STEPS=${DEMO_STEPS:-300}
+SFT_STEPS=${DEMO_SFT_STEPS:-150}
+EVAL_EVERY=${DEMO_EVAL_EVERY:-100}
 started=$(date +%s)
 
 "$PY" -m data_pipelines.cli make-demo-data --output "$DEMO_DIR" --images "${DEMO_IMAGES:-2000}" --vq-steps "${DEMO_VQ_STEPS:-400}"
@@ -17,7 +20,7 @@ started=$(date +%s)
 mkdir -p "$DEMO_DIR/runs"
 last=$(find "$DEMO_DIR/runs" -mindepth 1 -maxdepth 1 -type d -name '[0-9]*' | sed 's#.*/##' | sort -n | tail -1)
 run=${last:-1}
-[ -d "$DEMO_DIR/runs/$run/checkpoints/step_$STEPS" ] && run=$((run + 1))
+[ -d "$DEMO_DIR/runs/$run/sft/checkpoints/step_$SFT_STEPS" ] && run=$((run + 1))  # finished: SFT done
 RUN_DIR="$DEMO_DIR/runs/$run"
 
 if gpus=$(nvidia-smi -L 2>/dev/null | wc -l) && [ "$gpus" -gt 0 ]; then nproc=$gpus; else nproc=2; export DS_ACCELERATOR=cpu; fi
@@ -27,16 +30,33 @@ shards="$DEMO_DIR/shards"
   model=tiny model.vocab_size=4096 data=demo optim=demo \
   "data.sources.text.path=$shards/text" "data.sources.image_text.path=$shards/image_text" \
   "data.sources.interleaved.path=$shards/interleaved" \
-  eval_data=demo "eval_data.sources.held_out.path=$shards/held_out" trainer.eval_every="${DEMO_EVAL_EVERY:-100}" \
+  eval_data=demo "eval_data.sources.held_out.path=$shards/held_out" trainer.eval_every="$EVAL_EVERY" \
+  eval_samples=demo "eval_samples.image_dir=$DEMO_DIR/held_out/images" \
   trainer.steps="$STEPS" trainer.global_batch_tokens=8192 trainer.checkpoint_every=100 \
   trainer.run_dir="$RUN_DIR" logging.log_every=10 logging.group=demo "$@"
-
 report=$("$PY" -m fusion_train.monitor.report "$RUN_DIR")
 
-"$PY" - "$RUN_DIR" "$started" "$report" <<'PYTHON'
+# Supervised fine-tuning from the last checkpoint (the paper's recipe but a demo's LR and batch),
+# then the fine-tuned model draws and answers what it was not fine-tuned on.
+SFT_DIR="$RUN_DIR/sft"
+"$PY" -m torch.distributed.run --standalone --nproc_per_node "$nproc" -m fusion_train.train \
+  model=tiny model.vocab_size=4096 +stage=sft data=demo_sft optim.lr=1e-3 optim.warmup_steps=10 \
+  "data.sources.text.path=$shards/sft_text" "data.sources.visual_chat.path=$shards/sft_visual_chat" \
+  "data.sources.image_generation.path=$shards/sft_image_generation" \
+  trainer.init_from="$RUN_DIR/checkpoints/step_$STEPS" trainer.steps="$SFT_STEPS" trainer.global_batch_tokens=8192 \
+  trainer.checkpoint_every="$SFT_STEPS" trainer.eval_every="$(( SFT_STEPS / 2 ))" \
+  eval_samples=demo_sft "eval_samples.image_dir=$DEMO_DIR/held_out/images" \
+  trainer.run_dir="$SFT_DIR" logging.log_every=10 logging.group=demo "$@"
+"$PY" -m fusion_train.generate.cli "$SFT_DIR/checkpoints/step_$SFT_STEPS" --chat --greedy \
+  --prompts "$DEMO_DIR/sft/held_out_prompts.jsonl" --out "$SFT_DIR/generations"
+sft_report=$("$PY" -m fusion_train.monitor.report "$SFT_DIR")
+
+"$PY" - "$RUN_DIR" "$started" "$report" "$SFT_DIR" "$sft_report" <<'PYTHON'
 import json, sys, time
 from pathlib import Path
-run = Path(sys.argv[1])
+from data_pipelines.demo import colour_check
+run, sft = Path(sys.argv[1]), Path(sys.argv[4])
+matches, drawings = colour_check(sft / "generations" / "outputs.jsonl")
 metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 train = [m for m in metrics if "loss/total" in m]
 held_out = [f"{m['eval/loss']:.3f} at step {m['step']}" for m in metrics if "eval/loss" in m]
@@ -48,5 +68,9 @@ fusion_train demo finished in {time.time() - float(sys.argv[2]):.0f} s
   metrics      {run / "metrics.jsonl"}
   report       {sys.argv[3]} (open it in a browser)
   loss         {train[0]["loss/total"]:.3f} at step {train[0]["step"]} -> {train[-1]["loss/total"]:.3f} at step {train[-1]["step"]}
-  held-out     {", ".join(held_out) or "not validated"}""")
+  held-out     {", ".join(held_out) or "not validated"}
+  samples      {run / "samples.jsonl"} (in the report: prompts by steps)
+  SFT run      {sft} (report {sys.argv[5]})
+  generations  {sft / "generations" / "index.html"} (pictures in {sft / "generations" / "images"})
+  colour check {matches}/{drawings} held-out drawings show the colour asked for""")
 PYTHON
