@@ -60,10 +60,13 @@ def _write_corpora(folder: Path, captions_file: Path, seed: int) -> None:
             f.write(json.dumps({"segments": segments}) + "\n")
 
 
-# Left out of the SFT data: what `make demo` asks the fine-tuned model to draw at the end.
+# Left out of the SFT data: what `make demo` asks the fine-tuned model to draw at the end, six
+# combinations of size, colour, shape and place whose every part the SFT data has in others.
 HELD_OUT_DRAWINGS = [
-    ("big", colour, "circle", "centre") for colour in ("red", "green", "blue", "yellow", "purple", "orange")
-]
+    ("big", "red", "circle", "top left"), ("small", "green", "square", "centre"),
+    ("big", "blue", "triangle", "bottom right"), ("big", "yellow", "circle", "top right"),
+    ("small", "purple", "triangle", "bottom left"), ("big", "orange", "square", "centre"),
+]  # fmt: skip
 OBJECT_COLOURS = {"the sky": "blue", "grass": "green", "a tomato": "red", "a banana": "yellow", "snow": "white",
                   "coal": "black", "an orange": "orange", "a plum": "purple", "a lemon": "yellow", "a leaf": "green"}  # fmt: skip
 SIDES = {"triangle": "three", "square": "four"}

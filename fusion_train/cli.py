@@ -153,7 +153,8 @@ def train_main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, ValueError, HydraException, OmegaConfBaseException) as err:
         return failure.fail_at_start(err)
     _single_process_environment()
-    from fusion_train.train.trainer import Trainer, ValidationError
+    from fusion_train.train.trainer import Trainer
+    from fusion_train.train.validation import ValidationError
 
     user_errors = (ConfigError, DataError, CheckpointError, RunFolderInUse, ValidationError)
     try:

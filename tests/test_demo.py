@@ -1,7 +1,8 @@
-"""`make demo`'s script at CI size, from data generation to a trained model, twice."""
+"""`make demo`'s script at CI size, from data generation to a fine-tuned model's pictures, twice."""
 
 import json
 import os
+import re
 import subprocess
 
 from conftest import REPO
@@ -9,7 +10,7 @@ from conftest import REPO
 
 def test_demo_trains_and_a_second_run_starts_cleanly(tmp_path):
     env = {**os.environ, "PY": os.sys.executable, "DEMO_DIR": str(tmp_path / "demo"), "DEMO_STEPS": "30",
-           "DEMO_IMAGES": "160", "DEMO_VQ_STEPS": "10", "DEMO_EVAL_EVERY": "15"}  # fmt: skip
+           "DEMO_SFT_STEPS": "10", "DEMO_IMAGES": "160", "DEMO_VQ_STEPS": "10", "DEMO_EVAL_EVERY": "15"}  # fmt: skip
     for run in ("1", "2"):
         result = subprocess.run(
             ["bash", "launch/demo.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
@@ -25,3 +26,15 @@ def test_demo_trains_and_a_second_run_starts_cleanly(tmp_path):
     assert list((tmp_path / "demo/runs/1/wandb").glob("offline-run-*/run-*.wandb"))
     report = tmp_path / "demo/runs/2/report/index.html"
     assert f"report       {report}" in result.stdout and report.stat().st_size > 10_000
+    assert "Samples during training" in report.read_text()
+    # The fine-tuned model drew the six held-out instructions and answered three questions.
+    generations = tmp_path / "demo/runs/2/sft/generations"
+    assert f"generations  {generations / 'index.html'}" in result.stdout
+    outputs = [json.loads(line) for line in (generations / "outputs.jsonl").read_text().splitlines()]
+    assert [o["mode"] for o in outputs] == ["image"] * 6 + ["text"] * 3
+    assert (
+        len(list((generations / "images").glob("*.png"))) == 6 and "<img " in (generations / "index.html").read_text()
+    )
+    assert re.search(r"colour check \d/6 held-out drawings show the colour asked for", result.stdout)
+    sft_report = (tmp_path / "demo/runs/2/sft/report/index.html").read_text()
+    assert 'href="../generations/index.html"' in sft_report and "Samples during training" in sft_report

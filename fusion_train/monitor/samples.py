@@ -11,7 +11,6 @@ the weights, and rank 0's tokens are broadcast each step so that the ranks stop 
 
 from __future__ import annotations
 
-import logging
 import time
 from pathlib import Path
 
@@ -26,8 +25,6 @@ from fusion_train.generate.load import TrainedWith, load_tokenizers
 from fusion_train.generate.page import Sample
 from fusion_train.generate.sampling import Sampling
 from fusion_train.monitor.config import SamplesConfig
-
-log = logging.getLogger(__name__)
 
 
 class TrainingSamples:
@@ -66,16 +63,11 @@ class TrainingSamples:
                 torch.cuda.empty_cache()
         if self.rank != 0:
             return [], 0.0
-        samples = [
-            Sample(
-                list(prompt["prompt"]),
-                request.mode.value,
-                self.codec.decode(o.tokens, request.mode),
-                o.stop,
-                len(o.tokens),
-            )  # fmt: skip
-            for prompt, request, o in zip(self.cfg.prompts, self.requests, outputs, strict=True)
-        ]
+        samples = []
+        for prompt, request, output in zip(self.cfg.prompts, self.requests, outputs, strict=True):
+            pictures_and_text = self.codec.decode(output.tokens, request.mode)
+            samples.append(Sample(list(prompt["prompt"]), request.mode.value, pictures_and_text, output.stop,
+                                  len(output.tokens)))  # fmt: skip
         return samples, time.perf_counter() - started
 
     @staticmethod

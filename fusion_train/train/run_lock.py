@@ -11,7 +11,11 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
+
+import torch
+import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 LOCK_FILE = "run.lock"
@@ -56,3 +60,25 @@ class RunFolderLock:
 
     def release(self) -> None:
         self.file.close()
+
+
+def hold_run_folder(
+    run_dir: Path, rank: int, device: torch.device, on_hold: Callable[[], None]
+) -> RunFolderLock | None:
+    """Rank 0 locks the run folder before anything is written there (`on_hold` then writes what
+    comes first); every rank learns whether it could, and raises RunFolderInUse if not, the
+    holder's name from the lock file in the message of each."""
+    lock = None
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            lock = RunFolderLock(run_dir)
+        except RunFolderInUse:
+            pass
+        else:
+            on_hold()
+    refused = torch.tensor([int(rank == 0 and lock is None)], device=device)
+    dist.all_reduce(refused, op=dist.ReduceOp.MAX)
+    if refused.item():
+        raise in_use(run_dir)
+    return lock

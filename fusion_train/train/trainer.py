@@ -19,7 +19,6 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from fusion_train.data.held_out import HeldOutSet
 from fusion_train.data.loader import build_loader
 from fusion_train.generate.load import TrainedWith, recorded_tokenizer_paths
 from fusion_train.model.size import flops_per_token
@@ -35,17 +34,13 @@ from fusion_train.train.config import ConfigError, TrainConfig, as_dict, gradien
 from fusion_train.train.engine import announce_op_builds, build_engine, build_model, restart_adam
 from fusion_train.train.faults import FaultInjector
 from fusion_train.train.init_from import check_compatible, model_folder
-from fusion_train.train.run_lock import RunFolderInUse, RunFolderLock, in_use
+from fusion_train.train.run_lock import hold_run_folder
 from fusion_train.train.signals import PreemptionFlag, requeue_slurm_job
-from fusion_train.vocab import Modality
+from fusion_train.train.sums import N_MODALITIES, add_modality_sums, modality_metrics, reduce_sums
+from fusion_train.train.validation import ValidationError, Validator
 
 log = logging.getLogger(__name__)
-N_MODALITIES = len(Modality)
 GUARD_EXIT = 3  # the divergence guard stopped the run
-
-
-class ValidationError(RuntimeError):
-    """Validation failed; raised on every rank together, after the training state is saved."""
 
 
 class Trainer:
@@ -62,19 +57,16 @@ class Trainer:
         self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
         self.grad_accum = gradient_accumulation_steps(cfg, self.world_size)
         self.run_dir = Path(cfg.trainer.run_dir)
-        self.run_lock = self._hold_run_folder()
+        self.run_lock = hold_run_folder(self.run_dir, self.rank, self.device, self._start_run_folder)
 
         self.loader = loader or build_loader(cfg.data, self.rank, self.world_size)
         self.vocab = self.loader.dataset.vocab
-        self.held_out = (
-            HeldOutSet(
-                cfg.eval_data, self.rank, self.world_size, self.vocab, self.loader.dataset.fingerprints,
-                cfg.trainer.eval_batches,
-            )
+        self.validator = (
+            Validator(cfg.eval_data, cfg.trainer.eval_batches, self.loader.dataset, lambda batch: self._model_out(batch)[1],
+                      self.rank, self.world_size, self.device)
             if cfg.eval_data.sources and cfg.trainer.eval_every
             else None
         )  # fmt: skip
-        self.coverage_logged = False
         if self.vocab.vocab_size != cfg.model.vocab_size:
             raise ConfigError(
                 f"model.vocab_size={cfg.model.vocab_size} but the shards' vocabulary has {self.vocab.vocab_size} ids: "
@@ -101,24 +93,9 @@ class Trainer:
             )
         self.loggers = self._loggers(resumed_from=self._resume(resume_from, saved))
 
-    def _hold_run_folder(self) -> RunFolderLock | None:
-        """Rank 0 locks the run folder before anything is written there; every rank learns whether
-        it could, and the holder's name is in the lock file for all of them to report."""
-        lock = None
-        if self.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            try:
-                lock = RunFolderLock(self.run_dir)
-            except RunFolderInUse:
-                pass
-            else:
-                failure.clear(self.run_dir)
-                (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
-        refused = torch.tensor([int(self.rank == 0 and lock is None)], device=self.device)
-        dist.all_reduce(refused, op=dist.ReduceOp.MAX)
-        if refused.item():
-            raise in_use(self.run_dir)
-        return lock
+    def _start_run_folder(self) -> None:
+        failure.clear(self.run_dir)
+        (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
 
     def _monitors(self, cfg: TrainConfig) -> None:
         model, monitor = self.engine.module, cfg.monitor
@@ -230,8 +207,8 @@ class Trainer:
                 return GUARD_EXIT
             if verdict == "rolled_back":
                 continue  # from the rewritten checkpoint; the abandoned step is neither validated nor saved
-            if cfg.eval_every and self.step % cfg.eval_every == 0 and (self.held_out or self.samples):
-                if self.held_out is not None:
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and (self.validator or self.samples):
+                if self.validator is not None:
                     self._validate()
                 if self.samples is not None:
                     self._log_samples()
@@ -305,14 +282,8 @@ class Trainer:
         # Which tokens, in which order: equal checksums say two runs read the same data.
         positions = torch.arange(1, input_ids.numel() + 1, device=self.device, dtype=torch.float64)
         sums["checksum"] += (input_ids.flatten().double() * positions).sum() % 2**40
-        self._add_modality_sums(out, sums)
+        add_modality_sums(out, sums)
         return out
-
-    @staticmethod
-    def _add_modality_sums(out, sums: dict) -> None:
-        sums["ce"] += out.ce_sum_by_modality
-        sums["logz"] += out.logz_sum_by_modality
-        sums["count"] += out.count_by_modality
 
     def _end_of_step_norms(self, window: dict) -> torch.Tensor | None:
         """This step's block-output RMS joins the window; the last block's is the guard's."""
@@ -404,11 +375,11 @@ class Trainer:
         trained_with = TrainedWith(
             self.vocab, recorded_tokenizer_paths(self.cfg.data), self.loader.dataset.fingerprints
         )
-        try:
+        try:  # the prompts are encoded now: a missing image or tokenizer is an error before any step
             return TrainingSamples(
                 self.cfg.eval_samples, trained_with, self.device, self.rank, self.cfg.deepspeed.zero_stage
             )
-        except ValueError as err:  # a prompt, a tokenizer
+        except ValueError as err:
             raise ConfigError(f"eval_samples: {err}") from None
 
     def _log_samples(self) -> None:
@@ -420,100 +391,18 @@ class Trainer:
     def _validate(self) -> None:
         """A failed validation loses no training: the state is saved before the error ends the run."""
         try:
-            self.evaluate()
+            metrics = self.validator.evaluate(self.engine, self.step)
         except ValidationError as error:
             path = self.save()
             raise ValidationError(
                 f"{error}. The training state of step {self.step} is saved in {path}: fix the held-out data "
                 "(eval_data) and start again to resume, or resume without validation (trainer.eval_every=0)"
             ) from None
-
-    def evaluate(self) -> None:
-        """Every held-out source in turn; logs the loss per source and per target modality, and
-        over all of them (per target token: eval/loss is cross-entropy without z-loss)."""
-        self.engine.eval()
-        try:
-            by_source = {name: self._score_held_out(name) for name in self.held_out.names}
-        finally:
-            self.engine.train()
-        totals = {key: sum(r[key] for r in by_source.values()) for key in ("ce", "logz", "count")}
-        metrics = {**self._held_out_metrics("eval", totals), "data/tokens_seen": self.tokens_seen}
-        for name, reduced in by_source.items():
-            metrics.update(self._held_out_metrics(f"eval/{name}", reduced))
-            metrics[f"eval/{name}/samples"] = reduced["read"][0].item()
-        if self.rank == 0 and not self.coverage_logged:
-            for name, reduced in by_source.items():
-                scored, skipped = (int(v) for v in reduced["read"].tolist())
-                coverage = self.held_out.coverage(name, scored, skipped)
-                log.info("validation of held-out source %s: %s", name, coverage.describe(self.cfg.trainer.eval_batches))
-            self.coverage_logged = True
         for logger in self.loggers:
-            logger.log(metrics, self.step)
-
-    def _score_held_out(self, name: str) -> dict:
-        """Cross-entropy sums of one held-out source over all ranks. A rank whose share has ended
-        scores a padding batch while others go on; any rank's error ends it on every rank."""
-        zeros = lambda: torch.zeros(N_MODALITIES, dtype=torch.float64, device=self.device)  # noqa: E731
-        sums, batches, error = {"ce": zeros(), "logz": zeros(), "count": zeros()}, self.held_out.batches(name), None
-        while True:
-            batch = None
-            if error is None:
-                try:
-                    batch = next(batches, None)
-                except Exception as err:  # noqa: BLE001 - any rank's failure must reach all of them
-                    error = err
-            if not self._any_rank_goes_on(batch is not None, error, name):
-                break
-            try:
-                with torch.no_grad():
-                    self._add_modality_sums(self._model_out(batch or self.held_out.padding_batch())[1], sums)
-            except Exception as err:  # noqa: BLE001
-                error = err
-        sums["read"] = torch.tensor(self.held_out.read_counts(name), dtype=torch.float64, device=self.device)
-        return self._reduce(sums)
-
-    def _any_rank_goes_on(self, has_batch: bool, error: Exception | None, name: str) -> bool:
-        """Whether any rank has a held-out batch left; raises ValidationError on every rank when
-        any rank failed. The ranks agree before each forward (ZeRO-3 gathers parameters inside
-        it): one host sync per held-out micro-batch."""
-        status = torch.tensor([has_batch, error is not None], dtype=torch.float64, device=self.device)
-        dist.all_reduce(status, op=dist.ReduceOp.MAX)
-        goes_on, failed = status.tolist()
-        if failed:
-            messages = [None] * self.world_size
-            dist.all_gather_object(messages, failure.user_message(error) if error else None)
-            rank, message = next((r, m) for r, m in enumerate(messages) if m)
-            path = self.cfg.eval_data.sources[name].path
-            raise ValidationError(
-                f"validation at step {self.step} failed on held-out source {name} ({path}), rank {rank}: {message}"
-            )
-        return bool(goes_on)
-
-    def _held_out_metrics(self, prefix: str, reduced: dict) -> dict:
-        count = reduced["count"].sum().item()
-        metrics = {f"{prefix}/loss": reduced["ce"].sum().item() / count} if count else {}
-        metrics.update({f"{prefix}/{k.replace('/', '_')}": v for k, v in self._modality_metrics(reduced).items()})
-        return metrics
-
-    @staticmethod
-    def _reduce(sums: dict, op=dist.ReduceOp.SUM) -> dict:
-        flat = torch.cat([v.reshape(-1) for v in sums.values()])
-        dist.all_reduce(flat, op=op)
-        return dict(zip(sums, flat.split([v.numel() for v in sums.values()]), strict=True))
-
-    @staticmethod
-    def _modality_metrics(reduced: dict) -> dict:
-        metrics = {}
-        for modality in Modality:
-            count = reduced["count"][modality].item()
-            if count:
-                name = modality.name.lower()
-                metrics[f"loss/{name}"] = reduced["ce"][modality].item() / count
-                metrics[f"logits/logZ_mean_{name}"] = reduced["logz"][modality].item() / count
-        return metrics
+            logger.log({**metrics, "data/tokens_seen": self.tokens_seen}, self.step)
 
     def _log(self, window: dict, seconds: float, parameter_metrics: dict, event: GuardEvent | None) -> None:
-        reduced = self._reduce(window)
+        reduced = reduce_sums(window)
         micro_steps = reduced["micro_steps"].item()
         steps = micro_steps / self.grad_accum / self.world_size
         tokens_per_s = steps * self.cfg.trainer.global_batch_tokens / seconds
@@ -521,7 +410,7 @@ class Trainer:
         metrics = {
             "loss/total": reduced["loss"].item() / micro_steps,
             "loss/z": reduced["z"].item() / micro_steps,
-            **self._modality_metrics(reduced),
+            **modality_metrics(reduced),
             "grad/norm": float(self.engine.get_global_grad_norm() or 0.0),
             **parameter_metrics,
             "optim/lr": self.applied_lr,  # the logged step's
@@ -561,7 +450,7 @@ class Trainer:
         }
         if self.activations and self.cfg.monitor.attention_logits:
             values["attn"] = self.activations.take_qk_logit_max().double()
-        reduced = {k: v.tolist() for k, v in self._reduce(values, dist.ReduceOp.MAX).items()}
+        reduced = {k: v.tolist() for k, v in reduce_sums(values, dist.ReduceOp.MAX).items()}
         reset_peak_memory(self.device)
         metrics = {"perf/mem_gb": reduced["perf/mem_gb"][0], "perf/data_wait_s": reduced["perf/data_wait_s"][0]}
         if "attn" in reduced and all(math.isfinite(v) for v in reduced["attn"]):
