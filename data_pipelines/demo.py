@@ -148,7 +148,7 @@ def colour_check(outputs: Path) -> tuple[int, int]:
 
 
 def make_demo_data(
-    folder: str | Path, *, images: int = 2000, vq_steps: int = 400, seed: int = 0, workers: int = 2
+    folder: str | Path, *, images: int = 2000, vq_steps: int = 800, seed: int = 0, workers: int = 2
 ) -> dict:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -157,18 +157,19 @@ def make_demo_data(
         write_image_captions(folder / "shapes", images, seed=seed)
     if not (folder / "interleaved.jsonl").is_file():
         _write_corpora(folder, captions, seed)
+    if not (folder / "sft" / "text.jsonl").is_file():
+        _write_sft_corpora(folder, captions, max(20, images // 2), seed)
     text_model = folder / "tokenizers" / "text.model"
     if not text_model.is_file():
         train_text_tokenizer([folder / "text.jsonl"], text_model, DEMO_VOCAB, seed=seed)
     vq = folder / "tokenizers" / "vq" / "vqgan.ckpt"
-    if not vq.is_file():
+    if not vq.is_file():  # on every picture the models train on: the SFT drawings' white backgrounds too
         log.info("training the demo image tokenizer (%d steps)", vq_steps)
-        train_image_tokenizer([folder / "shapes" / "images"], vq.parent, steps=vq_steps, codebook_size=512, seed=seed)
+        pictures = [folder / "shapes" / "images", folder / "sft" / "images"]
+        train_image_tokenizer(pictures, vq.parent, steps=vq_steps, codebook_size=512, seed=seed)
     held_out = folder / "held_out" / "captions.jsonl"
-    if not held_out.is_file():  # validation pairs, from a seed of their own
+    if not held_out.is_file():  # validation pairs, from a seed of their own, never in the image tokenizer's data
         write_image_captions(held_out.parent, max(20, images // 20), seed=seed + 1)
-    if not (folder / "sft" / "text.jsonl").is_file():
-        _write_sft_corpora(folder, captions, max(20, images // 2), seed)
     inputs = {
         "text": ("text", folder / "text.jsonl"),
         "image_text": ("image-text", captions),
