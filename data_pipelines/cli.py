@@ -60,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("make-demo-data", help="the embedded default data, tokenizers and shards")
     demo.add_argument("--output", default="demo")
     demo.add_argument("--images", type=int, default=2000)
-    demo.add_argument("--vq-steps", type=int, default=800)
+    demo.add_argument("--vq-steps", type=int, default=1200)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--workers", type=int, default=2)
 

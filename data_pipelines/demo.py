@@ -148,7 +148,7 @@ def colour_check(outputs: Path) -> tuple[int, int]:
 
 
 def make_demo_data(
-    folder: str | Path, *, images: int = 2000, vq_steps: int = 800, seed: int = 0, workers: int = 2
+    folder: str | Path, *, images: int = 2000, vq_steps: int = 1200, seed: int = 0, workers: int = 2
 ) -> dict:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -4,17 +4,17 @@
 # GPUs), W&B offline, with samples of fixed prompts along the way; then the SFT stage from its last
 # checkpoint, and fusion-generate drawing and answering held-out instructions. Run again, it
 # resumes an unfinished run or starts the next one; data already made is reused.
-#   DEMO_DIR=demo DEMO_STEPS=300 DEMO_SFT_STEPS=150 DEMO_IMAGES=2000 DEMO_VQ_STEPS=800 launch/demo.sh [OVERRIDES...]
+#   DEMO_DIR=demo DEMO_STEPS=250 DEMO_SFT_STEPS=150 DEMO_IMAGES=2000 DEMO_VQ_STEPS=1200 launch/demo.sh [OVERRIDES...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 DEMO_DIR=${DEMO_DIR:-demo}
-STEPS=${DEMO_STEPS:-300}
+STEPS=${DEMO_STEPS:-250}
 SFT_STEPS=${DEMO_SFT_STEPS:-150}
 EVAL_EVERY=${DEMO_EVAL_EVERY:-100}
 started=$(date +%s)
 
-"$PY" -m data_pipelines.cli make-demo-data --output "$DEMO_DIR" --images "${DEMO_IMAGES:-2000}" --vq-steps "${DEMO_VQ_STEPS:-800}"
+"$PY" -m data_pipelines.cli make-demo-data --output "$DEMO_DIR" --images "${DEMO_IMAGES:-2000}" --vq-steps "${DEMO_VQ_STEPS:-1200}"
 
 # Resume the newest run unless it has finished; then start the next.
 mkdir -p "$DEMO_DIR/runs"
