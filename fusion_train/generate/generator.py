@@ -70,11 +70,11 @@ class Generator:
             if constraints.done:
                 break
             row_tokens = tokens[request_of_row]
-            for sequence, token in zip(sequences, row_tokens.tolist(), strict=True):
-                sequence.append(token)
             if self.use_cache:
                 logits = self.model.decode(row_tokens[:, None], cache)[:, -1]
             else:
+                for sequence, token in zip(sequences, row_tokens.tolist(), strict=True):
+                    sequence.append(token)
                 logits, _ = self._prefill(sequences, 0)
         return [Generation(tokens, stop) for tokens, stop in zip(generated, stops, strict=True)]
 
