@@ -72,8 +72,9 @@ OBJECT_COLOURS = {"the sky": "blue", "grass": "green", "a tomato": "red", "a ban
 SIDES = {"triangle": "three", "square": "four"}
 
 
-def drawing_instruction(size: str, colour: str, shape: str, place: str) -> str:
-    return f"Draw a {size} {colour} {shape} in the {place}."
+def drawing_instruction(size: str | None, colour: str, shape: str, place: str | None) -> str:
+    """ "Draw a big red circle in the top left."; without the size or the place when they are None."""
+    return f"Draw a {f'{size} ' if size else ''}{colour} {shape}{f' in the {place}' if place else ''}."
 
 
 def _chat(prompt, answer) -> dict:
@@ -93,7 +94,11 @@ def _write_sft_corpora(folder: Path, captions_file: Path, drawings: int, seed: i
         size, colour, shape, place = rng.choice(combos)
         draw_shape(shape, colour, "white", place, size == "big").save(sft / "images" / f"{i:06d}.png")
         picture = [{"type": "image", "image": f"images/{i:06d}.png"}]
-        drawing_chats.append(_chat(drawing_instruction(size, colour, shape, place), picture))
+        # Three instructions in four leave out the size, the place or both (the picture has them all
+        # the same): the colour word alone then decides the colour, which lets an unseen combination
+        # come out in the asked colour rather than in the colours seen with its shape and place.
+        said_size, said_place = (size if rng.random() < 0.5 else None), (place if rng.random() < 0.5 else None)
+        drawing_chats.append(_chat(drawing_instruction(said_size, colour, shape, said_place), picture))
     pairs = [json.loads(line) for line in captions_file.read_text().splitlines()]
     visual_chats = [
         _chat(

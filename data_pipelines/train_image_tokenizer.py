@@ -4,7 +4,9 @@ the CPU in minutes: for users without Meta's released weights, and for the demo.
 Objective: pixel MSE plus the quantiser's codebook and commitment terms (no perceptual or GAN
 loss: those matter for photographs at 512 px, not for a small demo tokenizer). The codebook
 starts from encoder outputs and codes left unused are restarted on fresh ones, which keeps a
-small codebook in use.
+small codebook in use. The learning rate decays on a cosine to zero: at a constant rate the demo
+tokenizer's round trip turned yellow drawings orange (5 in 30 kept their colour after 1,200 steps;
+30 in 30 with the decay).
 """
 
 from __future__ import annotations
@@ -167,6 +169,7 @@ def train_image_tokenizer(
         _restart_unused_codes(model, start, torch.zeros(codebook_size, dtype=torch.bool), generator)
     initial = reconstruction_mse(model, held_out)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.5, 0.9))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)))
     used = torch.zeros(codebook_size, dtype=torch.bool)
     on_terminal = sys.stderr.isatty()
     for step in tqdm(range(steps), desc="training image tokenizer", disable=None):
@@ -178,6 +181,7 @@ def train_image_tokenizer(
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        schedule.step()
         used[codes.flatten().unique()] = True
         if not on_terminal and ((step + 1) % max(1, steps // 10) == 0 or step + 1 == steps):
             log.info("image tokenizer step %d/%d: loss %.4f", step + 1, steps, loss.item())

@@ -158,8 +158,11 @@ def test_guidance_combines_the_three_streams_by_the_formula():
 
     image = [VOCAB.begin_of_image, *range(4, 4 + VOCAB.image_tokens), VOCAB.end_of_image]
     prompt = [VOCAB.bos, 700, *image, 701, VOCAB.sft_separator, VOCAB.begin_of_image]
-    assert guidance_prompts(prompt, VOCAB) == [
-        prompt,
+    chat = [VOCAB.sft_separator, VOCAB.begin_of_image]
+    assert guidance_prompts(prompt, VOCAB) == [prompt, [VOCAB.bos, *image, *chat], [VOCAB.bos, *chat]]
+    plain = [VOCAB.bos, *image, 701, VOCAB.begin_of_image]
+    assert guidance_prompts(plain, VOCAB) == [
+        plain,
         [VOCAB.bos, *image, VOCAB.begin_of_image],
         [VOCAB.bos, VOCAB.begin_of_image],
     ]

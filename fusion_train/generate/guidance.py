@@ -24,9 +24,15 @@ class Guidance:
 
 
 def guidance_prompts(prompt: list[int], vocab: VocabLayout) -> list[list[int]]:
-    """The three streams' prompts for an image-mode prompt (which ends with `<racm3:break>`)."""
-    images = image_blocks(prompt[:-1], vocab)
-    return [prompt, [vocab.bos, *images, vocab.begin_of_image], [vocab.bos, vocab.begin_of_image]]
+    """The three streams' prompts for an image-mode prompt (which ends with `<racm3:break>`).
+
+    A chat prompt (the SFT separator before `<racm3:break>`) keeps the separator in all three: a
+    fine-tuned model draws after it, and without it `u` and `img` would be the pretraining prior
+    (pictures on coloured backgrounds, in the demo), so that `full − img` amplified how an answer
+    differs from a pretraining picture rather than what the instruction asked for."""
+    framing = prompt[-2:] if prompt[-2:-1] == [vocab.sft_separator] else prompt[-1:]
+    images = image_blocks(prompt[: -len(framing)], vocab)
+    return [prompt, [vocab.bos, *images, *framing], [vocab.bos, *framing]]
 
 
 def image_blocks(ids: list[int], vocab: VocabLayout) -> list[int]:
