@@ -28,7 +28,7 @@ $(STAMP): setup.py constraints.txt
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# The embedded default: data, tokenizers, shards, 250 steps of the tiny model on 2 ranks, 300 of SFT, pictures.
+# The embedded default: data, tokenizers, shards, 150 steps of the tiny model on 2 ranks, 500 of SFT, pictures.
 demo: install
 	PY=$(PY) launch/demo.sh
 
