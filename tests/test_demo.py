@@ -36,5 +36,9 @@ def test_demo_trains_and_a_second_run_starts_cleanly(tmp_path):
         len(list((generations / "images").glob("*.png"))) == 6 and "<img " in (generations / "index.html").read_text()
     )
     assert re.search(r"colour check \d/6 held-out drawings show the colour asked for", result.stdout)
+    said = {
+        json.loads(line)["messages"][0]["content"] for line in (tmp_path / "demo/sft/image_generation.jsonl").open()
+    }
+    assert not said & {o["prompt"][0] for o in outputs[:6]}  # the held-out instructions are not in the SFT data
     sft_report = (tmp_path / "demo/runs/2/sft/report/index.html").read_text()
     assert 'href="../generations/index.html"' in sft_report and "Samples during training" in sft_report

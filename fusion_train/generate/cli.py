@@ -1,6 +1,6 @@
 """`fusion-generate`: text and pictures from a trained model.
 
-  fusion-generate runs/1/checkpoints/step_250 --prompt "a big red circle" --mode image
+  fusion-generate demo/runs/1/checkpoints/step_150 --prompt "a big red circle" --mode image
   fusion-generate MODEL --prompts prompts.jsonl --out generations/ --chat
 
 A prompts file holds one JSON object per line: {"prompt": [SEGMENT, ...], "mode": "text" | "image" |
