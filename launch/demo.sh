@@ -36,12 +36,11 @@ shards="$DEMO_DIR/shards"
   trainer.run_dir="$RUN_DIR" logging.log_every=10 logging.group=demo "$@"
 report=$("$PY" -m fusion_train.monitor.report "$RUN_DIR")
 
-# Supervised fine-tuning from the last checkpoint: the paper's recipe with a demo's LR and batch
-# (half the pretraining's: more steps taught the colour words better than more tokens per step;
-# 500 steps, 36 of 42 test drawings in the asked colour, against 31 and 21 at 300 in two runs).
+# Supervised fine-tuning from the last checkpoint: the paper's recipe with a demo's LR, batch and
+# length (the tiny model binds colour words to pictures late: bench/RESULTS.md has the runs).
 # Then the fine-tuned model draws and answers what it was not fine-tuned on, without classifier-
-# free guidance: the tiny model's unconditional stream is too weak to guide by (measured: 1 of the
-# 6 held-out drawings came out in the asked colour with Meta's scales, 5 without).
+# free guidance: the tiny model's unconditional stream is too weak to guide by (1 of the 6 held-out
+# drawings came out in the asked colour with Meta's scales, 5 without).
 SFT_DIR="$RUN_DIR/sft"
 "$PY" -m torch.distributed.run --standalone --nproc_per_node "$nproc" -m fusion_train.train \
   model=tiny model.vocab_size=4096 +stage=sft data=demo_sft optim.lr=3e-3 optim.warmup_steps=10 \
