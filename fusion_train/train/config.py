@@ -15,7 +15,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from fusion_train.data.loader import DataConfig
 from fusion_train.model.chameleon import ChameleonConfig
@@ -118,12 +118,19 @@ ConfigStore.instance().store(name="schema", node=TrainConfig)
 def load_config(overrides: list[str] | None = None, user_config_dirs: list[str | Path] = ()) -> TrainConfig:
     """`conf/config.yaml` with the overrides; `user_config_dirs` are searched after `conf/` for the
     group options and files they add (Hydra's `--config-dir`, the same as `hydra.searchpath`)."""
+    return OmegaConf.to_object(compose_config(overrides, user_config_dirs))
+
+
+def compose_config(
+    overrides: list[str] | None, user_config_dirs: list[str | Path] = (), hydra_node: bool = False
+) -> DictConfig:
+    """The composed config before it becomes dataclasses; with `hydra_node`, Hydra's own settings
+    too (`hydra.runtime.choices`, `hydra.sweeper.params`)."""
     overrides = list(overrides or [])
     if user_config_dirs:
         overrides.append(_search_path_override(overrides, [Path(d) for d in user_config_dirs]))
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        composed = compose(config_name="config", overrides=overrides)
-    return OmegaConf.to_object(composed)
+        return compose(config_name="config", overrides=overrides, return_hydra_config=hydra_node)
 
 
 def _search_path_override(overrides: list[str], folders: list[Path]) -> str:

@@ -1,0 +1,95 @@
+"""The stability lab's machinery: Hydra's conventions in `fusion-train` (--help, --cfg, -m) and the
+sweep driver, through the real trainer, interrupted by a real SIGKILL and resumed."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import yaml
+
+from conftest import REPO, train_overrides
+from fusion_train.cli import train_main
+from fusion_train.lab.sweep import POINT_RECORD, Point, expand
+
+
+def test_help_lists_the_groups_their_options_and_the_top_level_keys(capsys):
+    assert train_main(["--help"]) == 0
+    shown = capsys.readouterr().out
+    assert "fusion-train [--config-dir DIR]" in shown  # the usage comes first
+    groups, keys = shown.split("Config groups")[1].split("Top-level keys")
+    groups = {line.split()[0]: line for line in groups.splitlines() if line.startswith("  ")}
+    keys = {line.split()[0]: line for line in keys.splitlines() if line.startswith("  ") and line[2] != " "}
+    assert "tiny*" in groups["model"] and "1b" in groups["model"] and "zero2*" in groups["deepspeed"]
+    assert "(optional)" in groups["stage"] and "stability" in groups["experiment"]
+    assert "chameleon_swin" in groups["variant"]
+    assert "global_batch_tokens" in keys["trainer"] and "n_layers" in keys["model"]
+
+
+def test_cfg_job_prints_the_composed_config_without_running(capsys, tmp_path):
+    assert train_main(["--cfg", "job", "model=1b", f"trainer.run_dir={tmp_path / 'run'}"]) == 0
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert config["model"]["dim"] == 2048 and config["deepspeed"]["zero_stage"] == 2 and "hydra" not in config
+    assert not (tmp_path / "run").exists()
+    assert train_main(["--cfg", "job", "-p", "model", "+variant=plain"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["qk_norm"] is False
+    assert train_main(["--cfg", "hydra"]) == 0 and "sweeper" in yaml.safe_load(capsys.readouterr().out)["hydra"]
+    assert train_main(["--cfg", "job", "-p", "model.no_such_key"]) == 2
+    assert "-p model.no_such_key: the composed config has no such key" in capsys.readouterr().err
+
+
+def test_sweep_points_are_the_product_and_the_command_line_wins_over_the_experiment():
+    common, points = expand(
+        ["+experiment=stability", "optim.lr=1e-2,1e-1", "trainer.steps=5"],
+        {"optim.lr": "1e-3,3e-3", "+variant": "plain,chameleon", "logging.log_every": "3"},
+    )
+    assert common == ["+experiment=stability", "trainer.steps=5", "logging.log_every=3"]
+    assert [p.overrides for p in points] == [
+        ["optim.lr=0.01", "+variant=plain"], ["optim.lr=0.01", "+variant=chameleon"],
+        ["optim.lr=0.1", "+variant=plain"], ["optim.lr=0.1", "+variant=chameleon"],
+    ]  # fmt: skip
+    assert Point(["optim.lr=0.01", "+variant=plain"]).name == "optim.lr=0.01,variant=plain"
+
+
+def _wait_for(path, process, timeout=120):
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert process.poll() is None, "the sweep ended before it could be interrupted"
+        assert time.time() < deadline, f"{path} did not appear"
+        time.sleep(0.2)
+
+
+def test_an_interrupted_sweep_runs_only_what_did_not_end(demo_data, tmp_path):
+    root = tmp_path / "sweep"
+    command = [
+        sys.executable, "-m", "fusion_train.train", "-m", "+variant=plain,chameleon", "optim.lr=1e-2,1e-1",
+        *train_overrides(demo_data, root, "trainer.steps=6", "trainer.checkpoint_every=2", "logging.wandb=false"),
+    ]  # fmt: skip
+    names = ["optim.lr=0.01,variant=plain", "optim.lr=0.01,variant=chameleon", "optim.lr=0.1,variant=plain",
+             "optim.lr=0.1,variant=chameleon"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    driver = subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    _wait_for(root / names[1] / "checkpoints" / "step_2", driver)
+    os.killpg(driver.pid, signal.SIGKILL)  # the sweep and the run it was in, at once
+    driver.wait()
+    first = (root / names[0] / POINT_RECORD).read_text()
+    assert not (root / names[1] / POINT_RECORD).exists() and not (root / names[2]).exists()
+
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=500)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"sweep point 1/4 {names[0]} ended before (exit 0): not run again" in result.stderr
+    assert (root / names[0] / POINT_RECORD).read_text() == first
+    for name in names:
+        record = json.loads((root / name / POINT_RECORD).read_text())
+        assert record["returncode"] == 0 and record["name"] == name
+        assert (root / name / "checkpoints" / "step_6").is_dir()
+    resumed = [json.loads(line) for line in (root / names[1] / "metrics.jsonl").read_text().splitlines()]
+    assert any(m.get("resumed_from") for m in resumed)  # the interrupted point went on from its checkpoint
+    configs = [yaml.safe_load((root / n / "config.yaml").read_text()) for n in names]
+    assert [(c["optim"]["lr"], c["model"]["qk_norm"], c["model"]["z_loss"]) for c in configs] == [
+        (0.01, False, 0.0), (0.01, True, 1e-5), (0.1, False, 0.0), (0.1, True, 1e-5),
+    ]  # fmt: skip
+    assert "4 sweep points" in result.stdout
