@@ -1,9 +1,11 @@
 import os
+import shutil
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -146,3 +148,19 @@ def read_records(run_dir: Path) -> list[dict]:
 
 def read_metrics(run_dir: Path) -> list[dict]:
     return [r for r in read_records(run_dir) if "resumed_from" not in r]
+
+
+def chromium() -> str:
+    """Debian's chromium, installed on first use where the machine allows (as the SLURM test does)."""
+    found = shutil.which("chromium")
+    if found is None and shutil.which("apt-get") and os.geteuid() == 0:
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], env=env, capture_output=True)
+        found = shutil.which("chromium")
+    assert found, "the report test needs Debian's chromium: apt-get install chromium"
+    return found
+
+
+def colour_fraction(pixels: np.ndarray, rgb: tuple[int, int, int], tolerance: int = 30) -> float:
+    return float((np.abs(pixels.astype(int) - rgb).max(axis=-1) <= tolerance).mean())

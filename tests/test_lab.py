@@ -1,5 +1,5 @@
 """The stability lab's machinery: Hydra's conventions in `fusion-train` (--help, --cfg, -m) and the
-sweep driver, through the real trainer, interrupted by a real SIGKILL and resumed."""
+sweep driver, through the real trainer, interrupted by a real SIGKILL and resumed; the sweep report."""
 
 import json
 import os
@@ -8,9 +8,12 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+import pytest
 import yaml
+from PIL import Image
 
-from conftest import REPO, train_overrides
+from conftest import REPO, chromium, colour_fraction, train_overrides
 from fusion_train.cli import train_main
 from fusion_train.lab.sweep import POINT_RECORD, Point, expand
 
@@ -61,35 +64,80 @@ def _wait_for(path, process, timeout=120):
         time.sleep(0.2)
 
 
-def test_an_interrupted_sweep_runs_only_what_did_not_end(demo_data, tmp_path):
-    root = tmp_path / "sweep"
+NAMES = ["optim.lr=0.01,variant=plain", "optim.lr=0.01,variant=chameleon", "optim.lr=0.1,variant=plain",
+         "optim.lr=0.1,variant=chameleon"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def interrupted_sweep(demo_data, tmp_path_factory):
+    """A 2 x 2 sweep through the real trainer, killed (SIGKILL, the driver and its run at once) in its
+    second point, then run again with the same command: (folder, first point's record before the
+    kill, the second invocation's result)."""
+    root = tmp_path_factory.mktemp("sweep") / "sweep"
     command = [
         sys.executable, "-m", "fusion_train.train", "-m", "+variant=plain,chameleon", "optim.lr=1e-2,1e-1",
         *train_overrides(demo_data, root, "trainer.steps=6", "trainer.checkpoint_every=2", "logging.wandb=false"),
     ]  # fmt: skip
-    names = ["optim.lr=0.01,variant=plain", "optim.lr=0.01,variant=chameleon", "optim.lr=0.1,variant=plain",
-             "optim.lr=0.1,variant=chameleon"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     driver = subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    _wait_for(root / names[1] / "checkpoints" / "step_2", driver)
-    os.killpg(driver.pid, signal.SIGKILL)  # the sweep and the run it was in, at once
+    _wait_for(root / NAMES[1] / "checkpoints" / "step_2", driver)
+    os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
-    first = (root / names[0] / POINT_RECORD).read_text()
-    assert not (root / names[1] / POINT_RECORD).exists() and not (root / names[2]).exists()
-
+    first = (root / NAMES[0] / POINT_RECORD).read_text()
+    assert not (root / NAMES[1] / POINT_RECORD).exists() and not (root / NAMES[2]).exists()
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=500)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert f"sweep point 1/4 {names[0]} ended before (exit 0): not run again" in result.stderr
-    assert (root / names[0] / POINT_RECORD).read_text() == first
-    for name in names:
+    return root, first, result
+
+
+def test_an_interrupted_sweep_runs_only_what_did_not_end(interrupted_sweep):
+    root, first, result = interrupted_sweep
+    assert f"sweep point 1/4 {NAMES[0]} ended before (exit 0): not run again" in result.stderr
+    assert (root / NAMES[0] / POINT_RECORD).read_text() == first
+    for name in NAMES:
         record = json.loads((root / name / POINT_RECORD).read_text())
         assert record["returncode"] == 0 and record["name"] == name
         assert (root / name / "checkpoints" / "step_6").is_dir()
-    resumed = [json.loads(line) for line in (root / names[1] / "metrics.jsonl").read_text().splitlines()]
+    resumed = [json.loads(line) for line in (root / NAMES[1] / "metrics.jsonl").read_text().splitlines()]
     assert any(m.get("resumed_from") for m in resumed)  # the interrupted point went on from its checkpoint
-    configs = [yaml.safe_load((root / n / "config.yaml").read_text()) for n in names]
+    configs = [yaml.safe_load((root / n / "config.yaml").read_text()) for n in NAMES]
     assert [(c["optim"]["lr"], c["model"]["qk_norm"], c["model"]["z_loss"]) for c in configs] == [
         (0.01, False, 0.0), (0.01, True, 1e-5), (0.1, False, 0.0), (0.1, True, 1e-5),
     ]  # fmt: skip
     assert "4 sweep points" in result.stdout
+
+
+def test_the_sweep_report_renders_in_a_headless_browser(interrupted_sweep, tmp_path):
+    root, _, _ = interrupted_sweep
+    out = tmp_path / "report"
+    result = subprocess.run(
+        [sys.executable, "-m", "fusion_train.monitor.report", "--sweep", str(root), "--out", str(out)],
+        capture_output=True, text=True, cwd=REPO,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert {p.name for p in out.glob("*.png")} == {
+        "lr_sensitivity.png",
+        "qk_logits.png",
+        "log_z.png",
+        "final_norms.png",
+    }
+    page = (out / "index.html").read_text()
+    assert page.count('src="data:image/png;base64,') == 4 and page.count("<tr>") == 1 + 2 + 1 + 4  # two tables
+    screenshot = tmp_path / "screenshot.png"
+    subprocess.run(
+        [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1100,2400",
+         f"--screenshot={screenshot}", (out / "index.html").as_uri()],
+        capture_output=True, timeout=120, check=True,
+    )  # fmt: skip
+    pixels = np.asarray(Image.open(screenshot).convert("RGB"))
+    assert colour_fraction(pixels, (255, 255, 255), 3) < 0.9  # not a blank page
+    assert colour_fraction(pixels, (31, 119, 180)) > 5e-4  # matplotlib's first colour: curves drawn
+    assert colour_fraction(pixels, (255, 127, 14)) > 5e-4  # and its second: the second variant or LR
+
+
+def test_the_sweep_report_names_a_folder_that_is_not_a_sweep(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "fusion_train.monitor.report", "--sweep", str(tmp_path)], capture_output=True, text=True
+    )
+    assert result.returncode == 2 and "is not a sweep folder (no sweep.json)" in result.stderr

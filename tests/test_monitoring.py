@@ -6,7 +6,6 @@ import json
 import math
 import os
 import re
-import shutil
 import subprocess
 import sys
 
@@ -15,7 +14,7 @@ import pytest
 from PIL import Image
 from wandb_records import records
 
-from conftest import REPO, read_metrics, torchrun, train_overrides
+from conftest import REPO, chromium, colour_fraction, read_metrics, torchrun, train_overrides
 from fusion_train.monitor.report import kept_trajectory, read_run, summary_rows
 
 FAULT_STEPS = {"nonfinite": 12, "loss_spike": 24, "norm_growth": 33}
@@ -184,22 +183,6 @@ def test_two_ranks_under_zero3_decide_and_roll_back_together(demo_data, tmp_path
     kept = kept_trajectory(rows)
     assert [r["step"] for r in kept] == list(range(1, 13)) and all(math.isfinite(r["loss/total"]) for r in kept)
     assert [r["step"] for r in rows].count(6) == 2 and [r["step"] for r in rows].count(11) == 2
-
-
-def chromium() -> str:
-    """Debian's chromium, installed on first use where the machine allows (as the SLURM test does)."""
-    found = shutil.which("chromium")
-    if found is None and shutil.which("apt-get") and os.geteuid() == 0:
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], env=env, capture_output=True)
-        found = shutil.which("chromium")
-    assert found, "the report test needs Debian's chromium: apt-get install chromium"
-    return found
-
-
-def colour_fraction(pixels: np.ndarray, rgb: tuple[int, int, int], tolerance: int = 30) -> float:
-    return float((np.abs(pixels.astype(int) - rgb).max(axis=-1) <= tolerance).mean())
 
 
 def test_report_renders_in_a_headless_browser(guarded_run, tmp_path):

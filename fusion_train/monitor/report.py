@@ -389,9 +389,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fusion-report", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", help="the training run's folder (trainer.run_dir)")
     parser.add_argument("--out", help="where to write index.html and the PNGs (default: RUN_DIR/report)")
+    parser.add_argument("--sweep", action="store_true", help="RUN_DIR is a sweep's folder (fusion-train -m)")
     args = parser.parse_args(argv)
     try:
-        page = write_report(args.run_dir, args.out)
+        if args.sweep:
+            from fusion_train.lab.report import write_sweep_report
+
+            page = write_sweep_report(args.run_dir, args.out)
+        else:
+            page = write_report(args.run_dir, args.out)
     except ReportError as error:
         print(f"fusion-report: error: {error}", file=sys.stderr)
         return 2
