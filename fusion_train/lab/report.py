@@ -5,7 +5,8 @@ attention logit without and with QK-norm, the output logits' log Z without and w
 last block's output RMS per variant; each run's guard events are red crosses on its curves. Tables:
 the LR sensitivity of each variant, and for each run its final loss, the step it diverged at and
 the guard's first event before it (the lead time), or the guard's events in a run that did not
-diverge (false alarms). The tables are also written as markdown (`tables.md`), for documents.
+diverge (false alarms). The tables are also written as markdown (`tables.md`), for documents, and
+the series behind them as `histories.jsonl`, a line per run.
 """
 
 from __future__ import annotations
@@ -26,8 +27,13 @@ from fusion_train.lab.stability import (  # noqa: E402
     initial_loss,
     lr_sensitivity,
     read_sweep,
+    write_histories,
 )
-from fusion_train.monitor.report import GUARD_KEY, ReportError  # noqa: E402
+from fusion_train.monitor.report import GUARD_KEY  # noqa: E402
+
+
+class SweepReportError(ValueError):
+    pass
 
 
 def by_variant(histories: list[History]) -> dict[str, list[History]]:
@@ -111,10 +117,10 @@ def table(rows: list[dict]) -> str:
 def write_sweep_report(root: str | Path, out_dir: str | Path | None = None) -> Path:
     root = Path(root)
     if not (root / "sweep.json").is_file():
-        raise ReportError(f"{root} is not a sweep folder (no sweep.json): give the folder `fusion-train -m` wrote")
+        raise SweepReportError(f"{root} is not a sweep folder (no sweep.json): give the folder `fusion-train -m` wrote")
     histories = read_sweep(root)
     if not histories:
-        raise ReportError(f"no point of the sweep in {root} has ended yet")
+        raise SweepReportError(f"no point of the sweep in {root} has ended yet")
     out_dir = Path(out_dir) if out_dir else root / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
     variants = by_variant(histories)
@@ -137,6 +143,7 @@ def write_sweep_report(root: str | Path, out_dir: str | Path | None = None) -> P
                    for v, runs in variants.items()]  # fmt: skip
     runs = run_rows(histories)
     (out_dir / "tables.md").write_text(f"{markdown(sensitivity)}\n{markdown(runs)}")
+    write_histories(histories, out_dir / "histories.jsonl")
     page = out_dir / "index.html"
     page.write_text(f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>fusion_train sweep: {html.escape(root.name)}</title>

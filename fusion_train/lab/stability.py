@@ -25,7 +25,7 @@ from fusion_train.lab.sweep import POINT_RECORD, SWEEP_RECORD
 from fusion_train.monitor.config import GuardConfig
 from fusion_train.monitor.guard import DivergenceGuard, GuardEvent
 
-FINAL_FRACTION = 0.1  # the final loss is the mean over the last 10% of logged steps
+FINAL_FRACTION = 0.1  # the final loss is the mean of the losses logged in the last 10% of the steps
 
 
 @dataclass
@@ -57,9 +57,24 @@ def read_sweep(root: Path) -> list[History]:
     return [read_point(root / p["name"]) for p in points if (root / p["name"] / POINT_RECORD).is_file()]
 
 
+HISTORY_KEYS = ("loss/total", "grad/norm", "norms/final_out", "attn/qk_logit_max", "logits/logZ_mean_text")
+
+
+def write_histories(histories: list[History], path: Path) -> None:
+    """The series the lab's numbers use, one line per run: small enough to keep in a repository."""
+    with open(path, "w") as f:
+        for h in histories:
+            rows = [{"step": m["step"], **{k: float(f"{m[k]:.5g}") for k in HISTORY_KEYS if k in m}} for m in h.metrics]
+            f.write(json.dumps({"name": h.name, "variant": h.variant, "lr": h.lr, "metrics": rows}) + "\n")
+
+
+def read_histories(path: Path) -> list[History]:
+    return [History(**json.loads(line)) for line in path.read_text().splitlines()]
+
+
 def final_loss(history: History) -> float:
-    _, loss = history.series("loss/total")
-    tail = loss[-max(1, round(FINAL_FRACTION * len(loss))) :]
+    steps, loss = history.series("loss/total")
+    tail = loss[steps >= steps[-1] * (1 - FINAL_FRACTION)]
     return float(tail.mean()) if np.isfinite(tail).all() else math.inf
 
 
@@ -112,4 +127,18 @@ class RunOutcome:
 
 
 def outcomes(histories: list[History], cfg: GuardConfig) -> list[RunOutcome]:
-    return [Warning(h.name, divergence_step(h), next(iter(replay_guard(h, cfg)), None)) for h in histories]
+    return [RunOutcome(h.name, divergence_step(h), next(iter(replay_guard(h, cfg)), None)) for h in histories]
+
+
+def calibration(histories: list[History], candidates: list[GuardConfig]) -> list[dict]:
+    """For each guard setting: how many diverging runs it warned before they diverged, its median
+    lead in steps, and its alarms in the runs that did not diverge."""
+    rows = []
+    for cfg in candidates:
+        results = outcomes(histories, cfg)
+        diverged = [r for r in results if r.diverged_at is not None]
+        leads = [r.lead_steps for r in diverged if r.lead_steps is not None]
+        rows.append({"guard": cfg, "warned": len(leads), "diverged": len(diverged),
+                     "median_lead": float(np.median(leads)) if leads else None,
+                     "false_alarms": sum(r.diverged_at is None and r.first_event is not None for r in results)})  # fmt: skip
+    return rows

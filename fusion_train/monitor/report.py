@@ -391,14 +391,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="where to write index.html and the PNGs (default: RUN_DIR/report)")
     parser.add_argument("--sweep", action="store_true", help="RUN_DIR is a sweep's folder (fusion-train -m)")
     args = parser.parse_args(argv)
-    try:
-        if args.sweep:
-            from fusion_train.lab.report import write_sweep_report
+    from fusion_train.lab.report import SweepReportError, write_sweep_report
 
-            page = write_sweep_report(args.run_dir, args.out)
-        else:
-            page = write_report(args.run_dir, args.out)
-    except ReportError as error:
+    try:
+        page = write_sweep_report(args.run_dir, args.out) if args.sweep else write_report(args.run_dir, args.out)
+    except (ReportError, SweepReportError) as error:
         print(f"fusion-report: error: {error}", file=sys.stderr)
         return 2
     print(page)
