@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 # Inherited by the torchrun subprocesses too: CPU DeepSpeed, one thread per rank on a small box,
 # W&B never online from a test.
@@ -164,3 +165,13 @@ def chromium() -> str:
 
 def colour_fraction(pixels: np.ndarray, rgb: tuple[int, int, int], tolerance: int = 30) -> float:
     return float((np.abs(pixels.astype(int) - rgb).max(axis=-1) <= tolerance).mean())
+
+
+def screenshot(page: Path, out: Path, width: int, height: int = 2400) -> np.ndarray:
+    """The page as headless Chromium draws it, RGB pixels [height, width, 3]."""
+    subprocess.run(
+        [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--window-size={width},{height}",
+         f"--screenshot={out}", page.as_uri()],
+        capture_output=True, timeout=120, check=True,
+    )  # fmt: skip
+    return np.asarray(Image.open(out).convert("RGB"))

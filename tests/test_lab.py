@@ -8,12 +8,10 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import yaml
-from PIL import Image
 
-from conftest import REPO, chromium, colour_fraction, train_overrides
+from conftest import REPO, colour_fraction, screenshot, train_overrides
 from fusion_train.cli import train_main
 from fusion_train.lab.sweep import POINT_RECORD, Point, expand
 
@@ -124,13 +122,7 @@ def test_the_sweep_report_renders_in_a_headless_browser(interrupted_sweep, tmp_p
     }
     page = (out / "index.html").read_text()
     assert page.count('src="data:image/png;base64,') == 4 and page.count("<tr>") == 1 + 2 + 1 + 4  # two tables
-    screenshot = tmp_path / "screenshot.png"
-    subprocess.run(
-        [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1100,2400",
-         f"--screenshot={screenshot}", (out / "index.html").as_uri()],
-        capture_output=True, timeout=120, check=True,
-    )  # fmt: skip
-    pixels = np.asarray(Image.open(screenshot).convert("RGB"))
+    pixels = screenshot(out / "index.html", tmp_path / "screenshot.png", width=1100)
     assert colour_fraction(pixels, (255, 255, 255), 3) < 0.98  # not a blank page (the plots are white inside)
     assert colour_fraction(pixels, (31, 119, 180)) > 5e-4  # matplotlib's first colour: curves drawn
     assert colour_fraction(pixels, (255, 127, 14)) > 5e-4  # and its second: the second variant or LR

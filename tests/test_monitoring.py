@@ -9,12 +9,10 @@ import re
 import subprocess
 import sys
 
-import numpy as np
 import pytest
-from PIL import Image
 from wandb_records import records
 
-from conftest import REPO, chromium, colour_fraction, read_metrics, torchrun, train_overrides
+from conftest import REPO, colour_fraction, read_metrics, screenshot, torchrun, train_overrides
 from fusion_train.monitor.report import kept_trajectory, read_run, summary_rows
 
 FAULT_STEPS = {"nonfinite": 12, "loss_spike": 24, "norm_growth": 33}
@@ -201,13 +199,7 @@ def test_report_renders_in_a_headless_browser(guarded_run, tmp_path):
     assert page.count('src="data:image/png;base64,') == len(pngs)  # self-contained
     assert "http" not in page.replace("https://", "").split("<body>")[0] and "loss_spike at step 24" in page
 
-    screenshot = tmp_path / "screenshot.png"
-    subprocess.run(
-        [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1000,2400",
-         f"--screenshot={screenshot}", (out / "index.html").as_uri()],
-        capture_output=True, timeout=120, check=True,
-    )  # fmt: skip
-    pixels = np.asarray(Image.open(screenshot).convert("RGB"))
+    pixels = screenshot(out / "index.html", tmp_path / "screenshot.png", width=1000)
     assert pixels.shape[:2] == (2400, 1000)
     assert colour_fraction(pixels, (255, 255, 255), 3) < 0.9  # not a blank page
     assert colour_fraction(pixels, (31, 119, 180)) > 5e-4  # matplotlib's first line colour: curves drawn
