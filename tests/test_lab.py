@@ -13,7 +13,9 @@ import yaml
 
 from conftest import REPO, colour_fraction, screenshot, train_overrides
 from fusion_train.cli import train_main
+from fusion_train.lab.stability import History, calibration, divergence_step
 from fusion_train.lab.sweep import POINT_RECORD, Point, expand
+from fusion_train.monitor.config import GuardConfig
 
 
 def test_help_lists_the_groups_their_options_and_the_top_level_keys(capsys):
@@ -133,3 +135,19 @@ def test_the_sweep_report_names_a_folder_that_is_not_a_sweep(tmp_path):
         [sys.executable, "-m", "fusion_train.monitor.report", "--sweep", str(tmp_path)], capture_output=True, text=True
     )
     assert result.returncode == 2 and "is not a sweep folder (no sweep.json)" in result.stderr
+
+
+def test_the_guard_replay_times_its_warning_against_the_divergence():
+    # Norms grow tenfold from step 40 on, then the loss rises 2 nats from step 80: a divergence the
+    # norm test sees coming; a flat twin raises nothing.
+    def history(name, grows):
+        rows = [{"step": s, "loss/total": 3.0 + (2.0 if grows and s >= 80 else 0.0) + 0.01 * (s % 3),
+                 "grad/norm": 1.0, "norms/final_out": 1.0 * (10 ** ((s - 40) / 40) if grows and s > 40 else 1.0)}
+                for s in range(1, 121)]  # fmt: skip
+        return History(name, "plain", 0.1, rows)
+
+    diverging, stable = history("diverging", True), history("stable", False)
+    assert divergence_step(diverging) == 85 and divergence_step(stable) is None
+    cfg = GuardConfig(norm_start_step=40, norm_window=20)
+    (row,) = calibration([diverging, stable], [cfg])
+    assert row["warned"] == 1 and row["diverged"] == 1 and row["false_alarms"] == 0 and row["median_lead"] > 20
