@@ -148,6 +148,6 @@ def test_the_guard_replay_times_its_warning_against_the_divergence():
 
     diverging, stable = history("diverging", True), history("stable", False)
     assert divergence_step(diverging) == 85 and divergence_step(stable) is None
-    cfg = GuardConfig(norm_start_step=40, norm_window=20)
+    cfg = GuardConfig(norm_start_step=40, norm_window=30)
     (row,) = calibration([diverging, stable], [cfg])
     assert row["warned"] == 1 and row["diverged"] == 1 and row["false_alarms"] == 0 and row["median_lead"] > 20
