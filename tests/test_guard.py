@@ -72,6 +72,16 @@ def test_norm_growth_is_not_tested_before_norm_start_step():
     assert 250 + 20 <= min(events) <= 300  # min_history steps from norm_start_step on
 
 
+def test_a_norm_jump_is_caught_from_the_first_steps_and_a_fresh_models_growth_is_not():
+    # The stability lab's LR-1.0 runs: the final RMS goes 0.024 -> 0.22 -> 6.6 -> 123 in three steps,
+    # the loss rises above its initial value at the fourth. Its best learning rate grows ~15x in 6 steps.
+    blow_up = [0.024, 0.22, 6.6, 123.0, 580.0]
+    events = run(DivergenceGuard(GuardConfig()), [8.3] * 5, blow_up)
+    assert min(events) == 3 and events[3].kind == "norm_jump" and "learning rate is too high" in events[3].message
+    fresh = [0.024 * 1.6**i for i in range(30)]
+    assert run(DivergenceGuard(GuardConfig()), [8.3] * 30, fresh) == {}
+
+
 def test_a_sudden_blow_up_raises_the_fitted_trend():
     assert fitted_growth([1.0] * 7 + [1000.0]) > 20
     assert fitted_growth([1.0] * 7 + [1.3]) < 0.2
@@ -110,7 +120,13 @@ def test_state_survives_a_json_checkpoint():
 
 @pytest.mark.parametrize(
     "change, message",
-    [({"action": "retry"}, "choose one of"), ({"min_history": 2}, "at least 3"), ({"spike_window": 5}, "at least")],
+    [
+        ({"action": "retry"}, "choose one of"),
+        ({"min_history": 2}, "at least 3"),
+        ({"spike_window": 5}, "at least"),
+        ({"norm_window": 20}, "norm_window more than min_history"),
+        ({"norm_jump_max": 1.0}, "norm_jump_max more than 1"),
+    ],
 )
 def test_bad_settings_name_the_setting(change, message):
     with pytest.raises(GuardError, match=message):

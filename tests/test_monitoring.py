@@ -15,7 +15,7 @@ from wandb_records import records
 from conftest import REPO, colour_fraction, read_metrics, screenshot, torchrun, train_overrides
 from fusion_train.monitor.report import kept_trajectory, read_run, summary_rows
 
-FAULT_STEPS = {"nonfinite": 12, "loss_spike": 24, "norm_growth": 33}
+FAULT_STEPS = {"nonfinite": 12, "loss_spike": 24, "norm_jump": 33}
 CHECKPOINT_EVERY = 5
 GUARD = [
     "monitor.guard.min_history=5", "monitor.guard.spike_window=10", "monitor.guard.norm_window=10",
@@ -47,7 +47,7 @@ def guarded_run(demo_data, tmp_path_factory):
     faults = [
         f"faults.nan_gradient_at=[{FAULT_STEPS['nonfinite']}]",
         f"faults.loss_spike_at=[{FAULT_STEPS['loss_spike']}]",
-        f"faults.norm_blowup_at=[{FAULT_STEPS['norm_growth']}]",
+        f"faults.norm_blowup_at=[{FAULT_STEPS['norm_jump']}]",
     ]
     result = train(
         demo_data, run, "trainer.steps=40", f"trainer.checkpoint_every={CHECKPOINT_EVERY}", "trainer.keep_every=10",

@@ -19,6 +19,8 @@ class GuardConfig:
     norm_window: int = 100  # steps over which the trend of norms/final_out is fitted
     norm_growth_max: float = 1.0  # fitted relative growth of norms/final_out over norm_window (1.0: doubling)
     norm_start_step: int = 4000  # norms grow fast while a fresh model learns: the test starts here
+    norm_jump_max: float = 100.0  # norms/final_out above this many times its least over norm_jump_steps
+    norm_jump_steps: int = 5
     max_rollbacks: int = 3  # per run, counted across resumes; one more ends the run
     rollback_lr_factor: float = 1.0  # the LR is multiplied by this ...
     rollback_lr_steps: int = 0  # ... for this many steps after a rollback

@@ -8,6 +8,9 @@ Three tests, on values every rank shares (all-reduced), so that every rank decid
   as a relative growth across the window, above `norm_growth_max`, from `norm_start_step` on (a
   fresh model's norms grow fast while it learns). Steady growth and a sudden blow-up both raise
   the fitted trend; one noisy step barely does.
+- norm jump: norms/final_out more than `norm_jump_max` times its smallest value of the last
+  `norm_jump_steps` steps, from the first step on. It is the blow-up of a too-high learning rate in
+  the warm-up, before the growth test may speak (the stability lab, docs/stability.md).
 
 The guard only decides; the trainer acts (warn, stop, or roll back). Its state (the windows, the
 rollbacks so far and the data they skipped) is saved in every checkpoint.
@@ -26,13 +29,16 @@ MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution times this is its standard
 MIN_RELATIVE_SCALE = 1e-3  # a flat loss has MAD ~0: spikes are measured against at least 0.1% of the median
 
 
+EVENT_KINDS = ("nonfinite", "loss_spike", "norm_jump", "norm_growth")
+
+
 class GuardError(ValueError):
     pass
 
 
 @dataclass
 class GuardEvent:
-    kind: str  # nonfinite | loss_spike | norm_growth
+    kind: str  # one of EVENT_KINDS
     step: int
     value: float  # the statistic that crossed its threshold
     threshold: float
@@ -42,10 +48,13 @@ class GuardEvent:
 def check_config(cfg: GuardConfig) -> None:
     if cfg.action not in GUARD_ACTIONS:
         raise GuardError(f"monitor.guard.action={cfg.action!r}: choose one of {GUARD_ACTIONS}")
-    if cfg.min_history < 3 or cfg.spike_window < cfg.min_history or cfg.norm_window < cfg.min_history:
+    if cfg.min_history < 3 or cfg.spike_window < cfg.min_history or cfg.norm_window <= cfg.min_history:
         raise GuardError(
-            "monitor.guard: min_history must be at least 3, and spike_window and norm_window at least min_history"
+            "monitor.guard: min_history must be at least 3, spike_window at least min_history, and norm_window "
+            "more than min_history (the growth test needs more than min_history steps)"
         )
+    if cfg.norm_jump_steps < 1 or cfg.norm_jump_max <= 1:
+        raise GuardError("monitor.guard: norm_jump_steps must be at least 1 and norm_jump_max more than 1")
 
 
 def robust_zscore(history: list[float], value: float) -> float:
@@ -78,13 +87,13 @@ class DivergenceGuard:
         it is an event: a run that goes on from it (`warn`) adapts to a lasting change instead of
         alarming forever, and a rollback cuts the history back anyway."""
         event = self._nonfinite(step, loss, grad_norm, final_norm) or self._spike(step, loss)
-        tracks_norm = final_norm is not None and step >= self.cfg.norm_start_step
-        if event is None and tracks_norm:
-            event = self._norm_growth(step, final_norm)
+        if event is None and final_norm is not None:
+            event = self._norm_jump(step, final_norm) or self._norm_growth(step, final_norm)
         if event is None or event.kind != "nonfinite":
             self.losses = (self.losses + [(step, loss)])[-self.cfg.spike_window :]
-            if tracks_norm:
-                self.final_norms = (self.final_norms + [(step, final_norm)])[-self.cfg.norm_window :]
+            if final_norm is not None:
+                kept = max(self.cfg.norm_window, self.cfg.norm_jump_steps)
+                self.final_norms = (self.final_norms + [(step, final_norm)])[-kept:]
         return event
 
     def _nonfinite(self, step, loss, grad_norm, final_norm) -> GuardEvent | None:
@@ -106,8 +115,23 @@ class DivergenceGuard:
         )
         return GuardEvent("loss_spike", step, z, self.cfg.spike_zscore, message)
 
+    def _norm_jump(self, step: int, final_norm: float) -> GuardEvent | None:
+        recent = [v for _, v in self.final_norms[-self.cfg.norm_jump_steps :]]
+        if not recent or final_norm <= self.cfg.norm_jump_max * min(recent):
+            return None
+        ratio = final_norm / min(recent)
+        message = (
+            f"step {step}: norms/final_out jumps to {final_norm:.4g}, {ratio:.0f} times its smallest value of the "
+            f"last {len(recent)} steps (limit monitor.guard.norm_jump_max={self.cfg.norm_jump_max:g}): "
+            "the learning rate is too high for this model"
+        )
+        return GuardEvent("norm_jump", step, ratio, self.cfg.norm_jump_max, message)
+
     def _norm_growth(self, step: int, final_norm: float) -> GuardEvent | None:
-        window = [v for _, v in self.final_norms][-(self.cfg.norm_window - 1) :] + [final_norm]
+        if step < self.cfg.norm_start_step:
+            return None
+        tracked = [v for s, v in self.final_norms if s >= self.cfg.norm_start_step]
+        window = tracked[-(self.cfg.norm_window - 1) :] + [final_norm]
         if len(window) <= self.cfg.min_history:
             return None
         growth = fitted_growth(window)

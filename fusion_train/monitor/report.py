@@ -29,8 +29,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 
 from fusion_train.generate.page import as_text, segments_html  # noqa: E402
+from fusion_train.monitor.guard import EVENT_KINDS  # noqa: E402
 
-GUARD_KEY = re.compile(r"^guard/(nonfinite|loss_spike|norm_growth)$")
+GUARD_KEY = re.compile(rf"^guard/({'|'.join(EVENT_KINDS)})$")
 BLOCK_KEY = re.compile(r"^norms/block_(\d+)_out$")
 QK_KEY = re.compile(r"^attn/qk_logit_max_(\d+)$")
 EVAL_SOURCE_KEY = re.compile(r"^eval/(.+)/loss$")
