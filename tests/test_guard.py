@@ -39,7 +39,7 @@ def test_a_loss_spike_is_caught_at_its_step():
     losses[299] += 2.0  # step 300: the loss jumps by half
     events = run(DivergenceGuard(GuardConfig()), losses, norms)
     assert list(events) == [300] and events[300].kind == "loss_spike"
-    assert events[300].value > 6 and "robust standard deviations" in events[300].message
+    assert events[300].value > 8 and "robust standard deviations" in events[300].message
 
 
 def test_a_lasting_level_shift_alarms_for_a_while_then_becomes_the_norm():
@@ -73,7 +73,7 @@ def test_norm_growth_is_not_tested_before_norm_start_step():
 
 
 def test_a_norm_jump_is_caught_from_the_first_steps_and_a_fresh_models_growth_is_not():
-    # The stability lab's LR-1.0 runs: the final RMS goes 0.024 -> 0.22 -> 6.6 -> 123 in three steps,
+    # The stability lab's LR-1 runs: the final RMS goes 0.024 -> 0.22 -> 6.6 -> 123 in three steps,
     # the loss rises above its initial value at the fourth. Its best learning rate grows ~15x in 6 steps.
     blow_up = [0.024, 0.22, 6.6, 123.0, 580.0]
     events = run(DivergenceGuard(GuardConfig()), [8.3] * 5, blow_up)

@@ -3,10 +3,11 @@
 Plots: the final loss against the learning rate per variant (the LR-sensitivity curve), the largest
 attention logit without and with QK-norm, the output logits' log Z without and with z-loss, and the
 last block's output RMS per variant; each run's guard events are red crosses on its curves. Tables:
-the LR sensitivity of each variant, and for each run its final loss, the step it diverged at and
-the guard's first event before it (the lead time), or the guard's events in a run that did not
-diverge (false alarms). The tables are also written as markdown (`tables.md`), for documents, and
-the series behind them as `histories.jsonl`, a line per run.
+the LR sensitivity of each variant; for each run its final loss, what became of it (diverged,
+degraded, healthy: `fusion_train.lab.stability`), the guard's first event and its lead time before
+a divergence; and the guard calibration, the guard replayed on every run with each setting of
+`CALIBRATION_GRID` around the sweep's own. The tables are also written as markdown (`tables.md`),
+for documents, and the series behind them as `histories.jsonl`, a line per run.
 """
 
 from __future__ import annotations
@@ -21,14 +22,23 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from fusion_train.lab.stability import (  # noqa: E402
+    ATTENTION_LOGIT_LIMIT,
+    CALIBRATION_GRID,
     History,
+    calibration,
+    candidate_guards,
     divergence_step,
+    ended_points,
     final_loss,
+    first_step_above,
+    guard_config,
     initial_loss,
     lr_sensitivity,
-    read_sweep,
+    outcomes,
+    read_point,
     write_histories,
 )
+from fusion_train.monitor.config import GuardConfig  # noqa: E402
 from fusion_train.monitor.report import GUARD_KEY  # noqa: E402
 
 
@@ -89,16 +99,32 @@ def curves_plot(variants: dict[str, list[History]], names: list[str], key: str, 
 
 
 def run_rows(histories: list[History]) -> list[dict]:
+    first_events = {h.name: next(iter(guard_events(h)), None) for h in histories}
     rows = []
-    for h in histories:
-        diverged, events = divergence_step(h), guard_events(h)
-        before = [(s, k) for s, k in events if diverged is not None and s <= diverged]
+    for h, outcome in zip(histories, outcomes(histories, first_events), strict=True):
+        event = outcome.first_event
+        attention = first_step_above(h, "attn/qk_logit_max", ATTENTION_LOGIT_LIMIT)
         rows.append({
             "run": h.name, "final loss": f"{final_loss(h):.3f}",
-            "diverged at": "" if diverged is None else str(diverged),
-            "first guard event": f"{before[0][1]} at {before[0][0]}" if before else "",
-            "lead (steps)": str(diverged - before[0][0]) if before else "",
-            "false alarms": str(len(events)) if diverged is None else "",
+            "outcome": outcome.status + (f" at {outcome.diverged_at}" if outcome.diverged_at is not None else ""),
+            "first guard event": f"{event[1]} at {event[0]}" if event else "",
+            "lead (steps)": "" if outcome.lead_steps is None else str(outcome.lead_steps),
+            f"attention logit > {ATTENTION_LOGIT_LIMIT:g} at": str(attention or ""),
+            "guard events": str(len(guard_events(h))),
+        })  # fmt: skip
+    return rows
+
+
+def calibration_rows(histories: list[History], base: GuardConfig) -> list[dict]:
+    rows = []
+    for row in calibration(histories, candidate_guards(base)):
+        settings = ", ".join(f"{k} {getattr(row['guard'], k):g}" for k in CALIBRATION_GRID)
+        leads = "" if row["least_lead"] is None else f"{row['least_lead']} / {row['median_lead']:g}"
+        rows.append({
+            "guard": settings, "diverged runs warned": f"{row['warned']}/{row['diverged']}",
+            "least / median lead (steps)": leads,
+            "degraded runs warned": f"{row['degraded_warned']}/{row['degraded']}",
+            "healthy runs alarmed": str(row["false_alarms"]),
         })  # fmt: skip
     return rows
 
@@ -118,7 +144,8 @@ def write_sweep_report(root: str | Path, out_dir: str | Path | None = None) -> P
     root = Path(root)
     if not (root / "sweep.json").is_file():
         raise SweepReportError(f"{root} is not a sweep folder (no sweep.json): give the folder `fusion-train -m` wrote")
-    histories = read_sweep(root)
+    folders = ended_points(root)
+    histories = [read_point(folder) for folder in folders]
     if not histories:
         raise SweepReportError(f"no point of the sweep in {root} has ended yet")
     out_dir = Path(out_dir) if out_dir else root / "report"
@@ -137,12 +164,14 @@ def write_sweep_report(root: str | Path, out_dir: str | Path | None = None) -> P
         plt.close(figure)
         data = base64.b64encode((out_dir / name).read_bytes()).decode()
         figures += f'<figure><img alt="{name}" src="data:image/png;base64,{data}"></figure>'
+    status = {o.name: o.status for o in outcomes(histories, dict.fromkeys(h.name for h in histories))}
     sensitivity = [{"variant": v, "LR sensitivity": f"{lr_sensitivity(runs):.3f}",
                     "best final loss": f"{min(final_loss(h) for h in runs):.3f}",
-                    "diverged runs": str(sum(divergence_step(h) is not None for h in runs))}
+                    "diverged runs": str(sum(status[h.name] == "diverged" for h in runs)),
+                    "degraded runs": str(sum(status[h.name] == "degraded" for h in runs))}
                    for v, runs in variants.items()]  # fmt: skip
-    runs = run_rows(histories)
-    (out_dir / "tables.md").write_text(f"{markdown(sensitivity)}\n{markdown(runs)}")
+    runs, guards = run_rows(histories), calibration_rows(histories, guard_config(folders[0]))
+    (out_dir / "tables.md").write_text(f"{markdown(sensitivity)}\n{markdown(runs)}\n{markdown(guards)}")
     write_histories(histories, out_dir / "histories.jsonl")
     page = out_dir / "index.html"
     page.write_text(f"""<!DOCTYPE html>
@@ -159,6 +188,9 @@ img {{ max-width: 100%; }}
 {figures}
 <h2>Runs</h2>
 {table(runs)}
+<h2>Guard calibration</h2>
+<p>The guard replayed on every run, with the sweep's settings but these (exact when every step was logged).</p>
+{table(guards)}
 </body></html>
 """)
     return page

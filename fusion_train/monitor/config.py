@@ -15,11 +15,11 @@ class GuardConfig:
     action: str = "warn"  # warn: log and alert; stop: checkpoint and exit non-zero; rollback: PaLM's recipe
     min_history: int = 20  # steps of history before the spike and growth tests speak
     spike_window: int = 50  # steps of loss history for the robust z-score
-    spike_zscore: float = 6.0  # (loss - median) / (1.4826 * MAD) above this is a spike
+    spike_zscore: float = 8.0  # (loss - median) / (1.4826 * MAD) above this is a spike
     norm_window: int = 100  # steps over which the trend of norms/final_out is fitted
     norm_growth_max: float = 1.0  # fitted relative growth of norms/final_out over norm_window (1.0: doubling)
     norm_start_step: int = 4000  # norms grow fast while a fresh model learns: the test starts here
-    norm_jump_max: float = 100.0  # norms/final_out above this many times its least over norm_jump_steps
+    norm_jump_max: float = 20.0  # norms/final_out above this many times its least over norm_jump_steps
     norm_jump_steps: int = 5
     max_rollbacks: int = 3  # per run, counted across resumes; one more ends the run
     rollback_lr_factor: float = 1.0  # the LR is multiplied by this ...
