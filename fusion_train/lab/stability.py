@@ -75,19 +75,27 @@ def guard_config(folder: Path) -> GuardConfig:
     return GuardConfig(**yaml.safe_load((folder / "config.yaml").read_text())["monitor"]["guard"])
 
 
-HISTORY_KEYS = ("loss/total", "grad/norm", "norms/final_out", "attn/qk_logit_max", "logits/logZ_mean_text")
+HISTORY_KEYS = ("loss/total", "grad/norm", "norms/final_out", "attn/qk_logit_max")  # what the numbers use
 
 
 def write_histories(histories: list[History], path: Path) -> None:
-    """The series the lab's numbers use, one line per run: small enough to keep in a repository."""
+    """The series the lab's numbers use, one line per run, a column per key (null where a step lacks
+    it), to 5 significant digits: small enough to keep in a repository."""
     with open(path, "w") as f:
         for h in histories:
-            rows = [{"step": m["step"], **{k: float(f"{m[k]:.5g}") for k in HISTORY_KEYS if k in m}} for m in h.metrics]
-            f.write(json.dumps({"name": h.name, "variant": h.variant, "lr": h.lr, "metrics": rows}) + "\n")
+            columns = {"step": [m["step"] for m in h.metrics]}
+            columns |= {k: [float(f"{m[k]:.5g}") if k in m else None for m in h.metrics] for k in HISTORY_KEYS}
+            f.write(json.dumps({"name": h.name, "variant": h.variant, "lr": h.lr, "columns": columns}) + "\n")
 
 
 def read_histories(path: Path) -> list[History]:
-    return [History(**json.loads(line)) for line in path.read_text().splitlines()]
+    histories = []
+    for line in path.read_text().splitlines():
+        run = json.loads(line)
+        columns = run.pop("columns")
+        rows = [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
+        histories.append(History(**run, metrics=[{k: v for k, v in r.items() if v is not None} for r in rows]))
+    return histories
 
 
 def final_loss(history: History) -> float:
