@@ -5,6 +5,12 @@ with weight and bias over each head's query/key vector, after the projection and
 optional Swin-style norm reordering, residual dropout, and z-loss in the output layer. Parameter
 names and the RoPE layout (interleaved pairs) are those of Meta's released checkpoints.
 
+`untie_modalities` makes it a Mixture-of-Transformers (Liang et al. 2024, arXiv 2411.04996): the
+named parts of every block get one copy per modality, each token goes through its own modality's
+copy, and attention stays global over the mixed sequence. The tokens are grouped by modality once
+per forward (`ModalityRouting`), and the blocks work on the grouped tokens; only attention itself
+sees them in sequence order.
+
 `forward` trains and scores whole sequences; `decode` extends a KV cache (`kv_cache.py`) by new
 tokens, for generation. Plain PyTorch: parallelism, activation checkpointing (wrap the modules in
 `layers`), compilation and sampling are applied from outside.
@@ -14,7 +20,9 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +32,7 @@ from fusion_train.model.kv_cache import KVCache, LayerCache
 from fusion_train.model.loss import LossOutput, chunked_lm_loss
 
 BLOCK_STYLES = ("prenorm", "swin")
+UNTIED_PARTS = ("attention", "ffn", "norms", "qk_norm")  # wq/wk/wv/wo, w1/w2/w3, the two RMSNorms, QK-norms
 QK_NORM_EPS = 1e-5  # torch's LayerNorm default, as in Meta's and HF's code
 
 
@@ -48,6 +57,11 @@ class ChameleonConfig:
     z_loss: float = 1e-5
     loss_chunk_size: int = 2048  # positions per chunk of the output projection + loss
     init_std: float = 0.02
+    # Parts of every block with a copy per modality (UNTIED_PARTS; empty: the dense block), and the
+    # ids [start, end) of image tokens, which go through the image copies; every other id (text and
+    # the control tokens, which sit in text) goes through the text copies.
+    untie_modalities: list[str] = field(default_factory=list)
+    image_token_ids: list[int] | None = None
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -60,6 +74,12 @@ class ChameleonConfig:
             (self.n_kv_heads % self.qk_norm_groups == 0, "n_kv_heads must be divisible by qk_norm_groups"),
             (0.0 <= self.dropout < 1.0, "dropout must lie in [0, 1)"),
             (self.loss_chunk_size > 0, "loss_chunk_size must be positive"),
+            (set(self.untie_modalities) <= set(UNTIED_PARTS), f"untie_modalities: choose among {UNTIED_PARTS}"),
+            (
+                not self.untie_modalities or (self.image_token_ids is not None and len(self.image_token_ids) == 2),
+                "untie_modalities needs image_token_ids=[first image id, last + 1]",
+            ),
+            ("qk_norm" not in self.untie_modalities or self.qk_norm, "untie_modalities has qk_norm but qk_norm is off"),
         ]
         for ok, message in checks:
             if not ok:
@@ -95,6 +115,71 @@ class HeadLayerNorm(nn.Module):
         weight = self.weight.repeat_interleave(self.heads_per_group, dim=0)
         bias = self.bias.repeat_interleave(self.heads_per_group, dim=0)
         return normed * weight + bias
+
+
+@dataclass
+class ModalityRouting:
+    """A batch's tokens grouped by modality, flattened: text tokens first, then image tokens, each in
+    sequence order. Made once per forward from the input ids and shared by every block."""
+
+    order: torch.Tensor  # [N]: the flat position of each grouped token
+    inverse: torch.Tensor  # [N]: the grouped index of each flat position
+    n_text: int
+    shape: torch.Size  # (B, T)
+
+    @classmethod
+    def of(cls, input_ids: torch.Tensor, image_token_ids: list[int]) -> ModalityRouting:
+        start, end = image_token_ids
+        is_image = ((input_ids >= start) & (input_ids < end)).flatten()
+        order = torch.argsort(is_image.to(torch.uint8), stable=True)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        n_text = order.numel() - int(is_image.sum())  # the forward's one host sync: the split point
+        return cls(order, inverse, n_text, input_ids.shape)
+
+    def group(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, ...] in sequence order -> [N, ...] grouped."""
+        return x.flatten(0, 1).index_select(0, self.order)
+
+    def ungroup(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, ...] grouped -> [B, T, ...] in sequence order."""
+        return x.index_select(0, self.inverse).unflatten(0, self.shape)
+
+
+class SequenceOrder:
+    """The dense model's routing: tokens stay [B, T, ...] in sequence order."""
+
+    @staticmethod
+    def group(x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    ungroup = group
+
+
+class ByModality(nn.Module):
+    """A per-token module untied by modality: `text` for the text (and control) tokens, `image` for
+    the image tokens, on tokens grouped by a ModalityRouting."""
+
+    def __init__(self, make: Callable[[], nn.Module]):
+        super().__init__()
+        self.text, self.image = make(), make()
+
+    def forward(self, x: torch.Tensor, routing: ModalityRouting) -> torch.Tensor:
+        return torch.cat([self.text(x[: routing.n_text]), self.image(x[routing.n_text :])])
+
+
+def untied_if(untie: bool, make: Callable[[], nn.Module]) -> nn.Module:
+    return ByModality(make) if untie else make()
+
+
+def per_token(module: nn.Module, x: torch.Tensor, routing) -> torch.Tensor:
+    """A per-token module on the tokens as `routing` lays them out."""
+    return module(x, routing) if isinstance(module, ByModality) else module(x)
+
+
+def dense_parameter_name(name: str) -> str:
+    """The dense model's name of a parameter: `layers.0.attention.wq.image.weight` -> `layers.0.attention.wq.weight`."""
+    return re.sub(r"\.(text|image)\.", ".", name)
 
 
 def rope_angles(head_dim: int, positions: torch.Tensor, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,28 +221,36 @@ class Attention(nn.Module):
     def __init__(self, cfg: ChameleonConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        projections, qk_norm = "attention" in cfg.untie_modalities, "qk_norm" in cfg.untie_modalities
+        q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        self.wq = untied_if(projections, lambda: nn.Linear(cfg.dim, q_dim, bias=False))
+        self.wk = untied_if(projections, lambda: nn.Linear(cfg.dim, kv_dim, bias=False))
+        self.wv = untied_if(projections, lambda: nn.Linear(cfg.dim, kv_dim, bias=False))
+        self.wo = untied_if(projections, lambda: nn.Linear(q_dim, cfg.dim, bias=False))
         self.q_normalization = self.k_normalization = None
         if cfg.qk_norm:
-            self.q_normalization = HeadLayerNorm(cfg.n_heads, cfg.head_dim, cfg.qk_norm_groups)
-            self.k_normalization = HeadLayerNorm(cfg.n_kv_heads, cfg.head_dim, cfg.qk_norm_groups)
+            self.q_normalization = untied_if(
+                qk_norm, lambda: HeadLayerNorm(cfg.n_heads, cfg.head_dim, cfg.qk_norm_groups)
+            )
+            self.k_normalization = untied_if(
+                qk_norm, lambda: HeadLayerNorm(cfg.n_kv_heads, cfg.head_dim, cfg.qk_norm_groups)
+            )
         self.attend = ScaledDotProductAttention()
 
-    def forward(self, x, cos, sin, attn_mask=None, cache: LayerCache | None = None):
-        batch, seq_len, _ = x.shape
-        q = self.wq(x).view(batch, seq_len, self.n_heads, self.head_dim)
-        k = self.wk(x).view(batch, seq_len, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(batch, seq_len, self.n_kv_heads, self.head_dim)
+    def forward(self, x, cos, sin, attn_mask=None, cache: LayerCache | None = None, routing=SequenceOrder):
+        """x: the tokens as `routing` lays them out; the projections and QK-norms work on them, and
+        attention on the sequence order."""
+        q = per_token(self.wq, x, routing).unflatten(-1, (self.n_heads, self.head_dim))
+        k = per_token(self.wk, x, routing).unflatten(-1, (self.n_kv_heads, self.head_dim))
+        v = per_token(self.wv, x, routing).unflatten(-1, (self.n_kv_heads, self.head_dim))
         if self.q_normalization is not None:
-            q, k = self.q_normalization(q), self.k_normalization(k)
+            q, k = per_token(self.q_normalization, q, routing), per_token(self.k_normalization, k, routing)
+        q, k, v = routing.ungroup(q), routing.ungroup(k), routing.ungroup(v)  # [B, T, heads, head_dim]
         q, k, v = apply_rope(q, cos, sin).transpose(1, 2), apply_rope(k, cos, sin).transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.write(k, v)
-        out = self.attend(q, k, v, attn_mask)
-        return self.wo(out.transpose(1, 2).reshape(batch, seq_len, -1))
+        out = self.attend(q, k, v, attn_mask).transpose(1, 2).flatten(2)
+        return per_token(self.wo, routing.group(out), routing)
 
 
 class FeedForward(nn.Module):
@@ -177,19 +270,32 @@ class TransformerBlock(nn.Module):
     def __init__(self, cfg: ChameleonConfig):
         super().__init__()
         self.swin = cfg.block_style == "swin"
+        norms = "norms" in cfg.untie_modalities
         self.attention = Attention(cfg)
-        self.feed_forward = FeedForward(cfg)
-        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = untied_if("ffn" in cfg.untie_modalities, lambda: FeedForward(cfg))
+        self.attention_norm = untied_if(norms, lambda: RMSNorm(cfg.dim, cfg.norm_eps))
+        self.ffn_norm = untied_if(norms, lambda: RMSNorm(cfg.dim, cfg.norm_eps))
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cos, sin, attn_mask=None, cache: LayerCache | None = None):
+    def forward(self, x, cos, sin, attn_mask=None, cache: LayerCache | None = None, routing=SequenceOrder):
+        def attention(y):
+            return self.attention(y, cos, sin, attn_mask, cache, routing)
+
+        def attention_norm(y):
+            return per_token(self.attention_norm, y, routing)
+
+        def ffn_norm(y):
+            return per_token(self.ffn_norm, y, routing)
+
+        def feed_forward(y):
+            return per_token(self.feed_forward, y, routing)
+
         if self.swin:
             # Normalising each branch's output bounds its norm growth (Chameleon-34B).
-            h = x + self.dropout(self.attention_norm(self.attention(x, cos, sin, attn_mask, cache)))
-            return h + self.dropout(self.ffn_norm(self.feed_forward(h)))
-        h = x + self.dropout(self.attention(self.attention_norm(x), cos, sin, attn_mask, cache))
-        return h + self.dropout(self.feed_forward(self.ffn_norm(h)))
+            h = x + self.dropout(attention_norm(attention(x)))
+            return h + self.dropout(ffn_norm(feed_forward(h)))
+        h = x + self.dropout(attention(attention_norm(x)))
+        return h + self.dropout(feed_forward(ffn_norm(h)))
 
 
 class OutputLayer(nn.Linear):
@@ -241,7 +347,7 @@ class Chameleon(nn.Module):
         if isinstance(module, RMSNorm | HeadLayerNorm):
             return torch.full(shape, 1.0 if name.endswith("weight") else 0.0)
         std = self.cfg.init_std
-        if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+        if dense_parameter_name(name).endswith(("attention.wo.weight", "feed_forward.w2.weight")):
             std /= math.sqrt(2 * self.cfg.n_layers)
         digest = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
         generator = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
@@ -278,7 +384,10 @@ class Chameleon(nn.Module):
     def _trunk(self, input_ids, positions, attn_mask, cache: KVCache | None = None) -> torch.Tensor:
         """Embeddings, blocks and the final norm: the hidden states the output layer reads."""
         cos, sin = rope_angles(self.cfg.head_dim, positions, self.cfg.rope_theta)
-        h = self.tok_embeddings(input_ids)
+        routing = SequenceOrder
+        if self.cfg.untie_modalities:
+            routing = ModalityRouting.of(input_ids, self.cfg.image_token_ids)
+        h = routing.group(self.tok_embeddings(input_ids))
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, attn_mask, cache.layers[i] if cache is not None else None)
-        return self.norm(h)
+            h = layer(h, cos, sin, attn_mask, cache.layers[i] if cache is not None else None, routing)
+        return self.norm(routing.ungroup(h))

@@ -3,7 +3,7 @@ allocating it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fusion_train.model.chameleon import ChameleonConfig
 
@@ -19,14 +19,19 @@ class ParameterCounts:
 
 
 def parameters_by_group(cfg: ChameleonConfig) -> dict[str, int]:
-    """Parameters in the monitors' groups: embeddings, attention, ffn, norms (QK-norm included), output."""
+    """Parameters in the monitors' groups: embeddings, attention, ffn, norms (QK-norm included),
+    output; a part untied by modality counts twice."""
+
+    def copies(part: str) -> int:
+        return 2 if part in cfg.untie_modalities else 1
+
     kv_dim = cfg.n_kv_heads * cfg.head_dim
     qk_norm = 2 * 2 * cfg.qk_norm_groups * cfg.head_dim if cfg.qk_norm else 0  # weight + bias, q and k
     return {
         "embeddings": cfg.vocab_size * cfg.dim,
-        "attention": cfg.n_layers * (2 * cfg.dim * cfg.dim + 2 * cfg.dim * kv_dim),
-        "ffn": cfg.n_layers * 3 * cfg.dim * cfg.ffn_dim,
-        "norms": cfg.n_layers * (2 * cfg.dim + qk_norm) + cfg.dim,
+        "attention": cfg.n_layers * (2 * cfg.dim * cfg.dim + 2 * cfg.dim * kv_dim) * copies("attention"),
+        "ffn": cfg.n_layers * 3 * cfg.dim * cfg.ffn_dim * copies("ffn"),
+        "norms": cfg.n_layers * (2 * cfg.dim * copies("norms") + qk_norm * copies("qk_norm")) + cfg.dim,
         "output": cfg.vocab_size * cfg.dim,
     }
 
@@ -43,7 +48,9 @@ def largest_module_parameters(cfg: ChameleonConfig) -> int:
 
 
 def flops_per_token(cfg: ChameleonConfig, seq_len: int) -> int:
-    """Training FLOPs per token (forward + backward): 6 per non-embedding parameter plus
+    """Training FLOPs per token (forward + backward): 6 per non-embedding parameter the token goes
+    through (one modality's copy of an untied part: the dense model's count) plus
     12 * layers * dim * seq_len for attention scores (no causal discount), torchtitan's MFU
     convention."""
-    return 6 * parameter_counts(cfg).non_embedding + 12 * cfg.n_layers * cfg.dim * seq_len
+    dense = replace(cfg, untie_modalities=[])
+    return 6 * parameter_counts(dense).non_embedding + 12 * cfg.n_layers * cfg.dim * seq_len

@@ -1,0 +1,145 @@
+"""Modality-untied blocks (Mixture-of-Transformers): the routed model against the dense one and
+against a naive reference that runs both copies on every token."""
+
+import pytest
+import torch
+
+from fusion_train.model.chameleon import (
+    UNTIED_PARTS,
+    ByModality,
+    Chameleon,
+    ModalityRouting,
+    dense_parameter_name,
+)
+from fusion_train.model.kv_cache import KVCache
+from fusion_train.model.size import flops_per_token, parameter_counts
+from helpers import randomized_model, small_config
+
+IMAGE_IDS = [4, 68]  # small_config's vocabulary of 1,024 ids: 64 image codes from id 4
+
+
+def untied_config(parts=UNTIED_PARTS, **overrides):
+    return small_config(untie_modalities=list(parts), image_token_ids=IMAGE_IDS, **overrides)
+
+
+def mixed_ids(batch: int = 3, seq_len: int = 40, seed: int = 0) -> torch.Tensor:
+    """Text, then an image, then text again, at a different place in each row."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(IMAGE_IDS[1], 1024, (batch, seq_len), generator=generator)
+    for row in range(batch):
+        start = 3 + 7 * row
+        ids[row, start : start + 16] = torch.randint(*IMAGE_IDS, (16,), generator=generator)
+    return ids
+
+
+def untied_copy_of(dense: Chameleon, parts=UNTIED_PARTS, **overrides) -> Chameleon:
+    """An untied model whose every copy holds the dense model's weights."""
+    untied = Chameleon(untied_config(parts, **overrides)).eval()
+    dense_weights = dict(dense.named_parameters())
+    with torch.no_grad():
+        for name, param in untied.named_parameters():
+            param.copy_(dense_weights[dense_parameter_name(name)])
+    return untied
+
+
+@pytest.mark.parametrize("parts", [["ffn"], ["attention", "qk_norm"], list(UNTIED_PARTS)])
+def test_parameters_grow_by_the_untied_parts_and_flops_per_token_do_not(parts):
+    cfg, dense = untied_config(parts), small_config()
+    assert parameter_counts(cfg).total == sum(p.numel() for p in Chameleon(cfg).parameters())
+    copied = sum(p.numel() for n, p in Chameleon(cfg).named_parameters() if ".image." in n)
+    assert parameter_counts(cfg).total == parameter_counts(dense).total + copied and copied > 0
+    assert flops_per_token(cfg, 64) == flops_per_token(dense, 64)
+
+
+@pytest.mark.parametrize("block_style", ["prenorm", "swin"])
+def test_copies_of_the_dense_weights_give_the_dense_logits_and_gradients(block_style):
+    dense = randomized_model(small_config(block_style=block_style))
+    untied = untied_copy_of(dense, block_style=block_style)
+    ids = mixed_ids()
+    dense_logits, untied_logits = dense(ids), untied(ids)
+    torch.testing.assert_close(untied_logits, dense_logits, rtol=1e-5, atol=1e-5)
+    (dense_logits.square().mean()).backward()
+    (untied_logits.square().mean()).backward()
+    summed = {}
+    for name, param in untied.named_parameters():
+        key = dense_parameter_name(name)
+        summed[key] = summed.get(key, 0) + param.grad
+    for name, param in dense.named_parameters():
+        torch.testing.assert_close(summed[name], param.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_token_goes_only_through_its_own_modalitys_copy():
+    model = randomized_model(untied_config())
+    text_only = torch.randint(IMAGE_IDS[1], 1024, (2, 24))
+    mixed = mixed_ids(2, 40)
+    with torch.no_grad():
+        before = model(text_only), model(mixed)
+        for name, param in model.named_parameters():
+            if ".image." in name:
+                param.add_(torch.randn_like(param))
+        after = model(text_only), model(mixed)
+    torch.testing.assert_close(after[0], before[0], rtol=0, atol=0)
+    # In a mixed sequence the text after the image sees the image's keys and values: it changes;
+    # the text before it does not.
+    assert torch.equal(after[1][0, :3], before[1][0, :3])
+    assert not torch.allclose(after[1][0, 20:], before[1][0, 20:])
+
+
+class NaiveRouting:
+    """Sequence order kept, each token's modality remembered: the reference the routing must equal."""
+
+    def __init__(self, is_image: torch.Tensor):
+        self.is_image = is_image
+
+    @staticmethod
+    def group(x):
+        return x
+
+    ungroup = group
+
+
+def both_copies_then_select(self, x, routing):
+    mask = routing.is_image.reshape(*routing.is_image.shape, *[1] * (x.dim() - 2))
+    return torch.where(mask, self.image(x), self.text(x))
+
+
+@pytest.mark.parametrize("block_style", ["prenorm", "swin"])
+@pytest.mark.parametrize("rows", ["mixed", "text only", "image only"])
+def test_routing_equals_running_both_copies_on_every_token(block_style, rows, monkeypatch):
+    model = randomized_model(untied_config(block_style=block_style))  # GQA: 4 heads, 2 kv heads
+    ids = {
+        "mixed": mixed_ids(seed=1),
+        "text only": torch.randint(IMAGE_IDS[1], 1024, (2, 16)),
+        "image only": torch.randint(*IMAGE_IDS, (2, 16)),
+    }[rows]
+    with torch.no_grad():
+        routed = model(ids)
+        monkeypatch.setattr(ByModality, "forward", both_copies_then_select)
+        monkeypatch.setattr(
+            ModalityRouting, "of", classmethod(lambda cls, i, r: NaiveRouting((i >= r[0]) & (i < r[1])))
+        )
+        reference = model(ids)
+    torch.testing.assert_close(routed, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_decoding_with_the_kv_cache_equals_the_whole_forward():
+    model = randomized_model(untied_config())
+    ids = mixed_ids(2, 32, seed=2)
+    with torch.no_grad():
+        whole = model(ids)
+        cache = KVCache.for_model(model.cfg, batch=2, capacity=32, device=torch.device("cpu"), dtype=torch.float32)
+        steps = [model.decode(ids[:, :10], cache)] + [model.decode(ids[:, t : t + 1], cache) for t in range(10, 32)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), whole, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"untie_modalities": ["mlp"], "image_token_ids": IMAGE_IDS}, "choose among"),
+        ({"untie_modalities": ["ffn"]}, "image_token_ids"),
+        ({"untie_modalities": ["qk_norm"], "image_token_ids": IMAGE_IDS, "qk_norm": False}, "qk_norm is off"),
+    ],
+)
+def test_bad_untie_settings_are_refused(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        small_config(**overrides)
