@@ -11,6 +11,7 @@ from fusion_train.model.chameleon import (
     ModalityRouting,
     dense_parameter_name,
 )
+from fusion_train.model.convert import ConversionError, to_hf_state_dict, to_meta_shards
 from fusion_train.model.kv_cache import KVCache
 from fusion_train.model.size import flops_per_token, parameter_counts
 from helpers import randomized_model, small_config
@@ -136,10 +137,20 @@ def test_decoding_with_the_kv_cache_equals_the_whole_forward():
     "overrides, message",
     [
         ({"untie_modalities": ["mlp"], "image_token_ids": IMAGE_IDS}, "choose among"),
-        ({"untie_modalities": ["ffn"]}, "image_token_ids"),
+        ({"untie_modalities": ["ffn"], "image_token_ids": [4]}, "image_token_ids must be"),
         ({"untie_modalities": ["qk_norm"], "image_token_ids": IMAGE_IDS, "qk_norm": False}, "qk_norm is off"),
     ],
 )
 def test_bad_untie_settings_are_refused(overrides, message):
     with pytest.raises(ValueError, match=message):
         small_config(**overrides)
+
+
+def test_an_untied_model_needs_its_image_ids_and_has_no_hf_or_meta_form():
+    with pytest.raises(ValueError, match="needs model.image_token_ids"):
+        Chameleon(small_config(untie_modalities=["ffn"]))
+    model = Chameleon(untied_config(["ffn"]))
+    with pytest.raises(ConversionError, match="untie_modalities=\\['ffn'\\]: Hugging Face's Chameleon has one set"):
+        to_hf_state_dict(model.state_dict(), model.cfg)
+    with pytest.raises(ConversionError, match="Meta's Chameleon checkpoint has one set of weights per block"):
+        to_meta_shards(model.state_dict(), model.cfg, 1)

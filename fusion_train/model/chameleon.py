@@ -59,7 +59,8 @@ class ChameleonConfig:
     init_std: float = 0.02
     # Parts of every block with a copy per modality (UNTIED_PARTS; empty: the dense block), and the
     # ids [start, end) of image tokens, which go through the image copies; every other id (text and
-    # the control tokens, which sit in text) goes through the text copies.
+    # the control tokens, which sit in text) goes through the text copies. The trainer sets the ids
+    # from the shards' vocabulary.
     untie_modalities: list[str] = field(default_factory=list)
     image_token_ids: list[int] | None = None
 
@@ -76,8 +77,8 @@ class ChameleonConfig:
             (self.loss_chunk_size > 0, "loss_chunk_size must be positive"),
             (set(self.untie_modalities) <= set(UNTIED_PARTS), f"untie_modalities: choose among {UNTIED_PARTS}"),
             (
-                not self.untie_modalities or (self.image_token_ids is not None and len(self.image_token_ids) == 2),
-                "untie_modalities needs image_token_ids=[first image id, last + 1]",
+                self.image_token_ids is None or len(self.image_token_ids) == 2,
+                "image_token_ids must be [first image id, last + 1]",
             ),
             ("qk_norm" not in self.untie_modalities or self.qk_norm, "untie_modalities has qk_norm but qk_norm is off"),
         ]
@@ -324,6 +325,8 @@ class Chameleon(nn.Module):
         """`seed`: the initial weights, a function of it alone (`init_weights`); None leaves them
         to the caller, as when the parameters are partitioned as they are created."""
         super().__init__()
+        if cfg.untie_modalities and cfg.image_token_ids is None:
+            raise ValueError("model.untie_modalities needs model.image_token_ids, the image ids [first, last + 1]")
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))

@@ -175,7 +175,16 @@ def _heads_of(name: str, cfg: ChameleonConfig) -> int | None:
     return None
 
 
+def refuse_untied(cfg: ChameleonConfig, target: str) -> None:
+    if cfg.untie_modalities:
+        raise ConversionError(
+            f"model.untie_modalities={list(cfg.untie_modalities)}: {target} has one set of weights per block, so a "
+            "modality-untied model has no such form; it stays a fusion_train model folder"
+        )
+
+
 def to_hf_state_dict(state_dict: dict, cfg: ChameleonConfig) -> dict:
+    refuse_untied(cfg, "Hugging Face's Chameleon")
     if not cfg.qk_norm:
         raise ConversionError("HF's Chameleon always applies QK-norm; a model with qk_norm=false has no HF form")
     hf = {}
@@ -430,6 +439,7 @@ def _split_dim(name: str) -> int | None:
 
 
 def to_meta_shards(state_dict: dict, cfg: ChameleonConfig, n_shards: int) -> list[dict]:
+    refuse_untied(cfg, "Meta's Chameleon checkpoint")
     if cfg.qk_norm_groups not in (1, n_shards):
         raise ConversionError(
             f"a model with qk_norm_groups={cfg.qk_norm_groups} exports to {cfg.qk_norm_groups} Meta "

@@ -1,7 +1,8 @@
 """Activation statistics read by forward hooks: observed, never changed.
 
 - The RMS of each block's output, summed on the device over micro-batches. The paper's predictor
-  of a late divergence is the slow growth of the last one (Chameleon §2.3, Fig. 5a).
+  of a late divergence is the slow growth of the last one (Chameleon §2.3, Fig. 5a). In a
+  modality-untied model, also over the text and the image tokens apart: each through its own copies.
 - Each layer's largest pre-softmax attention logit q·k/√d, the quantity QK-norm bounds. It costs
   another q kᵀ product, so it is measured only while `sample_attention_logits` is on: the trainer
   turns it on for the first micro-batch of each logged step.
@@ -17,6 +18,8 @@ import math
 
 import torch
 from torch import nn
+
+from fusion_train.model.chameleon import ModalityRouting
 
 QUERY_CHUNK = 256  # query positions per q kᵀ block: bounds the extra memory to [B, heads, 256, T]
 
@@ -39,12 +42,19 @@ def largest_attention_logit(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.T
     return largest
 
 
+def rms(x: torch.Tensor) -> torch.Tensor:
+    # vector_norm in fp32 without a fp32 copy of the [B, T, dim] output
+    return torch.linalg.vector_norm(x, dtype=torch.float32) / math.sqrt(x.numel())
+
+
 class ActivationMonitor:
     def __init__(self, layers: nn.ModuleList, device: torch.device, attention_logits: bool = True):
         n_layers = len(layers)
         self.device = device
         self.rms_sum = torch.zeros(n_layers, dtype=torch.float64, device=device)
         self.micro_batches = 0
+        self.modality_rms_sum = torch.zeros(n_layers, 2, dtype=torch.float64, device=device)  # text, image
+        self.modality_micro_batches = torch.zeros(2, dtype=torch.float64, device=device)
         self.qk_logit_max = torch.full((n_layers,), -math.inf, device=device)
         self.sampling = False
         self.handles = [block.register_forward_hook(self._block_hook(i)) for i, block in enumerate(layers)]
@@ -57,13 +67,21 @@ class ActivationMonitor:
             if not module.training:
                 return  # validation batches are not training's activations
             with torch.no_grad():
-                # vector_norm in fp32 without a fp32 copy of the [B, T, dim] output
-                rms = torch.linalg.vector_norm(output, dtype=torch.float32) / math.sqrt(output.numel())
-                self.rms_sum[index] += rms.double()
+                self.rms_sum[index] += rms(output).double()
                 if index == 0:
                     self.micro_batches += 1
+                if inputs and isinstance(inputs[-1], ModalityRouting):
+                    self._modality_rms(index, output, inputs[-1].n_text)
 
         return hook
+
+    def _modality_rms(self, index: int, output: torch.Tensor, n_text: int) -> None:
+        """`output` holds the tokens grouped by modality: text first, then image."""
+        for modality, part in enumerate((output[:n_text], output[n_text:])):
+            if part.numel():
+                self.modality_rms_sum[index, modality] += rms(part).double()
+                if index == 0:
+                    self.modality_micro_batches[modality] += 1
 
     def _attention_hook(self, index: int):
         def hook(module, inputs, output):
@@ -85,6 +103,13 @@ class ActivationMonitor:
         self.rms_sum = torch.zeros_like(self.rms_sum)
         self.micro_batches = 0
         return mean
+
+    def take_modality_rms(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sums of each block's text and image output RMS [layers, 2] and the micro-batches
+        that had tokens of each modality [2], since the last call (on the device)."""
+        sums, counts = self.modality_rms_sum, self.modality_micro_batches
+        self.modality_rms_sum, self.modality_micro_batches = torch.zeros_like(sums), torch.zeros_like(counts)
+        return sums, counts
 
     def take_qk_logit_max(self) -> torch.Tensor:
         largest = self.qk_logit_max

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 # What the weights' shapes and meaning depend on; the rest (dropout, z-loss, RoPE base, context
 # length) may change between a run and the one that starts from it.
 ARCHITECTURE = ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "qk_norm", "qk_norm_groups",
-                "block_style")  # fmt: skip
+                "block_style", "untie_modalities")  # fmt: skip
 
 InitialValues = Callable[[str, torch.Size], torch.Tensor]  # a parameter's name and shape -> its value
 

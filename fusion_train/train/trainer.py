@@ -38,9 +38,21 @@ from fusion_train.train.run_lock import hold_run_folder
 from fusion_train.train.signals import PreemptionFlag, requeue_slurm_job
 from fusion_train.train.sums import N_MODALITIES, add_modality_sums, modality_metrics, reduce_sums
 from fusion_train.train.validation import ValidationError, Validator
+from fusion_train.vocab import VocabLayout
 
 log = logging.getLogger(__name__)
 GUARD_EXIT = 3  # the divergence guard stopped the run
+
+
+def image_token_ids(configured: list[int] | None, vocab: VocabLayout) -> list[int]:
+    """The ids an untied model routes to its image copies: the shards' image codes."""
+    ids = [vocab.image_code_start, vocab.image_code_end]
+    if configured is not None and list(configured) != ids:
+        raise ConfigError(
+            f"model.image_token_ids={list(configured)} but the shards' image codes are ids {ids[0]}..{ids[1] - 1}: "
+            "leave it unset, and the trainer takes it from the shards"
+        )
+    return ids
 
 
 class Trainer:
@@ -72,6 +84,8 @@ class Trainer:
                 f"model.vocab_size={cfg.model.vocab_size} but the shards' vocabulary has {self.vocab.vocab_size} ids: "
                 f"set model.vocab_size={self.vocab.vocab_size}"
             )
+        if cfg.model.untie_modalities:
+            cfg.model.image_token_ids = image_token_ids(cfg.model.image_token_ids, self.vocab)
         self.checkpoints = Checkpointer(
             self.run_dir / "checkpoints", self.rank, cfg.trainer.keep_last, cfg.trainer.keep_every
         )
@@ -265,6 +279,8 @@ class Trainer:
         }  # fmt: skip
         if self.activations:
             sums["block_rms"] = zeros(len(self.engine.module.layers))
+        if self.activations and self.cfg.model.untie_modalities:
+            sums["modality_rms"], sums["modality_micro_batches"] = zeros(2 * len(self.engine.module.layers)), zeros(2)
         return sums
 
     def _model_out(self, batch: dict) -> tuple[torch.Tensor, dict]:
@@ -291,6 +307,10 @@ class Trainer:
             return None
         block_rms = self.activations.take_block_rms()
         window["block_rms"] += block_rms
+        if "modality_rms" in window:
+            modality_rms, micro_batches = self.activations.take_modality_rms()
+            window["modality_rms"] += modality_rms.flatten()
+            window["modality_micro_batches"] += micro_batches
         return block_rms[-1]
 
     def _guard_values(self, step_loss: torch.Tensor, final_norm: torch.Tensor | None) -> tuple:
@@ -428,10 +448,23 @@ class Trainer:
             block_rms = (reduced["block_rms"] / (steps * self.world_size)).tolist()
             metrics.update({f"norms/block_{i}_out": v for i, v in enumerate(block_rms)})
             metrics["norms/final_out"] = block_rms[-1]
+        if "modality_rms" in reduced:
+            metrics.update(self._modality_norms(reduced["modality_rms"], reduced["modality_micro_batches"]))
         if event:
             metrics.update({f"guard/{event.kind}": event.value, "guard/rollbacks": len(self.guard.rollbacks)})
         for logger in self.loggers:
             logger.log(metrics, self.step)
+
+    @staticmethod
+    def _modality_norms(sums: torch.Tensor, micro_batches: torch.Tensor) -> dict:
+        """norms/block_{i}_out_{text,image} of an untied model: each modality's copies' output RMS."""
+        means = (sums.view(-1, 2) / micro_batches.clamp(min=1)).tolist()
+        return {
+            f"norms/block_{i}_out_{modality}": row[m]
+            for i, row in enumerate(means)
+            for m, modality in enumerate(("text", "image"))
+            if micro_batches[m] > 0
+        }
 
     def _source_fractions(self, documents: torch.Tensor) -> dict:
         total = documents.sum().item()
