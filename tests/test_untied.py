@@ -1,9 +1,14 @@
 """Modality-untied blocks (Mixture-of-Transformers): the routed model against the dense one and
 against a naive reference that runs both copies on every token."""
 
+import json
+
 import pytest
 import torch
 
+from conftest import read_metrics, torchrun, train_overrides
+from fusion_train.cli import convert_main
+from fusion_train.generate.cli import main as generate_main
 from fusion_train.model.chameleon import (
     UNTIED_PARTS,
     ByModality,
@@ -11,11 +16,12 @@ from fusion_train.model.chameleon import (
     ModalityRouting,
     dense_parameter_name,
 )
-from fusion_train.model.convert import ConversionError, to_hf_state_dict, to_meta_shards
+from fusion_train.model.convert import ConversionError, load_native, to_hf_state_dict, to_meta_shards
 from fusion_train.model.kv_cache import KVCache
 from fusion_train.model.size import flops_per_token, parameter_counts
 from helpers import randomized_model, small_config
 
+TRAIN = "-m fusion_train.train"
 IMAGE_IDS = [4, 68]  # small_config's vocabulary of 1,024 ids: 64 image codes from id 4
 
 
@@ -154,3 +160,41 @@ def test_an_untied_model_needs_its_image_ids_and_has_no_hf_or_meta_form():
         to_hf_state_dict(model.state_dict(), model.cfg)
     with pytest.raises(ConversionError, match="Meta's Chameleon checkpoint has one set of weights per block"):
         to_meta_shards(model.state_dict(), model.cfg, 1)
+
+
+UNTIE_ALL = "model.untie_modalities=[attention,ffn,norms,qk_norm]"
+
+
+def test_an_untied_model_under_zero3_resumes_exactly_consolidates_and_generates(demo_data, tmp_path):
+    """Two ranks under ZeRO-3: a run stopped at step 2 and resumed ends as the straight run does;
+    its checkpoint consolidates into a model folder, and generates the same with and without the KV
+    cache."""
+    common = ["deepspeed=zero3", "trainer.steps=4", "trainer.checkpoint_every=2", "logging.log_every=1", UNTIE_ALL]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    torchrun(TRAIN, *train_overrides(demo_data, straight, *common))
+    torchrun(TRAIN, *train_overrides(demo_data, split, *common, "trainer.stop_after_steps=2"))
+    torchrun(TRAIN, *train_overrides(demo_data, split, *common))
+    rows = {run: {m["step"]: m for m in read_metrics(run) if "loss/total" in m} for run in (straight, split)}
+    assert [m["loss/total"] for m in rows[split].values()] == [m["loss/total"] for m in rows[straight].values()]
+    assert {"norms/block_1_out_text", "norms/block_1_out_image"} <= set(rows[straight][4])
+
+    model_dir = tmp_path / "model"
+    assert convert_main(["zero-to-safetensors", str(straight / "checkpoints" / "step_4"), str(model_dir)]) == 0
+    _, cfg, vocab = load_native(model_dir)
+    assert cfg.untie_modalities == ["attention", "ffn", "norms", "qk_norm"]
+    assert cfg.image_token_ids == [vocab.image_code_start, vocab.image_code_end]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        json.dumps({"prompt": ["A photo of"], "mode": "text"}) + "\n"
+        + json.dumps({"prompt": ["a red square"], "mode": "image"}) + "\n"
+    )  # fmt: skip
+    outputs = []
+    for cache in ([], ["--no-cache"]):
+        out = tmp_path / f"generated{len(cache)}"
+        args = [str(straight / "checkpoints" / "step_4"), "--prompts", str(prompts), "--greedy", "--max-new-tokens",
+                "12", "--out", str(out)]  # fmt: skip
+        assert generate_main([*args, *cache]) == 0
+        rows = [json.loads(line) for line in (out / "outputs.jsonl").read_text().splitlines()]
+        picture = (out / rows[1]["output"][0]["image"]).read_bytes()
+        outputs.append((rows, picture))
+    assert outputs[0] == outputs[1] and outputs[0][0][1]["stop"] == "image_done"
