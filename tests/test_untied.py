@@ -3,12 +3,14 @@ against a naive reference that runs both copies on every token."""
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from conftest import read_metrics, torchrun, train_overrides
 from fusion_train.cli import convert_main
 from fusion_train.generate.cli import main as generate_main
+from fusion_train.lab.untied import Arm, comparison_rows
 from fusion_train.model.chameleon import (
     UNTIED_PARTS,
     ByModality,
@@ -198,3 +200,19 @@ def test_an_untied_model_under_zero3_resumes_exactly_consolidates_and_generates(
         picture = (out / rows[1]["output"][0]["image"]).read_bytes()
         outputs.append((rows, picture))
     assert outputs[0] == outputs[1] and outputs[0][0][1]["stop"] == "image_done"
+
+
+def test_the_comparison_finds_the_share_of_the_dense_steps_an_arm_needs():
+    steps = np.array([25, 50, 75, 100])
+    dense = Arm(
+        "dense", 100, 1e9, steps, {"text": np.array([5, 4, 3.5, 3.0]), "image": np.array([7, 6, 5.5, 5.0])}, 0.2
+    )
+    untied = Arm(
+        "all", 180, 1e9, steps, {"text": np.array([4.5, 3.0, 2.8, 2.7]), "image": np.array([7, 6, 5.8, 5.6])}, 0.3
+    )
+    rows = {r["arm"]: r for r in comparison_rows([dense, untied])}
+    assert (
+        rows["all"]["steps to dense text loss"] == "50 (50%)" and rows["all"]["wall-clock to dense text loss"] == "75%"
+    )
+    assert rows["all"]["steps to dense image loss"] == "not reached"
+    assert rows["dense"]["steps to dense text loss"] == "100 (100%)"
