@@ -3,6 +3,7 @@ loss and gradients as eager ones, and the monitors' hooks still see every block 
 
 import copy
 
+import pytest
 import torch
 
 from fusion_train.monitor.activations import ActivationMonitor
@@ -17,12 +18,17 @@ def run(model, ids, vocab):
     out = model(ids, labels=ids, label_modality=vocab.modality_of(ids))
     out.loss.backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters()}
-    return out, grads, monitor.take_block_rms(), monitor.take_qk_logit_max()
+    return out, grads, monitor.take_block_rms(), monitor.take_qk_logit_max(), monitor.take_modality_rms()[0]
 
 
-def test_compiled_blocks_match_eager_and_keep_the_monitors():
+UNTIED = {"untie_modalities": ["attention", "ffn", "norms", "qk_norm"],
+          "image_token_ids": [SMALL_VOCAB.image_code_start, SMALL_VOCAB.image_code_end]}  # fmt: skip
+
+
+@pytest.mark.parametrize("untie", [{}, UNTIED], ids=["dense", "untied"])
+def test_compiled_blocks_match_eager_and_keep_the_monitors(untie):
     vocab = SMALL_VOCAB
-    model = randomized_model(preset("tiny", vocab_size=vocab.vocab_size)).train()
+    model = randomized_model(preset("tiny", vocab_size=vocab.vocab_size, **untie)).train()
     ids = torch.randint(0, vocab.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
     cfg = TrainConfig()
     cfg.trainer.compile = True
@@ -38,3 +44,5 @@ def test_compiled_blocks_match_eager_and_keep_the_monitors():
     torch.testing.assert_close(compiled[2], eager[2], rtol=1e-5, atol=0)  # block-output RMS, through the hooks
     torch.testing.assert_close(compiled[3], eager[3], rtol=1e-5, atol=0)  # largest attention logit
     assert torch.isfinite(eager[3]).all() and (eager[2] > 0).all()
+    torch.testing.assert_close(compiled[4], eager[4], rtol=1e-5, atol=0)  # per-modality RMS of an untied model
+    assert (eager[4] > 0).all() if untie else (eager[4] == 0).all()
