@@ -458,12 +458,12 @@ class Trainer:
     @staticmethod
     def _modality_norms(sums: torch.Tensor, micro_batches: torch.Tensor) -> dict:
         """norms/block_{i}_out_{text,image} of an untied model: each modality's copies' output RMS."""
-        means = (sums.view(-1, 2) / micro_batches.clamp(min=1)).tolist()
+        means, counts = (sums.view(-1, 2) / micro_batches.clamp(min=1)).tolist(), micro_batches.tolist()
         return {
             f"norms/block_{i}_out_{modality}": row[m]
             for i, row in enumerate(means)
             for m, modality in enumerate(("text", "image"))
-            if micro_batches[m] > 0
+            if counts[m] > 0
         }
 
     def _source_fractions(self, documents: torch.Tensor) -> dict:
