@@ -298,6 +298,16 @@ def test_config_and_data_errors_under_torchrun_end_with_one_clean_message(demo_d
     assert json.loads((tmp_path / "run" / "failure.json").read_text())["message"] == message
 
 
+def test_a_start_error_is_printed_once_whichever_rank_meets_it_first():
+    script = REPO / "tests" / "scripts" / "fail_at_start.py"
+    # Rank 1 exits first; torchrun then stops rank 0, which must have printed by then.
+    result = torchrun(script, "same", check=False)
+    assert_one_clean_error(result.stdout + result.stderr, "the same error on every rank")
+    # An error rank 0 does not share is printed by the rank that has it.
+    result = torchrun(script, "own", check=False)
+    assert_one_clean_error(result.stdout + result.stderr, "an error of rank 1 alone")
+
+
 def test_sigterm_writes_a_final_checkpoint_and_exits_0(demo_data, tmp_path):
     run = tmp_path / "run"
     process = _start(demo_data, run, "trainer.steps=200", "trainer.checkpoint_every=100")

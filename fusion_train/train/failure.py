@@ -5,7 +5,8 @@ Every failing rank writes the message to torchrun's error file (TORCHELASTIC_ERR
 `torch.distributed.elastic.multiprocessing.errors.record` writes and torchrun's summary reads),
 with the message itself in place of a traceback. Only one rank prints it:
 - errors found while the run starts (config, data, checkpoint, run folder) are the same on every
-  rank, so rank 0 prints them;
+  rank, so rank 0 prints them. torchrun stops every rank at the first exit, so the other ranks
+  wait for rank 0 to record its error before they leave (or print their own if it has none);
 - errors met during training (a source whose every shard turned unreadable, in a loader worker)
   are printed by the first rank to create `RUN_DIR/failure.json`, which keeps the message. A
   rank that then fails only because that peer left (a collective that lost its partner) ends
@@ -22,6 +23,7 @@ from pathlib import Path
 
 FAILURE_FILE = "failure.json"
 EXIT_CODE = 2
+RANK_0_GRACE_S = 10.0  # how long another rank waits for rank 0 to meet the same error at start
 
 
 def user_message(error: BaseException) -> str:
@@ -56,10 +58,27 @@ def _print(message: str) -> None:
 
 def fail_at_start(error: BaseException) -> int:
     message = user_message(error)
-    _record_for_torchrun(message)
     if os.environ.get("RANK", "0") == "0":
         _print(message)
+    elif not _rank_0_recorded_its_error(RANK_0_GRACE_S):
+        _print(message)  # rank 0 did not fail this way: the error is this rank's own
+    _record_for_torchrun(message)
     return EXIT_CODE
+
+
+def _rank_0_recorded_its_error(grace_s: float) -> bool:
+    """Whether rank 0 wrote torchrun's error file within `grace_s` (it prints first). Its file is
+    found beside this rank's own on the first node; elsewhere, waiting out the grace is all a rank
+    can do to keep its exit from cutting rank 0 short."""
+    own_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    on_rank_0_node = os.environ.get("GROUP_RANK", "0") == "0"
+    rank_0_file = Path(own_file).parent.parent / "0" / "error.json" if own_file and on_rank_0_node else None
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        if rank_0_file is not None and rank_0_file.exists():
+            return True
+        time.sleep(0.05)
+    return rank_0_file is None
 
 
 def fail_in_training(error: BaseException, run_dir: Path) -> int:
