@@ -4,9 +4,10 @@
 # wheels of ../shared/bench/device_wheels.sh in .whl/ (carry it: `carry: [".whl"]`):
 #   bash bench/gpu_suite.sh > $OUT/suite.jsonl
 # PEER: the HF peer script (default shared/bench/peer_hf_chameleon.py); SKIP_PEER=1 leaves it out.
-# VARIANTS: the fusion_train runs, one per line. A 1b variant takes about 3-4 min (10 optimizer
-# steps of 2^20 tokens plus start-up and compilation) and one device call at most 10: split the
-# list over calls, the peer in the first.
+# VARIANTS: the fusion_train runs, one per line (the last three: FlexAttention causal, then
+# documents of about an image-text pair's length masked through flex and through SDPA's dense
+# mask). A 1b variant takes about 3-4 min (10 optimizer steps of 2^20 tokens plus start-up and
+# compilation) and one device call at most 10: split the list over calls, the peer in the first.
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >&2
 export PYTHONPATH=/tmp/site:$PWD OMP_NUM_THREADS=8 WANDB_MODE=offline
@@ -25,6 +26,9 @@ VARIANTS=${VARIANTS:-"
 --zero 1 --compile -- monitor.enabled=false
 --zero 2 --compile
 --zero 1 --compile --activation-checkpointing
+--zero 1 --compile -- model.attention=flex
+--zero 1 --compile --document-length 1100 -- data.document_mask=true model.attention=flex
+--zero 1 --compile --document-length 1100 -- data.document_mask=true
 "}
 while IFS= read -r variant; do
   [ -z "$variant" ] && continue

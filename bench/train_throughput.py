@@ -34,10 +34,10 @@ class SyntheticBatches:
     """Uniform random ids over the whole vocabulary (so every modality has targets) in the shape
     of the training loader's micro-batches; a stand-in for TokenLoader with nothing to resume."""
 
-    def __init__(self, vocab: VocabLayout, micro_batch: int, seq_len: int, seed: int):
+    def __init__(self, vocab: VocabLayout, micro_batch: int, seq_len: int, seed: int, document_length: int):
         self.dataset = self  # the trainer reads .dataset.vocab, .names and .fingerprints
         self.vocab, self.names, self.fingerprints = vocab, ["synthetic"], {}
-        self.shape, self.seed = (micro_batch, seq_len), seed
+        self.shape, self.seed, self.document_length = (micro_batch, seq_len), seed, document_length
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed)
@@ -46,10 +46,21 @@ class SyntheticBatches:
             yield {
                 "input_ids": ids,
                 "labels": ids,
-                "doc_ids": torch.zeros_like(ids),
+                "doc_ids": self._doc_ids(generator),
                 "documents_per_source": torch.ones(self.shape[0], 1, dtype=torch.long),
                 "skipped_samples": torch.zeros(self.shape[0], dtype=torch.long),
             }
+
+    def _doc_ids(self, generator: torch.Generator) -> torch.Tensor:
+        """Documents of lengths uniform in [L/2, 3L/2) (L: --document-length; 0: one per row),
+        packed from each row's start."""
+        if not self.document_length:
+            return torch.zeros(self.shape, dtype=torch.long)
+        low, count = self.document_length // 2, self.shape[1] // (self.document_length // 2) + 1
+        lengths = torch.randint(low, low + self.document_length, (self.shape[0], count), generator=generator)
+        starts = lengths.cumsum(1)  # document i ends before starts[:, i]
+        positions = torch.arange(self.shape[1]).expand(self.shape[0], -1)
+        return torch.searchsorted(starts, positions, right=True)
 
     def state_dict(self) -> dict:
         return {}
@@ -69,6 +80,9 @@ def parse_args(argv):
     parser.add_argument("--log-every", type=int, default=5, help="also the number of warm-up steps")
     parser.add_argument("--compile", action="store_true", help="torch.compile each block")
     parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--document-length", type=int, default=0,
+                        help="mean length of the documents packed in each row (0: one per row); attention is "
+                        "confined to them with `-- data.document_mask=true [model.attention=flex]`")  # fmt: skip
     args, overrides = parser.parse_known_args(argv)
     if args.steps % args.log_every:
         parser.error("--steps must be a multiple of --log-every")
@@ -91,7 +105,10 @@ def main(argv=None) -> None:
         vocab = CHAMELEON_VOCAB if cfg.model.vocab_size == CHAMELEON_VOCAB.vocab_size else VocabLayout(
             image_codebook_size=512, image_grid=8, vocab_size=cfg.model.vocab_size, n_reserved=513
         )  # fmt: skip
-        trainer = Trainer(cfg, loader=SyntheticBatches(vocab, args.micro_batch, args.seq_len, cfg.trainer.seed))
+        trainer = Trainer(
+            cfg,
+            loader=SyntheticBatches(vocab, args.micro_batch, args.seq_len, cfg.trainer.seed, args.document_length),
+        )
         trainer.train()
         rank = trainer.rank
         trainer.close()
@@ -109,6 +126,8 @@ def main(argv=None) -> None:
         "zero_stage": args.zero, "seq_len": args.seq_len, "micro_batch": args.micro_batch,
         "grad_accum": args.micro_steps, "global_batch_tokens": cfg.trainer.global_batch_tokens,
         "compile": args.compile, "activation_checkpointing": args.activation_checkpointing,
+        "document_length": args.document_length, "document_mask": cfg.data.document_mask,
+        "attention": cfg.model.attention,
         "monitoring": cfg.monitor.enabled, "overrides": extra, "timed_steps": args.steps,
         "step_time_s": round(step_time, 4), "tokens_per_s": round(tokens_per_s, 1),
         "tokens_per_s_per_device": round(tokens_per_s / world, 1),

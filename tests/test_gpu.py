@@ -1,9 +1,15 @@
 """Checks that need a CUDA GPU (`pytest -m gpu` on the GPU machine; skipped elsewhere)."""
 
+import copy
+import dataclasses
+
 import pytest
 import torch
+from test_document_mask import DOCUMENT_LENGTHS, doc_ids_of, logits_and_grads
 
 from fusion_train.model.loss import chunked_lm_loss, reference_lm_loss
+from fusion_train.train.config import TrainConfig
+from fusion_train.train.engine import prepare_model
 from helpers import preset, randomized_model
 
 pytestmark = pytest.mark.gpu
@@ -29,3 +35,23 @@ def test_model_in_bf16_on_gpu_tracks_fp32_on_cpu():
         got = model.cuda().bfloat16()(ids.cuda()).float().cpu()
     relative = (got - expected).norm() / expected.norm()
     assert relative < 2e-2
+
+
+def test_compiled_flex_attention_on_gpu_matches_the_dense_mask_and_documents_alone():
+    """FlexAttention's own CUDA kernels, forward and backward, compiled inside compiled blocks."""
+    cfg = preset("tiny", vocab_size=4096, max_seq_len=256)
+    sdpa = randomized_model(cfg).cuda().train()
+    train_cfg = TrainConfig()
+    train_cfg.trainer.compile = True
+    flex = prepare_model(copy.deepcopy(sdpa), train_cfg)
+    flex.cfg = dataclasses.replace(cfg, attention="flex")
+    doc_ids = doc_ids_of(DOCUMENT_LENGTHS).cuda()
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    ids = torch.randint(0, cfg.vocab_size, doc_ids.shape, device="cuda", generator=generator)
+    weights = torch.randn(*doc_ids.shape, cfg.vocab_size, device="cuda", generator=generator)
+    alone = logits_and_grads(sdpa, ids, doc_ids, weights, separately=True)
+    compiled = logits_and_grads(flex, ids, doc_ids, weights)
+    torch.testing.assert_close(compiled[0], alone[0], rtol=1e-3, atol=1e-3)
+    for name, grad in compiled[1].items():
+        reference = alone[1][name.replace("._orig_mod", "")]
+        torch.testing.assert_close(grad, reference, rtol=1e-3, atol=1e-4 * reference.abs().max().item(), msg=name)

@@ -77,7 +77,10 @@ def test_every_zero_stage_trains_the_tiny_model(demo_data, tmp_path, stage):
         demo_data, run, f"deepspeed=zero{stage}", "trainer.steps=12", "trainer.checkpoint_every=6",
         *sample_overrides(demo_data, every=6),
     )  # fmt: skip
-    torchrun(TRAIN, *overrides, *validation)
+    # One stage trains and validates document-masked through FlexAttention's block mask (on a CPU
+    # its mask function becomes a dense mask in training; validation runs FlexAttention itself).
+    masking = ["data.document_mask=true", "model.attention=flex"] if stage == 1 else []
+    torchrun(TRAIN, *overrides, *validation, *masking)
     history = losses(run)
     assert len(history) == 12
     assert sum(history[-3:]) / 3 < 0.9 * sum(history[:3]) / 3, history
@@ -106,7 +109,8 @@ def test_every_zero_stage_trains_the_tiny_model(demo_data, tmp_path, stage):
                                                                         offline[2]["output"][0]["text"]]  # fmt: skip
     pictures = [np.asarray(Image.open(folder / s["output"][0]["image"])) for folder, s in ((run, samples[4]),
                 (generated, offline[1]))]  # fmt: skip
-    assert pictures[0].shape == (64, 64, 3) and np.array_equal(*pictures)
+    # The same codes: the VQ decoder, run by another process with other threads, may round a pixel differently.
+    assert pictures[0].shape == (64, 64, 3) and np.abs(pictures[0].astype(int) - pictures[1]).max() <= 1
     # The per-group statistics read through this stage's partitioning: the group gradient norms make
     # up the global one, and the weight norms are those of the consolidated checkpoint.
     last = [m for m in read_metrics(run) if "loss/total" in m][-1]

@@ -106,11 +106,15 @@ class HeldOutSet:
 
     def _batch(self, rows: list[dict]) -> dict:
         shape = (self.cfg.micro_batch_size, self.cfg.seq_len)
-        input_ids = torch.full(shape, self.vocab.pad, dtype=torch.long)
-        labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+        batch = {
+            "input_ids": torch.full(shape, self.vocab.pad, dtype=torch.long),
+            "labels": torch.full(shape, IGNORE_INDEX, dtype=torch.long),
+            "doc_ids": torch.full(shape, -1, dtype=torch.long),  # padding, as the Packer numbers it
+        }
         for i, row in enumerate(rows):
-            input_ids[i], labels[i] = row["input_ids"], row["labels"]
-        return {"input_ids": input_ids, "labels": labels}
+            for key, values in batch.items():
+                values[i] = row[key]
+        return batch
 
     def read_counts(self, name: str) -> list[int]:
         """[samples scored, samples skipped] by this rank in its last pass over `name`."""

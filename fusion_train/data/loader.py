@@ -74,6 +74,10 @@ class DataConfig:
     restart_data_order: bool = False
     # Check each sample's CRC-32 on every read: a mismatch is a counted `checksum_mismatch` skip.
     verify_checksums: bool = True
+    # Attention confined to each packed document (the batches' doc_ids) rather than causal over the
+    # whole sequence. Off: Chameleon, like LLaMA-2 before it, packs documents under plain causal
+    # attention (docs/performance.md). The training data's setting holds for validation too.
+    document_mask: bool = False
 
     def __post_init__(self) -> None:
         self.sources = {name: as_source(name, value) for name, value in self.sources.items()}

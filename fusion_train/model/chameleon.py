@@ -11,6 +11,11 @@ copy, and attention stays global over the mixed sequence. The tokens are grouped
 per forward (`ModalityRouting`), and the blocks work on the grouped tokens; only attention itself
 sees them in sequence order.
 
+Attention is causal, or with `doc_ids` also confined to each packed document. `attention` picks the
+kernel: SDPA (its flash kernel when causal; a document mask makes it a dense [B, 1, T, T] boolean,
+which rules flash out) or FlexAttention, whose block mask skips the blocks no query may see. One
+mask function (`causal`, `document_causal`) serves both, and the monitors.
+
 `forward` trains and scores whole sequences; `decode` extends a KV cache (`kv_cache.py`) by new
 tokens, for generation. Plain PyTorch: parallelism, activation checkpointing (wrap the modules in
 `layers`), compilation and sampling are applied from outside.
@@ -18,6 +23,7 @@ tokens, for generation. Plain PyTorch: parallelism, activation checkpointing (wr
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import re
@@ -27,11 +33,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from fusion_train.model.kv_cache import KVCache, LayerCache
 from fusion_train.model.loss import LossOutput, chunked_lm_loss
 
 BLOCK_STYLES = ("prenorm", "swin")
+ATTENTION_KERNELS = ("sdpa", "flex")
 UNTIED_PARTS = ("attention", "ffn", "norms", "qk_norm")  # wq/wk/wv/wo, w1/w2/w3, the two RMSNorms, QK-norms
 QK_NORM_EPS = 1e-5  # torch's LayerNorm default, as in Meta's and HF's code
 
@@ -56,6 +64,7 @@ class ChameleonConfig:
     qk_norm_groups: int = 1
     z_loss: float = 1e-5
     loss_chunk_size: int = 2048  # positions per chunk of the output projection + loss
+    attention: str = "sdpa"  # the kernel (ATTENTION_KERNELS): see the module's docstring
     init_std: float = 0.02
     # Parts of every block with a copy per modality (UNTIED_PARTS; empty: the dense block), and the
     # ids [start, end) of image tokens, which go through the image copies; every other id (text and
@@ -69,6 +78,7 @@ class ChameleonConfig:
             self.n_kv_heads = self.n_heads
         checks = [
             (self.block_style in BLOCK_STYLES, f"block_style must be one of {BLOCK_STYLES}"),
+            (self.attention in ATTENTION_KERNELS, f"attention must be one of {ATTENTION_KERNELS}"),
             (self.dim % self.n_heads == 0, "dim must be divisible by n_heads"),
             (self.n_heads % self.n_kv_heads == 0, "n_heads must be divisible by n_kv_heads"),
             ((self.dim // self.n_heads) % 2 == 0, "the head dimension dim/n_heads must be even (RoPE)"),
@@ -200,22 +210,63 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return rotated.flatten(-2).type_as(x)
 
 
+MaskFunction = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def causal(batch, head, q_idx, kv_idx):
+    """FlexAttention's mask_mod convention: whether query q_idx may attend to key kv_idx."""
+    return q_idx >= kv_idx
+
+
+def document_causal(doc_ids: torch.Tensor) -> MaskFunction:
+    """Causal within each document of `doc_ids` [B, T] (padding, -1, is a document of its own)."""
+
+    def mask_mod(batch, head, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (doc_ids[batch, q_idx] == doc_ids[batch, kv_idx])
+
+    return mask_mod
+
+
+def allowed_pairs(mask_mod: MaskFunction, batch: int, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """`mask_mod` at every (query, key) position pair: boolean [B or 1, 1, len(queries), len(keys)]."""
+    rows = torch.arange(batch, device=queries.device)[:, None, None]
+    return mask_mod(rows, 0, queries[None, :, None], keys[None, None, :]).unsqueeze(1)
+
+
 def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
     """[B, 1, T, T] boolean: position t may attend to s <= t of the same document."""
-    seq_len = doc_ids.shape[1]
-    same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]
-    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=doc_ids.device).tril()
-    return (same_doc & causal).unsqueeze(1)
+    positions = torch.arange(doc_ids.shape[1], device=doc_ids.device)
+    return allowed_pairs(document_causal(doc_ids), doc_ids.shape[0], positions, positions)
+
+
+def block_mask(doc_ids: torch.Tensor | None, seq_len: int, device: torch.device) -> BlockMask:
+    """FlexAttention's block mask, causal and, given `doc_ids`, within documents."""
+    mask_mod, batch = (causal, None) if doc_ids is None else (document_causal(doc_ids), doc_ids.shape[0])
+    # Compiled, it never materialises the [B, T, T] mask; on a CPU the compilation costs more than it saves.
+    return create_block_mask(mask_mod, batch, None, seq_len, seq_len, device=device, _compile=device.type == "cuda")
+
+
+@functools.cache
+def compiled_flex_attention() -> Callable:
+    return torch.compile(flex_attention, dynamic=False)
 
 
 class ScaledDotProductAttention(nn.Module):
-    """softmax(q kᵀ / √d) v, causal or under a boolean mask. A module of its own so that observers can
-    hook its inputs (the monitors' largest attention logit) without touching the maths."""
+    """softmax(q kᵀ / √d) v, causal (no mask), under a boolean mask (SDPA) or a block mask
+    (FlexAttention, compiled on a GPU). A module of its own so that observers can hook its inputs
+    (the monitors' largest attention logit) without touching the maths."""
 
     def forward(self, q, k, v, attn_mask=None):  # [B, heads, T, head_dim]
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None, enable_gqa=k.shape[1] != q.shape[1]
-        )
+        gqa = k.shape[1] != q.shape[1]
+        if isinstance(attn_mask, BlockMask):
+            if q.is_cuda:
+                return compiled_flex_attention()(q, k, v, block_mask=attn_mask, enable_gqa=gqa)
+            if not q.requires_grad:
+                return flex_attention(q, k, v, block_mask=attn_mask, enable_gqa=gqa)
+            # FlexAttention has no backward on a CPU: the same mask function, as a dense mask.
+            positions = torch.arange(q.shape[2], device=q.device)
+            attn_mask = allowed_pairs(attn_mask.mask_mod, q.shape[0], positions, positions)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None, enable_gqa=gqa)
 
 
 class Attention(nn.Module):
@@ -369,11 +420,17 @@ class Chameleon(nn.Module):
         if seq_len > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {seq_len} exceeds model max_seq_len={self.cfg.max_seq_len}")
         positions = torch.arange(seq_len, device=input_ids.device)
-        attn_mask = document_causal_mask(doc_ids) if doc_ids is not None else None
-        h = self._trunk(input_ids, positions, attn_mask)
+        h = self._trunk(input_ids, positions, self.attention_mask(doc_ids, seq_len, input_ids.device))
         if labels is None:
             return self.output(h)
         return self.output(h, labels=labels, label_modality=label_modality)
+
+    def attention_mask(self, doc_ids: torch.Tensor | None, seq_len: int, device: torch.device):
+        """What the attention kernel takes for a whole sequence: None (causal, SDPA), a boolean
+        [B, 1, T, T] document mask (SDPA) or a block mask (flex). Made once, shared by every block."""
+        if self.cfg.attention == "flex":
+            return block_mask(doc_ids, seq_len, device)
+        return None if doc_ids is None else document_causal_mask(doc_ids)
 
     def decode(self, input_ids: torch.Tensor, cache: KVCache, valid: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, T, vocab] of T new tokens after those in `cache`, which they join. `valid`

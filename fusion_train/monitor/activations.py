@@ -19,25 +19,26 @@ import math
 import torch
 from torch import nn
 
-from fusion_train.model.chameleon import ModalityRouting
+from fusion_train.model.chameleon import ModalityRouting, allowed_pairs, causal
 
 QUERY_CHUNK = 256  # query positions per q kᵀ block: bounds the extra memory to [B, heads, 256, T]
 
 
-def largest_attention_logit(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+def largest_attention_logit(q: torch.Tensor, k: torch.Tensor, attn_mask) -> torch.Tensor:
     """max over batch, heads and allowed (query, key) pairs of q·k/√d; q [B, H, T, D], k [B, H_kv, T, D],
-    attn_mask None (causal) or boolean [B, 1, T, T]."""
+    attn_mask as the attention took it: None (causal), boolean [B, 1, T, T] or a FlexAttention block mask."""
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     seq_len, scale = q.shape[2], 1.0 / math.sqrt(q.shape[-1])
+    positions = torch.arange(seq_len, device=q.device)
     largest = torch.full((), -math.inf, device=q.device)
     for start in range(0, seq_len, QUERY_CHUNK):
         end = min(start + QUERY_CHUNK, seq_len)
         logits = torch.matmul(q[:, :, start:end].float(), k[:, :, :end].float().transpose(-1, -2)) * scale
-        if attn_mask is None:
-            rows = torch.arange(start, end, device=q.device)[:, None]
-            allowed = rows >= torch.arange(end, device=q.device)[None, :]
-        else:
+        if isinstance(attn_mask, torch.Tensor):
             allowed = attn_mask[:, :, start:end, :end]
+        else:
+            mask_mod = causal if attn_mask is None else attn_mask.mask_mod
+            allowed = allowed_pairs(mask_mod, q.shape[0], positions[start:end], positions[:end])
         largest = torch.maximum(largest, logits.masked_fill(~allowed, -math.inf).amax())
     return largest
 

@@ -194,6 +194,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("logging.log_every must be positive and trainer.checkpoint_every positive or 0 (none)")
     if cfg.eval_samples.prompts and not cfg.trainer.eval_every:
         raise ConfigError("eval_samples has prompts, generated every trainer.eval_every steps: set trainer.eval_every")
+    if cfg.eval_data.document_mask:
+        raise ConfigError("eval_data.document_mask: held-out data is attended as training's is; set data.document_mask")
     if cfg.trainer.eval_batches is not None and cfg.trainer.eval_batches < 1:
         raise ConfigError("trainer.eval_batches must be positive, or null to score the held-out set in full")
     try:

@@ -286,7 +286,9 @@ class Trainer:
     def _model_out(self, batch: dict) -> tuple[torch.Tensor, dict]:
         input_ids = batch["input_ids"].to(self.device, non_blocking=True)
         labels = batch["labels"].to(self.device, non_blocking=True)
-        return input_ids, self.engine(input_ids, labels=labels, label_modality=self.vocab.modality_of(labels))
+        doc_ids = batch["doc_ids"].to(self.device, non_blocking=True) if self.cfg.data.document_mask else None
+        label_modality = self.vocab.modality_of(labels)
+        return input_ids, self.engine(input_ids, labels=labels, doc_ids=doc_ids, label_modality=label_modality)
 
     def _forward(self, batch: dict, sums: dict):
         input_ids, out = self._model_out(batch)
