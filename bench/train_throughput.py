@@ -9,11 +9,14 @@ the monitors' per-log costs as in training. Prints one JSON line.
         --micro-steps 32 --zero 1 --compile                                                        # H100
 
 Anything after `--` is passed to the trainer as Hydra overrides (e.g. `-- monitor.enabled=false`).
+`--profile DIR` records the first timed optimizer step with torch.profiler (a Chrome/Perfetto trace
+in DIR, the top operators in DIR/summary.txt); the step's profiling overhead is then in the figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -83,6 +86,7 @@ def parse_args(argv):
     parser.add_argument("--document-length", type=int, default=0,
                         help="mean length of the documents packed in each row (0: one per row); attention is "
                         "confined to them with `-- data.document_mask=true [model.attention=flex]`")  # fmt: skip
+    parser.add_argument("--profile", metavar="DIR", help="trace the first timed optimizer step into DIR")
     args, overrides = parser.parse_known_args(argv)
     if args.steps % args.log_every:
         parser.error("--steps must be a multiple of --log-every")
@@ -109,7 +113,10 @@ def main(argv=None) -> None:
             cfg,
             loader=SyntheticBatches(vocab, args.micro_batch, args.seq_len, cfg.trainer.seed, args.document_length),
         )
+        profiler = profile_one_step(trainer, args.profile, after=args.log_every) if args.profile else None
         trainer.train()
+        if profiler is not None:
+            summarise(profiler, Path(args.profile))
         rank = trainer.rank
         trainer.close()
         if rank != 0:
@@ -135,7 +142,38 @@ def main(argv=None) -> None:
         "mfu": float(f"{statistics.mean(r['perf/mfu'] for r in timed):.4g}"),
         "peak_mem_gb": round(max(r["perf/mem_gb"] for r in timed), 2),
         "loss_first": round(rows[0]["loss/total"], 4), "loss_last": round(rows[-1]["loss/total"], 4),
+        "losses": [r["loss/total"] for r in rows], "profile": args.profile,
     }))  # fmt: skip
+
+
+def profile_one_step(trainer: Trainer, folder: str, after: int) -> torch.profiler.profile:
+    """A profiler that records optimizer step `after + 1` (1-based), from its first micro-step's
+    forward to the next step's: forwards, backwards, the optimizer step and the step's logging."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    profiler = torch.profiler.profile(
+        activities=activities,
+        schedule=torch.profiler.schedule(wait=after + 1, warmup=0, active=1, repeat=1),  # + the set-up before step 1
+        on_trace_ready=torch.profiler.tensorboard_trace_handler(folder),
+    )
+    micro_steps = itertools.count()
+
+    def at_each_optimizer_step(module, _inputs):
+        if module.training and next(micro_steps) % trainer.grad_accum == 0:
+            profiler.step()
+
+    trainer.engine.module.register_forward_pre_hook(at_each_optimizer_step)
+    profiler.start()
+    return profiler
+
+
+def summarise(profiler: torch.profiler.profile, folder: Path) -> None:
+    profiler.stop()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    table = profiler.key_averages().table(sort_by=f"self_{device}_time_total", row_limit=30)
+    (folder / "summary.txt").write_text(table)
+    print(table, file=sys.stderr)
 
 
 def device_name() -> str:
