@@ -12,7 +12,7 @@ from fusion_train.cli import train_main
 from fusion_train.model.chameleon import Chameleon
 from fusion_train.model.size import largest_module_parameters, parameter_counts
 from fusion_train.train.config import load_config
-from fusion_train.train.plan import model_state_bytes
+from fusion_train.train.plan import memory, model_state_bytes
 
 
 @pytest.mark.parametrize("gpus_per_node, nodes", [(1, 1), (8, 1), (8, 16)])
@@ -47,3 +47,10 @@ def test_a_34b_plan_on_8_gpus_from_the_config_alone(tmp_path, capsys):
     # The time is the FLOPs over the GPUs at the stated MFU.
     expected = 12582912 * plan["flops_per_token"] / (64 * 312e12 * 0.4)
     assert plan["seconds_per_step"] == pytest.approx(expected, abs=0.01)
+
+
+def test_document_masking_through_sdpa_counts_its_dense_mask():
+    settings = ["model=1b", "data.seq_len=4096", "data.micro_batch_size=8", "data.document_mask=true"]
+    dense = memory(load_config(settings), ranks=1)["attention_mask"]
+    assert dense == pytest.approx(8 * 4096**2 / 1e9, abs=0.01)  # 0.13 GB of booleans
+    assert memory(load_config([*settings, "model.attention=flex"]), ranks=1)["attention_mask"] == 0

@@ -9,7 +9,9 @@ stage that partitions it; ZeRO-3 also gathers its largest module in fp32 (4 byte
 and DeepSpeed counts 2 bytes for its fp32 gradient. Activations are counted from the tensors
 autograd keeps for one block (bf16, the RMSNorms' fp32 copies, flash attention's log-sum-exp: no
 seq² scores), which puts them within about 20%; the chunked loss adds its fp32 logits and their
-gradient for one chunk. Not counted: the CUDA context and allocator slack (keep a few GB free).
+gradient for one chunk; document masking through SDPA its dense [B, 1, T, T] boolean mask (flex's
+block mask is T²/128² times smaller). Not counted: the CUDA context and allocator slack (keep a few
+GB free).
 """
 
 from __future__ import annotations
@@ -66,6 +68,12 @@ def loss_bytes(cfg: TrainConfig) -> float:
     return 2 * 4 * chunk * cfg.model.vocab_size
 
 
+def attention_mask_bytes(cfg: TrainConfig) -> float:
+    """SDPA's dense document mask, made once per forward and kept for backward."""
+    dense = cfg.data.document_mask and cfg.model.attention == "sdpa"
+    return cfg.data.micro_batch_size * cfg.data.seq_len**2 if dense else 0
+
+
 def memory(cfg: TrainConfig, ranks: int) -> dict[str, float]:
     """GB per GPU by component."""
     groups = parameters_by_group(cfg.model)
@@ -73,7 +81,8 @@ def memory(cfg: TrainConfig, ranks: int) -> dict[str, float]:
                                ranks)  # fmt: skip
     buckets = 2 * (cfg.deepspeed.reduce_bucket_size + cfg.deepspeed.allgather_bucket_size)
     parts = {**states, "activations": activation_bytes(cfg, cfg.trainer.activation_checkpointing),
-             "chunked_loss": loss_bytes(cfg), "communication_buckets": buckets if cfg.deepspeed.zero_stage else 0}  # fmt: skip
+             "chunked_loss": loss_bytes(cfg), "attention_mask": attention_mask_bytes(cfg),
+             "communication_buckets": buckets if cfg.deepspeed.zero_stage else 0}  # fmt: skip
     return {name: round(value / GB, 2) for name, value in parts.items()}
 
 
