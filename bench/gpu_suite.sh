@@ -8,6 +8,9 @@
 # documents of about an image-text pair's length masked through flex and through SDPA's dense
 # mask). A 1b variant takes about 3-4 min (10 optimizer steps of 2^20 tokens plus start-up and
 # compilation) and one device call at most 10: split the list over calls, the peer in the first.
+# The same loop runs the profile and the numerics check (later flags win over the common ones):
+#   SKIP_PEER=1 VARIANTS="--zero 1 --compile --profile $OUT/profile" bash bench/gpu_suite.sh
+#   SKIP_PEER=1 VARIANTS=$'--zero 1 --micro-steps 4 --steps 50 --log-every 1\n--zero 1 --compile --micro-steps 4 --steps 50 --log-every 1'
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >&2
 export PYTHONPATH=/tmp/site:$PWD OMP_NUM_THREADS=8 WANDB_MODE=offline

@@ -115,8 +115,7 @@ def main(argv=None) -> None:
         )
         profiler = profile_one_step(trainer, args.profile, after=args.log_every) if args.profile else None
         trainer.train()
-        if profiler is not None:
-            summarise(profiler, Path(args.profile))
+        host_syncs = summarise(profiler, Path(args.profile)) if profiler is not None else None
         rank = trainer.rank
         trainer.close()
         if rank != 0:
@@ -142,7 +141,7 @@ def main(argv=None) -> None:
         "mfu": float(f"{statistics.mean(r['perf/mfu'] for r in timed):.4g}"),
         "peak_mem_gb": round(max(r["perf/mem_gb"] for r in timed), 2),
         "loss_first": round(rows[0]["loss/total"], 4), "loss_last": round(rows[-1]["loss/total"], 4),
-        "losses": [r["loss/total"] for r in rows], "profile": args.profile,
+        "losses": [r["loss/total"] for r in rows], "profile": args.profile, "host_syncs_in_profiled_step": host_syncs,
     }))  # fmt: skip
 
 
@@ -168,12 +167,17 @@ def profile_one_step(trainer: Trainer, folder: str, after: int) -> torch.profile
     return profiler
 
 
-def summarise(profiler: torch.profiler.profile, folder: Path) -> None:
+def summarise(profiler: torch.profiler.profile, folder: Path) -> dict[str, int]:
+    """Writes the top operators to folder/summary.txt; returns the calls that made the host wait for
+    the GPU (cuda*Synchronize, each `.item()` or device-to-host copy among them) in the traced step."""
     profiler.stop()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    table = profiler.key_averages().table(sort_by=f"self_{device}_time_total", row_limit=30)
-    (folder / "summary.txt").write_text(table)
+    events = profiler.key_averages()
+    syncs = {event.key: event.count for event in events if "Synchronize" in event.key}
+    table = events.table(sort_by=f"self_{device}_time_total", row_limit=30)
+    (folder / "summary.txt").write_text(f"{table}\nhost waits for the GPU: {syncs}\n")
     print(table, file=sys.stderr)
+    return syncs
 
 
 def device_name() -> str:

@@ -30,3 +30,4 @@ def test_train_throughput_prints_one_json_line_from_the_trainer(tmp_path):
     assert sum(name.startswith("ProfilerStep#") for name in names) == 1 and "Optimizer.step#AdamW.step" in names
     assert names.count("aten::scaled_dot_product_attention") == 2 * 2  # micro-steps x blocks
     assert "aten::mm" in (tmp_path / "summary.txt").read_text()  # the matrix products lead the table
+    assert figures["host_syncs_in_profiled_step"] == {}  # a CPU has no GPU to wait for
