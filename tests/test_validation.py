@@ -10,9 +10,11 @@ import torch
 from conftest import assert_one_clean_error, read_metrics, torchrun
 from fusion_train.data.held_out import HeldOutSet
 from fusion_train.data.loader import DataConfig, SourceConfig, read_manifests
+from fusion_train.data.manifest import DataError
 from fusion_train.model.loss import IGNORE_INDEX
 from fusion_train.train.checkpoint import is_complete
 from fusion_train.train.config import ConfigError, load_config, validate
+from fusion_train.train.validation import describe
 
 TRAIN = "-m fusion_train.train"
 
@@ -98,3 +100,8 @@ def test_one_training_source_two_held_out_and_a_failed_validation_that_loses_no_
     resumed = torchrun(TRAIN, *overrides, "trainer.eval_every=0")
     assert "resumed from" in resumed.stderr and "step_4 at step 4" in resumed.stderr
     assert [m["step"] for m in read_metrics(run) if "loss/total" in m][-1] == 5
+
+
+def test_a_fault_that_is_not_the_datas_is_named_by_its_type():
+    assert describe(DataError("shard-000001.tar is damaged")) == "shard-000001.tar is damaged"
+    assert describe(KeyError("doc_ids")) == "KeyError: 'doc_ids'"

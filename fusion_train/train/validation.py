@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from fusion_train.data.held_out import HeldOutSet
+from fusion_train.data.manifest import DataError
 from fusion_train.train import failure
 from fusion_train.train.sums import N_MODALITIES, add_modality_sums, modality_metrics, reduce_sums
 
@@ -69,6 +70,7 @@ class Validator:
                 with torch.no_grad():
                     add_modality_sums(self.score(batch or self.held_out.padding_batch()), sums)
             except Exception as err:  # noqa: BLE001
+                log.exception("rank %d: scoring a batch of held-out source %s failed", self.rank, name)
                 error = err
         sums["read"] = torch.tensor(self.held_out.read_counts(name), dtype=torch.float64, device=self.device)
         return reduce_sums(sums)
@@ -82,13 +84,20 @@ class Validator:
         goes_on, failed = status.tolist()
         if failed:
             messages = [None] * self.world_size
-            dist.all_gather_object(messages, failure.user_message(error) if error else None)
+            dist.all_gather_object(messages, describe(error) if error else None)
             rank, message = next((r, m) for r, m in enumerate(messages) if m)
             path = self.eval_data.sources[name].path
             raise ValidationError(
                 f"validation at step {step} failed on held-out source {name} ({path}), rank {rank}: {message}"
             )
         return bool(goes_on)
+
+
+def describe(error: Exception) -> str:
+    """The data's errors say what is wrong with it; anything else is named by its type (a bare
+    KeyError says only 'doc_ids'), its traceback in the failing rank's log."""
+    message = failure.user_message(error)
+    return message if isinstance(error, DataError | OSError) else f"{type(error).__name__}: {message}"
 
 
 def held_out_metrics(prefix: str, reduced: dict) -> dict:
