@@ -27,17 +27,17 @@ setup(
         "matplotlib>=3.8",  # fusion-report
     ],
     extras_require={
-        "test": ["pytest>=8", "transformers>=4.45", "hypothesis>=6", "tensorboard>=2.15"],
+        "test": ["pytest>=8", "transformers>=4.45", "hypothesis>=6", "tensorboard>=2.15", "import-linter>=2.1"],
         "tensorboard": ["tensorboard>=2.15"],
         "gpu": ["liger-kernel>=0.5"],
     },
     entry_points={
         "console_scripts": [
-            "fusion-convert=fusion_train.cli:convert_main",
-            "fusion-data=data_pipelines.cli:main",
-            "fusion-train=fusion_train.cli:train_main",
-            "fusion-generate=fusion_train.generate.cli:main",
-            "fusion-report=fusion_train.monitor.report:main",
+            "fusion-convert=fusion_train.commands.convert:main",
+            "fusion-data=fusion_train.commands.data:main",
+            "fusion-train=fusion_train.commands.train:main",
+            "fusion-generate=fusion_train.commands.generate:main",
+            "fusion-report=fusion_train.commands.report:main",
         ]
     },
 )

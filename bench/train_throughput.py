@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from fusion_train.cli import _single_process_environment
 from fusion_train.model.size import parameter_counts
 from fusion_train.train.config import load_config
+from fusion_train.train.run import single_process_environment
 from fusion_train.train.trainer import Trainer
 from fusion_train.vocab import CHAMELEON_VOCAB, VocabLayout
 
@@ -95,7 +95,7 @@ def parse_args(argv):
 
 def main(argv=None) -> None:
     args, extra = parse_args(sys.argv[1:] if argv is None else argv)
-    _single_process_environment()
+    single_process_environment()
     world = int(os.environ["WORLD_SIZE"])
     with tempfile.TemporaryDirectory() as run_dir:
         cfg = load_config([

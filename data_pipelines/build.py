@@ -303,7 +303,7 @@ class ShardSink:
         current.tokens += len(document.tokens)
         modality = self.manifest.vocab.modality_of(torch.from_numpy(document.tokens))
         for m in Modality:
-            self.tokens_by_modality[m.name.lower()] += int((modality == m).sum())
+            self.tokens_by_modality[m.key] += int((modality == m).sum())
         self.written += 1
         if self.written == self.pause_after:
             time.sleep(3600)

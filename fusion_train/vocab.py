@@ -24,11 +24,19 @@ import torch
 
 
 class Modality(IntEnum):
-    """What kind of token an id is; the per-modality loss statistics are indexed by this."""
+    """What kind of token an id is: the list of the vocabulary's modalities. Per-modality loss sums,
+    metrics (`loss/{name}`), validation keys and report panels are indexed by it and iterate over
+    it; `VocabLayout.id_ranges` says which ids are each. A new modality is a new member here and its
+    ranges there."""
 
     TEXT = 0
     IMAGE = 1
     SPECIAL = 2
+
+    @property
+    def key(self) -> str:
+        """Its name in metric keys: loss/text, eval/loss_image, ..."""
+        return self.name.lower()
 
 
 BOS_ID = 0
@@ -127,13 +135,22 @@ class VocabLayout:
             )
         return ids.long() - IMAGE_CODE_OFFSET
 
+    def id_ranges(self, modality: Modality) -> list[tuple[int, int]]:
+        """The [start, end) id ranges of a modality."""
+        return {
+            Modality.TEXT: [(self.text_start, self.vocab_size)],
+            Modality.IMAGE: [(self.image_code_start, self.image_code_end)],
+            Modality.SPECIAL: [(0, IMAGE_CODE_OFFSET), (self.image_code_end, self.text_start)],
+        }[modality]
+
     def modality_of(self, ids: torch.Tensor) -> torch.Tensor:
-        """Modality of each id, elementwise, on the ids' device and without a host sync."""
-        is_image = (ids >= self.image_code_start) & (ids < self.image_code_end)
-        is_special = (ids < IMAGE_CODE_OFFSET) | ((ids >= self.image_code_end) & (ids < self.text_start))
-        modality = torch.full_like(ids, int(Modality.TEXT), dtype=torch.long)
-        modality = torch.where(is_image, int(Modality.IMAGE), modality)
-        return torch.where(is_special, int(Modality.SPECIAL), modality)
+        """Modality of each id, elementwise, on the ids' device and without a host sync; an id
+        outside the layout (-100, an ignored label) counts as special."""
+        modality = torch.full_like(ids, int(Modality.SPECIAL), dtype=torch.long)
+        for kind in Modality:
+            for start, end in self.id_ranges(kind):
+                modality = torch.where((ids >= start) & (ids < end), int(kind), modality)
+        return modality
 
     def modality_mask(self, modality: Modality, device: torch.device | str = "cpu") -> torch.Tensor:
         """Boolean mask over the whole vocabulary, True where an id is of `modality`."""

@@ -14,7 +14,7 @@ SFT_STEPS=${DEMO_SFT_STEPS:-500}
 EVAL_EVERY=${DEMO_EVAL_EVERY:-100}
 started=$(date +%s)
 
-"$PY" -m data_pipelines.cli make-demo-data --output "$DEMO_DIR" --images "${DEMO_IMAGES:-2000}" --vq-steps "${DEMO_VQ_STEPS:-1200}"
+"$PY" -m fusion_train.commands.data make-demo-data --output "$DEMO_DIR" --images "${DEMO_IMAGES:-2000}" --vq-steps "${DEMO_VQ_STEPS:-1200}"
 
 # Resume the newest run unless it has finished; then start the next.
 mkdir -p "$DEMO_DIR/runs"
@@ -34,7 +34,7 @@ shards="$DEMO_DIR/shards"
   eval_samples=demo "eval_samples.image_dir=$DEMO_DIR/held_out/images" \
   trainer.steps="$STEPS" trainer.global_batch_tokens=8192 trainer.checkpoint_every=100 \
   trainer.run_dir="$RUN_DIR" logging.log_every=10 logging.group=demo "$@"
-report=$("$PY" -m fusion_train.monitor.report "$RUN_DIR")
+report=$("$PY" -m fusion_train.commands.report "$RUN_DIR")
 
 # Supervised fine-tuning from the last checkpoint: the paper's recipe with a demo's LR, batch and
 # length (the tiny model binds colour words to pictures late: bench/RESULTS.md has the runs).
@@ -50,9 +50,9 @@ SFT_DIR="$RUN_DIR/sft"
   trainer.checkpoint_every="$SFT_STEPS" trainer.eval_every="$(( SFT_STEPS / 2 ))" \
   eval_samples=demo_sft "eval_samples.image_dir=$DEMO_DIR/held_out/images" \
   trainer.run_dir="$SFT_DIR" logging.log_every=10 logging.group=demo "$@"
-"$PY" -m fusion_train.generate.cli "$SFT_DIR/checkpoints/step_$SFT_STEPS" --chat --greedy --no-guidance \
+"$PY" -m fusion_train.commands.generate "$SFT_DIR/checkpoints/step_$SFT_STEPS" --chat --greedy --no-guidance \
   --prompts "$DEMO_DIR/sft/held_out_prompts.jsonl" --out "$SFT_DIR/generations"
-sft_report=$("$PY" -m fusion_train.monitor.report "$SFT_DIR")
+sft_report=$("$PY" -m fusion_train.commands.report "$SFT_DIR")
 
 "$PY" - "$RUN_DIR" "$started" "$report" "$SFT_DIR" "$sft_report" <<'PYTHON'
 import json, sys, time

@@ -46,13 +46,14 @@ def torchrun_command(script: Path | str, *args: str, nproc: int = 2) -> list[str
 
 
 def torchrun(
-    script: Path | str, *args: str, nproc: int = 2, timeout: int = 300, check: bool = True
+    script: Path | str, *args: str, nproc: int = 2, timeout: int = 300, check: bool = True, env: dict | None = None
 ) -> subprocess.CompletedProcess:
-    """Run `script` under torchrun with `nproc` local ranks on a free port; fail the test with the
-    ranks' output if it does not exit 0 (unless check is false)."""
+    """Run `script` under torchrun with `nproc` local ranks on a free port (`env` added to the
+    environment); fail the test with the ranks' output if it does not exit 0 (unless check is false)."""
     result = subprocess.run(
-        torchrun_command(script, *args, nproc=nproc), cwd=REPO, capture_output=True, text=True, timeout=timeout
-    )
+        torchrun_command(script, *args, nproc=nproc), cwd=REPO, capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )  # fmt: skip
     if check and result.returncode != 0:
         pytest.fail(f"torchrun {script} exited {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}")
     return result
@@ -125,12 +126,24 @@ def train_overrides(demo_data: dict, run_dir: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
+def docs_metric_example(folder: Path) -> str:
+    """The worked "new metric" of docs/architecture.md, as written there, saved as
+    FOLDER/my_metrics.py: the observer to name in monitor.observers."""
+    page = (REPO / "docs" / "architecture.md").read_text()
+    code = page.split("### A new metric", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    (folder / "my_metrics.py").write_text(code)
+    return "my_metrics:ImageTargetShare"
+
+
 @pytest.fixture(scope="session")
 def pretrained_checkpoint(demo_data, tmp_path_factory):
     """The tiny model after 16 steps on the demo shards (2 ranks, ZeRO-2): what generation and the
-    SFT stage start from."""
-    run = tmp_path_factory.mktemp("pretrained") / "run"
-    torchrun("-m fusion_train.train", *train_overrides(demo_data, run, "trainer.steps=16"))
+    SFT stage start from. It also logs the worked metric of docs/architecture.md, an observer
+    loaded from outside the package."""
+    folder = tmp_path_factory.mktemp("pretrained")
+    run, observer = folder / "run", docs_metric_example(folder)
+    overrides = train_overrides(demo_data, run, "trainer.steps=16", f"monitor.observers=[{observer}]")
+    torchrun("-m fusion_train.train", *overrides, env={"PYTHONPATH": str(folder)})
     return run / "checkpoints" / "step_16"
 
 

@@ -12,8 +12,8 @@ import pytest
 
 from conftest import REPO
 from data_pipelines.build import BuildSettings, build_shards
-from data_pipelines.cli import main as fusion_data
 from data_pipelines.parts import PartProgress, merge_manifests
+from fusion_train.commands.data import main as fusion_data
 from fusion_train.data.manifest import DataError
 from helpers import shard_documents as documents
 
@@ -31,7 +31,7 @@ def progress_files(folder):
 
 def build_command(text_tokenizer, inputs, out, part, parts) -> list[str]:
     return [
-        sys.executable, "-m", "data_pipelines.cli", "build-shards", "--kind", "text", "--input", *map(str, inputs),
+        sys.executable, "-m", "fusion_train.commands.data", "build-shards", "--kind", "text", "--input", *map(str, inputs),
         "--output", str(out), "--text-tokenizer", str(text_tokenizer.path), "--workers", "1",
         "--max-samples-per-shard", str(PER_SHARD), "--part", str(part), "--parts", str(parts),
     ]  # fmt: skip

@@ -11,9 +11,9 @@ import webdataset as wds
 from PIL import Image
 
 from data_pipelines.build import BuildSettings, build_shards
-from data_pipelines.cli import main as fusion_data
 from data_pipelines.parts import merge_manifests
 from data_pipelines.synthetic import write_image_captions
+from fusion_train.commands.data import main as fusion_data
 from fusion_train.data.loader import DataConfig, SourceConfig, build_loader
 from fusion_train.data.manifest import DataError, Manifest
 from helpers import SMALL_VOCAB as V

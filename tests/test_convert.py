@@ -11,9 +11,13 @@ import torch
 from transformers import ChameleonConfig as HFChameleonConfig
 from transformers import ChameleonForConditionalGeneration
 
-from fusion_train.cli import convert_main
-from fusion_train.model import convert
+from fusion_train.commands.convert import main as convert_main
 from fusion_train.model.chameleon import Chameleon
+from fusion_train.model.formats import ConversionError
+from fusion_train.model.formats.hf import export_hf, from_hf_state_dict, hf_config, to_hf_state_dict
+from fusion_train.model.formats.meta import export_meta, import_meta, meta_params, read_meta, to_meta_shards
+from fusion_train.model.formats.native import load_native, save_native
+from fusion_train.model.formats.vocab_sizes import VocabSizes
 from fusion_train.vocab import VocabLayout
 from helpers import randomized_model, small_config
 
@@ -32,13 +36,13 @@ ARCHITECTURES = {
 
 
 def hf_model(cfg, state_dict, **config_overrides):
-    config = {**convert.hf_config(cfg, VOCAB, torch.float32), **config_overrides}
+    config = {**hf_config(cfg, VOCAB, torch.float32), **config_overrides}
     for key in ("architectures", "model_type", "dtype"):
         config.pop(key)
     hf_cfg = HFChameleonConfig(**config, vq_config=TINY_VQ)
     hf_cfg._attn_implementation = "eager"  # an attention path independent of ours (SDPA)
     model = ChameleonForConditionalGeneration(hf_cfg).eval()
-    missing, unexpected = model.load_state_dict(convert.to_hf_state_dict(state_dict, cfg), strict=False)
+    missing, unexpected = model.load_state_dict(to_hf_state_dict(state_dict, cfg), strict=False)
     assert not unexpected
     assert missing and all(k.startswith("model.vqmodel.") for k in missing)
     return model
@@ -62,7 +66,7 @@ def test_hf_gives_the_same_logits_and_imports_back_bit_identical(arch):
         ours, theirs = model(ids), theirs_model(input_ids=ids).logits
     assert relative_error(ours, theirs, keep) <= 1e-4
 
-    back = convert.from_hf_state_dict(convert.to_hf_state_dict(model.state_dict(), cfg), cfg)
+    back = from_hf_state_dict(to_hf_state_dict(model.state_dict(), cfg), cfg)
     assert back.keys() == model.state_dict().keys()
     assert all(torch.equal(back[k], v) for k, v in model.state_dict().items())
 
@@ -84,7 +88,7 @@ def test_hf_loss_equals_ours():
 
 
 def _assert_same_native(a, b, **expected_config_changes):
-    (state_a, cfg_a, vocab_a), (state_b, cfg_b, vocab_b) = convert.load_native(a), convert.load_native(b)
+    (state_a, cfg_a, vocab_a), (state_b, cfg_b, vocab_b) = load_native(a), load_native(b)
     assert (dataclasses.replace(cfg_a, **expected_config_changes), vocab_a) == (cfg_b, vocab_b)
     assert state_a.keys() == state_b.keys()
     assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
@@ -93,7 +97,7 @@ def _assert_same_native(a, b, **expected_config_changes):
 def test_cli_round_trip_through_hf_files(tmp_path):
     cfg = small_config(vocab_size=VOCAB.vocab_size, block_style="swin", qk_norm_groups=2)
     model = randomized_model(cfg)
-    native = convert.save_native(model.state_dict(), cfg, VOCAB, tmp_path / "native")
+    native = save_native(model.state_dict(), cfg, VOCAB, tmp_path / "native")
 
     # The installed console script, as a user runs it.
     console_script = Path(sys.executable).parent / "fusion-convert"
@@ -117,8 +121,8 @@ def test_cli_round_trip_through_hf_files(tmp_path):
 
 def test_hf_import_infers_or_asks_for_the_layout_and_never_guesses(tmp_path, capsys):
     cfg = small_config(vocab_size=VOCAB.vocab_size)
-    native = convert.save_native(randomized_model(cfg).state_dict(), cfg, VOCAB, tmp_path / "native")
-    hf_dir = convert.export_hf(native, tmp_path / "hf")
+    native = save_native(randomized_model(cfg).state_dict(), cfg, VOCAB, tmp_path / "native")
+    hf_dir = export_hf(native, tmp_path / "hf")
     config = json.loads((hf_dir / "config.json").read_text())
     del config["fusion_train_vocab"]  # as transformers' own converter, or an older fusion_train, writes it
     (hf_dir / "config.json").write_text(json.dumps(config))
@@ -135,7 +139,7 @@ def test_hf_import_infers_or_asks_for_the_layout_and_never_guesses(tmp_path, cap
     assert convert_main(["from-hf", str(native), str(tmp_path / "x")]) == 2
     assert "is a fusion_train model folder, not an HF export" in capsys.readouterr().err
     # Meta's format records no layout; an impossible one names the flags to change.
-    convert.export_meta(native, tmp_path / "meta")
+    export_meta(native, tmp_path / "meta")
     assert convert_main(["from-meta", str(tmp_path / "meta"), str(tmp_path / "y")]) == 2
     message = capsys.readouterr().err
     assert (
@@ -147,7 +151,7 @@ def test_hf_import_infers_or_asks_for_the_layout_and_never_guesses(tmp_path, cap
 @pytest.mark.parametrize("arch, shards", [("prenorm-mha", 1), ("swin-gqa-qknorm-per-shard", 2)])
 def test_meta_round_trip_is_bit_identical(tmp_path, arch, shards):
     cfg = small_config(vocab_size=VOCAB.vocab_size, **ARCHITECTURES[arch])
-    native = convert.save_native(randomized_model(cfg).state_dict(), cfg, VOCAB, tmp_path / "native")
+    native = save_native(randomized_model(cfg).state_dict(), cfg, VOCAB, tmp_path / "native")
 
     args = ["--image-codebook-size", "256", "--image-grid", "4", "--n-reserved", "600"]
     assert convert_main(["to-meta", str(native), str(tmp_path / "meta")]) == 0
@@ -164,7 +168,7 @@ def test_meta_shards_with_their_own_qk_norm_import_per_shard(tmp_path):
     by its heads, plus Meta's unused rope.freqs buffer and a nested params.json."""
     cfg = small_config(vocab_size=VOCAB.vocab_size, block_style="swin", n_kv_heads=2, qk_norm_groups=2)
     state = randomized_model(cfg).state_dict()
-    shards = convert.to_meta_shards(state, cfg, 2)
+    shards = to_meta_shards(state, cfg, 2)
     assert shards[0]["layers.0.attention.wq.weight"].shape == (2 * cfg.head_dim, cfg.dim)
     assert shards[0]["layers.0.attention.q_normalization.weight"].shape == (cfg.head_dim,)
     assert not torch.equal(
@@ -174,12 +178,12 @@ def test_meta_shards_with_their_own_qk_norm_import_per_shard(tmp_path):
     folder.mkdir()
     for i, shard in enumerate(shards):
         torch.save({**shard, "rope.freqs": torch.ones(cfg.head_dim // 2)}, folder / f"consolidated.{i:02d}.pth")
-    params = convert.meta_params(cfg, 2)
+    params = meta_params(cfg, 2)
     (folder / "params.json").write_text(json.dumps({"model": params["model"]}))
     (folder / "consolidate_params.json").write_text(json.dumps({"model_parallel_size": 2}))
 
-    convert.import_meta(folder, tmp_path / "native", convert.VocabSizes(256, 4, 600))
-    imported, imported_cfg, _ = convert.load_native(tmp_path / "native")
+    import_meta(folder, tmp_path / "native", VocabSizes(256, 4, 600))
+    imported, imported_cfg, _ = load_native(tmp_path / "native")
     assert imported_cfg.qk_norm_groups == 2
     for s in range(2):
         assert torch.equal(
@@ -192,24 +196,24 @@ def test_conversion_errors_name_the_problem(tmp_path):
     cfg = small_config(vocab_size=VOCAB.vocab_size, qk_norm_groups=2)
     state = randomized_model(cfg).state_dict()
 
-    with pytest.raises(convert.ConversionError, match="params.json not found"):
-        convert.read_meta(tmp_path)
-    with pytest.raises(convert.ConversionError, match="exports to 2 Meta shards"):
-        convert.to_meta_shards(state, cfg, 4)
+    with pytest.raises(ConversionError, match="params.json not found"):
+        read_meta(tmp_path)
+    with pytest.raises(ConversionError, match="exports to 2 Meta shards"):
+        to_meta_shards(state, cfg, 4)
 
-    hf_state = convert.to_hf_state_dict(state, cfg)
+    hf_state = to_hf_state_dict(state, cfg)
     one_group = small_config(vocab_size=VOCAB.vocab_size, qk_norm_groups=1)
-    with pytest.raises(convert.ConversionError, match="q_norm.weight: QK-norm values differ between heads"):
-        convert.from_hf_state_dict(hf_state, one_group)
-    with pytest.raises(convert.ConversionError, match="missing"):
-        convert.from_hf_state_dict({}, cfg)
-    with pytest.raises(convert.ConversionError, match="always applies QK-norm"):
-        convert.to_hf_state_dict(Chameleon(small_config(qk_norm=False)).state_dict(), small_config(qk_norm=False))
+    with pytest.raises(ConversionError, match="q_norm.weight: QK-norm values differ between heads"):
+        from_hf_state_dict(hf_state, one_group)
+    with pytest.raises(ConversionError, match="missing"):
+        from_hf_state_dict({}, cfg)
+    with pytest.raises(ConversionError, match="always applies QK-norm"):
+        to_hf_state_dict(Chameleon(small_config(qk_norm=False)).state_dict(), small_config(qk_norm=False))
 
-    native = convert.save_native(state, cfg, VOCAB, tmp_path / "native")
-    meta = convert.export_meta(native, tmp_path / "meta")
+    native = save_native(state, cfg, VOCAB, tmp_path / "native")
+    meta = export_meta(native, tmp_path / "meta")
     params = json.loads((meta / "params.json").read_text())
     (meta / "params.json").write_text(json.dumps({**params, "model_parallel_size": 4}))
-    with pytest.raises(convert.ConversionError, match="declares model_parallel_size=4 but .* holds 2 shard files"):
-        convert.read_meta(meta)
+    with pytest.raises(ConversionError, match="declares model_parallel_size=4 but .* holds 2 shard files"):
+        read_meta(meta)
     assert convert_main(["to-hf", str(tmp_path / "nowhere"), str(tmp_path / "x")]) == 2

@@ -1,7 +1,10 @@
 """`fusion-generate` on a trained tiny model: its outputs, its errors, and HF transformers as a peer."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,8 +12,8 @@ import torch
 from PIL import Image
 from transformers import ChameleonForConditionalGeneration
 
-from fusion_train.cli import convert_main
-from fusion_train.generate.cli import main as generate_main
+from fusion_train.commands.convert import main as convert_main
+from fusion_train.commands.generate import main as generate_main
 from fusion_train.generate.generator import Generator, Request
 from fusion_train.generate.load import load_model
 from fusion_train.generate.sampling import Sampling
@@ -73,6 +76,37 @@ def test_bad_input_is_a_clear_error_naming_it(checkpoint, demo_data, tmp_path, c
     assert "pass --text-tokenizer PATH" in capsys.readouterr().err
     assert generate_main([str(tmp_path / "nothing"), "--prompt", "a"]) == 2
     assert "neither a training checkpoint" in capsys.readouterr().err
+
+
+def test_commands_say_only_their_own_words_and_mode_is_the_default_of_records_without_one(checkpoint, tmp_path):
+    """As a user runs them (the console script, DeepSpeed left to detect its accelerator): stdout
+    holds the command's own lines, DeepSpeed's words go to the log; `--mode` (and `--chat`) are what
+    the prompts file's records take when they name none, not only `--prompt`'s."""
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    prompts = tmp_path / "prompts.jsonl"
+    records = [{"prompt": ["Draw a big red circle in the centre."]}, {"prompt": ["This picture shows"], "mode": "text"}]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "out"
+    command = [Path(sys.executable).parent / "fusion-generate", checkpoint, "--mode", "image", "--chat",
+               "--prompts", prompts, "--out", out, "--max-new-tokens", "8", "--no-guidance"]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    outputs = _outputs(out)
+    assert [o["mode"] for o in outputs] == ["image", "text"] and outputs[0]["stop"] == "image_done"
+    [picture] = sorted((out / "images").glob("*.png"))
+    assert result.stdout.splitlines() == [
+        f"2 prompts, 1 pictures: {out / 'outputs.jsonl'}",
+        f"  {picture}",
+        f"page: {out / 'index.html'}",
+    ]
+    assert "Processing zero checkpoint" not in result.stdout + result.stderr  # below the log's level
+
+
+def test_fusion_convert_says_only_what_it_wrote(checkpoint, tmp_path, capsys):
+    assert convert_main(["zero-to-safetensors", str(checkpoint), str(tmp_path / "model")]) == 0
+    assert capsys.readouterr().out == f"wrote {tmp_path / 'model'}\n"
+    assert generate_main([str(checkpoint), "--image", "x.png", "--prompts", "p.jsonl"]) == 2
+    assert "--image goes before each --prompt's text, and there is no --prompt" in capsys.readouterr().err
 
 
 def test_hf_transformers_generates_the_same_greedy_text_from_an_hf_export(checkpoint, demo_data, tmp_path):

@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 
 from fusion_train.model.chameleon import Chameleon
-from fusion_train.model.convert import save_native
+from fusion_train.model.formats.native import save_native
 from fusion_train.train.config import ConfigError
 from fusion_train.train.init_from import check_compatible, model_folder, pretrained_values
 from helpers import SMALL_VOCAB, small_config

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from conftest import REPO, colour_fraction, screenshot, train_overrides
-from fusion_train.cli import train_main
+from fusion_train.commands.train import main as train_main
 from fusion_train.lab.stability import candidate_guards, read_histories, replayed_outcomes
 from fusion_train.lab.sweep import POINT_RECORD, Point, expand
 from fusion_train.monitor.config import GuardConfig
@@ -76,7 +76,7 @@ def interrupted_sweep(demo_data, tmp_path_factory):
     kill, the second invocation's result)."""
     root = tmp_path_factory.mktemp("sweep") / "sweep"
     command = [
-        sys.executable, "-m", "fusion_train.train", "-m", "+variant=plain,chameleon", "optim.lr=1e-2,1e-1",
+        sys.executable, "-m", "fusion_train.commands.train", "-m", "+variant=plain,chameleon", "optim.lr=1e-2,1e-1",
         *train_overrides(demo_data, root, "trainer.steps=6", "trainer.checkpoint_every=2", "logging.wandb=false"),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -113,7 +113,7 @@ def test_the_sweep_report_renders_in_a_headless_browser(interrupted_sweep, tmp_p
     root, _, _ = interrupted_sweep
     out = tmp_path / "report"
     result = subprocess.run(
-        [sys.executable, "-m", "fusion_train.monitor.report", "--sweep", str(root), "--out", str(out)],
+        [sys.executable, "-m", "fusion_train.commands.report", "--sweep", str(root), "--out", str(out)],
         capture_output=True, text=True, cwd=REPO,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -134,7 +134,7 @@ def test_the_sweep_report_renders_in_a_headless_browser(interrupted_sweep, tmp_p
 
 def test_the_sweep_report_names_a_folder_that_is_not_a_sweep(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "fusion_train.monitor.report", "--sweep", str(tmp_path)], capture_output=True, text=True
+        [sys.executable, "-m", "fusion_train.commands.report", "--sweep", str(tmp_path)], capture_output=True, text=True
     )
     assert result.returncode == 2 and "is not a sweep folder (no sweep.json)" in result.stderr
 

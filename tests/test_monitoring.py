@@ -186,7 +186,7 @@ def test_two_ranks_under_zero3_decide_and_roll_back_together(demo_data, tmp_path
 def test_report_renders_in_a_headless_browser(guarded_run, tmp_path):
     out = tmp_path / "report"
     result = subprocess.run(
-        [sys.executable, "-m", "fusion_train.monitor.report", str(guarded_run), "--out", str(out)],
+        [sys.executable, "-m", "fusion_train.commands.report", str(guarded_run), "--out", str(out)],
         capture_output=True, text=True, cwd=REPO,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -209,7 +209,7 @@ def test_report_renders_in_a_headless_browser(guarded_run, tmp_path):
 
 def test_report_names_a_folder_without_metrics(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "fusion_train.monitor.report", str(tmp_path)], capture_output=True, text=True
+        [sys.executable, "-m", "fusion_train.commands.report", str(tmp_path)], capture_output=True, text=True
     )
     assert result.returncode == 2 and "metrics.jsonl does not exist" in result.stderr
 

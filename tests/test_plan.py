@@ -8,7 +8,7 @@ from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 from deepspeed.runtime.zero.stage3 import model_to_params as parameters_and_largest_module
 from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
-from fusion_train.cli import train_main
+from fusion_train.commands.train import main as train_main
 from fusion_train.model.chameleon import Chameleon
 from fusion_train.model.size import largest_module_parameters, parameter_counts
 from fusion_train.train.config import load_config

@@ -8,9 +8,9 @@ from conftest import REPO, read_metrics, torchrun, train_overrides
 from fusion_train.data.loader import DataConfig, build_loader
 from fusion_train.data.packing import IGNORE_INDEX
 from fusion_train.model.chameleon import Chameleon
-from fusion_train.train.checkpoint import consolidated_state_dict
 from fusion_train.train.config import load_config
 from fusion_train.train.schedule import warmup_cosine
+from fusion_train.weights.training_checkpoint import consolidated_state_dict
 
 SFT_SOURCES = ("text", "visual_chat", "image_generation")
 

@@ -76,7 +76,7 @@ def test_a_job_array_builds_the_parts_that_merge_into_the_one_process_build(
 ):
     """launch/slurm/build_shards.sbatch as a 2-task array on the real cluster, then merge-manifests."""
     from data_pipelines.build import BuildSettings, build_shards
-    from data_pipelines.cli import main as fusion_data
+    from fusion_train.commands.data import main as fusion_data
     from helpers import shard_documents
 
     out, whole = tmp_path / "parts", tmp_path / "whole"

@@ -5,9 +5,10 @@ import math
 import pytest
 
 from fusion_train.model.chameleon import Chameleon
-from fusion_train.train.checkpoint import TRAINER_STATE, Checkpointer, CheckpointError, read_trainer_state
+from fusion_train.train.checkpoint import Checkpointer
 from fusion_train.train.engine import parameter_groups
 from fusion_train.train.schedule import warmup_cosine, warmup_exponential
+from fusion_train.weights.training_checkpoint import TRAINER_STATE, CheckpointError, read_trainer_state
 from helpers import small_config
 
 

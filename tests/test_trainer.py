@@ -28,16 +28,16 @@ from conftest import (
     torchrun_command,
     train_overrides,
 )
-from fusion_train.cli import train_main
+from fusion_train.commands.generate import main as generate_main
+from fusion_train.commands.train import main as train_main
 from fusion_train.data.elastic import Layer
 from fusion_train.data.loader import build_loader, reader_states
 from fusion_train.data.manifest import MANIFEST, Manifest
-from fusion_train.generate.cli import main as generate_main
 from fusion_train.generate.page import as_text
 from fusion_train.monitor.parameters import GROUPS, parameter_group
 from fusion_train.monitor.report import write_report
-from fusion_train.train.checkpoint import consolidated_state_dict
 from fusion_train.train.config import load_config
+from fusion_train.weights.training_checkpoint import consolidated_state_dict
 
 TRAIN = "-m fusion_train.train"
 
@@ -417,9 +417,9 @@ def test_batch_arithmetic_errors_say_what_to_change(demo_data, tmp_path, capsys)
 
 
 def test_zero3_checkpoint_consolidates_to_the_live_engines_loss(demo_data, tmp_path, capsys):
-    from fusion_train.cli import convert_main
+    from fusion_train.commands.convert import main as convert_main
     from fusion_train.model.chameleon import Chameleon
-    from fusion_train.model.convert import load_native
+    from fusion_train.model.formats.native import load_native
 
     run = tmp_path / "run"
     overrides = train_overrides(demo_data, run, "deepspeed=zero3", "trainer.steps=3")
@@ -467,3 +467,13 @@ def test_zero3_checkpoint_consolidates_to_the_live_engines_loss(demo_data, tmp_p
     (checkpoint / "trainer_state.json").write_text(json.dumps(trainer_state))
     assert convert_main(["zero-to-safetensors", str(checkpoint), str(tmp_path / "old")]) == 2
     assert "put the shards back at their training paths" in capsys.readouterr().err
+
+
+def test_the_worked_metric_of_docs_architecture_is_logged(pretrained_checkpoint):
+    """The page's observer, named in monitor.observers (the session's pretrained run, 2 ranks):
+    its metric is in metrics.jsonl on every logged step, a share in (0, 1) of the demo's mixed
+    targets, and the trainer knows nothing of it."""
+    rows = read_metrics(pretrained_checkpoint.parent.parent)
+    shares = [row["data/image_target_frac"] for row in rows]
+    assert len(shares) == 16 and all(0 < share < 1 for share in shares)
+    assert "image_target" not in (REPO / "fusion_train" / "train" / "trainer.py").read_text()

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from conftest import read_metrics, torchrun, train_overrides
-from fusion_train.cli import convert_main
-from fusion_train.generate.cli import main as generate_main
+from fusion_train.commands.convert import main as convert_main
+from fusion_train.commands.generate import main as generate_main
 from fusion_train.lab.untied import Arm, comparison_rows
 from fusion_train.model.chameleon import (
     UNTIED_PARTS,
@@ -18,7 +18,10 @@ from fusion_train.model.chameleon import (
     ModalityRouting,
     dense_parameter_name,
 )
-from fusion_train.model.convert import ConversionError, load_native, to_hf_state_dict, to_meta_shards
+from fusion_train.model.formats import ConversionError
+from fusion_train.model.formats.hf import to_hf_state_dict
+from fusion_train.model.formats.meta import to_meta_shards
+from fusion_train.model.formats.native import load_native
 from fusion_train.model.kv_cache import KVCache
 from fusion_train.model.size import flops_per_token, parameter_counts
 from helpers import randomized_model, small_config

@@ -12,9 +12,9 @@ import pytest
 import webdataset as wds
 
 from conftest import REPO, read_metrics
-from data_pipelines.cli import main as fusion_data
 from data_pipelines.synthetic import write_image_captions
-from fusion_train.cli import train_main
+from fusion_train.commands.data import main as fusion_data
+from fusion_train.commands.train import main as train_main
 from fusion_train.data.loader import SourceConfig
 from fusion_train.data.manifest import DataError
 from fusion_train.train.config import ConfigError, load_config

@@ -4,14 +4,12 @@ Mixture-of-Transformers paper's metric, the share of the dense run's steps (FLOP
 per token) and of its wall-clock time an untied arm needs to reach the dense run's final held-out
 loss of each modality.
 
-    python -m fusion_train.lab.untied runs/untied [--out DIR]   # DIR/untied.md and untied.png
+    fusion-report --untied runs/untied [--out DIR]   # DIR/untied.md and untied.png
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,11 +23,11 @@ import yaml  # noqa: E402
 from fusion_train.lab.report import markdown  # noqa: E402
 from fusion_train.lab.stability import ended_points  # noqa: E402
 from fusion_train.lab.sweep import POINT_RECORD  # noqa: E402
-from fusion_train.model.chameleon import ChameleonConfig  # noqa: E402
+from fusion_train.model.chameleon import UNTIED_COPIES, ChameleonConfig  # noqa: E402
 from fusion_train.model.size import flops_per_token, parameter_counts  # noqa: E402
 from fusion_train.monitor.report import read_run  # noqa: E402
 
-MODALITIES = ("text", "image")
+MODALITIES = UNTIED_COPIES  # the modalities with copies of their own, compared
 DENSE = "dense"
 
 
@@ -107,20 +105,12 @@ def loss_plot(arms: list[Arm]):
     return figure
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fusion_train.lab.untied", description=__doc__.split("\n\n")[0])
-    parser.add_argument("sweep", type=Path)
-    parser.add_argument("--out", type=Path, help="default: SWEEP/report")
-    args = parser.parse_args(argv)
-    arms = [read_arm(folder) for folder in ended_points(args.sweep)]
-    out = args.out or args.sweep / "report"
+def write_untied_report(sweep: Path, out: Path | None = None) -> tuple[Path, str]:
+    """OUT (default SWEEP/report)/untied.md and untied.png; returns the folder and the table."""
+    arms = [read_arm(folder) for folder in ended_points(sweep)]
+    out = out or sweep / "report"
     out.mkdir(parents=True, exist_ok=True)
     table = markdown(comparison_rows(arms))
     (out / "untied.md").write_text(table)
     loss_plot(arms).savefig(out / "untied.png", dpi=100)
-    sys.stdout.write(table)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return out, table

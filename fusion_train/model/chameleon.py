@@ -167,6 +167,9 @@ class SequenceOrder:
     ungroup = group
 
 
+UNTIED_COPIES = ("text", "image")  # a ByModality's copies, in the order a ModalityRouting groups tokens
+
+
 class ByModality(nn.Module):
     """A per-token module untied by modality: `text` for the text (and control) tokens, `image` for
     the image tokens, on tokens grouped by a ModalityRouting."""
@@ -190,7 +193,7 @@ def per_token(module: nn.Module, x: torch.Tensor, routing) -> torch.Tensor:
 
 def dense_parameter_name(name: str) -> str:
     """The dense model's name of a parameter: `layers.0.attention.wq.image.weight` -> `layers.0.attention.wq.weight`."""
-    return re.sub(r"\.(text|image)\.", ".", name)
+    return re.sub(rf"\.({'|'.join(UNTIED_COPIES)})\.", ".", name)
 
 
 def rope_angles(head_dim: int, positions: torch.Tensor, theta: float) -> tuple[torch.Tensor, torch.Tensor]:

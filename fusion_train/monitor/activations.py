@@ -4,8 +4,11 @@
   of a late divergence is the slow growth of the last one (Chameleon §2.3, Fig. 5a). In a
   modality-untied model, also over the text and the image tokens apart: each through its own copies.
 - Each layer's largest pre-softmax attention logit q·k/√d, the quantity QK-norm bounds. It costs
-  another q kᵀ product, so it is measured only while `sample_attention_logits` is on: the trainer
-  turns it on for the first micro-batch of each logged step.
+  another q kᵀ product, so it is measured only while `sample_attention_logits` is on: as an
+  observer of the loop, the monitor turns it on for the first micro-batch of each logged step.
+
+Logged: norms/block_{i}_out, norms/final_out (the last block's: the guard reads it every step),
+norms/block_{i}_out_{text,image} of an untied model, attn/qk_logit_max_{i} and attn/qk_logit_max.
 
 Hooks sit on the modules in `model.layers` (an activation-checkpoint wrapper, when there is one,
 runs its forward once) and on each attention's `attend` module, whose recomputation in backward
@@ -19,7 +22,8 @@ import math
 import torch
 from torch import nn
 
-from fusion_train.model.chameleon import ModalityRouting, allowed_pairs, causal
+from fusion_train.model.chameleon import UNTIED_COPIES, ModalityRouting, allowed_pairs, causal
+from fusion_train.monitor.observer import LogStep, Observer, Sum
 
 QUERY_CHUNK = 256  # query positions per q kᵀ block: bounds the extra memory to [B, heads, 256, T]
 
@@ -48,14 +52,17 @@ def rms(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(x, dtype=torch.float32) / math.sqrt(x.numel())
 
 
-class ActivationMonitor:
-    def __init__(self, layers: nn.ModuleList, device: torch.device, attention_logits: bool = True):
+class ActivationMonitor(Observer):
+    def __init__(self, layers: nn.ModuleList, device: torch.device, attention_logits: bool = True,
+                 untied: bool = False):  # fmt: skip
+        """`untied`: the blocks are untied by modality, and their copies' outputs are logged apart."""
         n_layers = len(layers)
-        self.device = device
+        self.device, self.attention_logits, self.untied = device, attention_logits, untied
         self.rms_sum = torch.zeros(n_layers, dtype=torch.float64, device=device)
         self.micro_batches = 0
-        self.modality_rms_sum = torch.zeros(n_layers, 2, dtype=torch.float64, device=device)  # text, image
-        self.modality_micro_batches = torch.zeros(2, dtype=torch.float64, device=device)
+        self.modality_rms_sum = torch.zeros(n_layers, len(UNTIED_COPIES), dtype=torch.float64, device=device)
+        self.modality_micro_batches = torch.zeros(len(UNTIED_COPIES), dtype=torch.float64, device=device)
+        self.final_norm: torch.Tensor | None = None  # the last block's output RMS of the last step, on the device
         self.qk_logit_max = torch.full((n_layers,), -math.inf, device=device)
         self.sampling = False
         self.handles = [block.register_forward_hook(self._block_hook(i)) for i, block in enumerate(layers)]
@@ -77,7 +84,7 @@ class ActivationMonitor:
         return hook
 
     def _modality_rms(self, index: int, output: torch.Tensor, n_text: int) -> None:
-        """`output` holds the tokens grouped by modality: text first, then image."""
+        """`output` holds the tokens grouped by modality: text first, then image (UNTIED_COPIES)."""
         for modality, part in enumerate((output[:n_text], output[n_text:])):
             if part.numel():
                 self.modality_rms_sum[index, modality] += rms(part).double()
@@ -120,3 +127,57 @@ class ActivationMonitor:
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
+
+    # --- as an observer of the loop -------------------------------------------------------------
+
+    def sums(self) -> dict[str, Sum]:
+        n_layers = len(self.rms_sum)
+        sums = {"block_rms": Sum(n_layers)}
+        if self.attention_logits:
+            sums["qk_logit_max"] = Sum(n_layers, reduce="max", start=-math.inf)  # -inf: not sampled
+        if self.untied:
+            sums["modality_rms"] = Sum(n_layers * len(UNTIED_COPIES))
+            sums["modality_micro_batches"] = Sum(len(UNTIED_COPIES))
+        return sums
+
+    def step_started(self, step: int, logged: bool) -> None:
+        self.sample_attention_logits(logged)
+
+    def micro_batch(self, batch: dict, out, sums: dict) -> None:
+        self.sample_attention_logits(False)  # the first micro-batch of a step is the sample
+
+    def step_ended(self, step: int, sums: dict) -> bool:
+        block_rms = self.take_block_rms()
+        sums["block_rms"] += block_rms
+        self.final_norm = block_rms[-1]
+        if self.attention_logits:
+            torch.maximum(sums["qk_logit_max"], self.take_qk_logit_max().double(), out=sums["qk_logit_max"])
+        if self.untied:
+            modality_rms, micro_batches = self.take_modality_rms()
+            sums["modality_rms"] += modality_rms.flatten()
+            sums["modality_micro_batches"] += micro_batches
+        return False
+
+    def metrics(self, reduced: dict, log: LogStep) -> dict:
+        block_rms = (reduced["block_rms"] / (log.steps * log.world_size)).tolist()
+        metrics = {f"norms/block_{i}_out": v for i, v in enumerate(block_rms)}
+        metrics["norms/final_out"] = block_rms[-1]
+        if self.untied:
+            metrics.update(modality_norms(reduced["modality_rms"], reduced["modality_micro_batches"]))
+        largest = reduced["qk_logit_max"].tolist() if self.attention_logits else []
+        if largest and all(math.isfinite(v) for v in largest):  # sampled on this step
+            metrics.update({f"attn/qk_logit_max_{i}": v for i, v in enumerate(largest)})
+            metrics["attn/qk_logit_max"] = max(largest)
+        return metrics
+
+
+def modality_norms(sums: torch.Tensor, micro_batches: torch.Tensor) -> dict:
+    """norms/block_{i}_out_{text,image} of an untied model: each modality's copies' output RMS."""
+    means = (sums.view(-1, len(UNTIED_COPIES)) / micro_batches.clamp(min=1)).tolist()
+    counts = micro_batches.tolist()
+    return {
+        f"norms/block_{i}_out_{modality}": row[m]
+        for i, row in enumerate(means)
+        for m, modality in enumerate(UNTIED_COPIES)
+        if counts[m] > 0
+    }

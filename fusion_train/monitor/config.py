@@ -34,6 +34,9 @@ class MonitorConfig:
     parameters: bool = True  # grad/norm_{group}, params/norm_{group}, optim/update_ratio_{group}
     peak_tflops: float = 989.0  # dense bf16 peak per device for perf/mfu: 989 H100 SXM, 312 A100
     guard: GuardConfig = field(default_factory=GuardConfig)
+    # Observers of one's own, "package.module:Class" each, made with a RunInfo (observer.py); on
+    # even when `enabled` is false. A metric of one's own: docs/architecture.md.
+    observers: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -124,3 +124,43 @@ class TensorBoardLogger:
 
     def close(self) -> None:
         self.writer.close()
+
+
+class Loggers:
+    """A run's loggers as one: on rank 0 the JSONL file, W&B and TensorBoard as configured; none
+    elsewhere. Empty until `open` (the W&B run to continue is known once a checkpoint is read)."""
+
+    def __init__(self):
+        self.loggers: list = []
+
+    def open(self, run_dir: Path, cfg, config: dict, step: int, resumed_from: Path | None,
+             wandb_run_id: str | None) -> str | None:  # fmt: skip
+        """`cfg`: the `logging` group; `config`: the whole run's, for W&B. Returns the W&B run's id."""
+        jsonl = JsonlLogger(run_dir)
+        jsonl.mark_start(step, resumed_from)
+        self.loggers = [jsonl]
+        if cfg.wandb:
+            wandb_logger = WandbLogger(run_dir, cfg.project, cfg.entity, cfg.group, cfg.tags, config, wandb_run_id)
+            wandb_run_id = wandb_logger.run_id
+            self.loggers.append(wandb_logger)
+        if cfg.tensorboard:
+            self.loggers.append(TensorBoardLogger(run_dir))
+        return wandb_run_id
+
+    def log(self, metrics: dict, step: int) -> None:
+        for logger in self.loggers:
+            logger.log(metrics, step)
+
+    def log_samples(self, samples: list[Sample], step: int) -> None:
+        for logger in self.loggers:
+            logger.log_samples(samples, step)
+
+    def alert(self, title: str, text: str, step: int) -> None:
+        for logger in self.loggers:
+            logger.alert(title, text, step)
+
+    def close(self) -> None:
+        """Before any exit, or an offline W&B run loses its history."""
+        for logger in self.loggers:
+            logger.close()
+        self.loggers = []

@@ -16,6 +16,8 @@ import torch.distributed as dist
 from deepspeed.utils import safe_get_full_grad, safe_get_local_fp32_param
 from torch import nn
 
+from fusion_train.monitor.observer import LogStep, Observer
+
 GROUPS = ("embeddings", "attention", "ffn", "norms", "output")
 
 
@@ -40,9 +42,12 @@ def local_master_weights(param: nn.Parameter, rank: int) -> torch.Tensor | None:
     return param if rank == 0 else None  # unpartitioned fp32: the same on every rank, counted once
 
 
-class ParameterMonitor:
+class ParameterMonitor(Observer):
+    """Measures on logged steps only, around the optimizer step (the observer's hooks below)."""
+
     def __init__(self, model: nn.Module, rank: int):
         self.rank = rank
+        self.logged, self.measured = False, {}
         self.named = [(parameter_group(name), p) for name, p in model.named_parameters()]
         self.device = self.named[0][1].device
         self.grad_sq: torch.Tensor | None = None
@@ -55,7 +60,7 @@ class ParameterMonitor:
                 sums[GROUPS.index(group)] += torch.linalg.vector_norm(tensor, dtype=torch.float32).double() ** 2
         return sums
 
-    def before_step(self) -> None:
+    def _read_gradients(self) -> None:
         """At the accumulation boundary, after backward: gradient norms and the weights' copy."""
         self.grad_sq = self._group_sums(safe_get_full_grad(p) for _, p in self.named)
         self.before = [self._master(p, copy=True) for _, p in self.named]
@@ -64,7 +69,7 @@ class ParameterMonitor:
         weights = local_master_weights(param, self.rank)
         return weights.detach().clone() if copy and weights is not None else weights
 
-    def after_step(self) -> dict[str, float]:
+    def _measure(self) -> dict[str, float]:
         after = [self._master(p) for _, p in self.named]
         updates = [None if a is None else a.detach() - b for a, b in zip(after, self.before, strict=True)]
         self.before = []
@@ -80,3 +85,19 @@ class ParameterMonitor:
         total_weight, total_update = sum(values[1]), sum(values[2])
         metrics["optim/update_ratio"] = (total_update / total_weight) ** 0.5 if total_weight else 0.0
         return metrics
+
+    def step_started(self, step: int, logged: bool) -> None:
+        self.logged = logged
+
+    def before_optimizer_step(self) -> None:
+        if self.logged:
+            self._read_gradients()
+
+    def step_ended(self, step: int, sums: dict) -> bool:
+        if self.logged:
+            self.measured = self._measure()
+        return False
+
+    def metrics(self, reduced: dict, log: LogStep) -> dict:
+        measured, self.measured = self.measured, {}
+        return measured

@@ -11,13 +11,12 @@ grid, prompts by steps; pages that `fusion-generate` wrote into the run folder a
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import itertools
 import json
+import logging
 import re
-import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,13 +29,15 @@ from matplotlib.colors import LogNorm  # noqa: E402
 
 from fusion_train.generate.page import as_text, segments_html  # noqa: E402
 from fusion_train.monitor.guard import EVENT_KINDS  # noqa: E402
+from fusion_train.vocab import Modality  # noqa: E402
 
 GUARD_KEY = re.compile(rf"^guard/({'|'.join(EVENT_KINDS)})$")
 BLOCK_KEY = re.compile(r"^norms/block_(\d+)_out$")
 QK_KEY = re.compile(r"^attn/qk_logit_max_(\d+)$")
 EVAL_SOURCE_KEY = re.compile(r"^eval/(.+)/loss$")
-MODALITIES = ("text", "image", "special")
+MODALITIES = [m.key for m in Modality]  # the vocabulary's: a panel per modality logged
 ABANDONED = "#bbbbbb"
+log = logging.getLogger(__name__)
 
 
 class ReportError(ValueError):
@@ -158,7 +159,7 @@ def indexed_keys(rows: list[dict], pattern: re.Pattern) -> list[str]:
 
 
 def losses_plot(run: Run):
-    keys = [("loss/total", "total"), ("loss/text", "text"), ("loss/image", "image"), ("loss/special", "special")]
+    keys = [("loss/total", "total")] + [(f"loss/{m}", m) for m in MODALITIES]
     figure = line_plot(run, keys, "Training loss by target modality", "cross-entropy (nats)")
     x, y = series(run.evals, "eval/loss")
     if x:
@@ -382,26 +383,5 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
     page = out_dir / "index.html"
     page.write_text(render_html(run_dir, run, images))
     if run.unreadable_lines:
-        print(f"fusion-report: skipped {run.unreadable_lines} unreadable line(s) in {run_dir}", file=sys.stderr)
+        log.warning("skipped %d unreadable line(s) in %s", run.unreadable_lines, run_dir)
     return page
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fusion-report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dir", help="the training run's folder (trainer.run_dir)")
-    parser.add_argument("--out", help="where to write index.html and the PNGs (default: RUN_DIR/report)")
-    parser.add_argument("--sweep", action="store_true", help="RUN_DIR is a sweep's folder (fusion-train -m)")
-    args = parser.parse_args(argv)
-    from fusion_train.lab.report import SweepReportError, write_sweep_report
-
-    try:
-        page = write_sweep_report(args.run_dir, args.out) if args.sweep else write_report(args.run_dir, args.out)
-    except (ReportError, SweepReportError) as error:
-        print(f"fusion-report: error: {error}", file=sys.stderr)
-        return 2
-    print(page)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

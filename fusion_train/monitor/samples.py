@@ -17,19 +17,24 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from fusion_train.data.trained_with import TrainedWith, load_tokenizers
 from fusion_train.generate.constraints import Mode
 from fusion_train.generate.documents import Codec
 from fusion_train.generate.generator import Generator, Request
 from fusion_train.generate.guidance import Guidance
-from fusion_train.generate.load import TrainedWith, load_tokenizers
 from fusion_train.generate.page import Sample
 from fusion_train.generate.sampling import Sampling
 from fusion_train.monitor.config import SamplesConfig
+from fusion_train.monitor.loggers import Loggers
+from fusion_train.monitor.observer import Observer
 
 
-class TrainingSamples:
-    def __init__(self, cfg: SamplesConfig, trained_with: TrainedWith, device: torch.device, rank: int, zero_stage: int):
-        self.cfg, self.device, self.rank = cfg, device, rank
+class TrainingSamples(Observer):
+    def __init__(self, cfg: SamplesConfig, trained_with: TrainedWith, model: torch.nn.Module, loggers: Loggers,
+                 every: int, device: torch.device, rank: int, zero_stage: int):  # fmt: skip
+        """Samples from `model` every `every` optimizer steps, to `loggers`."""
+        self.cfg, self.model, self.loggers, self.every = cfg, model, loggers, every
+        self.device, self.rank = device, rank
         self.everyone = zero_stage == 3
         self.requests: list[Request] = []
         self.codec = None
@@ -42,6 +47,12 @@ class TrainingSamples:
             ids = self.codec.prompt_ids(list(prompt["prompt"]), mode, cfg.chat, f"eval_samples.prompts[{i}]",
                                         Path(cfg.image_dir))  # fmt: skip
             self.requests.append(Request(ids, Mode(mode)))
+
+    def after_step(self, step: int) -> None:
+        if step % self.every == 0:
+            samples, seconds = self.generate(self.model)
+            self.loggers.log_samples(samples, step)
+            self.loggers.log({"samples/seconds": seconds}, step)
 
     def generate(self, model: torch.nn.Module) -> tuple[list[Sample], float]:
         """This step's samples (on rank 0; an empty list elsewhere) and the seconds they took."""

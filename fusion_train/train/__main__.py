@@ -1,7 +1,7 @@
-"""`python -m fusion_train.train [OVERRIDES...]`: the same as `fusion-train`, for `torchrun -m`."""
+"""`python -m fusion_train.train [--config-dir DIR] [OVERRIDES...]`: one training run, for `torchrun -m`."""
 
 import sys
 
-from fusion_train.cli import train_main
+from fusion_train.train.run import main
 
-sys.exit(train_main())
+sys.exit(main())

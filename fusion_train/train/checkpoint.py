@@ -35,12 +35,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from fusion_train.weights.training_checkpoint import TRAINER_STATE
+
 log = logging.getLogger(__name__)
 TAG = re.compile(r"^step_(\d+)$")
 PARTIAL = ".partial"
 SUPERSEDED = ".superseded"
 PRUNING = ".pruning"
-TRAINER_STATE = "trainer_state.json"
 UNIVERSAL = "universal"
 
 
@@ -183,27 +184,3 @@ class Checkpointer:
     def load_rank_state(self, path: Path, rank: int | None = None) -> dict:
         """This rank's saved state, or another rank's (a new split reads every old rank's)."""
         return torch.load(path / _rank_state_file(self.rank if rank is None else rank), weights_only=True)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message names it and what to choose instead."""
-
-
-def read_trainer_state(path: Path) -> dict:
-    path = Path(path)
-    if not (path / TRAINER_STATE).is_file():
-        raise CheckpointError(
-            f"{path} is not a complete checkpoint: it has no {TRAINER_STATE}, the marker written last "
-            "(an interrupted save or prune leaves such a folder); choose a complete step_N folder"
-        )
-    return json.loads((path / TRAINER_STATE).read_text())
-
-
-def consolidated_state_dict(path: str | Path) -> dict:
-    """One full fp32 state dict from a ZeRO checkpoint of any stage, by DeepSpeed's own
-    consolidation, under the model's parameter names (activation-checkpoint wrappers removed)."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    path = Path(path)
-    state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
-    return {name.replace("._checkpoint_wrapped_module", "").replace("._orig_mod", ""): t for name, t in state.items()}

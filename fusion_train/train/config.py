@@ -23,6 +23,7 @@ from fusion_train.monitor.config import MonitorConfig, SamplesConfig
 from fusion_train.monitor.guard import check_config as check_guard_config
 from fusion_train.train.checkpoint import check_retention
 from fusion_train.train.faults import FaultConfig
+from fusion_train.vocab import Modality, VocabLayout
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
 SCHEDULES = ("warmup_exponential", "warmup_cosine")
@@ -157,11 +158,6 @@ def to_yaml(cfg: TrainConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-def from_dict(values: dict) -> TrainConfig:
-    """A config saved as a plain dict (in a checkpoint) back into its dataclasses, validated."""
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), values))
-
-
 def as_dict(cfg: TrainConfig) -> dict:
     return dataclasses.asdict(cfg)
 
@@ -183,6 +179,26 @@ def gradient_accumulation_steps(cfg: TrainConfig, data_parallel_size: int) -> in
             "or change the micro-batch, sequence length or number of ranks"
         )
     return steps
+
+
+def bind_to_vocabulary(model: ChameleonConfig, vocab: VocabLayout) -> None:
+    """Make the model config the shards' vocabulary's: the same size, and for an untied model the
+    ids it routes to its image copies, the vocabulary's image codes (written into the config, so
+    that checkpoints and exports carry them)."""
+    if vocab.vocab_size != model.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={model.vocab_size} but the shards' vocabulary has {vocab.vocab_size} ids: "
+            f"set model.vocab_size={vocab.vocab_size}"
+        )
+    if not model.untie_modalities:
+        return
+    [image_ids] = [list(r) for r in vocab.id_ranges(Modality.IMAGE)]
+    if model.image_token_ids is not None and list(model.image_token_ids) != image_ids:
+        raise ConfigError(
+            f"model.image_token_ids={list(model.image_token_ids)} but the shards' image codes are ids "
+            f"{image_ids[0]}..{image_ids[1] - 1}: leave it unset, and the trainer takes it from the shards"
+        )
+    model.image_token_ids = image_ids
 
 
 def validate(cfg: TrainConfig) -> None:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from fusion_train.model.loss import LossOutput
+from fusion_train.monitor.observer import Observer
 
 BLOWUP_SCALE = 1000.0
 SPIKE_SCALE = 10.0
@@ -39,7 +40,10 @@ class _NaNGradient(torch.autograd.Function):
         return torch.full_like(grad, math.nan)
 
 
-class FaultInjector:
+class FaultInjector(Observer):
+    """Armed as each optimizer step starts, disarmed as it ends; first among the observers, so that
+    the monitors' hooks on the same modules see the faulty outputs."""
+
     def __init__(self, cfg: FaultConfig, last_block: nn.Module, output_layer: nn.Module):
         self.cfg, self.last_block, self.output_layer = cfg, last_block, output_layer
         self.fired: set[tuple[str, int]] = set()
@@ -51,7 +55,7 @@ class FaultInjector:
         self.fired.add((kind, step))
         return True
 
-    def begin_step(self, step: int) -> None:
+    def step_started(self, step: int, logged: bool) -> None:
         """Arm the faults listed for this (1-based) optimizer step."""
         # prepend: the monitors' hooks on the same block see the faulty output
         if self._fires("nan_gradient", self.cfg.nan_gradient_at, step):
@@ -64,7 +68,8 @@ class FaultInjector:
     def _hook(self, module: nn.Module, change) -> None:
         self.handles.append(module.register_forward_hook(lambda m, inputs, output: change(output), prepend=True))
 
-    def end_step(self) -> None:
+    def step_ended(self, step: int, sums: dict) -> bool:
         for handle in self.handles:
             handle.remove()
         self.handles = []
+        return False

@@ -1,5 +1,6 @@
 """Validation on the held-out sources, every rank together: the loss per source and per target
-modality, and over all of them (per target token: `eval/loss` is cross-entropy without z-loss)."""
+modality, and over all of them (per target token: `eval/loss` is cross-entropy without z-loss);
+every `trainer.eval_every` steps as an observer of the loop (`ScheduledValidation`)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import torch.distributed as dist
 
 from fusion_train.data.held_out import HeldOutSet
 from fusion_train.data.manifest import DataError
+from fusion_train.monitor.metrics import add_modality_sums, modality_metrics, modality_sums
+from fusion_train.monitor.observer import Observer, reduce_sums
 from fusion_train.train import failure
-from fusion_train.train.sums import N_MODALITIES, add_modality_sums, modality_metrics, reduce_sums
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +57,10 @@ class Validator:
     def _score_source(self, name: str, step: int) -> dict:
         """Cross-entropy sums of one held-out source over all ranks. A rank whose share has ended
         scores a padding batch while others go on; any rank's error ends it on every rank."""
-        zeros = lambda: torch.zeros(N_MODALITIES, dtype=torch.float64, device=self.device)  # noqa: E731
-        sums, batches, error = {"ce": zeros(), "logz": zeros(), "count": zeros()}, self.held_out.batches(name), None
+        sums = {
+            name: torch.zeros(d.size, dtype=torch.float64, device=self.device) for name, d in modality_sums().items()
+        }
+        batches, error = self.held_out.batches(name), None
         while True:
             batch = None
             if error is None:
@@ -91,6 +95,30 @@ class Validator:
                 f"validation at step {step} failed on held-out source {name} ({path}), rank {rank}: {message}"
             )
         return bool(goes_on)
+
+
+class ScheduledValidation(Observer):
+    """Validation after every `trainer.eval_every`-th step. A failed validation loses no training:
+    the state is saved before the error ends the run."""
+
+    def __init__(self, trainer):
+        cfg = trainer.cfg
+        self.trainer, self.every = trainer, cfg.trainer.eval_every
+        self.validator = Validator(cfg.eval_data, cfg.trainer.eval_batches, trainer.loader.dataset, trainer.score,
+                                   trainer.rank, trainer.world_size, trainer.device)  # fmt: skip
+
+    def after_step(self, step: int) -> None:
+        if step % self.every:
+            return
+        try:
+            metrics = self.validator.evaluate(self.trainer.engine, step)
+        except ValidationError as error:
+            path = self.trainer.save()
+            raise ValidationError(
+                f"{error}. The training state of step {step} is saved in {path}: fix the held-out data "
+                "(eval_data) and start again to resume, or resume without validation (trainer.eval_every=0)"
+            ) from None
+        self.trainer.loggers.log({**metrics, "data/tokens_seen": self.trainer.tokens_seen}, step)
 
 
 def describe(error: Exception) -> str:

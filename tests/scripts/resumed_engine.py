@@ -9,8 +9,8 @@ import sys
 import torch
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-from fusion_train.cli import _single_process_environment
 from fusion_train.train.config import load_config
+from fusion_train.train.run import single_process_environment
 from fusion_train.train.trainer import Trainer
 
 
@@ -43,7 +43,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--write", choices=["loss", "optimizer_state"], default="loss")
     args, overrides = parser.parse_known_args()
-    _single_process_environment()
+    single_process_environment()
     trainer = Trainer(load_config(overrides))
     written = first_batch_loss(trainer) if args.write == "loss" else optimizer_state(trainer)
     if trainer.rank == 0:

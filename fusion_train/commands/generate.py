@@ -4,8 +4,9 @@
   fusion-generate MODEL --prompts prompts.jsonl --out generations/ --chat
 
 A prompts file holds one JSON object per line: {"prompt": [SEGMENT, ...], "mode": "text" | "image" |
-"interleaved", "chat": true | false}, a segment being text or {"image": PATH} (relative to the file).
-Writes OUT/outputs.jsonl, OUT/images/*.png and OUT/index.html.
+"interleaved", "chat": true | false}, a segment being text or {"image": PATH} (relative to the file);
+a record without "mode" or "chat" takes --mode and --chat. Writes OUT/outputs.jsonl,
+OUT/images/*.png and OUT/index.html.
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from fusion_train.data.trained_with import load_tokenizers
 from fusion_train.generate.constraints import Mode
 from fusion_train.generate.documents import Codec, PromptError
 from fusion_train.generate.generator import Generator, Request
 from fusion_train.generate.guidance import Guidance
-from fusion_train.generate.load import load_model, load_tokenizers
+from fusion_train.generate.load import load_model
 from fusion_train.generate.page import Sample, write_outputs
 from fusion_train.generate.sampling import Sampling
 
@@ -40,8 +42,14 @@ def _parser() -> argparse.ArgumentParser:
     prompts.add_argument("--prompt", action="append", default=[], help="a text prompt (repeatable)")
     prompts.add_argument("--image", action="append", default=[], help="an image put before each --prompt's text")
     prompts.add_argument("--prompts", help="a jsonl of prompts (see above)")
-    prompts.add_argument("--mode", choices=[m.value for m in Mode], default="text", help="for --prompt (default text)")
-    prompts.add_argument("--chat", action="store_true", help="prompts end as SFT prompts do: for a fine-tuned model")
+    prompts.add_argument(
+        "--mode",
+        choices=[m.value for m in Mode],
+        default="text",
+        help="for --prompt and the --prompts records that name none (default text)",
+    )
+    prompts.add_argument("--chat", action="store_true", help="prompts end as SFT prompts do: for a fine-tuned model "
+                         "(--prompt, and the --prompts records that do not say)")  # fmt: skip
     sampling = parser.add_argument_group("sampling (defaults: Meta's inference settings)")
     sampling.add_argument("--temperature", type=float, default=0.7, help="0: greedy")
     sampling.add_argument("--greedy", action="store_true", help="the same as --temperature 0")
@@ -66,6 +74,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def read_prompts(args: argparse.Namespace) -> tuple[list[dict], Path]:
     """Prompt records, and the folder their relative image paths start from."""
+    if args.image and not args.prompt:
+        raise PromptError("--image goes before each --prompt's text, and there is no --prompt: give one, or put the "
+                          'image in the prompts file\'s records ({"image": PATH})')  # fmt: skip
     records = [{"prompt": [*({"image": p} for p in args.image), text], "mode": args.mode, "chat": args.chat}
                for text in args.prompt]  # fmt: skip
     base = Path()
@@ -83,7 +94,7 @@ def read_prompts(args: argparse.Namespace) -> tuple[list[dict], Path]:
                 raise PromptError(f"{path}, line {number}: not JSON ({err})") from None
             if not isinstance(record, dict) or not isinstance(record.get("prompt"), list):
                 raise PromptError(f'{path}, line {number}: expected {{"prompt": [segments], "mode": ...}}')
-            records.append({"mode": "text", "chat": args.chat, **record, "where": f"{path}, line {number}"})
+            records.append({"mode": args.mode, "chat": args.chat, **record, "where": f"{path}, line {number}"})
     if not records:
         raise PromptError("no prompts: give --prompt TEXT or --prompts FILE.jsonl")
     return records, base

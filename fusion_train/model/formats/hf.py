@@ -1,33 +1,24 @@
-"""Weights interop between fusion_train, HF transformers and Meta's release.
-
-- native: a folder with `model.safetensors` (Meta's parameter names and interleaved-pair RoPE
-  layout, QK-norm as [qk_norm_groups, head_dim]) and `config.json` {"model": ChameleonConfig,
-  "vocab": VocabLayout}.
-- HF: `ChameleonForConditionalGeneration`. Its RoPE rotates halves, so the rows of wq/wk and the
-  QK-norm weight/bias are permuted within each head; QK-norm is stored per head, [heads, head_dim].
-  The VQ image tokenizer (`model.vqmodel.*`) is not part of the language model and is skipped.
-- Meta: `consolidated.pth` or `consolidated.NN.pth` (one per model-parallel shard) + `params.json`.
-  Each shard carries its own QK-norm weight/bias, shared by its heads: on import they become
-  qk_norm_groups = number of shards, so the released 30B keeps its per-shard values.
-
-Checkpoints are read with `weights_only=True`; everything is written as safetensors except Meta's
-own `.pth` layout. Neither outside format records training settings (dropout, z-loss): an import
-takes ChameleonConfig's defaults for them, and for the context length where params.json has none.
-"""
+"""HF transformers' `ChameleonForConditionalGeneration`. Its RoPE rotates halves where ours (Meta's)
+rotates interleaved pairs, so the rows of wq/wk and the QK-norm weight/bias are permuted within
+each head; QK-norm is stored per head, [heads, head_dim]. The VQ image tokenizer (`model.vqmodel.*`)
+is not part of the language model and is skipped. An export records our whole vocabulary layout
+under LAYOUT_KEY (transformers ignores it); an export without it has its layout inferred from the
+vocabulary map's names where that is certain, and refused where it is not."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from fusion_train.model.chameleon import ChameleonConfig
+from fusion_train.model.formats import ConversionError, refuse_untied
+from fusion_train.model.formats.native import CONFIG_FILE, load_native, parameter_names, save_native
+from fusion_train.model.formats.vocab_sizes import VocabSizes
 from fusion_train.vocab import (
     BEGIN_OF_IMAGE_NAME,
     CHAMELEON_VOCAB,
@@ -39,76 +30,8 @@ from fusion_train.vocab import (
     image_code_of_name,
 )
 
-NATIVE_WEIGHTS = "model.safetensors"
-CONFIG_FILE = "config.json"
-META_PARAMS = "params.json"
 LAYOUT_KEY = "fusion_train_vocab"  # our full layout in an HF config.json (transformers ignores it)
 RESERVED_NAME = re.compile(r"^<reserved(\d{5})>$")
-
-
-class ConversionError(ValueError):
-    pass
-
-
-@dataclass
-class VocabSizes:
-    """Layout sizes as a user gave them on the command line; None: not given."""
-
-    image_codebook_size: int | None = None
-    image_grid: int | None = None
-    n_reserved: int | None = None
-
-    FLAGS: ClassVar[dict] = {
-        "image_codebook_size": "--image-codebook-size", "image_grid": "--image-grid", "n_reserved": "--n-reserved",
-    }  # fmt: skip
-
-    def given(self) -> list[tuple[str, str, int]]:
-        """(flag, field, value) of each size given."""
-        return [(flag, f, getattr(self, f)) for f, flag in self.FLAGS.items() if getattr(self, f) is not None]
-
-    def layout(self, vocab_size: int, defaults: VocabLayout = CHAMELEON_VOCAB) -> VocabLayout:
-        """The sizes given, the defaults' for the rest; an impossible layout is an error naming the flags."""
-        sizes = {f: getattr(defaults, f) for f in self.FLAGS} | {f: v for _, f, v in self.given()}
-        try:
-            return VocabLayout(**sizes, vocab_size=vocab_size)
-        except ValueError as err:
-            message = str(err).replace("vocab.vocab_size", "the checkpoint's vocab_size")
-            for field, flag in self.FLAGS.items():
-                message = message.replace(f"vocab.{field}", flag).replace(field, flag)
-            raise ConversionError(message) from None
-
-
-# --- native -------------------------------------------------------------------------------------
-
-
-def save_native(
-    state_dict: dict, cfg: ChameleonConfig, vocab: VocabLayout, out_dir: str | Path, tokenizers: dict | None = None
-) -> Path:
-    """`tokenizers`: the fingerprints of the tokenizers the weights were trained with, when known."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state_dict.items()}, out / NATIVE_WEIGHTS)
-    config = {"model": dataclasses.asdict(cfg), "vocab": dataclasses.asdict(vocab)}
-    if tokenizers:
-        config["tokenizer_fingerprints"] = tokenizers
-    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-    return out
-
-
-def load_native(path: str | Path) -> tuple[dict, ChameleonConfig, VocabLayout]:
-    folder = Path(path)
-    config_path, weights_path = folder / CONFIG_FILE, folder / NATIVE_WEIGHTS
-    for required in (config_path, weights_path):
-        if not required.is_file():
-            raise ConversionError(
-                f"{required} not found: a fusion_train model folder holds {CONFIG_FILE} and {NATIVE_WEIGHTS}"
-            )
-    config = json.loads(config_path.read_text())
-    try:
-        cfg, vocab = ChameleonConfig(**config["model"]), VocabLayout(**config["vocab"])
-    except (KeyError, TypeError) as err:
-        raise ConversionError(f"{config_path}: not a fusion_train model config ({err})") from err
-    return load_file(weights_path), cfg, vocab
 
 
 # --- RoPE layouts: Meta rotates interleaved pairs, HF rotates halves ------------------------------
@@ -140,7 +63,7 @@ def _qk_norm_to_groups(per_head: torch.Tensor, groups: int, name: str) -> torch.
     return by_group[:, 0].clone()
 
 
-# --- HF transformers -----------------------------------------------------------------------------
+# --- names and tensors ---------------------------------------------------------------------------
 
 _HF_LAYER_NAMES = {  # ours -> HF, under layers.{i}. and model.layers.{i}.
     "attention.wq.weight": "self_attn.q_proj.weight",
@@ -175,14 +98,6 @@ def _heads_of(name: str, cfg: ChameleonConfig) -> int | None:
     return None
 
 
-def refuse_untied(cfg: ChameleonConfig, target: str) -> None:
-    if cfg.untie_modalities:
-        raise ConversionError(
-            f"model.untie_modalities={list(cfg.untie_modalities)}: {target} has one set of weights per block, so a "
-            "modality-untied model has no such form; it stays a fusion_train model folder"
-        )
-
-
 def to_hf_state_dict(state_dict: dict, cfg: ChameleonConfig) -> dict:
     refuse_untied(cfg, "Hugging Face's Chameleon")
     if not cfg.qk_norm:
@@ -199,7 +114,7 @@ def to_hf_state_dict(state_dict: dict, cfg: ChameleonConfig) -> dict:
 
 
 def from_hf_state_dict(hf_state_dict: dict, cfg: ChameleonConfig) -> dict:
-    ours_by_hf = {_hf_name(name): name for name in _native_names(cfg)}
+    ours_by_hf = {_hf_name(name): name for name in parameter_names(cfg)}
     unknown = [k for k in hf_state_dict if k not in ours_by_hf and not k.startswith(_HF_SKIPPED_PREFIX)]
     missing = [k for k in ours_by_hf if k not in hf_state_dict]
     if unknown or missing:
@@ -223,11 +138,6 @@ def _hf_name(name: str) -> str:
     if name in _HF_TOP_NAMES:
         return _HF_TOP_NAMES[name]
     raise ConversionError(f"{name}: not a parameter of fusion_train's Chameleon")
-
-
-def _native_names(cfg: ChameleonConfig) -> list[str]:
-    per_layer = [n for n in _HF_LAYER_NAMES if cfg.qk_norm or "normalization" not in n]
-    return list(_HF_TOP_NAMES) + [f"layers.{i}.{n}" for i in range(cfg.n_layers) for n in per_layer]
 
 
 def hf_vocabulary_map(vocab: VocabLayout) -> dict:
@@ -394,14 +304,17 @@ def read_hf_weights(folder: Path) -> dict:
     return state_dict
 
 
-def read_hf(hf_dir: str | Path, said: VocabSizes | None = None) -> tuple[dict, ChameleonConfig, VocabLayout]:
-    """An HF ChameleonForConditionalGeneration folder's weights under our names and layout."""
-    folder = Path(hf_dir)
-    config_path = folder / CONFIG_FILE
+def read_hf_config(hf_dir: str | Path, said: VocabSizes | None = None) -> tuple[ChameleonConfig, VocabLayout]:
+    config_path = Path(hf_dir) / CONFIG_FILE
     if not config_path.is_file():
         raise ConversionError(f"{config_path} not found: expected a transformers model folder")
-    cfg, vocab = configs_from_hf(json.loads(config_path.read_text()), said)
-    return from_hf_state_dict(read_hf_weights(folder), cfg), cfg, vocab
+    return configs_from_hf(json.loads(config_path.read_text()), said)
+
+
+def read_hf(hf_dir: str | Path, said: VocabSizes | None = None) -> tuple[dict, ChameleonConfig, VocabLayout]:
+    """An HF ChameleonForConditionalGeneration folder's weights under our names and layout."""
+    cfg, vocab = read_hf_config(hf_dir, said)
+    return from_hf_state_dict(read_hf_weights(Path(hf_dir)), cfg), cfg, vocab
 
 
 def is_hf_folder(folder: str | Path) -> bool:
@@ -409,12 +322,7 @@ def is_hf_folder(folder: str | Path) -> bool:
     return config_path.is_file() and "model_type" in json.loads(config_path.read_text())
 
 
-def import_hf(hf_dir: str | Path, out_dir: str | Path, said: VocabSizes | None = None) -> Path:
-    return save_native(*read_hf(hf_dir, said), out_dir)
-
-
-def export_hf(native_dir: str | Path, out_dir: str | Path) -> Path:
-    state_dict, cfg, vocab = load_native(native_dir)
+def save_hf(state_dict: dict, cfg: ChameleonConfig, vocab: VocabLayout, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(to_hf_state_dict(state_dict, cfg), out / "model.safetensors", metadata={"format": "pt"})
@@ -423,160 +331,9 @@ def export_hf(native_dir: str | Path, out_dir: str | Path) -> Path:
     return out
 
 
-# --- Meta consolidated checkpoints ----------------------------------------------------------------
-
-# How model parallelism splits each parameter: along rows (0), along columns (1), or not at all.
-_META_SPLIT_DIM = {
-    "wq.weight": 0, "wk.weight": 0, "wv.weight": 0, "w1.weight": 0, "w3.weight": 0, "output.weight": 0,
-    "wo.weight": 1, "w2.weight": 1, "tok_embeddings.weight": 1,
-}  # fmt: skip
-_META_PER_SHARD = ("q_normalization.weight", "q_normalization.bias", "k_normalization.weight", "k_normalization.bias")
-_META_IGNORED = {"rope.freqs"}  # a buffer Meta's loader also leaves unused
+def import_hf(hf_dir: str | Path, out_dir: str | Path, said: VocabSizes | None = None) -> Path:
+    return save_native(*read_hf(hf_dir, said), out_dir)
 
 
-def _split_dim(name: str) -> int | None:
-    return next((d for suffix, d in _META_SPLIT_DIM.items() if name.endswith(suffix)), None)
-
-
-def to_meta_shards(state_dict: dict, cfg: ChameleonConfig, n_shards: int) -> list[dict]:
-    refuse_untied(cfg, "Meta's Chameleon checkpoint")
-    if cfg.qk_norm_groups not in (1, n_shards):
-        raise ConversionError(
-            f"a model with qk_norm_groups={cfg.qk_norm_groups} exports to {cfg.qk_norm_groups} Meta "
-            f"shards (each holds one group's QK-norm), not {n_shards}"
-        )
-    for what, size in (
-        ("n_kv_heads", cfg.n_kv_heads),
-        ("ffn_dim", cfg.ffn_dim),
-        ("vocab_size", cfg.vocab_size),
-        ("dim", cfg.dim),
-    ):
-        if size % n_shards:
-            raise ConversionError(f"{what}={size} cannot be split into {n_shards} model-parallel shards")
-    shards = [{} for _ in range(n_shards)]
-    for name, tensor in state_dict.items():
-        if name.endswith(_META_PER_SHARD):
-            pieces = list(tensor.expand(n_shards, -1)) if cfg.qk_norm_groups == 1 else list(tensor)
-        elif (dim := _split_dim(name)) is not None:
-            pieces = tensor.chunk(n_shards, dim=dim)
-        else:
-            pieces = [tensor] * n_shards
-        for shard, piece in zip(shards, pieces, strict=True):
-            shard[name] = piece.clone()
-    return shards
-
-
-def from_meta_shards(shards: list[dict], cfg: ChameleonConfig) -> dict:
-    state_dict = {}
-    for name in shards[0]:
-        if name in _META_IGNORED:
-            continue
-        pieces = [shard[name] for shard in shards]
-        if name.endswith(_META_PER_SHARD):
-            state_dict[name] = torch.stack(pieces)
-        elif (dim := _split_dim(name)) is not None:
-            state_dict[name] = torch.cat(pieces, dim=dim)
-        else:
-            state_dict[name] = pieces[0]
-    expected = set(_native_names(cfg))
-    if set(state_dict) != expected:
-        raise ConversionError(
-            f"Meta checkpoint does not match params.json: unknown {sorted(set(state_dict) - expected)[:5]}, "
-            f"missing {sorted(expected - set(state_dict))[:5]}"
-        )
-    return state_dict
-
-
-def _meta_ffn_fields(dim: int, ffn_dim: int) -> dict:
-    """multiple_of / ffn_dim_multiplier for which Meta's formula gives ffn_dim back."""
-    base = int(8 * dim / 3)
-    if 256 * -(-base // 256) == ffn_dim:
-        return {"multiple_of": 256, "ffn_dim_multiplier": None}
-    # int(m * base) == ffn_dim for m just above ffn_dim / base, and multiple_of 1 leaves it as is.
-    return {"multiple_of": 1, "ffn_dim_multiplier": (ffn_dim + 0.5) / base}
-
-
-def meta_params(cfg: ChameleonConfig, n_shards: int) -> dict:
-    model = {
-        "dim": cfg.dim,
-        "n_layers": cfg.n_layers,
-        "n_heads": cfg.n_heads,
-        "n_kv_heads": cfg.n_kv_heads,
-        "vocab_size": cfg.vocab_size,
-        "norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta,
-        "qk_normalization": cfg.qk_norm,
-        "swin_norm": cfg.block_style == "swin",
-        **_meta_ffn_fields(cfg.dim, cfg.ffn_dim),
-    }
-    return {"model_parallel_size": n_shards, "model": model}
-
-
-def config_from_meta(params: dict, shards: list[dict]) -> ChameleonConfig:
-    model = params.get("model", params)
-    return ChameleonConfig(
-        dim=model["dim"],
-        n_layers=model["n_layers"],
-        n_heads=model["n_heads"],
-        n_kv_heads=model.get("n_kv_heads") or model["n_heads"],
-        ffn_dim=sum(s["layers.0.feed_forward.w1.weight"].shape[0] for s in shards),
-        vocab_size=sum(s["output.weight"].shape[0] for s in shards),
-        max_seq_len=model.get("max_seq_len", ChameleonConfig.max_seq_len),
-        norm_eps=model.get("norm_eps", 1e-5),
-        rope_theta=model.get("rope_theta", 10000.0),
-        block_style="swin" if model.get("swin_norm") else "prenorm",
-        qk_norm=model.get("qk_normalization", True),
-        qk_norm_groups=len(shards) if model.get("qk_normalization", True) else 1,
-    )
-
-
-def _meta_shard_paths(folder: Path) -> list[Path]:
-    single = folder / "consolidated.pth"
-    sharded = sorted(folder.glob("consolidated.[0-9][0-9].pth"))
-    if single.is_file() and sharded:
-        raise ConversionError(f"{folder} holds both consolidated.pth and consolidated.NN.pth; keep one layout")
-    paths = [single] if single.is_file() else sharded
-    if not paths:
-        raise ConversionError(f"{folder}: no consolidated.pth or consolidated.NN.pth")
-    return paths
-
-
-def read_meta(folder: str | Path) -> tuple[dict, list[dict]]:
-    folder = Path(folder)
-    params_path = folder / META_PARAMS
-    if not params_path.is_file():
-        raise ConversionError(f"{params_path} not found: a Meta checkpoint folder holds params.json")
-    params = json.loads(params_path.read_text())
-    extra = folder / "consolidate_params.json"
-    if extra.is_file():
-        params = {**params, **json.loads(extra.read_text())}
-    paths = _meta_shard_paths(folder)
-    declared = params.get("model_parallel_size")
-    if declared is not None and declared != len(paths):
-        raise ConversionError(
-            f"{params_path} declares model_parallel_size={declared} but {folder} holds {len(paths)} shard files"
-        )
-    shards = [torch.load(p, map_location="cpu", weights_only=True, mmap=True) for p in paths]
-    return params, shards
-
-
-def import_meta(meta_dir: str | Path, out_dir: str | Path, said: VocabSizes | None = None) -> Path:
-    """Meta's release records no layout: the sizes not `said` are Chameleon's; vocab_size comes
-    from the checkpoint."""
-    params, shards = read_meta(meta_dir)
-    cfg = config_from_meta(params, shards)
-    vocab = (said or VocabSizes()).layout(cfg.vocab_size)
-    return save_native(from_meta_shards(shards, cfg), cfg, vocab, out_dir)
-
-
-def export_meta(native_dir: str | Path, out_dir: str | Path, n_shards: int | None = None) -> Path:
-    state_dict, cfg, _ = load_native(native_dir)
-    n_shards = n_shards or cfg.qk_norm_groups
-    shards = to_meta_shards(state_dict, cfg, n_shards)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    names = ["consolidated.pth"] if n_shards == 1 else [f"consolidated.{i:02d}.pth" for i in range(n_shards)]
-    for name, shard in zip(names, shards, strict=True):
-        torch.save(shard, out / name)
-    (out / META_PARAMS).write_text(json.dumps(meta_params(cfg, n_shards), indent=2) + "\n")
-    return out
+def export_hf(native_dir: str | Path, out_dir: str | Path) -> Path:
+    return save_hf(*load_native(native_dir), out_dir)
