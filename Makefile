@@ -25,8 +25,10 @@ $(STAMP): setup.py constraints.txt
 	$(PIP) install --no-build-isolation -c constraints.txt -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
+# Two pytest workers, a test file each at a time (its module fixtures built once): most tests run
+# 2-rank trainings whose start-up and waits leave a core idle. PYTEST_ARGS="-n 0" runs in one process.
 test: install
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 --dist loadfile $(PYTEST_ARGS)
 
 # The embedded default: data, tokenizers, shards, 150 steps of the tiny model on 2 ranks, 500 of SFT, pictures.
 demo: install

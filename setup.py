@@ -27,7 +27,14 @@ setup(
         "matplotlib>=3.8",  # fusion-report
     ],
     extras_require={
-        "test": ["pytest>=8", "transformers>=4.45", "hypothesis>=6", "tensorboard>=2.15", "import-linter>=2.1"],
+        "test": [
+            "pytest>=8",
+            "transformers>=4.45",
+            "hypothesis>=6",
+            "tensorboard>=2.15",
+            "import-linter>=2.1",
+            "pytest-xdist>=3.5",
+        ],
         "tensorboard": ["tensorboard>=2.15"],
         "gpu": ["liger-kernel>=0.5"],
     },

@@ -18,6 +18,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 REPO = Path(__file__).resolve().parent.parent
+WANDB = "logging.wandb=true"  # an offline W&B run beside metrics.jsonl
 
 
 def pytest_collection_modifyitems(config, items):
@@ -116,11 +117,13 @@ def demo_data(tmp_path_factory):
 
 def train_overrides(demo_data: dict, run_dir: Path, *extra: str) -> list[str]:
     """The tiny model on the demo shards: 128-token sequences, 4 per micro-batch, 2 micro-steps
-    per optimizer step on 2 ranks (global batch 2,048 tokens)."""
+    per optimizer step on 2 ranks (global batch 2,048 tokens). W&B off (its service costs each
+    launch seconds): the tests of what it records turn it on (`WANDB`)."""
     shards = demo_data["shards"]
     return [
         "model.vocab_size=4096", "optim=demo", "optim.warmup_steps=5", "data.seq_len=128", "data.micro_batch_size=4",
         "trainer.global_batch_tokens=2048", f"trainer.run_dir={run_dir}", "logging.log_every=1", "trainer.progress_bar=false",
+        "logging.wandb=false",
         f"data.sources.text.path={shards['text']}", f"data.sources.image_text.path={shards['image_text']}",
         f"data.sources.interleaved.path={shards['interleaved']}", *extra,
     ]  # fmt: skip
@@ -145,6 +148,15 @@ def pretrained_checkpoint(demo_data, tmp_path_factory):
     overrides = train_overrides(demo_data, run, "trainer.steps=16", f"monitor.observers=[{observer}]")
     torchrun("-m fusion_train.train", *overrides, env={"PYTHONPATH": str(folder)})
     return run / "checkpoints" / "step_16"
+
+
+@pytest.fixture(scope="session")
+def zero3_run(demo_data, tmp_path_factory):
+    """The tiny model for 6 steps under ZeRO-3 on 2 ranks, a checkpoint at the end: (run folder,
+    the ranks' output). Tests that change it work on a copy."""
+    run = tmp_path_factory.mktemp("zero3") / "run"
+    result = torchrun("-m fusion_train.train", *train_overrides(demo_data, run, "deepspeed=zero3", "trainer.steps=6"))
+    return run, result.stdout + result.stderr
 
 
 def sample_overrides(demo_data: dict, every: int) -> list[str]:

@@ -38,5 +38,7 @@ def test_an_upward_import_and_deepspeed_in_the_model_fail_by_contract_name(tmp_p
     assert "layers: commands > train | lab > monitor" in output.split("Broken contracts")[1]
     assert "fusion_train.data is not allowed to import fusion_train.monitor" in output
     assert "fusion_train.data.packing -> fusion_train.monitor.observer" in output
-    assert "the model is plain PyTorch: fusion_train.model never imports DeepSpeed" in output.split("Broken contracts")[1]
+    assert (
+        "the model is plain PyTorch: fusion_train.model never imports DeepSpeed" in output.split("Broken contracts")[1]
+    )
     assert "fusion_train.model.size -> deepspeed" in output

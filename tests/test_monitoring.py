@@ -12,7 +12,7 @@ import sys
 import pytest
 from wandb_records import records
 
-from conftest import REPO, colour_fraction, read_metrics, screenshot, torchrun, train_overrides
+from conftest import REPO, WANDB, colour_fraction, read_metrics, screenshot, torchrun, train_overrides
 from fusion_train.monitor.report import kept_trajectory, read_run, summary_rows
 
 FAULT_STEPS = {"nonfinite": 12, "loss_spike": 24, "norm_jump": 33}
@@ -51,7 +51,7 @@ def guarded_run(demo_data, tmp_path_factory):
     ]
     result = train(
         demo_data, run, "trainer.steps=40", f"trainer.checkpoint_every={CHECKPOINT_EVERY}", "trainer.keep_every=10",
-        "logging.tensorboard=true", "monitor.guard.action=rollback", "monitor.guard.rollback_lr_factor=0.5",
+        WANDB, "logging.tensorboard=true", "monitor.guard.action=rollback", "monitor.guard.rollback_lr_factor=0.5",
         "monitor.guard.rollback_lr_steps=3", *GUARD, *faults,
         env={**os.environ, "WANDB_API_KEY": SECRET},
     )  # fmt: skip

@@ -88,12 +88,13 @@ class DataMetrics(Observer):
 class OptimizerMetrics(Observer):
     """grad/norm (DeepSpeed's global norm, before clipping) and optim/lr (the LR the logged step ran with)."""
 
-    def __init__(self, engine, param_groups: list[dict]):
-        self.engine, self.param_groups = engine, param_groups
-        self.lr = param_groups[0]["lr"]
+    def __init__(self, engine, optimizer):
+        """`optimizer`: the torch optimizer the schedule sets (a checkpoint's load replaces its param_groups)."""
+        self.engine, self.optimizer = engine, optimizer
+        self.lr = None
 
     def step_started(self, step: int, logged: bool) -> None:
-        self.lr = self.param_groups[0]["lr"]
+        self.lr = self.optimizer.param_groups[0]["lr"]
 
     def metrics(self, reduced: dict, log: LogStep) -> dict:
         return {"grad/norm": float(self.engine.get_global_grad_norm() or 0.0), "optim/lr": self.lr}

@@ -50,11 +50,11 @@ class TrainingSamples(Observer):
 
     def after_step(self, step: int) -> None:
         if step % self.every == 0:
-            samples, seconds = self.generate(self.model)
+            samples, seconds = self.generate()
             self.loggers.log_samples(samples, step)
             self.loggers.log({"samples/seconds": seconds}, step)
 
-    def generate(self, model: torch.nn.Module) -> tuple[list[Sample], float]:
+    def generate(self) -> tuple[list[Sample], float]:
         """This step's samples (on rank 0; an empty list elsewhere) and the seconds they took."""
         if self.codec is None:
             return [], 0.0
@@ -63,13 +63,13 @@ class TrainingSamples(Observer):
         sampling = Sampling(self.cfg.temperature, self.cfg.top_p, self.cfg.top_k, self.cfg.seed)
         guidance = Guidance(self.cfg.image_scale, self.cfg.text_scale) if self.cfg.guidance else None
         cuda = [self.device] if self.device.type == "cuda" else []
-        model.eval()
+        self.model.eval()
         try:
             with torch.random.fork_rng(devices=cuda):
-                generator = Generator(model, self.codec.vocab, agree=agree)
+                generator = Generator(self.model, self.codec.vocab, agree=agree)
                 outputs = generator.generate(self.requests, sampling, self.cfg.max_new_tokens, guidance)
         finally:
-            model.train()
+            self.model.train()
             if cuda:
                 torch.cuda.empty_cache()
         if self.rank != 0:

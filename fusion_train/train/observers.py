@@ -30,7 +30,7 @@ def build_observers(trainer) -> list[Observer]:
         FaultInjector(cfg.faults, model.layers[-1], model.output),
         LossMetrics(),
         DataMetrics(trainer.loader.dataset.names, trainer.device),
-        OptimizerMetrics(trainer.engine, trainer.scheduler.optimizer.param_groups),
+        OptimizerMetrics(trainer.engine, trainer.scheduler.optimizer),
     ]
     activations = None
     if on and monitor.activations:

@@ -6,6 +6,7 @@ and exit code 2 (`failure.py`); a peer's failure ends it quietly with the peer's
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import socket
@@ -58,14 +59,18 @@ def run_training(overrides: list[str], config_dirs: list[str]) -> int:
 
 def train(cfg: TrainConfig) -> int:
     single_process_environment()
+    # DeepSpeed binds its logger to stdout when it is first imported, and prints as it loads its
+    # ops: its words belong in the log (stderr) with everyone else's.
+    with contextlib.redirect_stdout(sys.stderr):
+        from fusion_train.train.trainer import Trainer
     from fusion_train.train.run_lock import RunFolderInUse
-    from fusion_train.train.trainer import Trainer
     from fusion_train.train.validation import ValidationError
     from fusion_train.weights.training_checkpoint import CheckpointError
 
     user_errors = (ConfigError, DataError, CheckpointError, RunFolderInUse, ValidationError)
     try:
-        trainer = Trainer(cfg)
+        with contextlib.redirect_stdout(sys.stderr):
+            trainer = Trainer(cfg)
     except user_errors as err:
         _exit_now(failure.fail_at_start(err))
     try:
