@@ -21,7 +21,15 @@ REPO = Path(__file__).resolve().parent.parent
 WANDB = "logging.wandb=true"  # an offline W&B run beside metrics.jsonl
 
 
+# The files with the longest runs, longest first: `make test`'s two workers take a file at a time in
+# collection order, and a long one started last would finish alone (`pytest --durations` says which).
+LONGEST_FIRST = ["test_trainer.py", "test_demo.py", "test_your_own_data.py", "test_lab.py", "test_slurm.py",
+                 "test_sft.py", "test_monitoring.py", "test_untied.py", "test_validation.py"]  # fmt: skip
+
+
 def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

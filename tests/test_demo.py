@@ -5,10 +5,15 @@ import os
 import re
 import subprocess
 
+import pytest
+
 from conftest import REPO
 
 
-def test_demo_trains_and_a_second_run_starts_cleanly(tmp_path):
+@pytest.fixture(scope="module")
+def two_demo_runs(tmp_path_factory):
+    """launch/demo.sh twice at CI size: (its folder's parent, the second invocation's result)."""
+    tmp_path = tmp_path_factory.mktemp("demo_runs")
     env = {**os.environ, "PY": os.sys.executable, "DEMO_DIR": str(tmp_path / "demo"), "DEMO_STEPS": "30",
            "DEMO_SFT_STEPS": "10", "DEMO_IMAGES": "160", "DEMO_VQ_STEPS": "10", "DEMO_EVAL_EVERY": "15"}  # fmt: skip
     for run in ("1", "2"):
@@ -17,6 +22,11 @@ def test_demo_trains_and_a_second_run_starts_cleanly(tmp_path):
         )
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         assert f"run folder   {tmp_path / 'demo' / 'runs' / run}" in result.stdout
+    return tmp_path, result
+
+
+def test_demo_trains_and_a_second_run_starts_cleanly(two_demo_runs):
+    tmp_path, result = two_demo_runs
     assert "held-out     " in result.stdout and "at step 30" in result.stdout
     metrics = [json.loads(line) for line in (tmp_path / "demo/runs/1/metrics.jsonl").read_text().splitlines()]
     train = [m for m in metrics if "loss/total" in m]
@@ -42,3 +52,16 @@ def test_demo_trains_and_a_second_run_starts_cleanly(tmp_path):
     assert not said & {o["prompt"][0] for o in outputs[:6]}  # the held-out instructions are not in the SFT data
     sft_report = (tmp_path / "demo/runs/2/sft/report/index.html").read_text()
     assert 'href="../generations/index.html"' in sft_report and "Samples during training" in sft_report
+
+
+def test_the_demo_loses_what_it_lost_before_the_structure_changed(two_demo_runs):
+    """The same losses at every logged step, pretraining and SFT, as the demo gave at CI size before
+    the loop became observers (tests/data/demo_losses.json says which commit; a change that means
+    to move them writes the file anew from a run of it)."""
+    tmp_path, _ = two_demo_runs
+    expected = json.loads((REPO / "tests" / "data" / "demo_losses.json").read_text())
+    for stage, run in (("pretrain", "demo/runs/1"), ("sft", "demo/runs/1/sft")):
+        metrics = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        for key, by_step in expected[stage].items():
+            logged = {str(m["step"]): m[key] for m in metrics if key in m}
+            assert logged == pytest.approx(by_step, rel=1e-6), (stage, key)
