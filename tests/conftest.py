@@ -21,15 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 WANDB = "logging.wandb=true"  # an offline W&B run beside metrics.jsonl
 
 
-# The files with the longest runs, longest first: `make test`'s two workers take a file at a time in
-# collection order, and a long one started last would finish alone (`pytest --durations` says which).
-LONGEST_FIRST = ["test_trainer.py", "test_demo.py", "test_your_own_data.py", "test_lab.py", "test_slurm.py",
-                 "test_sft.py", "test_monitoring.py", "test_untied.py", "test_validation.py"]  # fmt: skip
-
-
 def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
@@ -146,16 +138,35 @@ def docs_metric_example(folder: Path) -> str:
     return "my_metrics:ImageTargetShare"
 
 
+def zero_stage_overrides(demo_data: dict, run_dir: Path, stage: int) -> list[str]:
+    """test_every_zero_stage_trains_the_tiny_model's runs: 12 steps under ZeRO-`stage`, a checkpoint,
+    a validation of two held-out sources (in full under ZeRO-3, the first 2 micro-batches per rank
+    and source elsewhere) and samples every 6, W&B on; ZeRO-1 document-masked through FlexAttention's
+    block mask (on a CPU its mask function becomes a dense mask in training; validation runs
+    FlexAttention itself)."""
+    held_out, text = demo_data["shards"]["held_out"], demo_data["shards"]["text"]
+    validation = [
+        "eval_data=demo", f"eval_data.sources.held_out.path={held_out}", f"+eval_data.sources.prose.path={text}",
+        "eval_data.seq_len=128", "eval_data.micro_batch_size=4", "trainer.eval_every=6",
+        f"trainer.eval_batches={'null' if stage == 3 else 2}",
+    ]  # fmt: skip
+    masking = ["data.document_mask=true", "model.attention=flex"] if stage == 1 else []
+    return train_overrides(
+        demo_data, run_dir, f"deepspeed=zero{stage}", "trainer.steps=12", "trainer.checkpoint_every=6",
+        *sample_overrides(demo_data, every=6), WANDB, *validation, *masking,
+    )  # fmt: skip
+
+
 @pytest.fixture(scope="session")
 def pretrained_checkpoint(demo_data, tmp_path_factory):
-    """The tiny model after 16 steps on the demo shards (2 ranks, ZeRO-2): what generation and the
-    SFT stage start from. It also logs the worked metric of docs/architecture.md, an observer
-    loaded from outside the package."""
+    """The tiny model after 12 steps on the demo shards (2 ranks, ZeRO-2): what generation and the
+    SFT stage start from, and test_every_zero_stage_trains_the_tiny_model[2]'s run. It also logs
+    the worked metric of docs/architecture.md, an observer loaded from outside the package."""
     folder = tmp_path_factory.mktemp("pretrained")
     run, observer = folder / "run", docs_metric_example(folder)
-    overrides = train_overrides(demo_data, run, "trainer.steps=16", f"monitor.observers=[{observer}]")
+    overrides = [*zero_stage_overrides(demo_data, run, 2), f"monitor.observers=[{observer}]"]
     torchrun("-m fusion_train.train", *overrides, env={"PYTHONPATH": str(folder)})
-    return run / "checkpoints" / "step_16"
+    return run / "checkpoints" / "step_12"
 
 
 @pytest.fixture(scope="session")

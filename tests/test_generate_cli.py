@@ -102,11 +102,13 @@ def test_commands_say_only_their_own_words_and_mode_is_the_default_of_records_wi
     assert "Processing zero checkpoint" not in result.stdout + result.stderr  # below the log's level
 
 
-def test_fusion_convert_says_only_what_it_wrote(checkpoint, tmp_path, capsys):
+def test_fusion_convert_says_only_what_it_wrote_and_a_flag_that_cannot_apply_is_an_error(checkpoint, tmp_path, capsys):
     assert convert_main(["zero-to-safetensors", str(checkpoint), str(tmp_path / "model")]) == 0
     assert capsys.readouterr().out == f"wrote {tmp_path / 'model'}\n"
     assert generate_main([str(checkpoint), "--image", "x.png", "--prompts", "p.jsonl"]) == 2
     assert "--image goes before each --prompt's text, and there is no --prompt" in capsys.readouterr().err
+    assert generate_main([str(checkpoint), "--prompt", "a", "--no-guidance", "--text-scale", "2"]) == 2
+    assert "--image-scale and --text-scale set the guidance that --no-guidance turns off" in capsys.readouterr().err
 
 
 def test_hf_transformers_generates_the_same_greedy_text_from_an_hf_export(checkpoint, demo_data, tmp_path):

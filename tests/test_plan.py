@@ -54,3 +54,20 @@ def test_document_masking_through_sdpa_counts_its_dense_mask():
     dense = memory(load_config(settings), ranks=1)["attention_mask"]
     assert dense == pytest.approx(8 * 4096**2 / 1e9, abs=0.01)  # 0.13 GB of booleans
     assert memory(load_config([*settings, "model.attention=flex"]), ranks=1)["attention_mask"] == 0
+
+
+def test_a_flag_without_its_mode_is_an_error_and_the_rank_entry_takes_only_overrides(capsys):
+    from fusion_train.train.run import main as rank_entry
+
+    cases = [
+        (["--gpus", "8", "model=34b"], "--gpus applies to --plan: add --plan, or leave --gpus out"),
+        (["--nproc", "2"], "--nproc applies to -m/--multirun"),
+        (["-p", "model"], "-p/--package applies to --cfg"),
+        (["--resolve"], "--resolve applies to --cfg"),
+    ]
+    for argv, message in cases:
+        assert train_main(argv) == 2
+        assert f"fusion-train: error: {message}" in capsys.readouterr().err
+    # `python -m fusion_train.train`, what torchrun starts on each rank, trains: the rest is fusion-train's.
+    assert rank_entry(["--plan", "model=34b"]) == 2
+    assert "--plan is an option of fusion-train, not of the per-rank entry" in capsys.readouterr().err

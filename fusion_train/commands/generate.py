@@ -30,6 +30,7 @@ from fusion_train.generate.page import Sample, write_outputs
 from fusion_train.generate.sampling import Sampling
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+IMAGE_SCALE, TEXT_SCALE = 1.2, 3.0  # Meta's inference settings
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -58,8 +59,10 @@ def _parser() -> argparse.ArgumentParser:
     sampling.add_argument("--seed", type=int, default=0)
     sampling.add_argument("--max-new-tokens", type=int, help="for text and interleaved prompts (an image-mode prompt "
                           "gets its picture); default: 512 or room for two pictures, whichever is more")  # fmt: skip
-    sampling.add_argument("--image-scale", type=float, default=1.2, help="guidance towards the prompt's images")
-    sampling.add_argument("--text-scale", type=float, default=3.0, help="guidance towards the prompt's text")
+    sampling.add_argument(
+        "--image-scale", type=float, help=f"guidance towards the prompt's images (default {IMAGE_SCALE})"
+    )
+    sampling.add_argument("--text-scale", type=float, help=f"guidance towards the prompt's text (default {TEXT_SCALE})")
     sampling.add_argument("--no-guidance", action="store_true", help="images without classifier-free guidance")
     run = parser.add_argument_group("run")
     run.add_argument("--out", default="generations", help="output folder (default ./generations)")
@@ -110,8 +113,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _guidance(args: argparse.Namespace) -> Guidance | None:
+    if args.no_guidance:
+        if (args.image_scale, args.text_scale) != (None, None):
+            raise PromptError(
+                "--image-scale and --text-scale set the guidance that --no-guidance turns off: give either"
+            )
+        return None
+    image = IMAGE_SCALE if args.image_scale is None else args.image_scale
+    return Guidance(image, TEXT_SCALE if args.text_scale is None else args.text_scale)
+
+
 def _generate(args: argparse.Namespace) -> int:
     records, base = read_prompts(args)
+    guidance = _guidance(args)
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     loaded = load_model(args.model, device, dtype)
@@ -123,7 +138,6 @@ def _generate(args: argparse.Namespace) -> int:
         for i, r in enumerate(records)
     ]
     sampling = Sampling(0.0 if args.greedy else args.temperature, args.top_p, args.top_k, args.seed)
-    guidance = None if args.no_guidance else Guidance(args.image_scale, args.text_scale)
     max_new_tokens = args.max_new_tokens or max(512, 2 * codec.vocab.image_block_length)
     generator = Generator(loaded.model, codec.vocab, use_cache=not args.no_cache)
     samples = []

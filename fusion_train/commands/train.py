@@ -55,10 +55,24 @@ def _train_arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--package", "-p")
     parser.add_argument("--resolve", action="store_true")
     parser.add_argument("--multirun", "-m", action="store_true")
-    parser.add_argument("--nproc", type=int, default=1)
-    parser.add_argument("--gpus", type=int, default=int(os.environ.get("WORLD_SIZE", "1")))
+    parser.add_argument("--nproc", type=int)
+    parser.add_argument("--gpus", type=int)
     parser.add_argument("overrides", nargs="*")
     return parser.parse_intermixed_args(argv)
+
+
+# Flags that belong to one mode; given without it they are an error rather than silently ignored.
+MODE_OF = {"gpus": "plan", "nproc": "multirun", "package": "cfg", "resolve": "cfg"}
+SPELLED = {"gpus": "--gpus", "nproc": "--nproc", "package": "-p/--package", "resolve": "--resolve",
+           "plan": "--plan", "multirun": "-m/--multirun", "cfg": "--cfg"}  # fmt: skip
+
+
+def _check_modes(args: argparse.Namespace) -> None:
+    for flag, mode in MODE_OF.items():
+        if getattr(args, flag) not in (None, False) and not getattr(args, mode):
+            raise ConfigError(
+                f"{SPELLED[flag]} applies to {SPELLED[mode]}: add {SPELLED[mode]}, or leave {SPELLED[flag]} out"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     prepare_process()
     args = _train_arguments(sys.argv[1:] if argv is None else argv)
     try:
+        _check_modes(args)
         if args.help:
             print(f"{TRAIN_USAGE}\n{describe(args.config_dir)}")
             return 0
@@ -76,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.plan:
             cfg = load_config(args.overrides, args.config_dir)
             validate(cfg)
-            return _print_plan(cfg, args.gpus)
+            return _print_plan(cfg, args.gpus or int(os.environ.get("WORLD_SIZE", "1")))
     except (*START_ERRORS, SweepInterrupted) as err:
         return failure.fail_at_start(err)
     return run_training(args.overrides, args.config_dir)
@@ -101,7 +116,9 @@ def _multirun(args: argparse.Namespace) -> int:
     for point in points:  # every point composes and validates before the first one runs
         validate(load_config([*common, *point.overrides], args.config_dir))
     config_dirs = [f"--config-dir={d}" for d in args.config_dir]
-    records = run_sweep(Path(composed.trainer.run_dir), common, points, [*default_launcher(args.nproc), *config_dirs])
+    records = run_sweep(
+        Path(composed.trainer.run_dir), common, points, [*default_launcher(args.nproc or 1), *config_dirs]
+    )
     failed = [r["name"] for r in records if r["returncode"] != 0]
     print(f"{len(records)} sweep points in {composed.trainer.run_dir}; {len(failed)} ended with an error: {failed}")
     return 0
