@@ -217,3 +217,10 @@ def test_conversion_errors_name_the_problem(tmp_path):
     with pytest.raises(ConversionError, match="declares model_parallel_size=4 but .* holds 2 shard files"):
         read_meta(meta)
     assert convert_main(["to-hf", str(tmp_path / "nowhere"), str(tmp_path / "x")]) == 2
+
+
+def test_a_damaged_config_is_an_error_naming_the_file(tmp_path, capsys):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text('{"model": {"dim": 6')  # cut short by a full disk
+    assert convert_main(["to-hf", str(tmp_path / "model"), str(tmp_path / "hf")]) == 2
+    assert f"error: {tmp_path / 'model' / 'config.json'} is not valid JSON" in capsys.readouterr().err

@@ -1,11 +1,13 @@
 """The trainer's parts that need no processes: checkpoint retention, LR schedules, weight-decay groups."""
 
 import math
+import re
 
 import pytest
 
 from fusion_train.model.chameleon import Chameleon
 from fusion_train.train.checkpoint import Checkpointer
+from fusion_train.train.config import ConfigError
 from fusion_train.train.engine import parameter_groups
 from fusion_train.train.schedule import warmup_cosine, warmup_exponential
 from fusion_train.weights.training_checkpoint import TRAINER_STATE, CheckpointError, read_trainer_state
@@ -69,3 +71,22 @@ def test_no_weight_decay_on_norms_and_biases():
     }
     assert any("tok_embeddings" in names[id(p)] for p in decayed["params"])
     assert len(decayed["params"]) + len(not_decayed["params"]) == len(list(model.parameters()))
+
+
+def test_an_observer_of_ones_own_is_a_loadable_observer_class(tmp_path, monkeypatch):
+    from fusion_train.train.observers import user_observer
+
+    (tmp_path / "mine.py").write_text(
+        "from fusion_train.monitor.observer import Observer\n"
+        "class Counts(Observer):\n    def __init__(self, run):\n        self.run = run\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert user_observer("mine:Counts", "the run").run == "the run"
+    for path, message in [
+        ("absent_module:Counts", "absent_module:Counts cannot be loaded (No module named 'absent_module')"),
+        ("mine:Absent", "mine:Absent cannot be loaded"),
+        ("mine", "mine is not an Observer class"),
+        ("fusion_train.vocab:VocabLayout", "fusion_train.vocab:VocabLayout is not an Observer class"),
+    ]:
+        with pytest.raises(ConfigError, match=f"^monitor.observers: {re.escape(message)}"):
+            user_observer(path, None)

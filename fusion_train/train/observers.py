@@ -50,7 +50,7 @@ def build_observers(trainer) -> list[Observer]:
     if trainer.rank == 0 and cfg.trainer.progress_bar and sys.stderr.isatty():
         observers.append(ProgressBar(cfg.trainer.steps))
     run = RunInfo(cfg, model, trainer.vocab, trainer.device, trainer.rank, trainer.world_size)
-    return observers + [_user_observer(path, run) for path in monitor.observers]
+    return observers + [user_observer(path, run) for path in monitor.observers]
 
 
 def _training_samples(trainer) -> TrainingSamples:
@@ -63,7 +63,7 @@ def _training_samples(trainer) -> TrainingSamples:
         raise ConfigError(f"eval_samples: {err}") from None
 
 
-def _user_observer(path: str, run: RunInfo) -> Observer:
+def user_observer(path: str, run: RunInfo) -> Observer:
     """`package.module:Class`, made with the run's RunInfo."""
     module_name, _, class_name = path.partition(":")
     try:

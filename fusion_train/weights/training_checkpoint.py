@@ -39,7 +39,10 @@ def read_trainer_state(path: Path) -> dict:
             f"{path} is not a complete checkpoint: it has no {TRAINER_STATE}, the marker written last "
             "(an interrupted save or prune leaves such a folder); choose a complete step_N folder"
         )
-    return json.loads((path / TRAINER_STATE).read_text())
+    try:
+        return json.loads((path / TRAINER_STATE).read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path / TRAINER_STATE} is not valid JSON ({err}): choose another checkpoint") from None
 
 
 def consolidated_state_dict(path: str | Path) -> dict:

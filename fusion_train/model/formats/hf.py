@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fusion_train.model.chameleon import ChameleonConfig
-from fusion_train.model.formats import ConversionError, refuse_untied
+from fusion_train.model.formats import ConversionError, read_json, refuse_untied
 from fusion_train.model.formats.native import CONFIG_FILE, load_native, parameter_names, save_native
 from fusion_train.model.formats.vocab_sizes import VocabSizes
 from fusion_train.vocab import (
@@ -288,7 +288,7 @@ def read_hf_weights(folder: Path) -> dict:
         None,
     )
     if index is not None:
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = sorted(set(read_json(index)["weight_map"].values()))
     else:
         files = [n for n in ("model.safetensors", "pytorch_model.bin") if (folder / n).is_file()][:1]
     if not files:
@@ -308,7 +308,7 @@ def read_hf_config(hf_dir: str | Path, said: VocabSizes | None = None) -> tuple[
     config_path = Path(hf_dir) / CONFIG_FILE
     if not config_path.is_file():
         raise ConversionError(f"{config_path} not found: expected a transformers model folder")
-    return configs_from_hf(json.loads(config_path.read_text()), said)
+    return configs_from_hf(read_json(config_path), said)
 
 
 def read_hf(hf_dir: str | Path, said: VocabSizes | None = None) -> tuple[dict, ChameleonConfig, VocabLayout]:
@@ -319,7 +319,7 @@ def read_hf(hf_dir: str | Path, said: VocabSizes | None = None) -> tuple[dict, C
 
 def is_hf_folder(folder: str | Path) -> bool:
     config_path = Path(folder) / CONFIG_FILE
-    return config_path.is_file() and "model_type" in json.loads(config_path.read_text())
+    return config_path.is_file() and "model_type" in read_json(config_path)
 
 
 def save_hf(state_dict: dict, cfg: ChameleonConfig, vocab: VocabLayout, out_dir: str | Path) -> Path:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from fusion_train.model.chameleon import ChameleonConfig
-from fusion_train.model.formats import ConversionError, refuse_untied
+from fusion_train.model.formats import ConversionError, read_json, refuse_untied
 from fusion_train.model.formats.native import load_native, parameter_names, save_native
 from fusion_train.model.formats.vocab_sizes import VocabSizes
 from fusion_train.vocab import VocabLayout
@@ -141,10 +141,10 @@ def read_meta(folder: str | Path) -> tuple[dict, list[dict]]:
     params_path = folder / META_PARAMS
     if not params_path.is_file():
         raise ConversionError(f"{params_path} not found: a Meta checkpoint folder holds params.json")
-    params = json.loads(params_path.read_text())
+    params = read_json(params_path)
     extra = folder / "consolidate_params.json"
     if extra.is_file():
-        params = {**params, **json.loads(extra.read_text())}
+        params = {**params, **read_json(extra)}
     paths = _meta_shard_paths(folder)
     declared = params.get("model_parallel_size")
     if declared is not None and declared != len(paths):

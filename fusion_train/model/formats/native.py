@@ -12,7 +12,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 
 from fusion_train.model.chameleon import ChameleonConfig
-from fusion_train.model.formats import ConversionError
+from fusion_train.model.formats import ConversionError, read_json
 from fusion_train.vocab import VocabLayout
 
 NATIVE_WEIGHTS = "model.safetensors"
@@ -35,7 +35,7 @@ def parameter_names(cfg: ChameleonConfig) -> list[str]:
 
 def is_native_folder(path: str | Path) -> bool:
     config_path = Path(path) / CONFIG_FILE
-    return config_path.is_file() and {"model", "vocab"} <= set(json.loads(config_path.read_text()))
+    return config_path.is_file() and {"model", "vocab"} <= set(read_json(config_path))
 
 
 def save_native(
@@ -61,7 +61,7 @@ def read_native_config(path: str | Path) -> tuple[ChameleonConfig, VocabLayout, 
             raise ConversionError(
                 f"{required} not found: a fusion_train model folder holds {CONFIG_FILE} and {NATIVE_WEIGHTS}"
             )
-    config = json.loads(config_path.read_text())
+    config = read_json(config_path)
     try:
         cfg, vocab = ChameleonConfig(**config["model"]), VocabLayout(**config["vocab"])
     except (KeyError, TypeError) as err:
