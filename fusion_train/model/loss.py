@@ -114,15 +114,10 @@ class _LinearCrossEntropyZLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total, _grad_ce, _grad_logz):
+        # Scaled in place: backward runs once, and fresh [vocab, dim] copies would cost their size again.
         grad_inputs, grad_weight = ctx.saved_tensors
         scale = grad_total.float()
-        return (
-            (grad_inputs * scale).to(grad_inputs.dtype),
-            (grad_weight * scale).to(ctx.weight_dtype),
-            None,
-            None,
-            None,
-        )
+        return grad_inputs.mul_(scale), grad_weight.mul_(scale).to(ctx.weight_dtype), None, None, None
 
 
 def _chunked_forward(inputs, weight, targets, z_loss, chunk_size, *, with_grads):
@@ -131,8 +126,7 @@ def _chunked_forward(inputs, weight, targets, z_loss, chunk_size, *, with_grads)
     ce = torch.zeros(n, dtype=torch.float32, device=inputs.device)
     logz = torch.zeros_like(ce)
     grad_inputs = torch.empty_like(inputs) if with_grads else None
-    # Accumulated over chunks in fp32 whatever the weight's dtype.
-    grad_weight = torch.zeros_like(weight, dtype=torch.float32) if with_grads else None
+    grad_weight = None  # [vocab, dim], accumulated over chunks in fp32 whatever the weight's dtype
     for start in range(0, n, chunk_size):
         rows = slice(start, start + chunk_size)
         x, target = inputs[rows], targets[rows]
@@ -151,6 +145,10 @@ def _chunked_forward(inputs, weight, targets, z_loss, chunk_size, *, with_grads)
         grad_logits.scatter_add_(1, safe_target, torch.full_like(target_logit, -1.0).unsqueeze(1))
         grad_logits.mul_(valid.unsqueeze(1))
         grad_logits = grad_logits.to(inputs.dtype)
-        grad_inputs[rows] = grad_logits @ weight
-        grad_weight += grad_logits.t() @ x
+        torch.mm(grad_logits, weight, out=grad_inputs[rows])
+        chunk_grad_weight = grad_logits.t() @ x
+        if grad_weight is None:
+            grad_weight = chunk_grad_weight.float()
+        else:
+            grad_weight += chunk_grad_weight
     return ce, logz, grad_inputs, grad_weight
