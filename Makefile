@@ -23,6 +23,10 @@ $(STAMP): setup.py constraints.txt
 	# DeepSpeed ships as source; without build isolation it builds against the torch above
 	# instead of fetching another one.
 	$(PIP) install --no-build-isolation -c constraints.txt -e ".[$(EXTRAS)]"
+	# The loader's peer in bench/peers.py. Its requirements pin older numpy, xxhash and transformers
+	# and want torchvision, which would replace the torch above: the library and the compression
+	# modules it imports, without their requirements (bench/peer_loader.py says how it is loaded).
+	$(PIP) install --no-deps -c constraints.txt mosaicml-streaming brotli python-snappy cramjam zstd catalogue
 	touch $(STAMP)
 
 # Two pytest workers, a test file each at a time (its module fixtures built once): most tests run

@@ -72,6 +72,25 @@ class SyntheticBatches:
         pass
 
 
+def bench_overrides(
+    preset: str, zero: int, seq_len: int, micro_batch: int, micro_batches: int, steps: int, run_dir: str
+) -> list[str]:
+    """A benchmark's trainer settings: `micro_batches` per optimizer step over all ranks, no
+    checkpoints, W&B or progress bar."""
+    return [
+        f"model={preset}", f"deepspeed=zero{zero}", f"data.seq_len={seq_len}", f"data.micro_batch_size={micro_batch}",
+        f"trainer.global_batch_tokens={micro_batch * seq_len * micro_batches}", f"trainer.steps={steps}",
+        "trainer.checkpoint_every=0", f"trainer.run_dir={run_dir}", "logging.wandb=false", "trainer.progress_bar=false",
+    ]  # fmt: skip
+
+
+def synthetic_vocab(cfg) -> VocabLayout:
+    """Chameleon's layout at its size; a small one of the same rule for a smaller vocabulary."""
+    if cfg.model.vocab_size == CHAMELEON_VOCAB.vocab_size:
+        return CHAMELEON_VOCAB
+    return VocabLayout(image_codebook_size=512, image_grid=8, vocab_size=cfg.model.vocab_size, n_reserved=513)
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="tiny", help="conf/model/<preset>.yaml")
@@ -99,20 +118,15 @@ def main(argv=None) -> None:
     world = int(os.environ["WORLD_SIZE"])
     with tempfile.TemporaryDirectory() as run_dir:
         cfg = load_config([
-            f"model={args.preset}", f"deepspeed=zero{args.zero}", f"data.seq_len={args.seq_len}",
-            f"data.micro_batch_size={args.micro_batch}",
-            f"trainer.global_batch_tokens={args.micro_batch * args.seq_len * args.micro_steps * world}",
-            f"trainer.steps={args.log_every + args.steps}", "trainer.checkpoint_every=0", f"trainer.run_dir={run_dir}",
+            *bench_overrides(args.preset, args.zero, args.seq_len, args.micro_batch, args.micro_steps * world,
+                             args.log_every + args.steps, run_dir),
             f"trainer.compile={args.compile}", f"trainer.activation_checkpointing={args.activation_checkpointing}",
-            f"logging.log_every={args.log_every}", "logging.wandb=false", "trainer.progress_bar=false", *extra,
+            f"logging.log_every={args.log_every}", *extra,
         ])  # fmt: skip
-        vocab = CHAMELEON_VOCAB if cfg.model.vocab_size == CHAMELEON_VOCAB.vocab_size else VocabLayout(
-            image_codebook_size=512, image_grid=8, vocab_size=cfg.model.vocab_size, n_reserved=513
-        )  # fmt: skip
-        trainer = Trainer(
-            cfg,
-            loader=SyntheticBatches(vocab, args.micro_batch, args.seq_len, cfg.trainer.seed, args.document_length),
+        batches = SyntheticBatches(
+            synthetic_vocab(cfg), args.micro_batch, args.seq_len, cfg.trainer.seed, args.document_length
         )
+        trainer = Trainer(cfg, loader=batches)
         profiler = profile_one_step(trainer, args.profile, after=args.log_every) if args.profile else None
         trainer.train()
         host_syncs = summarise(profiler, Path(args.profile)) if profiler is not None else None

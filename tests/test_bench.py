@@ -31,3 +31,35 @@ def test_train_throughput_prints_one_json_line_from_the_trainer(tmp_path):
     assert names.count("aten::scaled_dot_product_attention") == 2 * 2  # micro-steps x blocks
     assert "aten::mm" in (tmp_path / "summary.txt").read_text()  # the matrix products lead the table
     assert figures["host_syncs_in_profiled_step"] == {}  # a CPU has no GPU to wait for
+
+
+def test_every_peer_comparison_runs_at_toy_size_with_the_systems_doing_the_same_work(demo_data):
+    """bench/peers.py in seconds: one line per system of every comparison, a ratio to its peer, and
+    the check that the systems did the same work (no timing is asserted)."""
+    result = subprocess.run(
+        [sys.executable, "bench/peers.py", "--size", "toy", "--rounds", "1", "--demo", demo_data["folder"]],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-6000:]
+    lines = [json.loads(line) for line in result.stdout.splitlines()]  # nothing but JSON lines on stdout
+    by_system = {(line["comparison"], line["system"]): line for line in lines}
+    assert list(by_system) == [
+        *(("train_step", s) for s in ("hf", "plain", "fusion_train", "fusion_train+monitors")),
+        *(("sharded", s) for s in ("ddp", "zero1", "zero2", "fsdp2", "zero3")),
+        *(("loader", s) for s in ("fusion_train/1", "streaming/1", "fusion_train/2", "streaming/2")),
+        ("vq_encode", "hf"), ("vq_encode", "fusion_train"), ("vq_decode", "fusion_train"),
+    ]  # fmt: skip
+    for line in lines:
+        assert line["median"] > 0 and line["device"] == "cpu", line
+        assert line["peer"] is None or line["ratio_to_peer"] > 0, line
+    # The same model, weights, batches and optimizer: the same cross-entropy at every step, on one
+    # process and on rank 0 of two, whatever the engine.
+    for comparison in ("train_step", "sharded"):
+        for (name, _), line in by_system.items():
+            if name == comparison:
+                assert line["max_ce_difference"] < 1e-4 and 7 < line["ce_last"] < 9, line  # ln 4096 = 8.3
+    assert by_system["train_step", "fusion_train+monitors"]["monitor_cost"] is not None
+    assert by_system["sharded", "zero3"]["peer"] == "fsdp2" and by_system["sharded", "zero1"]["peer"] == "ddp"
+    # Both loaders' packed sequences hold exactly the demo's documents, each once per epoch.
+    assert all(line["same_documents_as_shards"] for (name, _), line in by_system.items() if name == "loader")
+    assert by_system["vq_encode", "fusion_train"]["same_codes"] is True

@@ -46,8 +46,9 @@ class OptimConfig:
 class DeepSpeedConfig:
     zero_stage: int = 2
     bf16: bool = True  # on GPU; CPU runs train in fp32, where bf16 is slower
-    overlap_comm: bool = True
-    contiguous_gradients: bool = True
+    # null: on with several data-parallel ranks, off with one (engine.py: zero_settings)
+    overlap_comm: bool | None = None
+    contiguous_gradients: bool | None = None
     reduce_bucket_size: int = 500_000_000
     allgather_bucket_size: int = 500_000_000
 

@@ -47,20 +47,32 @@ def use_bf16(cfg: TrainConfig) -> bool:
     return cfg.deepspeed.bf16 and torch.cuda.is_available()
 
 
-def deepspeed_config(cfg: TrainConfig, gradient_accumulation_steps: int, load_universal: bool = False) -> dict:
+def zero_settings(cfg: TrainConfig, data_parallel_size: int) -> dict:
+    """ZeRO's section of the DeepSpeed config. `overlap_comm` and `contiguous_gradients` left unset
+    are on with several data-parallel ranks and off with one: with no peer to reduce with, the
+    contiguous bucket and partition buffers are only copies of every gradient each step (on a CPU
+    into fresh pages; docs/performance.md), and
+    there is no communication to overlap."""
     zero = {"stage": cfg.deepspeed.zero_stage}
     if cfg.deepspeed.zero_stage > 0:
+        several = data_parallel_size > 1
         zero.update(
-            overlap_comm=cfg.deepspeed.overlap_comm,
-            contiguous_gradients=cfg.deepspeed.contiguous_gradients,
+            overlap_comm=several if cfg.deepspeed.overlap_comm is None else cfg.deepspeed.overlap_comm,
+            contiguous_gradients=several if cfg.deepspeed.contiguous_gradients is None
+            else cfg.deepspeed.contiguous_gradients,
             reduce_bucket_size=cfg.deepspeed.reduce_bucket_size,
             allgather_bucket_size=cfg.deepspeed.allgather_bucket_size,
-        )
+        )  # fmt: skip
+    return zero
+
+
+def deepspeed_config(cfg: TrainConfig, gradient_accumulation_steps: int, load_universal: bool = False) -> dict:
+    """The DeepSpeed config of this process group's run."""
     return {
         "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size,
         "gradient_accumulation_steps": gradient_accumulation_steps,
         "gradient_clipping": cfg.optim.grad_clip,
-        "zero_optimization": zero,
+        "zero_optimization": zero_settings(cfg, dist.get_world_size()),
         "bf16": {"enabled": use_bf16(cfg)},
         "steps_per_print": 2**31 - 1,  # our monitors log
         "checkpoint": {"load_universal": load_universal},

@@ -254,13 +254,16 @@ class Trainer:
     def close_loggers(self) -> None:
         self.loggers.close()
 
-    def close(self) -> None:
-        """Tear down in an order that lets gloo's threads end before the interpreter does."""
+    def close(self, keep_process_group: bool = False) -> None:
+        """Tear down in an order that lets gloo's threads end before the interpreter does.
+        `keep_process_group`: for a process that goes on with other work over the same ranks (the
+        peer benchmarks train several systems in one launch)."""
         dist.barrier()
         self.close_loggers()
         self.engine.destroy()
         del self.engine, self.optimizer, self.scheduler, self.loader
         gc.collect()
-        dist.destroy_process_group()
+        if not keep_process_group:
+            dist.destroy_process_group()
         if self.run_lock is not None:
             self.run_lock.release()

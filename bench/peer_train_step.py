@@ -1,0 +1,154 @@
+"""The training step on one process, side by side: HF transformers' Chameleon in a plain PyTorch
+loop (the peer), fusion_train's model in the same loop, and fusion_train's real path (the Trainer:
+DeepSpeed ZeRO-1, chunked loss with z-loss, observers) with monitors off and at the default
+log_every.
+
+Every system starts from the same weights (ours, converted to HF's layout by the HF export's own
+functions), reads the same synthetic batches and uses the same AdamW settings, weight-decay groups,
+LR schedule and clipping, so their cross-entropies agree step by step: our z-loss (1e-5 log²Z) is
+added to what we optimise, not to the CE compared. HF's logits are not masked: its vocabulary map
+here names no image codes, as our model predicts them too.
+
+    python bench/peer_train_step.py --system hf|plain|fusion_train|fusion_train+monitors [--size full|toy] \
+        [--steps WARMUP TIMED] [-- fusion_train overrides]
+
+prints one JSON record: the seconds of every step after the warm-up and every step's mean CE.
+`bench/peers.py train` alternates the systems and summarises.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+
+import plain_loop
+import torch
+from plain_loop import hf_loss, our_loss
+from side_by_side import BENCH, alternate, run_json, summary
+from train_throughput import SyntheticBatches, bench_overrides, synthetic_vocab
+
+from fusion_train.model.chameleon import Chameleon
+from fusion_train.model.formats.hf import hf_config, to_hf_state_dict
+from fusion_train.train.config import load_config
+from fusion_train.train.run import single_process_environment
+from fusion_train.vocab import SPECIAL_NAMES
+
+SYSTEMS = ("hf", "plain", "fusion_train", "fusion_train+monitors")
+PEER = "hf"
+# full: the shape of issue 26; toy: seconds, for the test that keeps this script from rotting.
+SHAPES = {
+    "full": {"dim": 512, "n_layers": 4, "n_heads": 8, "ffn_dim": 1408, "vocab_size": 65536, "seq_len": 256},
+    "toy": {"dim": 64, "n_layers": 2, "n_heads": 4, "ffn_dim": 176, "vocab_size": 4096, "seq_len": 64},
+}
+MICRO_BATCH, MICRO_STEPS = 2, 2
+# Warm-up and timed steps: at the default log_every (10) the full size's timed window holds one
+# logged step, as a run's does; toy sizes only check the losses.
+STEPS = {"full": (10, 10), "toy": (1, 3)}
+
+
+def config(
+    size: str,
+    run_dir: str,
+    monitors: bool = False,
+    steps: tuple[int, int] | None = None,
+    overrides: tuple[str, ...] = (),
+):
+    shape = SHAPES[size]
+    warmup, timed = steps or STEPS[size]
+    model = [f"model.{key}={value}" for key, value in shape.items() if key != "seq_len"]
+    return load_config([
+        *bench_overrides("tiny", 1, shape["seq_len"], MICRO_BATCH, MICRO_STEPS, warmup + timed, run_dir),
+        *model, f"model.n_kv_heads={shape['n_heads']}", "optim.warmup_steps=1",
+        f"monitor.enabled={str(monitors).lower()}", "monitor.observers=[step_clock:StepClock]", *overrides,
+    ])  # fmt: skip
+
+
+def synthetic_batches(cfg) -> SyntheticBatches:
+    """The same batches for every system: uniform ids over the whole vocabulary, seeded."""
+    return SyntheticBatches(synthetic_vocab(cfg), MICRO_BATCH, cfg.data.seq_len, cfg.trainer.seed, 0)
+
+
+# --- the peer: HF's model in a plain loop ---------------------------------------------------------
+
+
+def hf_model(cfg, ours: Chameleon):
+    """HF's ChameleonForConditionalGeneration holding our model's weights."""
+    from transformers import ChameleonConfig, ChameleonForConditionalGeneration
+
+    settings = hf_config(cfg.model, synthetic_vocab(cfg), torch.float32)
+    settings["vocabulary_map"] = {name: i for i, name in SPECIAL_NAMES.items()}  # no image names: no masking
+    hf_cfg = ChameleonConfig(**settings)
+    hf_cfg._attn_implementation = "sdpa"
+    model = ChameleonForConditionalGeneration(hf_cfg)
+    missing, unexpected = model.load_state_dict(to_hf_state_dict(ours.state_dict(), cfg.model), strict=False)
+    assert not unexpected and all(name.startswith("model.vqmodel.") for name in missing), (missing, unexpected)
+    model.model.vqmodel.requires_grad_(False)  # the image tokenizer is not trained
+    return model
+
+
+# --- fusion_train's real path ----------------------------------------------------------------------
+
+
+def trainer_run(cfg) -> tuple[list[float], list[float]]:
+    from step_clock import StepClock
+
+    from fusion_train.train.trainer import Trainer
+
+    single_process_environment()
+    trainer = Trainer(cfg, loader=synthetic_batches(cfg))
+    trainer.train()
+    (clock,) = [o for o in trainer.observers if isinstance(o, StepClock)]
+    trainer.close()
+    return clock.step_seconds(), clock.mean_ce()
+
+
+def run(system: str, size: str, steps: tuple[int, int] | None = None, overrides: tuple[str, ...] = ()) -> dict:
+    """`overrides`: Hydra overrides of fusion_train's settings (the peers use the optimizer's alone)."""
+    with tempfile.TemporaryDirectory() as run_dir:
+        cfg = config(size, run_dir, system == "fusion_train+monitors", steps, overrides)
+        if system in ("fusion_train", "fusion_train+monitors"):
+            seconds, ces = trainer_run(cfg)
+        else:
+            ours = Chameleon(cfg.model, seed=cfg.trainer.seed)
+            model, loss_and_ce = (hf_model(cfg, ours), hf_loss) if system == "hf" else (ours, our_loss)
+            seconds, ces = plain_loop.train(cfg, model, loss_and_ce, iter(synthetic_batches(cfg)), MICRO_STEPS)
+    warmup, _ = steps or STEPS[size]
+    return {
+        "system": system, "size": size, "tokens_per_step": MICRO_BATCH * MICRO_STEPS * cfg.data.seq_len,
+        "log_every": cfg.logging.log_every, "warmup_steps": warmup, "step_s": seconds[warmup:], "ce": ces,
+        "threads": torch.get_num_threads(), "overrides": list(overrides),
+    }  # fmt: skip
+
+
+def compare(size: str, rounds: int) -> list[dict]:
+    """Every system once per round, each in a fresh process; one summary line per system."""
+
+    def measure(system: str) -> dict:
+        return run_json([sys.executable, str(BENCH / "peer_train_step.py"), "--system", system, "--size", size])
+
+    records = alternate(SYSTEMS, measure, rounds)
+    figures = {s: [r["tokens_per_step"] / statistics.mean(r["step_s"]) for r in runs] for s, runs in records.items()}
+    peer_ce = records[PEER][0]["ce"]
+    lines = []
+    for system in SYSTEMS:
+        ce = records[system][0]["ce"]  # every round trains the same thing
+        more = {"size": size, "shape": SHAPES[size], "micro_batch": MICRO_BATCH, "micro_steps": MICRO_STEPS,
+                "timed_steps": STEPS[size][1], "ce_last": round(ce[-1], 5),
+                "max_ce_difference": max(abs(a - b) for a, b in zip(ce, peer_ce, strict=True))}  # fmt: skip
+        if system == "fusion_train+monitors":
+            on, off = statistics.median(figures[system]), statistics.median(figures["fusion_train"])
+            more["monitor_cost"] = round(1 - on / off, 4)  # at the default log_every
+        lines.append(summary("train_step", system, PEER, "tokens/s", figures, **more))
+    return lines
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--system", choices=SYSTEMS, required=True)
+    parser.add_argument("--size", choices=SHAPES, default="full")
+    parser.add_argument("--steps", type=int, nargs=2, metavar=("WARMUP", "TIMED"), help="default: the size's")
+    args, overrides = parser.parse_known_args()
+    print(json.dumps(run(args.system, args.size, args.steps, tuple(o for o in overrides if o != "--"))))
