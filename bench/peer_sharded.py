@@ -28,6 +28,7 @@ import tempfile
 from pathlib import Path
 
 import plain_loop
+import torch
 import torch.distributed as dist
 from plain_loop import our_loss
 from side_by_side import BENCH, run_json, summary
@@ -80,7 +81,7 @@ def run_trainer(cfg) -> tuple[list[float], list[float]]:
 def run_ddp(cfg) -> tuple[list[float], list[float]]:
     from torch.nn.parallel import DistributedDataParallel
 
-    model = DistributedDataParallel(Chameleon(cfg.model, seed=cfg.trainer.seed))
+    model = DistributedDataParallel(Chameleon(cfg.model, seed=cfg.trainer.seed).to(plain_loop.device()))
 
     def gradient_sync(last: bool):
         return contextlib.nullcontext() if last else model.no_sync()
@@ -92,7 +93,7 @@ def run_ddp(cfg) -> tuple[list[float], list[float]]:
 def run_fsdp2(cfg) -> tuple[list[float], list[float]]:
     from torch.distributed.fsdp import fully_shard
 
-    model = Chameleon(cfg.model, seed=cfg.trainer.seed)
+    model = Chameleon(cfg.model, seed=cfg.trainer.seed).to(plain_loop.device())
     for block in model.layers:
         fully_shard(block)
     fully_shard(model)
@@ -162,6 +163,8 @@ if __name__ == "__main__":
     from fusion_train.train.run import single_process_environment
 
     single_process_environment()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     import deepspeed
 
     deepspeed.init_distributed()

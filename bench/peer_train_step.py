@@ -1,7 +1,9 @@
 """The training step on one process, side by side: HF transformers' Chameleon in a plain PyTorch
-loop (the peer), fusion_train's model in the same loop, and fusion_train's real path (the Trainer:
-DeepSpeed ZeRO-1, chunked loss with z-loss, observers) with monitors off and at the default
-log_every.
+loop (the peer), fusion_train's model in the same loop (what DeepSpeed and the trainer cost is its
+difference to the next), and fusion_train's real path (the Trainer: DeepSpeed ZeRO-1, chunked loss
+with z-loss, observers) with monitors off and at the default log_every; HF's loop and the real path
+also with the C allocator keeping freed memory (KEPT_MEMORY: on a CPU both systems spend much of a
+step in page faults on memory freed and allocated again every step).
 
 Every system starts from the same weights (ours, converted to HF's layout by the HF export's own
 functions), reads the same synthetic batches and uses the same AdamW settings, weight-decay groups,
@@ -9,8 +11,8 @@ LR schedule and clipping, so their cross-entropies agree step by step: our z-los
 added to what we optimise, not to the CE compared. HF's logits are not masked: its vocabulary map
 here names no image codes, as our model predicts them too.
 
-    python bench/peer_train_step.py --system hf|plain|fusion_train|fusion_train+monitors [--size full|toy] \
-        [--steps WARMUP TIMED] [-- fusion_train overrides]
+    python bench/peer_train_step.py --system SYSTEM [--shape issue26|tiny|toy] \
+        [--steps WARMUP TIMED] [--profile DIR] [-- fusion_train overrides]
 
 prints one JSON record: the seconds of every step after the warm-up and every step's mean CE.
 `bench/peers.py train` alternates the systems and summarises.
@@ -23,12 +25,20 @@ import json
 import statistics
 import sys
 import tempfile
+from pathlib import Path
 
 import plain_loop
 import torch
 from plain_loop import hf_loss, our_loss
 from side_by_side import BENCH, alternate, run_json, summary
-from train_throughput import SyntheticBatches, bench_overrides, synthetic_vocab
+from train_throughput import (
+    SyntheticBatches,
+    bench_overrides,
+    profile_one_step,
+    step_profiler,
+    summarise,
+    synthetic_vocab,
+)
 
 from fusion_train.model.chameleon import Chameleon
 from fusion_train.model.formats.hf import hf_config, to_hf_state_dict
@@ -36,32 +46,35 @@ from fusion_train.train.config import load_config
 from fusion_train.train.run import single_process_environment
 from fusion_train.vocab import SPECIAL_NAMES
 
-SYSTEMS = ("hf", "plain", "fusion_train", "fusion_train+monitors")
+SYSTEMS = ("hf", "hf+kept_memory", "plain", "fusion_train", "fusion_train+kept_memory", "fusion_train+monitors")
+# glibc's allocator keeping freed memory (no block served by mmap, the heap never trimmed): the
+# "+kept_memory" systems run with it, read by glibc as the process starts. On a CPU the large
+# tensors a step allocates afresh otherwise come back as new pages, a fault per 4 KiB.
+KEPT_MEMORY = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**62)}
 PEER = "hf"
-# full: the shape of issue 26; toy: seconds, for the test that keeps this script from rotting.
+# issue26: the shape of issue 26's comparison; tiny: the tiny preset (GQA, the output layer nearly
+# all of it); toy: seconds, for the test that keeps this script from rotting.
 SHAPES = {
-    "full": {"dim": 512, "n_layers": 4, "n_heads": 8, "ffn_dim": 1408, "vocab_size": 65536, "seq_len": 256},
-    "toy": {"dim": 64, "n_layers": 2, "n_heads": 4, "ffn_dim": 176, "vocab_size": 4096, "seq_len": 64},
-}
+    "issue26": {"dim": 512, "n_layers": 4, "n_heads": 8, "n_kv_heads": 8, "ffn_dim": 1408, "vocab_size": 65536,
+                "seq_len": 256},
+    "tiny": {"dim": 128, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "ffn_dim": 384, "vocab_size": 65536,
+             "seq_len": 256},
+    "toy": {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 4, "ffn_dim": 176, "vocab_size": 4096,
+            "seq_len": 64},
+}  # fmt: skip
+SIZES = {"full": ("issue26", "tiny"), "toy": ("toy",)}
 MICRO_BATCH, MICRO_STEPS = 2, 2
-# Warm-up and timed steps: at the default log_every (10) the full size's timed window holds one
-# logged step, as a run's does; toy sizes only check the losses.
-STEPS = {"full": (10, 10), "toy": (1, 3)}
+# Warm-up and timed steps: at the default log_every (10) the timed window holds one logged step, as
+# a run's does; the toy shape only checks the losses.
+STEPS = {"issue26": (10, 10), "tiny": (10, 10), "toy": (1, 3)}
 
 
-def config(
-    size: str,
-    run_dir: str,
-    monitors: bool = False,
-    steps: tuple[int, int] | None = None,
-    overrides: tuple[str, ...] = (),
-):
-    shape = SHAPES[size]
-    warmup, timed = steps or STEPS[size]
+def config(shape_name: str, run_dir: str, monitors: bool, steps: tuple[int, int], overrides: tuple[str, ...] = ()):
+    shape = SHAPES[shape_name]
     model = [f"model.{key}={value}" for key, value in shape.items() if key != "seq_len"]
     return load_config([
-        *bench_overrides("tiny", 1, shape["seq_len"], MICRO_BATCH, MICRO_STEPS, warmup + timed, run_dir),
-        *model, f"model.n_kv_heads={shape['n_heads']}", "optim.warmup_steps=1",
+        *bench_overrides("tiny", 1, shape["seq_len"], MICRO_BATCH, MICRO_STEPS, sum(steps), run_dir),
+        *model, "optim.warmup_steps=1",
         f"monitor.enabled={str(monitors).lower()}", "monitor.observers=[step_clock:StepClock]", *overrides,
     ])  # fmt: skip
 
@@ -92,51 +105,77 @@ def hf_model(cfg, ours: Chameleon):
 # --- fusion_train's real path ----------------------------------------------------------------------
 
 
-def trainer_run(cfg) -> tuple[list[float], list[float]]:
+def trainer_run(cfg, profile: Path | None, warmup: int) -> tuple[list[float], list[float]]:
     from step_clock import StepClock
 
     from fusion_train.train.trainer import Trainer
 
     single_process_environment()
     trainer = Trainer(cfg, loader=synthetic_batches(cfg))
+    profiler = profile_one_step(trainer, str(profile), after=warmup) if profile else None
     trainer.train()
+    if profiler is not None:
+        summarise(profiler, profile)
     (clock,) = [o for o in trainer.observers if isinstance(o, StepClock)]
     trainer.close()
     return clock.step_seconds(), clock.mean_ce()
 
 
-def run(system: str, size: str, steps: tuple[int, int] | None = None, overrides: tuple[str, ...] = ()) -> dict:
-    """`overrides`: Hydra overrides of fusion_train's settings (the peers use the optimizer's alone)."""
+def plain_run(cfg, system: str, profile: Path | None, warmup: int) -> tuple[list[float], list[float]]:
+    ours = Chameleon(cfg.model, seed=cfg.trainer.seed)
+    model, loss_and_ce = (hf_model(cfg, ours), hf_loss) if system.startswith("hf") else (ours, our_loss)
+    model.to(plain_loop.device())
+    profiler = step_profiler(str(profile), after=warmup) if profile else None
+    if profiler is not None:
+        profiler.start()
+    seconds, ces = plain_loop.train(cfg, model, loss_and_ce, iter(synthetic_batches(cfg)), MICRO_STEPS,
+                                    profiler=profiler)  # fmt: skip
+    if profiler is not None:
+        summarise(profiler, profile)
+    return seconds, ces
+
+
+def run(
+    system: str,
+    shape: str,
+    steps: tuple[int, int] | None = None,
+    overrides: tuple[str, ...] = (),
+    profile: Path | None = None,
+) -> dict:
+    """`overrides`: Hydra overrides of fusion_train's settings (the peers use the optimizer's alone);
+    `profile`: a folder for the trace of the first timed step."""
+    steps = steps or STEPS[shape]
+    warmup = steps[0]
     with tempfile.TemporaryDirectory() as run_dir:
-        cfg = config(size, run_dir, system == "fusion_train+monitors", steps, overrides)
-        if system in ("fusion_train", "fusion_train+monitors"):
-            seconds, ces = trainer_run(cfg)
+        cfg = config(shape, run_dir, system == "fusion_train+monitors", steps, overrides)
+        if system.startswith("fusion_train"):
+            seconds, ces = trainer_run(cfg, profile, warmup)
         else:
-            ours = Chameleon(cfg.model, seed=cfg.trainer.seed)
-            model, loss_and_ce = (hf_model(cfg, ours), hf_loss) if system == "hf" else (ours, our_loss)
-            seconds, ces = plain_loop.train(cfg, model, loss_and_ce, iter(synthetic_batches(cfg)), MICRO_STEPS)
-    warmup, _ = steps or STEPS[size]
+            seconds, ces = plain_run(cfg, system, profile, warmup)
     return {
-        "system": system, "size": size, "tokens_per_step": MICRO_BATCH * MICRO_STEPS * cfg.data.seq_len,
+        "system": system, "shape": shape, "tokens_per_step": MICRO_BATCH * MICRO_STEPS * cfg.data.seq_len,
         "log_every": cfg.logging.log_every, "warmup_steps": warmup, "step_s": seconds[warmup:], "ce": ces,
-        "threads": torch.get_num_threads(), "overrides": list(overrides),
+        "threads": torch.get_num_threads(), "overrides": list(overrides), "profile": str(profile) if profile else None,
     }  # fmt: skip
 
 
-def compare(size: str, rounds: int) -> list[dict]:
+def compare_at(shape: str, size: str, rounds: int) -> list[dict]:
     """Every system once per round, each in a fresh process; one summary line per system."""
 
     def measure(system: str) -> dict:
-        return run_json([sys.executable, str(BENCH / "peer_train_step.py"), "--system", system, "--size", size])
+        command = [sys.executable, str(BENCH / "peer_train_step.py"), "--system", system, "--shape", shape]
+        return run_json(command, **(KEPT_MEMORY if system.endswith("+kept_memory") else {}))
 
-    records = alternate(SYSTEMS, measure, rounds)
+    # The allocator variants only change the speed: the toy size, which checks the work, leaves them out.
+    systems = SYSTEMS if size == "full" else tuple(s for s in SYSTEMS if not s.endswith("+kept_memory"))
+    records = alternate(systems, measure, rounds)
     figures = {s: [r["tokens_per_step"] / statistics.mean(r["step_s"]) for r in runs] for s, runs in records.items()}
     peer_ce = records[PEER][0]["ce"]
     lines = []
-    for system in SYSTEMS:
+    for system in systems:
         ce = records[system][0]["ce"]  # every round trains the same thing
-        more = {"size": size, "shape": SHAPES[size], "micro_batch": MICRO_BATCH, "micro_steps": MICRO_STEPS,
-                "timed_steps": STEPS[size][1], "ce_last": round(ce[-1], 5),
+        more = {"size": size, "shape": shape, "model": SHAPES[shape], "micro_batch": MICRO_BATCH,
+                "micro_steps": MICRO_STEPS, "timed_steps": STEPS[shape][1], "ce_last": round(ce[-1], 5),
                 "max_ce_difference": max(abs(a - b) for a, b in zip(ce, peer_ce, strict=True))}  # fmt: skip
         if system == "fusion_train+monitors":
             on, off = statistics.median(figures[system]), statistics.median(figures["fusion_train"])
@@ -145,10 +184,16 @@ def compare(size: str, rounds: int) -> list[dict]:
     return lines
 
 
+def compare(size: str, rounds: int) -> list[dict]:
+    return [line for shape in SIZES[size] for line in compare_at(shape, size, rounds)]
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--system", choices=SYSTEMS, required=True)
-    parser.add_argument("--size", choices=SHAPES, default="full")
-    parser.add_argument("--steps", type=int, nargs=2, metavar=("WARMUP", "TIMED"), help="default: the size's")
+    parser.add_argument("--shape", choices=SHAPES, default="issue26")
+    parser.add_argument("--steps", type=int, nargs=2, metavar=("WARMUP", "TIMED"), help="default: the shape's")
+    parser.add_argument("--profile", type=Path, metavar="DIR", help="trace the first timed step into DIR")
     args, overrides = parser.parse_known_args()
-    print(json.dumps(run(args.system, args.size, args.steps, tuple(o for o in overrides if o != "--"))))
+    overrides = tuple(o for o in overrides if o != "--")
+    print(json.dumps(run(args.system, args.shape, args.steps, overrides, args.profile)))

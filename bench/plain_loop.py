@@ -1,6 +1,7 @@
 """The peers' training loop: what a plain PyTorch training script does with a model that returns
 its loss. Gradient accumulation, clipping, torch's AdamW and LambdaLR with the settings of a
-fusion_train config, so that the peers and fusion_train optimise the same thing."""
+fusion_train config, so that the peers and fusion_train optimise the same thing. On a GPU the
+forward runs under bf16 autocast (fusion_train trains in bf16 there, with fp32 master weights)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,11 @@ from fusion_train.train.schedule import build_schedule
 
 # model, input_ids, labels -> (the loss to backpropagate, its cross-entropy part)
 LossAndCE = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def device() -> torch.device:
+    """Where the peers' models train: this rank's GPU, if there is one."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -33,11 +39,13 @@ def train(
     batches: Iterator[dict],
     micro_steps: int,
     gradient_sync: Callable[[bool], contextlib.AbstractContextManager] = lambda last: contextlib.nullcontext(),
+    profiler: torch.profiler.profile | None = None,
     **adamw,
 ) -> tuple[list[float], list[float]]:
     """cfg.trainer.steps optimizer steps; each step's seconds and mean cross-entropy.
     `gradient_sync(last)`: the context of a micro-step's backward, given whether it is the step's
-    last (DDP's no_sync, FSDP2's set_requires_gradient_sync); `adamw`: the optimizer's own options."""
+    last (DDP's no_sync, FSDP2's set_requires_gradient_sync); `profiler`: told as each step begins;
+    `adamw`: the optimizer's own options."""
     groups = decay_groups(model, cfg.optim.weight_decay)
     params = [p for group in groups for p in group["params"]]
     optim = cfg.optim
@@ -45,13 +53,18 @@ def train(
     multiplier = build_schedule(optim.schedule, optim.warmup_steps, cfg.trainer.steps, optim.final_lr_ratio)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
     seconds, ces = [], []
+    device = params[0].device
     model.train()
     for _ in range(cfg.trainer.steps):
+        if profiler is not None:
+            profiler.step()
         started, ce = time.perf_counter(), 0.0
         for micro in range(micro_steps):
             batch = next(batches)
+            input_ids, labels = (batch[key].to(device, non_blocking=True) for key in ("input_ids", "labels"))
             with gradient_sync(micro == micro_steps - 1):
-                loss, micro_ce = loss_and_ce(model, batch["input_ids"], batch["labels"])
+                with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+                    loss, micro_ce = loss_and_ce(model, input_ids, labels)
                 (loss / micro_steps).backward()
             ce += micro_ce.detach() / micro_steps
         torch.nn.utils.clip_grad_norm_(params, optim.grad_clip)

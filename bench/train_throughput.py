@@ -10,7 +10,8 @@ the monitors' per-log costs as in training. Prints one JSON line.
 
 Anything after `--` is passed to the trainer as Hydra overrides (e.g. `-- monitor.enabled=false`).
 `--profile DIR` records the first timed optimizer step with torch.profiler (a Chrome/Perfetto trace
-in DIR, the top operators in DIR/summary.txt); the step's profiling overhead is then in the figures.
+in DIR; the top operators, and the time by operator and the code around it, in DIR/summary.txt);
+the step's profiling overhead is then in the figures.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import profile_by_frame
 import torch
 
 from fusion_train.model.size import parameter_counts
@@ -159,17 +161,24 @@ def main(argv=None) -> None:
     }))  # fmt: skip
 
 
-def profile_one_step(trainer: Trainer, folder: str, after: int) -> torch.profiler.profile:
-    """A profiler that records optimizer step `after + 1` (1-based), from its first micro-step's
-    forward to the next step's: forwards, backwards, the optimizer step and the step's logging."""
+def step_profiler(folder: str, after: int) -> torch.profiler.profile:
+    """A profiler, with Python stacks (bench/profile_by_frame.py reads them), that records optimizer
+    step `after + 1` (1-based) when `.step()` is called as each optimizer step begins."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    profiler = torch.profiler.profile(
+    return torch.profiler.profile(
         activities=activities,
         schedule=torch.profiler.schedule(wait=after + 1, warmup=0, active=1, repeat=1),  # + the set-up before step 1
         on_trace_ready=torch.profiler.tensorboard_trace_handler(folder),
+        with_stack=True,
     )
+
+
+def profile_one_step(trainer: Trainer, folder: str, after: int) -> torch.profiler.profile:
+    """A started step_profiler of the trainer's step `after + 1`, from its first micro-step's forward
+    to the next step's: forwards, backwards, the optimizer step and the step's logging."""
+    profiler = step_profiler(folder, after)
     micro_steps = itertools.count()
 
     def at_each_optimizer_step(module, _inputs):
@@ -189,7 +198,9 @@ def summarise(profiler: torch.profiler.profile, folder: Path) -> dict[str, int]:
     events = profiler.key_averages()
     syncs = {event.key: event.count for event in events if "Synchronize" in event.key}
     table = events.table(sort_by=f"self_{device}_time_total", row_limit=30)
-    (folder / "summary.txt").write_text(f"{table}\nhost waits for the GPU: {syncs}\n")
+    (folder / "summary.txt").write_text(
+        f"{table}\nhost waits for the GPU: {syncs}\n\n{profile_by_frame.table(folder)}\n"
+    )
     print(table, file=sys.stderr)
     return syncs
 
