@@ -3,7 +3,8 @@
 # fusion_train and HF-peer figures come from the same run. From the repository root, with the
 # wheels of ../shared/bench/device_wheels.sh in .whl/ (carry it: `carry: [".whl"]`):
 #   bash bench/gpu_suite.sh > $OUT/suite.jsonl
-# PEER: the HF peer script (default shared/bench/peer_hf_chameleon.py); SKIP_PEER=1 leaves it out.
+# PEER: the HF peer script (default shared/bench/peer_hf_chameleon.py); SKIP_PEER=1 leaves it out,
+# with the GPU tests and bench/peers.py's comparisons.
 # VARIANTS: the fusion_train runs, one per line (the last three: FlexAttention causal, then
 # documents of about an image-text pair's length masked through flex and through SDPA's dense
 # mask). A 1b variant takes about 3-4 min (10 optimizer steps of 2^20 tokens plus start-up and
@@ -19,6 +20,9 @@ PEER=${PEER:-shared/bench/peer_hf_chameleon.py}
 if [ -z "${SKIP_PEER:-}" ]; then
   python3 -m pytest -q -m gpu tests/test_gpu.py >&2 || echo '{"gpu_tests": "failed"}'
   python3 "$PEER" --compile
+  # bench/peers.py's comparisons that one GPU holds (the sharded one needs two; the loader's peer,
+  # mosaicml-streaming, is not among the device wheels): the training step and the image tokenizer.
+  python3 bench/peers.py train vq --rounds 3 || echo '{"peers": "failed"}'
 fi
 
 # 1b, seq 4096, micro-batch 8, 32 micro-steps (2^20 tokens per optimizer step), one switch at a time.

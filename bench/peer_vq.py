@@ -2,10 +2,11 @@
 per second encoded (pixels to codes, batched, inference mode) at the demo's size (64 px to 8 x 8 of
 512 codes) and at Chameleon's (512 px to 32 x 32 of 8,192; random weights), and decoded by ours.
 
-Same work: both give the same codes for the same images. transformers' ChameleonVQVAE has no
-decoder (its Chameleon generates no images), so decoding has no peer here. It also hard-codes 32
-GroupNorm groups, which the demo's own tokenizer (16-channel layers in one group) cannot use: the
-demo size is compared with 32-channel layers, at the demo's resolution, grid and codebook.
+Same work: both give the same codes for the same images (fp32; on a GPU when there is one).
+transformers' ChameleonVQVAE has no decoder (its Chameleon generates no images), so decoding has
+no peer here. It also hard-codes 32 GroupNorm groups, which the demo's own tokenizer (16-channel
+layers in one group) cannot use: the demo size is compared with 32-channel layers, at the demo's
+resolution, grid and codebook.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import time
 
 import torch
+from plain_loop import device
 from side_by_side import alternate, summary
 
 from fusion_train.tokenizers.vqgan import VQGAN, VQGANConfig
@@ -50,17 +52,24 @@ def models(cfg: VQGANConfig):
 def images_per_second(run, batch: torch.Tensor) -> tuple[float, torch.Tensor]:
     with torch.inference_mode():
         run(batch)  # warm-up
+        synchronize()
         started = time.perf_counter()
         out = run(batch)
+        synchronize()
         return len(batch) / (time.perf_counter() - started), out
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def compare_at(name: str, size: str, rounds: int) -> list[dict]:
     """Encoding by both, decoding by ours, of one batch at one configuration."""
     cfg, batch_size = CONFIGS[name]
-    ours, theirs = models(cfg)
+    ours, theirs = (model.to(device()) for model in models(cfg))
     generator = torch.Generator().manual_seed(1)
-    images = torch.rand(batch_size, 3, cfg.resolution, cfg.resolution, generator=generator) * 2 - 1
+    images = (torch.rand(batch_size, 3, cfg.resolution, cfg.resolution, generator=generator) * 2 - 1).to(device())
     encoders = {"fusion_train": ours.encode, "hf": lambda x: theirs.encode(x).image_tokens.view(len(x), -1)}
     codes = {}
 

@@ -314,19 +314,41 @@ def test_the_shard_index_reads_headers_as_tarfile_does(mixed_shards, tmp_path):
     reader = ShardReader(shard, V)
     with tarfile.open(shard) as tar:
         expected = {m.name: [m.offset_data, m.size] for m in tar if m.isfile()}
-    indexed = {f"{key}.{member}": list(reader.extents[i][j]) for i, key in enumerate(reader.keys)
-               for j, member in enumerate(ShardReader.MEMBERS) if reader.extents[i][j] is not None}  # fmt: skip
+    extents = reader.index.extents
+    indexed = {f"{reader.key(i)}.{member}": extents[i, j].tolist() for i in range(len(reader))
+               for j, member in enumerate(ShardReader.MEMBERS) if extents[i, j, 0] >= 0}  # fmt: skip
     assert indexed == expected and len(reader) == 50
+    again = ShardReader(shard, V, index=reader.index)  # opened again without reading the headers
+    assert all(np.array_equal(again.read(i).tokens, reader.read(i).tokens) for i in range(50))
 
     long_key = "k" * 120
     with wds.TarWriter(str(tmp_path / "pax.tar")) as writer:
         tokens = np.array([V.bos, V.text_start, V.text_start, V.eos], dtype=np.uint16)
         writer.write({"__key__": long_key, "tokens.npy": tokens})
     pax = ShardReader(tmp_path / "pax.tar", V, verify_checksums=False)
-    assert pax.keys == [long_key] and pax.read(0).tokens.tolist() == tokens.tolist()
+    assert [pax.key(0)] == [long_key] and pax.read(0).tokens.tolist() == tokens.tolist()
     (tmp_path / "garbage.tar").write_bytes(b"not a tar file " * 100)
     assert len(ShardReader(tmp_path / "garbage.tar", V)) == 0  # a damaged header ends the index, not the run
     for array in (np.arange(7, dtype=np.uint16), np.ones(3, dtype=np.uint8), np.zeros((2, 2), np.int32)):
         buffer = io.BytesIO()
         np.save(buffer, array)
         assert np.array_equal(npy_array(buffer.getvalue()), array)
+
+
+def test_a_block_of_more_shards_than_stay_open_reads_each_shards_headers_once(mixed_shards, monkeypatch):
+    """A block spans 12 shards and a reader keeps 3 open: each shard's index is read once, and a
+    shard opened again reads only its samples (the same documents as a reader that reads no index twice)."""
+    from fusion_train.data import stream as stream_module
+    from fusion_train.data.shards import ShardReader
+
+    scans = []
+    scan = ShardReader._scan
+    monkeypatch.setattr(ShardReader, "_scan", lambda self: scans.append(self.path.name) or scan(self))
+    manifest = Manifest.read(mixed_shards)
+    expected = SourceStream("s", mixed_shards, manifest, 0, 1, seed=3, shuffle_block=600)
+    expected = [expected.next_document().tokens.tolist() for _ in range(1200)]
+    scans.clear()
+    monkeypatch.setattr(stream_module, "MAX_OPEN", 3)
+    few_open = SourceStream("s", mixed_shards, manifest, 0, 1, seed=3, shuffle_block=600)
+    assert [few_open.next_document().tokens.tolist() for _ in range(1200)] == expected  # two epochs
+    assert sorted(scans) == sorted(shard.name for shard in manifest.shards)

@@ -1,7 +1,7 @@
 """Random access to the samples of one tar shard, with every way a sample can be bad caught.
 
-A shard is opened once: tarfile reads the member headers (seeking past the data), which gives
-each sample's members by key in write order, so sample i is read without reading the others.
+A shard's member headers are read once (seeking past the data) into its index, which gives each
+sample's members by key in write order, so sample i is read without reading the others.
 A truncated or unreadable tar loses only the samples it cannot give; those come back as skips.
 """
 
@@ -101,33 +101,56 @@ def npy_array(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
+@dataclass
+class ShardIndex:
+    """Where each sample of a shard lies: what opening it reads. Compact (about 70 bytes a sample),
+    so that a reader can keep the indices of many more shards than it keeps open, and open one of
+    them again without reading its headers."""
+
+    keys: np.ndarray  # UTF-8 bytes, in write order
+    extents: np.ndarray  # int64 [samples, members, 2]: (offset, size) of each member, (-1, 0) where absent
+
+    @classmethod
+    def of(cls, members: list[tuple[str, int, int]]) -> ShardIndex:
+        fields: dict[str, dict[str, tuple[int, int]]] = {}
+        for name, offset, size in members:
+            key, _, field = name.partition(".")
+            fields.setdefault(key, {})[field] = (offset, size)
+        extents = np.array(
+            [[by_field.get(name, (-1, 0)) for name in ShardReader.MEMBERS] for by_field in fields.values()],
+            dtype=np.int64,
+        ).reshape(len(fields), len(ShardReader.MEMBERS), 2)
+        return cls(np.array([key.encode() for key in fields], dtype=bytes), extents)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
 class ShardReader:
     """Random access to one shard's samples. Opening scans the tar headers once into a compact
-    index (each sample's key, and where its members' bytes lie); a read is then one `pread` per
-    member, so many shards can stay open at little cost."""
+    index (each sample's key, and where its members' bytes lie), unless given the index of an
+    earlier opening; a read is then one `pread` per member, so many shards can stay open at little
+    cost."""
 
     MEMBERS = ("tokens.npy", "mask.npy", "json")
 
-    def __init__(self, path: Path, vocab: VocabLayout, verify_checksums: bool = True):
+    def __init__(self, path: Path, vocab: VocabLayout, verify_checksums: bool = True, index: ShardIndex | None = None):
         """`verify_checksums`: each sample's arrays must match the CRC-32 in its json member."""
         self.path, self.vocab, self.verify_checksums = path, vocab, verify_checksums
         self.fd: int | None = None
         try:
             self.fd = os.open(path, os.O_RDONLY)
-            members = _plain_members(self.fd, path)
-            if members is None:  # headers this fast path does not read (long names, pax): tarfile's way
-                with tarfile.open(path, mode="r:") as tar:
-                    members = [(m.name, m.offset_data, m.size) for m in self._members(tar)]
+            self.index = index or ShardIndex.of(self._scan())
         except (OSError, tarfile.TarError) as err:
             log.warning("shard %s cannot be read (%s): its samples are skipped", path, err)
-            members = []
-        keys: dict[str, dict[str, tuple[int, int]]] = {}
-        for name, offset, size in members:
-            key, _, field = name.partition(".")
-            keys.setdefault(key, {})[field] = (offset, size)
-        self.keys = list(keys)
-        # per sample, per member: (offset, size), or None where the sample lacks the member
-        self.extents = [tuple(fields.get(name) for name in self.MEMBERS) for fields in keys.values()]
+            self.index = ShardIndex.of([])
+
+    def _scan(self) -> list[tuple[str, int, int]]:
+        members = _plain_members(self.fd, self.path)
+        if members is None:  # headers this fast path does not read (long names, pax): tarfile's way
+            with tarfile.open(self.path, mode="r:") as tar:
+                members = [(m.name, m.offset_data, m.size) for m in self._members(tar)]
+        return members
 
     def _members(self, tar: tarfile.TarFile) -> list[tarfile.TarInfo]:
         """Headers up to the first damage; a truncated tar keeps the samples before it."""
@@ -140,23 +163,22 @@ class ShardReader:
         return [m for m in members if m.isfile()]
 
     def __len__(self) -> int:
-        return len(self.keys)
+        return len(self.index)
 
     def key(self, index: int) -> str:
-        return self.keys[index]
+        return self.index.keys[index].decode()
 
     def _read(self, index: int, member: int) -> bytes | None:
-        extent = self.extents[index][member]
-        if extent is None:
+        offset, size = self.index.extents[index, member].tolist()
+        if offset < 0:
             return None
-        offset, size = extent
         data = os.pread(self.fd, size, offset)
         if len(data) != size:
             raise Skip("corrupt_shard")
         return data
 
     def read(self, index: int) -> Document:
-        if index >= len(self.keys):
+        if index >= len(self.index):
             raise Skip("corrupt_shard")
         try:
             tokens_bytes, mask_bytes = self._read(index, 0), self._read(index, 1)

@@ -25,7 +25,7 @@ import numpy as np
 
 from fusion_train.data.elastic import Layer
 from fusion_train.data.manifest import DataError, Manifest, Skip
-from fusion_train.data.shards import Document, ShardReader
+from fusion_train.data.shards import Document, ShardIndex, ShardReader
 
 log = logging.getLogger(__name__)
 MAX_OPEN = 64  # shards a reader keeps open (a file descriptor and a small index each)
@@ -49,6 +49,11 @@ class SourceStream:
         self.skipped: Counter = Counter()
         self._order_epoch = None
         self._open: OrderedDict[int, ShardReader] = OrderedDict()
+        # The indices of the shards read lately, many more than stay open: a block spans
+        # shuffle_block samples, which in small shards is many more shards than MAX_OPEN, and
+        # opening one again then costs a file open instead of reading all its headers.
+        self._indices: OrderedDict[int, ShardIndex] = OrderedDict()
+        self._indexed_samples = 0
         self._block_order: tuple[tuple[int, int], np.ndarray] | None = None
 
     @property
@@ -91,12 +96,23 @@ class SourceStream:
     def _reader(self, shard: int) -> ShardReader:
         if shard in self._open:
             self._open.move_to_end(shard)
-        else:
-            if len(self._open) == MAX_OPEN:
-                self._open.popitem(last=False)[1].close()
-            path = self.folder / self.manifest.shards[shard].name
-            self._open[shard] = ShardReader(path, self.manifest.vocab, self.verify_checksums)
-        return self._open[shard]
+            return self._open[shard]
+        if len(self._open) == MAX_OPEN:
+            self._open.popitem(last=False)[1].close()
+        index = self._indices.pop(shard, None)
+        if index is not None:
+            self._indexed_samples -= len(index)
+        path = self.folder / self.manifest.shards[shard].name
+        reader = self._open[shard] = ShardReader(path, self.manifest.vocab, self.verify_checksums, index)
+        self._remember(shard, reader.index)
+        return reader
+
+    def _remember(self, shard: int, index: ShardIndex) -> None:
+        """Keep a shard's index, the most recent last: up to two blocks' samples, or the open shards'."""
+        self._indices[shard] = index
+        self._indexed_samples += len(index)
+        while self._indexed_samples > 2 * self.shuffle_block and len(self._indices) > MAX_OPEN:
+            self._indexed_samples -= len(self._indices.popitem(last=False)[1])
 
     def next_document(self) -> Document:
         for _ in range(self.per_epoch + len(range(self.reader, self.total, self.readers)) + 1):
