@@ -105,7 +105,7 @@ def hf_model(cfg, ours: Chameleon):
 # --- fusion_train's real path ----------------------------------------------------------------------
 
 
-def trainer_run(cfg, profile: Path | None, warmup: int) -> tuple[list[float], list[float]]:
+def trainer_run(cfg, profile: Path | None, warmup: int) -> tuple[list[float], list[float], list[bool]]:
     from step_clock import StepClock
 
     from fusion_train.train.trainer import Trainer
@@ -118,7 +118,7 @@ def trainer_run(cfg, profile: Path | None, warmup: int) -> tuple[list[float], li
         summarise(profiler, profile)
     (clock,) = [o for o in trainer.observers if isinstance(o, StepClock)]
     trainer.close()
-    return clock.step_seconds(), clock.mean_ce()
+    return clock.step_seconds(), clock.mean_ce(), clock.logged
 
 
 def plain_run(cfg, system: str, profile: Path | None, warmup: int) -> tuple[list[float], list[float]]:
@@ -149,12 +149,14 @@ def run(
     with tempfile.TemporaryDirectory() as run_dir:
         cfg = config(shape, run_dir, system == "fusion_train+monitors", steps, overrides)
         if system.startswith("fusion_train"):
-            seconds, ces = trainer_run(cfg, profile, warmup)
+            seconds, ces, logged = trainer_run(cfg, profile, warmup)
         else:
             seconds, ces = plain_run(cfg, system, profile, warmup)
+            logged = [False] * len(seconds)
     return {
         "system": system, "shape": shape, "tokens_per_step": MICRO_BATCH * MICRO_STEPS * cfg.data.seq_len,
-        "log_every": cfg.logging.log_every, "warmup_steps": warmup, "step_s": seconds[warmup:], "ce": ces,
+        "log_every": cfg.logging.log_every, "warmup_steps": warmup, "step_s": seconds[warmup:],
+        "logged": logged[warmup:], "ce": ces,
         "threads": torch.get_num_threads(), "overrides": list(overrides), "profile": str(profile) if profile else None,
     }  # fmt: skip
 
@@ -178,10 +180,32 @@ def compare_at(shape: str, size: str, rounds: int) -> list[dict]:
                 "micro_steps": MICRO_STEPS, "timed_steps": STEPS[shape][1], "ce_last": round(ce[-1], 5),
                 "max_ce_difference": max(abs(a - b) for a, b in zip(ce, peer_ce, strict=True))}  # fmt: skip
         if system == "fusion_train+monitors":
-            on, off = statistics.median(figures[system]), statistics.median(figures["fusion_train"])
-            more["monitor_cost"] = round(1 - on / off, 4)  # at the default log_every
+            more["monitor_cost"] = monitor_cost(records[system], records["fusion_train"])
         lines.append(summary("train_step", system, PEER, "tokens/s", figures, **more))
     return lines
+
+
+def monitor_cost(on: list[dict], off: list[dict]) -> float | None:
+    """What the monitors add to a run at its log_every, as a fraction of its time, the median over
+    rounds. Each process's speed differs from the next one's by more than the monitors cost (up to
+    30% here), so the cost is read inside each run: what a logged step takes beyond the run's usual
+    step, with monitors less without. On steps not logged the monitors do next to nothing (the
+    guard's one small all-reduce)."""
+
+    def logged_extra(record: dict) -> tuple[float, float] | None:
+        usual = [s for s, logged in zip(record["step_s"], record["logged"], strict=True) if not logged]
+        extra = [s for s, logged in zip(record["step_s"], record["logged"], strict=True) if logged]
+        if not usual or not extra:
+            return None
+        return statistics.mean(extra) - statistics.median(usual), statistics.median(usual)
+
+    costs = []
+    for with_monitors, without in zip(on, off, strict=True):
+        measured = logged_extra(with_monitors), logged_extra(without)
+        if None not in measured:
+            (extra_on, usual), (extra_off, _) = measured
+            costs.append((extra_on - extra_off) / (with_monitors["log_every"] * usual))
+    return round(statistics.median(costs), 4) if costs else None
 
 
 def compare(size: str, rounds: int) -> list[dict]:

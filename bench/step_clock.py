@@ -1,5 +1,5 @@
-"""An observer for the benchmarks: each optimizer step's wall time and its mean cross-entropy, read
-from the real training loop through the public `monitor.observers` setting
+"""An observer for the benchmarks: each optimizer step's wall time, whether it was logged, and its
+mean cross-entropy, read from the real training loop through the public `monitor.observers` setting
 (`monitor.observers=[step_clock:StepClock]`, with bench/ on PYTHONPATH).
 
 A step's time runs from its start to the next step's start (the last: to the end of training), so
@@ -19,12 +19,14 @@ from fusion_train.monitor.observer import Observer, RunInfo
 class StepClock(Observer):
     def __init__(self, run: RunInfo):
         self.starts: list[float] = []
+        self.logged: list[bool] = []
         self.ce_sums: list[torch.Tensor | float] = []
         self.micro_batches: list[int] = []
         self.ended: float | None = None
 
     def step_started(self, step: int, logged: bool) -> None:
         self.starts.append(time.perf_counter())
+        self.logged.append(logged)
         self.ce_sums.append(0.0)
         self.micro_batches.append(0)
 

@@ -2,18 +2,20 @@
 
 Groups: embeddings, attention, ffn, norms (RMSNorm and QK-norm), output. Read through DeepSpeed
 at the accumulation boundary, whatever the ZeRO stage:
-- gradients, after backward and before the optimizer step, by `safe_get_full_grad` (DeepSpeed
-  assembles each one across ranks, so every rank holds the same values);
+- gradients, after backward and before the optimizer step, from the reduced gradients this rank
+  owns (not `safe_get_full_grad`, which assembles every parameter's whole gradient with an
+  all-reduce of its own: a data-parallel all-reduce's volume on every logged step);
 - weights and updates from the fp32 master weights this rank owns: a copy of them before the step,
-  compared after it, then one all-reduce. The copy exists only while the step runs, when the
+  made the update in place after it. The copy exists only while the step runs, when the
   activations are already freed, so it does not raise the peak memory.
+The three sums of squares per group are then added across ranks in one all-reduce.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from deepspeed.utils import safe_get_full_grad, safe_get_local_fp32_param
+from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_grad
 from torch import nn
 
 from fusion_train.monitor.observer import LogStep, Observer
@@ -42,6 +44,22 @@ def local_master_weights(param: nn.Parameter, rank: int) -> torch.Tensor | None:
     return param if rank == 0 else None  # unpartitioned fp32: the same on every rank, counted once
 
 
+def local_gradient(param: nn.Parameter, rank: int) -> torch.Tensor | None:
+    """The part of this parameter's reduced gradient that this rank owns (None: another rank's)."""
+    if hasattr(param, "ds_id"):  # ZeRO-3
+        return safe_get_local_grad(param)
+    if hasattr(param, "_hp_mapping"):
+        mapping = param._hp_mapping
+        if mapping is None:
+            return None
+        fragment = mapping.get_lp_grad_fragment(param._index_in_param_group).flatten()
+        if fragment.numel() == param.numel():  # the bf16 optimizer keeps whole gradients: this rank's part
+            address = mapping.lp_fragment_address
+            fragment = fragment.narrow(0, address.start, address.numel)
+        return fragment
+    return param.grad if rank == 0 else None
+
+
 class ParameterMonitor(Observer):
     """Measures on logged steps only, around the optimizer step (the observer's hooks below)."""
 
@@ -54,15 +72,20 @@ class ParameterMonitor(Observer):
         self.before: list[torch.Tensor | None] = []
 
     def _group_sums(self, tensors) -> torch.Tensor:
-        sums = torch.zeros(len(GROUPS), dtype=torch.float64, device=self.device)
+        """Each group's sum of squares, one fused norm kernel per group rather than one per tensor."""
+        by_group: list[list[torch.Tensor]] = [[] for _ in GROUPS]
         for (group, _), tensor in zip(self.named, tensors, strict=True):
             if tensor is not None:
-                sums[GROUPS.index(group)] += torch.linalg.vector_norm(tensor, dtype=torch.float32).double() ** 2
-        return sums
+                by_group[GROUPS.index(group)].append(tensor)
+        zero = torch.zeros((), dtype=torch.float32, device=self.device)
+        norms = [
+            torch.stack(torch._foreach_norm(group, 2, dtype=torch.float32)) if group else zero for group in by_group
+        ]
+        return torch.stack([n.double().square().sum() for n in norms])
 
     def _read_gradients(self) -> None:
         """At the accumulation boundary, after backward: gradient norms and the weights' copy."""
-        self.grad_sq = self._group_sums(safe_get_full_grad(p) for _, p in self.named)
+        self.grad_sq = self._group_sums(local_gradient(p, self.rank) for _, p in self.named)
         self.before = [self._master(p, copy=True) for _, p in self.named]
 
     def _master(self, param: nn.Parameter, copy: bool = False) -> torch.Tensor | None:
@@ -71,12 +94,12 @@ class ParameterMonitor(Observer):
 
     def _measure(self) -> dict[str, float]:
         after = [self._master(p) for _, p in self.named]
-        updates = [None if a is None else a.detach() - b for a, b in zip(after, self.before, strict=True)]
+        updates = self.before  # the copy becomes the update in place: no second copy's memory
+        torch._foreach_sub_([u for u in updates if u is not None], [a.detach() for a in after if a is not None])
         self.before = []
-        weight_and_update_sq = torch.cat((self._group_sums(after), self._group_sums(updates)))
-        dist.all_reduce(weight_and_update_sq)
-        weight_sq, update_sq = weight_and_update_sq.split(len(GROUPS))
-        values = torch.stack((self.grad_sq, weight_sq, update_sq)).tolist()
+        sums = torch.stack((self.grad_sq, self._group_sums(after), self._group_sums(updates)))
+        dist.all_reduce(sums)
+        values = sums.tolist()
         metrics = {}
         for group, grad, weight, update in zip(GROUPS, *values, strict=True):
             metrics[f"grad/norm_{group}"] = grad**0.5
