@@ -27,6 +27,7 @@ CONFIGS = {  # (size, resolution) -> the VQGAN, and the batch it is timed on
                         n_embed=64), 4),
 }  # fmt: skip
 SIZES = {"full": ("demo", "chameleon"), "toy": ("toy",)}
+TIMED_SECONDS = {"full": 2.0, "toy": 0.0}  # each measurement's calls last at least this long (toy: one call)
 
 
 def models(cfg: VQGANConfig):
@@ -49,14 +50,17 @@ def models(cfg: VQGANConfig):
     return ours, theirs
 
 
-def images_per_second(run, batch: torch.Tensor) -> tuple[float, torch.Tensor]:
+def images_per_second(run, batch: torch.Tensor, seconds: float) -> tuple[float, torch.Tensor]:
+    """Calls after a warm-up, for at least `seconds` (one call of a small batch is too short to time)."""
     with torch.inference_mode():
-        run(batch)  # warm-up
+        run(batch)
         synchronize()
-        started = time.perf_counter()
-        out = run(batch)
-        synchronize()
-        return len(batch) / (time.perf_counter() - started), out
+        calls, started = 0, time.perf_counter()
+        while calls == 0 or time.perf_counter() - started < seconds:
+            out = run(batch)
+            synchronize()
+            calls += 1
+        return calls * len(batch) / (time.perf_counter() - started), out
 
 
 def synchronize() -> None:
@@ -74,11 +78,11 @@ def compare_at(name: str, size: str, rounds: int) -> list[dict]:
     codes = {}
 
     def encode(system: str) -> dict:
-        rate, codes[system] = images_per_second(encoders[system], images)
+        rate, codes[system] = images_per_second(encoders[system], images, TIMED_SECONDS[size])
         return {"system": system, "images_per_s": rate}
 
     def decode(system: str) -> dict:
-        return {"system": system, "images_per_s": images_per_second(ours.decode, codes[system])[0]}
+        return {"system": system, "images_per_s": images_per_second(ours.decode, codes[system], TIMED_SECONDS[size])[0]}
 
     encoded = alternate(("hf", "fusion_train"), encode, rounds)
     decoded = alternate(("fusion_train",), decode, rounds)

@@ -43,10 +43,11 @@ def run_json(command: list[str], timeout: float = 3600, **env: str) -> dict:
 
 
 def alternate(systems: tuple[str, ...], measure: Callable[[str], dict], rounds: int) -> dict[str, list[dict]]:
-    """Every system measured once per round, in the same order each round."""
+    """Every system measured once per round, the order reversed every other round: what running
+    after another system costs (the memory it left, a warmer or cooler machine) falls on each alike."""
     records: dict[str, list[dict]] = {system: [] for system in systems}
-    for _ in range(rounds):
-        for system in systems:
+    for round_ in range(rounds):
+        for system in systems if round_ % 2 == 0 else reversed(systems):
             records[system].append(measure(system))
             print(json.dumps({"run": records[system][-1]}), file=sys.stderr, flush=True)
     return records

@@ -51,8 +51,7 @@ def zero_settings(cfg: TrainConfig, data_parallel_size: int) -> dict:
     """ZeRO's section of the DeepSpeed config. `overlap_comm` and `contiguous_gradients` left unset
     are on with several data-parallel ranks and off with one: with no peer to reduce with, the
     contiguous bucket and partition buffers are only copies of every gradient each step (on a CPU
-    into fresh pages; docs/performance.md), and
-    there is no communication to overlap."""
+    into fresh pages; docs/performance.md), and there is no communication to overlap."""
     zero = {"stage": cfg.deepspeed.zero_stage}
     if cfg.deepspeed.zero_stage > 0:
         several = data_parallel_size > 1
