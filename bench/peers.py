@@ -30,6 +30,9 @@ import peer_loader  # noqa: E402
 import peer_sharded  # noqa: E402
 import peer_train_step  # noqa: E402
 import peer_vq  # noqa: E402
+from side_by_side import MeasurementFailed  # noqa: E402
+
+from fusion_train.data.manifest import DataError  # noqa: E402
 
 COMPARISONS = {
     "train": peer_train_step.compare,
@@ -51,8 +54,11 @@ def main() -> None:
         parser.error(f"unknown comparisons {sorted(unknown)}: choose among {list(COMPARISONS)}")
     for name in args.comparisons or COMPARISONS:
         extra = {"demo": args.demo} if name == "loader" else {}
-        for line in COMPARISONS[name](args.size, args.rounds, **extra):
-            print(json.dumps(line), flush=True)
+        try:
+            for line in COMPARISONS[name](args.size, args.rounds, **extra):
+                print(json.dumps(line), flush=True)
+        except (DataError, MeasurementFailed) as err:
+            sys.exit(f"peers.py: error: {name}: {err}")
 
 
 if __name__ == "__main__":

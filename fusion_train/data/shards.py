@@ -140,7 +140,7 @@ class ShardReader:
         self.fd: int | None = None
         try:
             self.fd = os.open(path, os.O_RDONLY)
-            self.index = index or ShardIndex.of(self._scan())
+            self.index = index if index is not None else ShardIndex.of(self._scan())
         except (OSError, tarfile.TarError) as err:
             log.warning("shard %s cannot be read (%s): its samples are skipped", path, err)
             self.index = ShardIndex.of([])
