@@ -73,6 +73,9 @@ class SyntheticBatches:
     def load_state_dict(self, state: dict) -> None:
         pass
 
+    def stalled_read(self) -> str:
+        return "synthetic batches, made in the training process"
+
 
 def bench_overrides(
     preset: str, zero: int, seq_len: int, micro_batch: int, micro_batches: int, steps: int, run_dir: str

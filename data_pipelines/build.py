@@ -42,6 +42,7 @@ from data_pipelines.parts import (
 )
 from data_pipelines.records import PendingImage, Skip
 from fusion_train.data.manifest import (
+    MANIFEST,
     SAMPLE_CHECKSUM,
     DataError,
     Manifest,
@@ -50,6 +51,7 @@ from fusion_train.data.manifest import (
     sample_checksum,
     token_dtype,
 )
+from fusion_train.storage import WriteFailed, writing
 from fusion_train.tokenizers.image import ImageTokenizer, image_config, preprocess
 from fusion_train.tokenizers.multimodal import DocumentTokenizer, TokenizedDocument
 from fusion_train.tokenizers.text import TextTokenizer
@@ -400,7 +402,11 @@ def build_shards(
     )
     progress = _resume_or_start(output, manifest, part, parts, overwrite)
     if not progress.complete:
-        _build_part(settings, inputs, output, progress, workers, max_samples_per_shard, max_bytes_per_shard)
+        try:
+            with writing(output, "the shards", setting="--output"):
+                _build_part(settings, inputs, output, progress, workers, max_samples_per_shard, max_bytes_per_shard)
+        except WriteFailed as failed:
+            raise WriteFailed(f"{failed}. {_complete_shards(output, part, parts)}") from None
     manifest = progress.manifest
     if manifest.skipped:
         log.warning("skipped %d records: %s", sum(manifest.skipped.values()), manifest.skipped)
@@ -411,9 +417,17 @@ def build_shards(
         return manifest
     if not manifest.shards:
         raise DataError(f"no usable record in {', '.join(map(str, inputs))}: skipped {manifest.skipped}")
-    manifest.write(output)
+    with writing(output, MANIFEST, setting="--output"):
+        manifest.write(output)
     progress_path(output, part, parts).unlink()
     return manifest
+
+
+def _complete_shards(output: Path, part: int, parts: int) -> str:
+    """What a build stopped by a failed write keeps, and how it goes on."""
+    path = progress_path(output, part, parts)
+    kept = len(PartProgress.read(path).manifest.shards) if path.is_file() else 0
+    return f"The {kept} complete shards are kept: the same command resumes after them"
 
 
 def _build_part(

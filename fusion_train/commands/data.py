@@ -14,6 +14,7 @@ from data_pipelines.parts import merge_manifests
 from data_pipelines.train_image_tokenizer import train_image_tokenizer
 from data_pipelines.verify import verify_source
 from fusion_train.data.manifest import DataError, Manifest
+from fusion_train.storage import WriteFailed
 from fusion_train.tokenizers.image import image_layout
 from fusion_train.tokenizers.text import TokenizerError, train_text_tokenizer
 from fusion_train.vocab import VocabLayout
@@ -183,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "verify":
             return _verify(args)
         print(json.dumps(_run(args)))
-    except (DataError, TokenizerError, ValueError) as err:
+    except (DataError, TokenizerError, ValueError, WriteFailed) as err:
         print(f"fusion-data {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -26,6 +26,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from fusion_train.data.elastic import rebalance
 from fusion_train.data.manifest import DataError, Manifest
 from fusion_train.data.packing import Packer
+from fusion_train.data.reads import ReadBoard
 from fusion_train.data.stream import SourceStream
 from fusion_train.vocab import VocabLayout
 
@@ -164,6 +165,7 @@ class MixtureDataset(IterableDataset):
             log.warning("sources %s were built before samples carried checksums: read without verification; "
                         "rebuild their shards to have every read checked", unchecked)  # fmt: skip
         Packer(cfg.seq_len, self.vocab, len(self.names))  # checks seq_len before any worker starts
+        self.reads = ReadBoard(cfg.num_workers)
         self._pending_state: dict | None = None
         self._continued: dict | None = None  # per source, where readers of another split left off
 
@@ -177,12 +179,13 @@ class MixtureDataset(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         reader, readers = self.rank * workers + worker, self.world_size * workers
+        reads = self.reads.slots(worker, len(self.names))
         self.streams = [
             SourceStream(
                 n, self.cfg.sources[n].path, self.manifests[n], reader, readers, self.cfg.seed,
-                self.cfg.verify_checksums, self.cfg.shuffle_block_size,
+                self.cfg.verify_checksums, self.cfg.shuffle_block_size, reads[i],
             )
-            for n in self.names
+            for i, n in enumerate(self.names)
         ]  # fmt: skip
         usable = np.array([s.has_samples for s in self.streams])
         if not usable[self.probabilities > 0].any():
@@ -220,6 +223,10 @@ class MixtureDataset(IterableDataset):
     def _next_document(self):
         source = int(np.searchsorted(self.draw, self.rng.random() * self.draw[-1], side="right"))
         return source, self.streams[source].next_document()
+
+    def shard_name(self, source: int, shard: int) -> str:
+        name = self.names[source]
+        return f"{Path(self.cfg.sources[name].path) / self.manifests[name].shards[shard].name} (source {name})"
 
     def fresh_state(self) -> dict:
         """The position of a reader that has read nothing."""
@@ -266,6 +273,10 @@ class TokenLoader(StatefulDataLoader):
 
     def state_dict(self) -> dict:
         return {"identity": self.dataset.identity(max(self.num_workers, 1)), "loader": super().state_dict()}
+
+    def stalled_read(self) -> str:
+        """The loader worker most likely holding the next batch back, and its shard (reads.py)."""
+        return self.dataset.reads.stalled(self.dataset.shard_name)
 
     def load_state_dict(self, state: dict, every_rank: Callable[[], list[dict]] | None = None) -> None:
         """`every_rank()`: every old rank's saved loader state, in rank order; read only when the

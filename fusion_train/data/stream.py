@@ -25,6 +25,7 @@ import numpy as np
 
 from fusion_train.data.elastic import Layer
 from fusion_train.data.manifest import DataError, Manifest, Skip
+from fusion_train.data.reads import ReadSlot
 from fusion_train.data.shards import Document, ShardIndex, ShardReader
 
 log = logging.getLogger(__name__)
@@ -34,9 +35,11 @@ MAX_OPEN = 64  # shards a reader keeps open (a file descriptor and a small index
 class SourceStream:
     def __init__(
         self, name: str, folder: str | Path, manifest: Manifest, reader: int, readers: int, seed: int,
-        verify_checksums: bool = True, shuffle_block: int = 2**18,
+        verify_checksums: bool = True, shuffle_block: int = 2**18, reads: ReadSlot | None = None,
     ):  # fmt: skip
+        """`reads`: where this reader posts the shard it is reading (reads.py), if anywhere."""
         self.name, self.folder, self.manifest = name, Path(folder), manifest
+        self.reads = reads
         # Shards built before samples carried checksums are read unchecked.
         self.verify_checksums = verify_checksums and manifest.sample_checksums is not None
         self.reader, self.readers = reader, readers
@@ -134,6 +137,8 @@ class SourceStream:
         """The document at the position, or None when it is skipped (counted); then move on."""
         shard, sample = self._address(self.layer.element(self.reader + self.position * self.readers))
         self.position += 1
+        if self.reads:
+            self.reads.begin(shard)
         try:
             return self._reader(shard).read(sample)
         except Skip as skip:
@@ -146,6 +151,9 @@ class SourceStream:
                 )
             self.skipped[skip.reason] += 1
             return None
+        finally:
+            if self.reads:
+                self.reads.end()
 
     def state_dict(self) -> dict:
         layers = {str(e): layer.to_state() for e, layer in self.layers.items()}

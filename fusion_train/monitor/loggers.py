@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from fusion_train.generate.page import Sample, as_text, save_output
+from fusion_train.storage import writing
 
 
 def _pictures(sample: Sample) -> list[np.ndarray]:
@@ -26,7 +27,9 @@ def _pictures(sample: Sample) -> list[np.ndarray]:
 class JsonlLogger:
     def __init__(self, run_dir: Path):
         self.run_dir = run_dir
-        self.file = open(run_dir / "metrics.jsonl", "a")
+        self.file = open(run_dir / "metrics.jsonl", "a+b")
+        if self.file.tell() and (self.file.seek(-1, 2), self.file.read(1))[1] != b"\n":
+            self.file.write(b"\n")  # after half a line from a killed or failed invocation: a line of its own
 
     def log(self, metrics: dict, step: int) -> None:
         self._write({"step": step, **metrics})
@@ -35,8 +38,9 @@ class JsonlLogger:
         self._write({"step": step, "resumed_from": str(resumed_from) if resumed_from else None, "time": time.time()})
 
     def _write(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        with writing(self.run_dir, "metrics.jsonl", setting="trainer.run_dir"):
+            self.file.write((json.dumps(record) + "\n").encode())
+            self.file.flush()
 
     def log_samples(self, samples: list[Sample], step: int) -> None:
         folder = self.run_dir / "samples" / f"step_{step:07d}"

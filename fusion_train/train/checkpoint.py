@@ -10,6 +10,11 @@ step; the newest complete one is never pruned. Pruning renames `step_N` to `step
 deleting it, so a kill in the middle leaves a marked leftover, removed at the next start, and never
 a half-deleted `step_N`.
 
+A write the file system refuses (a full disk, a quota, a read-only mount) ends the run with
+`storage.WriteFailed`: which folder, what the OS said, the space free and a checkpoint's size (the
+last complete one's, or the estimate before there is one). Before each save rank 0 compares the
+free space with that size and warns once when fewer than two more checkpoints fit.
+
 A checkpoint resumed on another number of ranks is first converted, once, into DeepSpeed's
 universal format in `step_N/universal` (by rank 0, under `universal.partial` until complete): each
 parameter's fp32 weights and Adam moments whole, which any data-parallel split can load.
@@ -35,6 +40,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from fusion_train.storage import free_bytes, size_text, tree_bytes, writing
 from fusion_train.weights.training_checkpoint import TRAINER_STATE
 
 log = logging.getLogger(__name__)
@@ -96,10 +102,14 @@ def check_retention(keep_last: int, keep_every: int) -> None:
 
 
 class Checkpointer:
-    def __init__(self, folder: str | Path, rank: int, keep_last: int, keep_every: int):
+    def __init__(self, folder: str | Path, rank: int, keep_last: int, keep_every: int, estimated_size: int = 0):
+        """`estimated_size`: a checkpoint's bytes before one exists to measure."""
         check_retention(keep_last, keep_every)
         self.folder, self.rank = Path(folder), rank
         self.keep_last, self.keep_every = keep_last, keep_every
+        self.estimated_size = estimated_size
+        self._measured: tuple[Path, int] | None = None
+        self._warned_of_space = False
 
     def complete(self) -> list[tuple[int, Path]]:
         found = [(int(p.name.split("_")[1]), p) for p in self.folder.glob("step_*") if is_complete(p)]
@@ -128,24 +138,57 @@ class Checkpointer:
                 else:
                     os.rename(old, final)  # its replacement never arrived
 
+    def size(self) -> tuple[int, str]:
+        """A checkpoint's bytes, and where the figure comes from: the newest complete checkpoint
+        (its universal form aside), or the estimate."""
+        latest = self.latest()
+        if latest is None:
+            return self.estimated_size, "estimated"
+        if self._measured is None or self._measured[0] != latest:
+            self._measured = (latest, sum(tree_bytes(p) for p in latest.iterdir() if p.name != UNIVERSAL))
+        return self._measured[1], f"as {latest.name} does"
+
+    def _warn_if_room_runs_out(self) -> None:
+        size, source = self.size()
+        free = free_bytes(self.folder)
+        if free < 2 * size and not self._warned_of_space:
+            self._warned_of_space = True
+            log.warning(
+                "%s has room for %d more checkpoint(s): %s free, and a checkpoint takes %s (%s). Free space, lower "
+                "trainer.keep_last (now %d) or move trainer.run_dir before it runs out",
+                self.folder, free // max(size, 1), size_text(free), size_text(size), source, self.keep_last,
+            )  # fmt: skip
+
     def save(self, engine, step: int, rank_state: dict, trainer_state: dict) -> Path:
         tag = f"step_{step}"
         partial, final = self.folder / (tag + PARTIAL), self.folder / tag
-        engine.save_checkpoint(str(self.folder), tag=partial.name, save_latest=False)
-        _fault_injection_pause("FUSION_TRAIN_CHECKPOINT_PAUSE_S")
-        torch.save({**rank_state, "rng": rng_states()}, partial / _rank_state_file(self.rank))
-        dist.barrier()
+        size, source = self.size()
         if self.rank == 0:
-            _write_atomically(partial / TRAINER_STATE, json.dumps(trainer_state, indent=2) + "\n")  # the marker
-            superseded = final.with_name(tag + SUPERSEDED)
-            if final.exists():
-                os.rename(final, superseded)
-            os.rename(partial, final)
-            shutil.rmtree(superseded, ignore_errors=True)
-            _write_atomically(self.folder / "latest", tag)
-            self._prune()
+            self._warn_if_room_runs_out()
+        needs = f"a checkpoint takes {size_text(size)} ({source})"
+        with writing(self.folder, f"checkpoint {tag}", needs, setting="trainer.run_dir"):
+            engine.save_checkpoint(str(self.folder), tag=partial.name, save_latest=False)
+            _fault_injection_pause("FUSION_TRAIN_CHECKPOINT_PAUSE_S")
+            torch.save({**rank_state, "rng": rng_states()}, partial / _rank_state_file(self.rank))
+            dist.barrier()
+            if self.rank == 0:
+                _write_atomically(partial / TRAINER_STATE, json.dumps(trainer_state, indent=2) + "\n")  # the marker
+                superseded = final.with_name(tag + SUPERSEDED)
+                if final.exists():
+                    os.rename(final, superseded)
+                os.rename(partial, final)
+                shutil.rmtree(superseded, ignore_errors=True)
+                _write_atomically(self.folder / "latest", tag)
+                self._prune()
         dist.barrier()
         return final
+
+    def resume_advice(self) -> str:
+        """What the next invocation resumes from, for a message that ends this one."""
+        latest = self.latest()
+        if latest is None:
+            return "There is no complete checkpoint yet: the next invocation starts from the beginning"
+        return f"{latest.name} is complete and intact: the same command resumes from it"
 
     def _prune(self) -> None:
         complete = self.complete()
@@ -175,7 +218,9 @@ class Checkpointer:
             started = time.perf_counter()
             options = dict(input_folder=str(path), output_folder=str(partial), num_extract_workers=1,
                            num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)  # fmt: skip
-            ds_to_universal(argparse.Namespace(**options))
+            with writing(path, f"the universal form of {path.name}", f"it takes about {size_text(self.size()[0])}",
+                         setting="trainer.run_dir"):  # fmt: skip
+                ds_to_universal(argparse.Namespace(**options))
             os.rename(partial, universal)
             log.warning("converted %s to DeepSpeed's universal format in %.1f s", path, time.perf_counter() - started)
         dist.barrier()

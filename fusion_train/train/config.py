@@ -84,6 +84,14 @@ class TrainerConfig:
     activation_checkpointing: bool = False
     compile: bool = False
     progress_bar: bool = True
+    # A rank that makes no progress for this long ends the invocation with every rank's stacks in
+    # RUN_DIR/hang/ and exit 75 (train/watchdog.py): inside a training step, from the invocation's
+    # second step on (the longest normal gap is one micro-batch's forward and backward or the
+    # optimizer step, seconds even at 34B) ...
+    collective_timeout_s: float = 100.0
+    # ... and before that (rendezvous, building, loading and converting a checkpoint, the first
+    # step's compile) and around checkpoint writes, validation, samples and rollbacks.
+    long_operation_timeout_s: float = 900.0
     eval_every: int = 0  # steps between validations on `eval_data` (0: none)
     # Micro-batches per rank and held-out source at most: a smaller source is scored once in full,
     # a larger one on the same first batches each time; null: always in full.
@@ -213,6 +221,11 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("eval_samples has prompts, generated every trainer.eval_every steps: set trainer.eval_every")
     if cfg.eval_data.document_mask:
         raise ConfigError("eval_data.document_mask: held-out data is attended as training's is; set data.document_mask")
+    if not 0 < cfg.trainer.collective_timeout_s <= cfg.trainer.long_operation_timeout_s:
+        raise ConfigError(
+            f"trainer.collective_timeout_s={cfg.trainer.collective_timeout_s:g} must be positive and at most "
+            f"trainer.long_operation_timeout_s={cfg.trainer.long_operation_timeout_s:g}"
+        )
     if cfg.trainer.eval_batches is not None and cfg.trainer.eval_batches < 1:
         raise ConfigError("trainer.eval_batches must be positive, or null to score the held-out set in full")
     try:

@@ -1,5 +1,8 @@
-"""How a run that cannot go on ends under torchrun: one `fusion-train: error: ...` message, exit
-code 2 on every rank, and the message as the root cause in torchrun's failure summary.
+"""How a run that cannot go on ends under torchrun: one `fusion-train: error: ...` message, one
+exit code on every rank, and the message as the root cause in torchrun's failure summary. Exit 2
+is a problem the user must fix (config, data, a full disk); exit 75 (EX_TEMPFAIL) a fault of the
+cluster that running again may not meet (a hung or lost rank: watchdog.py), for which a SLURM job
+is requeued.
 
 Every failing rank writes the message to torchrun's error file (TORCHELASTIC_ERROR_FILE, the file
 `torch.distributed.elastic.multiprocessing.errors.record` writes and torchrun's summary reads),
@@ -8,9 +11,9 @@ with the message itself in place of a traceback. Only one rank prints it:
   rank, so rank 0 prints them. torchrun stops every rank at the first exit, so the other ranks
   wait for rank 0 to record its error before they leave (or print their own if it has none);
 - errors met during training (a source whose every shard turned unreadable, in a loader worker)
-  are printed by the first rank to create `RUN_DIR/failure.json`, which keeps the message. A
-  rank that then fails only because that peer left (a collective that lost its partner) ends
-  quietly with the peer's message instead of a traceback of its own.
+  are printed by the first rank to create `RUN_DIR/failure.json`, which keeps the message and
+  the exit code. A rank that then fails only because that peer left (a collective that lost its
+  partner) ends quietly, with the peer's message and code instead of a traceback of its own.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pathlib import Path
 
 FAILURE_FILE = "failure.json"
 EXIT_CODE = 2
+RETRY_EXIT_CODE = 75
 RANK_0_GRACE_S = 10.0  # how long another rank waits for rank 0 to meet the same error at start
 
 
@@ -49,7 +53,10 @@ def _record_for_torchrun(message: str) -> None:
     if path:
         text = f"fusion-train: error: {message}"
         record = {"message": {"message": text, "extraInfo": {"py_callstack": text, "timestamp": str(int(time.time()))}}}
-        Path(path).write_text(json.dumps(record))
+        try:
+            Path(path).write_text(json.dumps(record))
+        except OSError:
+            pass  # its file system is full too: the printed message is what remains
 
 
 def _print(message: str) -> None:
@@ -82,27 +89,47 @@ def _rank_0_recorded_its_error(grace_s: float) -> bool:
 
 
 def fail_in_training(error: BaseException, run_dir: Path) -> int:
-    message = user_message(error)
+    report(user_message(error), run_dir, EXIT_CODE)
+    return EXIT_CODE
+
+
+def report(message: str, run_dir: Path, exit_code: int) -> bool:
+    """Record the message for torchrun; print it if this rank is the first to fail (it creates
+    FAILURE_FILE and leaves the message and code there for its peers). Returns whether it was.
+    On a full disk the file stays empty (a peer then refers to the message printed); where it
+    cannot be created at all, every rank that fails says why."""
     _record_for_torchrun(message)
     try:
         claim = os.open(Path(run_dir) / FAILURE_FILE, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
-        return EXIT_CODE  # a peer has said it
-    with os.fdopen(claim, "w") as f:
-        f.write(json.dumps({"rank": int(os.environ.get("RANK", "0")), "time": time.time(), "message": message}) + "\n")
+        return False
+    except OSError:
+        claim = None
+    if claim is not None:
+        record = {"rank": int(os.environ.get("RANK", "0")), "time": time.time(), "message": message,
+                  "exit_code": exit_code}  # fmt: skip
+        try:
+            with os.fdopen(claim, "w") as f:
+                f.write(json.dumps(record))
+        except OSError:
+            pass
     _print(message)
-    return EXIT_CODE
+    return True
 
 
 def peer_failure(run_dir: Path) -> int | None:
-    """EXIT_CODE after recording a peer's failure as this rank's cause, or None when no peer failed."""
+    """The exit code of a peer's failure, after recording it as this rank's cause; None when no
+    peer failed."""
     path = Path(run_dir) / FAILURE_FILE
-    try:
-        message = json.loads(path.read_text())["message"]
-    except (OSError, ValueError, KeyError):
+    if not path.exists():
         return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        record = {}
+    message = record.get("message", "another rank failed: its message is printed above")
     _record_for_torchrun(f"{message} (reported by another rank)")
-    return EXIT_CODE
+    return record.get("exit_code", EXIT_CODE)
 
 
 def clear(run_dir: Path) -> None:

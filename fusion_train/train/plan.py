@@ -43,6 +43,12 @@ def model_state_bytes(parameters: int, largest_module: int, stage: int, ranks: i
             "gathered_module": gathered}  # fmt: skip
 
 
+def checkpoint_bytes(parameters: int, bf16: bool) -> int:
+    """One checkpoint on disk: the module's weights (bf16, or fp32 where training is fp32) and the
+    optimizer's fp32 master weights and Adam's two moments, written once over all ranks."""
+    return parameters * ((2 if bf16 else 4) + 12)
+
+
 def activation_bytes_per_token_and_layer(model: ChameleonConfig) -> int:
     h, kv, f = model.dim, model.n_kv_heads * model.head_dim, model.ffn_dim
     norms = 2 * (4 * h + 2 * h)  # two RMSNorms: fp32 input, bf16 output
@@ -136,6 +142,7 @@ def make_plan(cfg: TrainConfig, ranks: int) -> dict:
         "seq_len": cfg.data.seq_len, "gradient_accumulation_steps": accumulation,
         "activation_checkpointing": cfg.trainer.activation_checkpointing,
         "memory_gb_per_gpu": parts, "memory_gb_per_gpu_total": total,
+        "checkpoint_gb": round(checkpoint_bytes(sum(groups.values()), cfg.deepspeed.bf16) / GB, 2),
         "activations_gb_per_micro_batch": {
             "without_checkpointing": round(activation_bytes(cfg, False) / GB, 2),
             "with_checkpointing": round(activation_bytes(cfg, True) / GB, 2),
@@ -155,6 +162,7 @@ def render(plan: dict) -> str:
         f"{plan['micro_batch_size']} x {plan['seq_len']} tokens x {plan['gpus']} GPUs x {plan['gradient_accumulation_steps']} micro-steps\n"
         f"memory per GPU, ZeRO-{plan['zero_stage']}, activation checkpointing {'on' if plan['activation_checkpointing'] else 'off'}:\n"
         f"{memory_lines}\n  {'total':<22} {plan['memory_gb_per_gpu_total']:8.2f} GB of {plan['gpu_memory_gb']:g}: {verdict}\n"
+        f"one checkpoint: {plan['checkpoint_gb']:,.2f} GB on disk (weights, fp32 master weights and Adam's moments)\n"
         f"at {plan['mfu']:.0%} MFU on {plan['gpus']} {plan['gpu'].upper()}: {plan['seconds_per_step']:.2f} s per step, "
         f"{plan['gpu_hours']:,.0f} GPU-hours for {plan['steps']:,} steps"
     )  # fmt: skip

@@ -63,11 +63,12 @@ def train(cfg: TrainConfig) -> int:
     # ops: its words belong in the log (stderr) with everyone else's.
     with contextlib.redirect_stdout(sys.stderr):
         from fusion_train.train.trainer import Trainer
+    from fusion_train.storage import WriteFailed
     from fusion_train.train.run_lock import RunFolderInUse
     from fusion_train.train.validation import ValidationError
     from fusion_train.weights.training_checkpoint import CheckpointError
 
-    user_errors = (ConfigError, DataError, CheckpointError, RunFolderInUse, ValidationError)
+    user_errors = (ConfigError, DataError, CheckpointError, RunFolderInUse, ValidationError, WriteFailed)
     try:
         with contextlib.redirect_stdout(sys.stderr):
             trainer = Trainer(cfg)
@@ -78,8 +79,10 @@ def train(cfg: TrainConfig) -> int:
     except user_errors as err:
         trainer.close_loggers()
         _exit_now(failure.fail_in_training(err, trainer.run_dir))
-    except Exception:
+    except Exception as error:
         code = failure.peer_failure(trainer.run_dir)  # this rank lost a peer that said why
+        if code is None:  # or one that could not: killed, its node lost
+            code = trainer.watchdog.lost_a_peer(error, signalled=trainer.preemption.received is not None)
         if code is None:
             raise
         trainer.close_loggers()

@@ -19,16 +19,20 @@ import torch
 import torch.distributed as dist
 
 from fusion_train.data.loader import build_loader
+from fusion_train.model.size import parameter_counts
 from fusion_train.monitor.loggers import Loggers
 from fusion_train.monitor.observer import ROLLED_BACK, STOP, Window
+from fusion_train.storage import WriteFailed, writing
 from fusion_train.train import failure
 from fusion_train.train.checkpoint import Checkpointer, restore_rng_states
 from fusion_train.train.config import TrainConfig, as_dict, bind_to_vocabulary, gradient_accumulation_steps, to_yaml
-from fusion_train.train.engine import announce_op_builds, build_engine, build_model, restart_adam
+from fusion_train.train.engine import announce_op_builds, build_engine, build_model, restart_adam, use_bf16
 from fusion_train.train.init_from import check_compatible, model_folder
 from fusion_train.train.observers import build_observers
+from fusion_train.train.plan import checkpoint_bytes
 from fusion_train.train.run_lock import hold_run_folder
 from fusion_train.train.signals import PreemptionFlag, requeue_slurm_job
+from fusion_train.train.watchdog import COMPUTE, DATA, OPTIMIZER, Timeouts, Watchdog
 from fusion_train.weights.training_checkpoint import read_trainer_state
 
 log = logging.getLogger(__name__)
@@ -38,24 +42,31 @@ GUARD_EXIT = 3  # the divergence guard stopped the run
 class Trainer:
     def __init__(self, cfg: TrainConfig, loader=None):
         """`loader`: batches from elsewhere than `cfg.data` (benchmarks feed synthetic ones); it needs
-        the TokenLoader's iteration, state_dict/load_state_dict and `dataset.vocab`, `.names` and
-        `.fingerprints`."""
+        the TokenLoader's iteration, state_dict/load_state_dict, stalled_read and `dataset.vocab`,
+        `.names` and `.fingerprints`."""
         self.cfg = cfg
         if torch.cuda.is_available():  # one GPU per local rank, before any collective picks one
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         announce_op_builds()
-        deepspeed.init_distributed()
+        self.run_dir = Path(cfg.trainer.run_dir)
+        timeouts = Timeouts(cfg.trainer.collective_timeout_s, cfg.trainer.long_operation_timeout_s)
+        self.watchdog = Watchdog(
+            self.run_dir, int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")), timeouts,
+            stalled_read=lambda: self.loader.stalled_read(), resume_advice=lambda: self.checkpoints.resume_advice(),
+        )  # fmt: skip
+        deepspeed.init_distributed(timeout=timeouts.process_group())
+        self.watchdog.connect()
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
         self.grad_accum = gradient_accumulation_steps(cfg, self.world_size)
-        self.run_dir = Path(cfg.trainer.run_dir)
         self.run_lock = hold_run_folder(self.run_dir, self.rank, self.device, self._start_run_folder)
 
         self.loader = loader or build_loader(cfg.data, self.rank, self.world_size)
         self.vocab = self.loader.dataset.vocab
         bind_to_vocabulary(cfg.model, self.vocab)
+        estimated_size = checkpoint_bytes(parameter_counts(cfg.model).total, use_bf16(cfg))
         self.checkpoints = Checkpointer(
-            self.run_dir / "checkpoints", self.rank, cfg.trainer.keep_last, cfg.trainer.keep_every
+            self.run_dir / "checkpoints", self.rank, cfg.trainer.keep_last, cfg.trainer.keep_every, estimated_size
         )
         self.checkpoints.remove_leftovers()
         resume_from = Path(cfg.trainer.resume_from) if cfg.trainer.resume_from else self.checkpoints.latest()
@@ -81,7 +92,8 @@ class Trainer:
 
     def _start_run_folder(self) -> None:
         failure.clear(self.run_dir)
-        (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
+        with writing(self.run_dir, "config.yaml", setting="trainer.run_dir"):
+            (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
 
     # --- resume -------------------------------------------------------------------------------
 
@@ -139,6 +151,8 @@ class Trainer:
         """0 when the steps are done or a preemption was handled; GUARD_EXIT when the guard stops the run."""
         try:
             return self._train()
+        except WriteFailed as failed:
+            raise WriteFailed(f"{failed}. {self.checkpoints.resume_advice()}") from None
         finally:
             for observer in self.observers:
                 observer.close()
@@ -152,6 +166,7 @@ class Trainer:
             step = self.step + 1
             logged = step % self.cfg.logging.log_every == 0 or step == stop_at
             self._optimizer_step(step, logged, batches, window)
+            self.watchdog.step_ended(step)
             self.step, self.tokens_seen = step, self.tokens_seen + cfg.global_batch_tokens
             window.steps += 1
             asked = [o.step_ended(step, sums) for o, sums in zip(self.observers, window.sums, strict=True)]
@@ -179,12 +194,15 @@ class Trainer:
         for observer in self.observers:
             observer.step_started(step, logged)
         for micro in range(self.grad_accum):
+            self.watchdog.beat(step, DATA, micro)
             batch = self._next_batch(batches)
+            self.watchdog.beat(step, COMPUTE, micro)
             out = self._forward(batch)
             for observer, sums in zip(self.observers, window.sums, strict=True):
                 observer.micro_batch(batch, out, sums)
             self.engine.backward(out.loss)
             if micro == self.grad_accum - 1:
+                self.watchdog.beat(step, OPTIMIZER, micro)
                 for observer in self.observers:
                     observer.before_optimizer_step()
             self.engine.step()  # applies the optimizer only at the accumulation boundary
@@ -224,7 +242,8 @@ class Trainer:
         started = time.perf_counter()
         try:
             for observer in self.observers:
-                verdict = observer.after_step(step)
+                with self.watchdog.long_operation(step, f"in {type(observer).__name__}'s work after the step"):
+                    verdict = observer.after_step(step)
                 if verdict is not None:
                     return verdict
             return None
@@ -246,7 +265,8 @@ class Trainer:
             "vocab": dataclasses.asdict(self.vocab),
             "tokenizer_fingerprints": self.loader.dataset.fingerprints,
         }
-        path = self.checkpoints.save(self.engine, self.step, {"loader": self.loader.state_dict()}, trainer_state)
+        with self.watchdog.long_operation(self.step, f"writing checkpoint step_{self.step}"):
+            path = self.checkpoints.save(self.engine, self.step, {"loader": self.loader.state_dict()}, trainer_state)
         if self.rank == 0:
             log.info("checkpoint %s written in %.2f s", path, time.perf_counter() - started)
         return path
@@ -258,7 +278,9 @@ class Trainer:
         """Tear down in an order that lets gloo's threads end before the interpreter does.
         `keep_process_group`: for a process that goes on with other work over the same ranks (the
         peer benchmarks train several systems in one launch)."""
-        dist.barrier()
+        with self.watchdog.long_operation(self.step, "closing"):
+            dist.barrier()
+        self.watchdog.close()
         self.close_loggers()
         self.engine.destroy()
         del self.engine, self.optimizer, self.scheduler, self.loader
