@@ -98,6 +98,17 @@ def describe_failure(error: BaseException, folder: str | Path, what: str, needs:
     )  # fmt: skip
 
 
+def check_room(folder: str | Path, what: str, setting: str = "") -> None:
+    """WriteFailed when `folder`'s file system is full (under FULL_BELOW free): for writers that
+    fail without telling (W&B's service process only logs its own ENOSPC)."""
+    usage = shutil.disk_usage(_existing(Path(folder)))
+    if usage.free < FULL_BELOW:
+        raise WriteFailed(
+            f"{what} cannot be written to {folder}: the file system is full ({size_text(usage.free)} free of "
+            f"{size_text(usage.total)}). To go on, make room" + (f" or move {setting}" if setting else "")
+        )
+
+
 @contextmanager
 def writing(folder: str | Path, what: str, needs: str = "", setting: str = "") -> Iterator[None]:
     """Turn a write failure inside the block into WriteFailed (describe_failure's message); any

@@ -1,8 +1,11 @@
+import contextlib
+import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -60,15 +63,78 @@ def torchrun(
     return result
 
 
-def assert_one_clean_error(output: str, message: str) -> None:
+def assert_one_clean_error(output: str, message: str, exit_code: int = 2) -> str:
     """Printed once, by one rank; torchrun's summary names it as the root cause; no traceback from
-    our code (torchrun still prints its own)."""
+    our code (torchrun still prints its own). Returns the line printed."""
     printed = [line for line in output.splitlines() if line.startswith("fusion-train: error:")]
     assert len(printed) == 1 and message in printed[0], output[-5000:]
     root_cause = output.split("Root Cause (first observed failure):")[1]
-    assert "exitcode  : 2" in root_cause and f"traceback : fusion-train: error: {message}" in root_cause
+    assert f"exitcode  : {exit_code} " in root_cause and f"traceback : fusion-train: error: {message}" in root_cause
+    assert_no_traceback_of_ours(output)
+    return printed[0]
+
+
+def assert_no_traceback_of_ours(output: str) -> None:
     frames = [line for line in output.splitlines() if line.lstrip().startswith('File "')]
     assert not [frame for frame in frames if "/fusion_train/" in frame], output[-5000:]
+
+
+def start_training(demo_data: dict, run_dir: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
+    """`fusion-train` on 2 ranks in the background (its output piped), in a session of its own."""
+    command = torchrun_command("-m fusion_train.train", *train_overrides(demo_data, run_dir, *extra))
+    return subprocess.Popen(
+        command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True
+    )
+
+
+def wait_for(condition, process: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert process.poll() is None, process.stdout.read().decode()[-3000:]
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def logged_steps(run_dir: Path) -> int:
+    """Lines counted, not parsed: the last may be half written."""
+    path = Path(run_dir) / "metrics.jsonl"
+    return sum('"resumed_from"' not in line for line in path.read_text().splitlines()) if path.is_file() else 0
+
+
+def last_logged_step(run_dir: Path) -> int:
+    """The step of the newest complete record of metrics.jsonl (0 before any)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    for line in reversed(path.read_text().splitlines() if path.is_file() else []):
+        try:
+            return json.loads(line)["step"]
+        except ValueError:
+            continue  # half written
+    return 0
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [m["loss/total"] for m in read_metrics(run_dir) if "loss/total" in m]
+
+
+def checkpoints(run_dir: Path) -> list[str]:
+    """Checkpoint folder names, oldest step first."""
+    found = (Path(run_dir) / "checkpoints").glob("step_*")
+    return sorted((p.name for p in found), key=lambda n: (n.endswith(".partial"), int(n.split("_")[1].split(".")[0])))
+
+
+@contextlib.contextmanager
+def small_file_system(folder: Path, size: int):
+    """A tmpfs of `size` bytes at `folder`, for a disk that fills up: yields a function that
+    resizes it. Mounting needs root; the test is skipped, saying so, where it cannot."""
+    folder.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                             capture_output=True, text=True)  # fmt: skip
+    if mounted.returncode != 0:
+        pytest.skip(f"a full disk needs a small file system, and mounting a tmpfs failed: {mounted.stderr.strip()}")
+    try:
+        yield lambda new_size: subprocess.run(["mount", "-o", f"remount,size={new_size}", str(folder)], check=True)
+    finally:
+        subprocess.run(["umount", "--lazy", str(folder)], check=True)
 
 
 @pytest.fixture(scope="session")
@@ -186,8 +252,6 @@ def sample_overrides(demo_data: dict, every: int) -> list[str]:
 
 def read_records(run_dir: Path) -> list[dict]:
     """Every record of metrics.jsonl: logged metrics and the marks of each invocation's start."""
-    import json
-
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 

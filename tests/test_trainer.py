@@ -2,12 +2,9 @@
 
 import json
 import math
-import os
 import re
 import shutil
 import signal
-import subprocess
-import time
 from itertools import islice
 from pathlib import Path
 
@@ -22,12 +19,15 @@ from conftest import (
     REPO,
     WANDB,
     assert_one_clean_error,
+    checkpoints,
+    logged_steps,
+    losses,
     read_metrics,
-    read_records,
     sample_overrides,
+    start_training,
     torchrun,
-    torchrun_command,
     train_overrides,
+    wait_for,
     zero_stage_overrides,
 )
 from fusion_train.commands.generate import main as generate_main
@@ -42,24 +42,6 @@ from fusion_train.train.config import load_config
 from fusion_train.weights.training_checkpoint import consolidated_state_dict
 
 TRAIN = "-m fusion_train.train"
-
-
-def losses(run_dir):
-    return [m["loss/total"] for m in read_metrics(run_dir) if "loss/total" in m]
-
-
-def checkpoints(run_dir):
-    """Checkpoint folder names, oldest step first."""
-    found = (run_dir / "checkpoints").glob("step_*")
-    return sorted((p.name for p in found), key=lambda n: (n.endswith(".partial"), int(n.split("_")[1].split(".")[0])))
-
-
-def _kill_tree(process: subprocess.Popen) -> None:
-    """SIGKILL torchrun and every rank (torchrun starts its workers in sessions of their own)."""
-    victims = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
-    for victim in victims:
-        victim.kill()
-    process.wait()
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
@@ -193,88 +175,6 @@ def test_exact_resume_after_the_process_exits_with_samples_on(demo_data, tmp_pat
         assert {k: row[k] for k in metrics if k != "step"} == {k: v for k, v in metrics.items() if k != "step"}
 
 
-def _start(demo_data, run_dir, *extra, env=None):
-    command = torchrun_command(TRAIN, *train_overrides(demo_data, run_dir, *extra))
-    return subprocess.Popen(
-        command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True
-    )
-
-
-def _wait_for(condition, process, timeout=240):
-    deadline = time.time() + timeout
-    while not condition():
-        assert process.poll() is None, process.stdout.read().decode()[-3000:]
-        assert time.time() < deadline, "timed out"
-        time.sleep(0.2)
-
-
-def _logged_steps(run_dir):
-    """Lines counted, not parsed: the last may be half written."""
-    path = run_dir / "metrics.jsonl"
-    return sum('"resumed_from"' not in line for line in path.read_text().splitlines()) if path.is_file() else 0
-
-
-def _kill_launcher(process: subprocess.Popen) -> None:
-    """SIGKILL torchrun alone, as `kill -9 PID` does: its ranks must not go on without it."""
-    processes = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
-    processes[0].kill()
-    process.wait()
-    deadline = time.time() + 10
-    while alive := [p for p in processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]:
-        assert time.time() < deadline, f"still running after their launcher died: {alive}"
-        time.sleep(0.2)
-
-
-def _wait_for_path(run, pattern, process):
-    _wait_for(lambda: list((run / "checkpoints").glob(pattern)), process)
-    return next((run / "checkpoints").glob(pattern))
-
-
-def test_kills_of_the_launcher_anywhere_lose_nothing_and_one_writer_holds_the_run(demo_data, tmp_path):
-    """kill -9 of torchrun mid-training, inside a checkpoint write and inside pruning: the ranks die
-    with it, a second invocation meanwhile is refused, and the resumed run equals an uninterrupted one."""
-    common = ["trainer.steps=16", "trainer.checkpoint_every=4", "trainer.keep_last=1"]
-    torchrun(TRAIN, *train_overrides(demo_data, tmp_path / "reference", *common))
-    reference = losses(tmp_path / "reference")
-
-    run = tmp_path / "run"
-    process = _start(demo_data, run, *common)
-    _wait_for(lambda: _logged_steps(run) >= 6, process)
-    _kill_launcher(process)  # mid-training
-    logged = (run / "metrics.jsonl").read_text()
-    time.sleep(2)
-    assert (run / "metrics.jsonl").read_text() == logged  # nobody writes on
-    assert checkpoints(run)[-1] in ("step_4", "step_8") and read_metrics(run)[-1]["step"] < 16
-
-    # Inside the writing of the next checkpoint; meanwhile a second invocation is refused.
-    env = {**os.environ, "FUSION_TRAIN_CHECKPOINT_PAUSE_S": "60"}
-    process = _start(demo_data, run, *common, env=env)
-    partial = _wait_for_path(run, "step_*.partial", process)
-    second = torchrun(TRAIN, *train_overrides(demo_data, run, *common), check=False)
-    output = second.stdout + second.stderr
-    assert second.returncode != 0 and "exitcode  : 2" in output
-    assert_one_clean_error(output, f"{run} is in use by another training invocation")
-    assert '"pid": ' in output  # the holder, named
-    _kill_launcher(process)
-    assert partial.is_dir() and partial.name.removesuffix(".partial") not in checkpoints(run)
-
-    # Inside pruning the previous checkpoint: it is renamed before it is deleted.
-    env = {**os.environ, "FUSION_TRAIN_PRUNE_PAUSE_S": "60"}
-    process = _start(demo_data, run, *common, env=env)
-    pruning = _wait_for_path(run, "step_*.pruning", process)
-    _kill_launcher(process)
-    assert pruning.is_dir() and pruning.name.removesuffix(".pruning") not in checkpoints(run)
-
-    torchrun(TRAIN, *train_overrides(demo_data, run, *common))
-    assert checkpoints(run) == ["step_16"]
-    by_step = {m["step"]: m["loss/total"] for m in read_metrics(run)}  # the last logging of each step
-    assert [by_step[s] for s in range(1, 17)] == reference
-    # Each invocation marked where it started; the refused one wrote nothing.
-    starts = [r for r in read_records(run) if "resumed_from" in r]
-    assert len(starts) == 4 and starts[0] == {**starts[0], "step": 0, "resumed_from": None}
-    assert all(r["resumed_from"].endswith(f"step_{r['step']}") for r in starts[1:])
-
-
 def test_config_and_data_errors_under_torchrun_end_with_one_clean_message(demo_data, tmp_path):
     result = torchrun(TRAIN, *train_overrides(demo_data, tmp_path / "run", "trainer.keep_last=0"), check=False)
     assert_one_clean_error(result.stdout + result.stderr, "trainer.keep_last=0, trainer.keep_every=0: keep_last must")
@@ -304,8 +204,8 @@ def test_a_start_error_is_printed_once_whichever_rank_meets_it_first():
 
 def test_sigterm_writes_a_final_checkpoint_and_exits_0(demo_data, tmp_path):
     run = tmp_path / "run"
-    process = _start(demo_data, run, "trainer.steps=200", "trainer.checkpoint_every=100")
-    _wait_for(lambda: _logged_steps(run) >= 3, process)
+    process = start_training(demo_data, run, "trainer.steps=200", "trainer.checkpoint_every=100")
+    wait_for(lambda: logged_steps(run) >= 3, process)
     for worker in psutil.Process(process.pid).children():
         worker.send_signal(signal.SIGTERM)
     assert process.wait(timeout=120) == 0, process.stdout.read().decode()[-3000:]

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from fusion_train.generate.page import Sample, as_text, save_output
-from fusion_train.storage import writing
+from fusion_train.storage import check_room, writing
 
 
 def _pictures(sample: Sample) -> list[np.ndarray]:
@@ -136,10 +136,12 @@ class Loggers:
 
     def __init__(self):
         self.loggers: list = []
+        self.run_dir: Path | None = None
 
     def open(self, run_dir: Path, cfg, config: dict, step: int, resumed_from: Path | None,
              wandb_run_id: str | None) -> str | None:  # fmt: skip
         """`cfg`: the `logging` group; `config`: the whole run's, for W&B. Returns the W&B run's id."""
+        self.run_dir = run_dir
         jsonl = JsonlLogger(run_dir)
         jsonl.mark_start(step, resumed_from)
         self.loggers = [jsonl]
@@ -152,6 +154,8 @@ class Loggers:
         return wandb_run_id
 
     def log(self, metrics: dict, step: int) -> None:
+        if self.loggers:
+            check_room(self.run_dir, "the run's logs (metrics.jsonl, W&B's run files)", setting="trainer.run_dir")
         for logger in self.loggers:
             logger.log(metrics, step)
 

@@ -100,7 +100,7 @@ def report(message: str, run_dir: Path, exit_code: int) -> bool:
     cannot be created at all, every rank that fails says why."""
     _record_for_torchrun(message)
     try:
-        claim = os.open(Path(run_dir) / FAILURE_FILE, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        claim = os.open(Path(run_dir) / FAILURE_FILE, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
         return False
     except OSError:

@@ -77,18 +77,28 @@ def train(cfg: TrainConfig) -> int:
     try:
         code = trainer.train()
     except user_errors as err:
-        trainer.close_loggers()
-        _exit_now(failure.fail_in_training(err, trainer.run_dir))
+        code = failure.fail_in_training(err, trainer.run_dir)
+        _close_loggers_after_failure(trainer)
+        _exit_now(code)
     except Exception as error:
         code = failure.peer_failure(trainer.run_dir)  # this rank lost a peer that said why
         if code is None:  # or one that could not: killed, its node lost
             code = trainer.watchdog.lost_a_peer(error, signalled=trainer.preemption.received is not None)
         if code is None:
             raise
-        trainer.close_loggers()
+        _close_loggers_after_failure(trainer)
         _exit_now(code)
     trainer.close()
     return code
+
+
+def _close_loggers_after_failure(trainer) -> None:
+    """Flush what the loggers hold (an offline W&B run loses its history unless closed); on a full
+    disk that fails too, and the message already said why."""
+    try:
+        trainer.close_loggers()
+    except Exception as error:
+        logging.getLogger(__name__).warning("the loggers could not be closed: %s", error)
 
 
 def _exit_now(code: int) -> None:

@@ -116,11 +116,9 @@ class Watchdog:
         """Under the long timeout, whatever the loop does inside (checkpoint writes, validation)."""
         self.long_activity = activity
         self.beat(step, LONG, 2**31)
-        try:
-            yield
-        finally:
-            self.long_activity = None
-            self.beat(step, STEP_END, 2**31)
+        yield  # an error inside leaves the activity as it was, for the message that ends the run
+        self.long_activity = None
+        self.beat(step, STEP_END, 2**31)
 
     def close(self) -> None:
         self._stopped.set()
