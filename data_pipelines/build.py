@@ -12,6 +12,7 @@ is skipped and counted by reason; an input file that cannot be read at all stops
 
 from __future__ import annotations
 
+import contextlib
 import io
 import itertools
 import json
@@ -310,6 +311,20 @@ class ShardSink:
         if self.written == self.pause_after:
             time.sleep(3600)
 
+    @contextlib.contextmanager
+    def abandoned_on_error(self) -> Iterator[None]:
+        """On an error, close the open shard's file as it is (still `.partial`: a resume removes it),
+        ignoring that closing fails too on a full disk."""
+        try:
+            yield
+        except BaseException:
+            if self.writer is not None:
+                for closing in (self.writer.close, self.file.close):
+                    with contextlib.suppress(OSError, ValueError):
+                        closing()
+                self.writer = None
+            raise
+
     def close(self) -> None:
         """Complete the open shard: its hash, then its final name."""
         if self.writer is not None:
@@ -445,7 +460,7 @@ def _build_part(
     prefix = shard_prefix(progress.part, progress.parts)
     sink = ShardSink(output, manifest, max_samples, max_bytes, prefix, shard_complete)
     chunks = _part_chunks([Path(p) for p in inputs], progress.part, progress.parts, progress.next_record)
-    with tqdm(desc=f"building {settings.kind} shards", unit=" records", disable=None) as bar:
+    with tqdm(desc=f"building {settings.kind} shards", unit=" records", disable=None) as bar, sink.abandoned_on_error():
         for outcomes in _map_chunks(settings, chunks, workers):
             for index, outcome in outcomes:
                 if index < progress.next_record:

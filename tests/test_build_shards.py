@@ -10,6 +10,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+from conftest import small_file_system
 from data_pipelines.build import BuildSettings, build_shards
 from data_pipelines.parts import merge_manifests
 from data_pipelines.synthetic import write_image_captions
@@ -249,3 +250,30 @@ def test_tokenizer_training_commands(shapes, tmp_path):
         fusion_data(["train-image-tokenizer", "--images", str(tmp_path / "nothing"), "--output", str(tmp_path / "vq2")])
         == 2
     )
+
+
+def test_a_full_disk_keeps_the_complete_shards_and_the_same_command_resumes(
+    text_tokenizer, paragraphs, tmp_path, capsys
+):
+    """`fusion-data build-shards` onto a file system that fills up: one error line (where, why,
+    the shards kept), and once there is room the same command finishes the build, byte for byte
+    the shards of a build that never stopped."""
+    command = ["build-shards", "--kind", "text", "--text-tokenizer", str(text_tokenizer.path),
+               "--max-samples-per-shard", "40", "--workers", "1"]  # fmt: skip
+    for path in paragraphs:
+        command += ["--input", str(path)]
+    assert fusion_data([*command, "--output", str(tmp_path / "whole")]) == 0
+    capsys.readouterr()
+    with small_file_system(tmp_path / "disk", 96 * 1024) as resize:
+        output = tmp_path / "disk" / "shards"
+        assert fusion_data([*command, "--output", str(output)]) == 2
+        [line] = capsys.readouterr().err.strip().splitlines()[-1:]
+        assert line.startswith(f"fusion-data build-shards: error: the shards could not be written to {output}: "
+                               "No space left on device (ENOSPC); the file system has ")  # fmt: skip
+        kept = int(line.split(". The ")[1].split(" complete shards are kept")[0])
+        assert kept > 0 and line.endswith("To go on, make room or move --output. "
+                                          f"The {kept} complete shards are kept: the same command resumes after them")  # fmt: skip
+        resize(16 * 2**20)
+        assert fusion_data([*command, "--output", str(output)]) == 0
+        assert shard_documents(output) == shard_documents(tmp_path / "whole")
+        assert Manifest.read(output).shards == Manifest.read(tmp_path / "whole").shards

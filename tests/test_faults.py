@@ -169,7 +169,11 @@ def test_a_stopped_rank_or_loader_worker_ends_the_invocation_with_every_ranks_st
     # Whichever rank's timeout passes first says it: rank 0 waiting for its data, or rank 1 waiting
     # for rank 0 (then from what rank 0 posted); either way the worker and its shard are named.
     message = assert_one_clean_error(output, "rank ", exit_code=75)
-    assert "made no progress for" in message and "waiting for the data of micro-batch" in message and "step_4 is complete and intact" in message
+    assert (
+        "made no progress for" in message
+        and "waiting for the data of micro-batch" in message
+        and "step_4 is complete and intact" in message
+    )
     assert f"loader worker 0 (pid {worker.pid}, stopped by a signal)" in message
     assert str(demo_data["shards"]["text"]) in message or "shard-0" in message
     step = message.split(" in step ")[1].split(",")[0]

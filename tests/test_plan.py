@@ -39,7 +39,12 @@ def test_a_34b_plan_on_8_gpus_from_the_config_alone(tmp_path, capsys):
     assert plan["gradient_accumulation_steps"] == 12582912 // (4096 * 8)
     assert not plan["fits"] and plan["first_change"].startswith("more GPUs: 16 with trainer.activation_checkpointing")
     assert plan["memory_gb_per_gpu_total"] == pytest.approx(sum(plan["memory_gb_per_gpu"].values()), abs=0.01)
-    assert "does NOT fit: change first more GPUs: 16" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "does NOT fit: change first more GPUs: 16" in printed
+    # A checkpoint: bf16 weights, fp32 master weights and Adam's two moments (test_faults.py
+    # checks the arithmetic against a real checkpoint's bytes).
+    assert plan["checkpoint_gb"] == pytest.approx(plan["parameters"] * 14 / 1e9, abs=0.01)
+    assert f"one checkpoint: {plan['checkpoint_gb']:,.2f} GB on disk" in printed
 
     assert train_main([*overrides[:2], "64", *overrides[3:]]) == 0
     plan = json.loads((tmp_path / "plan.json").read_text())
