@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from fusion_train.storage import WriteFailed, writing
+
 log = logging.getLogger(__name__)
 LOCK_FILE = "run.lock"
 
@@ -68,17 +70,21 @@ def hold_run_folder(
     """Rank 0 locks the run folder before anything is written there (`on_hold` then writes what
     comes first); every rank learns whether it could, and raises RunFolderInUse if not, the
     holder's name from the lock file in the message of each."""
-    lock = None
+    lock, failed = None, None
     if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
         try:
-            lock = RunFolderLock(run_dir)
+            with writing(run_dir, "the run folder", setting="trainer.run_dir"):
+                run_dir.mkdir(parents=True, exist_ok=True)
+                lock = RunFolderLock(run_dir)
+                on_hold()
         except RunFolderInUse:
             pass
-        else:
-            on_hold()
-    refused = torch.tensor([int(rank == 0 and lock is None)], device=device)
-    dist.all_reduce(refused, op=dist.ReduceOp.MAX)
-    if refused.item():
+        except WriteFailed as error:
+            failed = error
+    verdict = torch.tensor([2 if failed else int(rank == 0 and lock is None)], device=device)
+    dist.all_reduce(verdict, op=dist.ReduceOp.MAX)
+    if verdict.item() == 2:  # rank 0 says why
+        raise failed or WriteFailed(f"{run_dir} could not be written: rank 0 said why")
+    if verdict.item():
         raise in_use(run_dir)
     return lock
