@@ -29,6 +29,7 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +41,10 @@ from fusion_train.model.loss import LossOutput, chunked_lm_loss
 
 BLOCK_STYLES = ("prenorm", "swin")
 ATTENTION_KERNELS = ("sdpa", "flex")
+ROPE_SCALINGS = {  # transformers' rope_type -> the settings it reads, under transformers' names
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
 UNTIED_PARTS = ("attention", "ffn", "norms", "qk_norm")  # wq/wk/wv/wo, w1/w2/w3, the two RMSNorms, QK-norms
 QK_NORM_EPS = 1e-5  # torch's LayerNorm default, as in Meta's and HF's code
 
@@ -55,6 +60,10 @@ class ChameleonConfig:
     max_seq_len: int = 4096
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    # Context extension (ROPE_SCALINGS, named as transformers' rope_scaling): null, or {rope_type:
+    # linear, factor: 4} (position interpolation), or {rope_type: llama3, factor: 8, low_freq_factor:
+    # 1, high_freq_factor: 4, original_max_position_embeddings: 8192} (LLaMA-3.1).
+    rope_scaling: dict[str, Any] | None = None
     # prenorm: h = x + attn(norm(x)) (Chameleon-7B); swin: h = x + norm(attn(x)) (Chameleon-34B)
     block_style: str = "prenorm"
     dropout: float = 0.0  # residual dropout after attention and feed-forward (0.1 for the 7B recipe)
@@ -95,6 +104,7 @@ class ChameleonConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"model config: {message} (got {self})")
+        check_rope_scaling(self.rope_scaling)
 
     @property
     def head_dim(self) -> int:
@@ -196,11 +206,49 @@ def dense_parameter_name(name: str) -> str:
     return re.sub(rf"\.({'|'.join(UNTIED_COPIES)})\.", ".", name)
 
 
-def rope_angles(head_dim: int, positions: torch.Tensor, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def check_rope_scaling(scaling: dict | None) -> None:
+    if scaling is None:
+        return
+    kind = scaling.get("rope_type")
+    if kind not in ROPE_SCALINGS:
+        raise ValueError(f"model.rope_scaling: rope_type must be one of {sorted(ROPE_SCALINGS)}, not {kind!r}")
+    needed = set(ROPE_SCALINGS[kind])
+    if set(scaling) - {"rope_type"} != needed:
+        raise ValueError(f"model.rope_scaling: rope_type {kind} takes exactly {sorted(needed)}; got {dict(scaling)}")
+    if scaling["factor"] < 1:
+        raise ValueError(f"model.rope_scaling.factor={scaling['factor']} must be at least 1 (it stretches positions)")
+    if kind == "llama3" and not scaling["high_freq_factor"] > scaling["low_freq_factor"] > 0:
+        raise ValueError("model.rope_scaling: llama3 needs high_freq_factor > low_freq_factor > 0")
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None, device=None) -> torch.Tensor:
+    """RoPE's inverse frequencies [head_dim/2], fp32, scaled for a longer context as transformers'
+    `rope_scaling` of the same settings: `linear` divides them all by `factor` (position
+    interpolation, arXiv 2306.15595); `llama3` (LLaMA-3.1) leaves the wavelengths shorter than
+    original_max_position_embeddings / high_freq_factor alone, divides those longer than
+    original / low_freq_factor by `factor`, and blends the two in between."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    if scaling is None:
+        return inv_freq
+    factor = scaling["factor"]
+    if scaling["rope_type"] == "linear":
+        return inv_freq / factor
+    original = scaling["original_max_position_embeddings"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    wavelength = 2 * math.pi / inv_freq
+    smooth = (original / wavelength - low) / (high - low)
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    scaled = torch.where(wavelength > original / low, inv_freq / factor, inv_freq)
+    between = (wavelength >= original / high) & (wavelength <= original / low)
+    return torch.where(between, blended, scaled)
+
+
+def rope_angles(
+    head_dim: int, positions: torch.Tensor, theta: float, scaling: dict | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin at integer `positions` ([T], or [B, T] when each row counts its own), [..., head_dim/2]
     in fp32. Computed per call rather than kept as buffers, which a cast of the module to bf16 would round."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
-    angles = positions.float().unsqueeze(-1) * inv_freq
+    angles = positions.float().unsqueeze(-1) * rope_frequencies(head_dim, theta, scaling, positions.device)
     return angles.cos(), angles.sin()
 
 
@@ -361,7 +409,7 @@ class OutputLayer(nn.Linear):
         super().__init__(cfg.dim, cfg.vocab_size, bias=False)
         self.z_loss, self.chunk_size = cfg.z_loss, cfg.loss_chunk_size
 
-    def forward(self, hidden, labels=None, label_modality=None):
+    def forward(self, hidden, labels=None, label_modality=None, shifted=False):
         if labels is None:
             return super().forward(hidden)
         return chunked_lm_loss(
@@ -371,7 +419,20 @@ class OutputLayer(nn.Linear):
             z_loss=self.z_loss,
             chunk_size=self.chunk_size,
             label_modality=label_modality,
+            shifted=shifted,
         )
+
+
+@dataclass(frozen=True)
+class SequencePart:
+    """Positions [start, start + T) of a sequence of `length` tokens, T those of the input ids:
+    what one rank holds when a sequence is split over ranks (sequence parallelism). The attention
+    kernel must then see the whole sequence (it is wrapped from outside to gather it), so the mask
+    and doc_ids are the whole sequence's; the labels come already shifted, since the target of a
+    part's last position is the next part's first token."""
+
+    start: int
+    length: int
 
 
 class Chameleon(nn.Module):
@@ -416,17 +477,20 @@ class Chameleon(nn.Module):
         labels: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
         label_modality: torch.Tensor | None = None,
+        part: SequencePart | None = None,
     ) -> torch.Tensor | LossOutput:
         """Logits [B, T, vocab] without labels; with labels (aligned with input_ids, -100 where no
-        loss) the next-token loss. doc_ids [B, T] restricts attention to the same document."""
-        seq_len = input_ids.shape[1]
-        if seq_len > self.cfg.max_seq_len:
-            raise ValueError(f"sequence length {seq_len} exceeds model max_seq_len={self.cfg.max_seq_len}")
-        positions = torch.arange(seq_len, device=input_ids.device)
-        h = self._trunk(input_ids, positions, self.attention_mask(doc_ids, seq_len, input_ids.device))
+        loss) the next-token loss. doc_ids [B, T] restricts attention to the same document. `part`:
+        input_ids are that part of a longer sequence (see SequencePart)."""
+        shifted = part is not None
+        part = part or SequencePart(0, input_ids.shape[1])
+        if part.length > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {part.length} exceeds model max_seq_len={self.cfg.max_seq_len}")
+        positions = torch.arange(part.start, part.start + input_ids.shape[1], device=input_ids.device)
+        h = self._trunk(input_ids, positions, self.attention_mask(doc_ids, part.length, input_ids.device))
         if labels is None:
             return self.output(h)
-        return self.output(h, labels=labels, label_modality=label_modality)
+        return self.output(h, labels=labels, label_modality=label_modality, shifted=shifted)
 
     def attention_mask(self, doc_ids: torch.Tensor | None, seq_len: int, device: torch.device):
         """What the attention kernel takes for a whole sequence: None (causal, SDPA), a boolean
@@ -446,7 +510,7 @@ class Chameleon(nn.Module):
 
     def _trunk(self, input_ids, positions, attn_mask, cache: KVCache | None = None) -> torch.Tensor:
         """Embeddings, blocks and the final norm: the hidden states the output layer reads."""
-        cos, sin = rope_angles(self.cfg.head_dim, positions, self.cfg.rope_theta)
+        cos, sin = rope_angles(self.cfg.head_dim, positions, self.cfg.rope_theta, self.cfg.rope_scaling)
         routing = SequenceOrder
         if self.cfg.untie_modalities:
             routing = ModalityRouting.of(input_ids, self.cfg.image_token_ids)

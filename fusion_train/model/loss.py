@@ -27,6 +27,8 @@ class LossOutput(dict):
     loss: to backpropagate, (sum CE + z_loss * sum log²Z) / positions with a label
     ce, z, logz_mean: mean cross-entropy, z_loss * mean log²Z, mean log Z (detached)
     n_tokens: positions with a label
+    loss_sum: the loss before the division (differentiable); sums: [sum CE, z_loss * sum log²Z,
+        sum log Z, n_tokens] (detached). What the loss of a sequence split over ranks is made of.
     ce_sum_by_modality, logz_sum_by_modality, count_by_modality: sums per target modality, indexed
         by Modality; present only when the caller gives label modalities
     """
@@ -48,15 +50,21 @@ def chunked_lm_loss(
     z_loss: float,
     chunk_size: int,
     label_modality: torch.Tensor | None = None,
+    shifted: bool = False,
 ) -> LossOutput:
     """Loss of predicting labels[:, t+1] from hidden[:, t]; labels == -100 carry no loss.
 
     hidden: [B, T, dim] final-normed states; weight: [vocab, dim] output projection;
-    labels and label_modality: [B, T], aligned with the input ids (this function shifts them).
+    labels and label_modality: [B, T], aligned with the input ids (this function shifts them), or
+    with `shifted` already the targets: labels[:, t] is the token after position t (a part of a
+    sequence split over ranks, whose last target lies in the next part).
     """
     dim = hidden.shape[-1]
-    inputs = hidden[:, :-1].reshape(-1, dim)
-    targets = labels[:, 1:].reshape(-1)
+    if not shifted:
+        hidden, labels = hidden[:, :-1], labels[:, 1:]
+        label_modality = None if label_modality is None else label_modality[:, 1:]
+    inputs = hidden.reshape(-1, dim)
+    targets = labels.reshape(-1)
     valid = targets != IGNORE_INDEX
     if torch.is_grad_enabled() and (inputs.requires_grad or weight.requires_grad):
         total, ce, logz = _LinearCrossEntropyZLoss.apply(inputs, weight, targets, z_loss, chunk_size)
@@ -64,21 +72,29 @@ def chunked_lm_loss(
         ce, logz, _, _ = _chunked_forward(inputs, weight, targets, z_loss, chunk_size, with_grads=False)
         total = ce.sum() + z_loss * logz.square().sum()
 
-    n_tokens = valid.sum()
-    normalizer = n_tokens.clamp(min=1)
-    out = LossOutput(
-        loss=total / normalizer,
-        ce=ce.sum() / normalizer,
-        z=z_loss * logz.square().sum() / normalizer,
-        logz_mean=logz.sum() / normalizer,
-        n_tokens=n_tokens,
-    )
+    sums = torch.stack([ce.sum(), z_loss * logz.square().sum(), logz.sum(), valid.sum().float()])
+    out = loss_from_sums(total, sums)
     if label_modality is not None:
-        modality = label_modality[:, 1:].reshape(-1).long()
+        modality = label_modality.reshape(-1).long()
         out.ce_sum_by_modality = _sum_by_modality(ce, modality)
         out.logz_sum_by_modality = _sum_by_modality(logz, modality)
         out.count_by_modality = _sum_by_modality(valid.float(), modality)
     return out
+
+
+def loss_from_sums(loss_sum: torch.Tensor, sums: torch.Tensor) -> LossOutput:
+    """The LossOutput of a differentiable loss sum and the detached [CE, z, log Z, count] sums."""
+    ce_sum, z_sum, logz_sum, count = sums
+    normalizer = count.clamp(min=1)
+    return LossOutput(
+        loss=loss_sum / normalizer,
+        ce=ce_sum / normalizer,
+        z=z_sum / normalizer,
+        logz_mean=logz_sum / normalizer,
+        n_tokens=count.long(),
+        loss_sum=loss_sum,
+        sums=sums,
+    )
 
 
 def reference_lm_loss(

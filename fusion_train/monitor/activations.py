@@ -22,7 +22,13 @@ import math
 import torch
 from torch import nn
 
-from fusion_train.model.chameleon import UNTIED_COPIES, ModalityRouting, allowed_pairs, causal
+from fusion_train.model.chameleon import (
+    UNTIED_COPIES,
+    ModalityRouting,
+    ScaledDotProductAttention,
+    allowed_pairs,
+    causal,
+)
 from fusion_train.monitor.observer import LogStep, Observer, Sum
 
 QUERY_CHUNK = 256  # query positions per q kᵀ block: bounds the extra memory to [B, heads, 256, T]
@@ -67,7 +73,8 @@ class ActivationMonitor(Observer):
         self.sampling = False
         self.handles = [block.register_forward_hook(self._block_hook(i)) for i, block in enumerate(layers)]
         if attention_logits:
-            attends = [m for block in layers for name, m in block.named_modules() if name.endswith("attend")]
+            # The kernels themselves: under sequence parallelism they sit inside a wrapper and see the whole sequence.
+            attends = [m for block in layers for m in block.modules() if isinstance(m, ScaledDotProductAttention)]
             self.handles += [m.register_forward_hook(self._attention_hook(i)) for i, m in enumerate(attends)]
 
     def _block_hook(self, index: int):

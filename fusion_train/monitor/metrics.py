@@ -55,22 +55,26 @@ class LossMetrics(Observer):
 class DataMetrics(Observer):
     """data/tokens_seen; data/skipped (corrupt samples skipped and counted); data/checksum, which
     tokens in which order (equal in two runs that read the same data); each source's share of the
-    documents read; perf/data_wait_s, the longest time a rank waited for its batches per step."""
+    documents read; perf/data_wait_s, the longest time a rank waited for its batches per step.
+    `counts`: whether this rank counts what it reads (of the ranks that share each sequence, only
+    the first does, for the group)."""
 
-    def __init__(self, source_names: list[str], device: torch.device):
-        self.source_names, self.device = source_names, device
+    def __init__(self, source_names: list[str], device: torch.device, counts: bool = True):
+        self.source_names, self.device, self.counts = source_names, device, counts
 
     def sums(self) -> dict[str, Sum]:
         return {"skipped": Sum(), "checksum": Sum(), "documents": Sum(len(self.source_names)),
                 "data_wait_s": Sum(reduce="max")}  # fmt: skip
 
     def micro_batch(self, batch: dict, out, sums: dict) -> None:
+        sums["data_wait_s"] += batch["data_wait_s"]
+        if not self.counts:
+            return
         sums["skipped"] += batch["skipped_samples"].sum().to(self.device)
         sums["documents"] += batch["documents_per_source"].sum(0).to(self.device)
         input_ids = batch["input_ids"]
         positions = torch.arange(1, input_ids.numel() + 1, device=input_ids.device, dtype=torch.float64)
         sums["checksum"] += (input_ids.flatten().double() * positions).sum() % 2**40
-        sums["data_wait_s"] += batch["data_wait_s"]
 
     def metrics(self, reduced: dict, log: LogStep) -> dict:
         documents = reduced["documents"]

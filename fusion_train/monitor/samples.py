@@ -11,7 +11,10 @@ the weights, and rank 0's tokens are broadcast each step so that the ranks stop 
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import torch
@@ -31,9 +34,13 @@ from fusion_train.monitor.observer import Observer
 
 class TrainingSamples(Observer):
     def __init__(self, cfg: SamplesConfig, trained_with: TrainedWith, model: torch.nn.Module, loggers: Loggers,
-                 every: int, device: torch.device, rank: int, zero_stage: int):  # fmt: skip
-        """Samples from `model` every `every` optimizer steps, to `loggers`."""
+                 every: int, device: torch.device, rank: int, zero_stage: int,
+                 unsharded: Callable[[], AbstractContextManager] = contextlib.nullcontext):  # fmt: skip
+        """Samples from `model` every `every` optimizer steps, to `loggers`. `unsharded()`: the
+        model on whole sequences meanwhile (under sequence parallelism the prompts are not split:
+        each rank that generates runs the whole model on them, as without it)."""
         self.cfg, self.model, self.loggers, self.every = cfg, model, loggers, every
+        self.unsharded = unsharded
         self.device, self.rank = device, rank
         self.everyone = zero_stage == 3
         self.requests: list[Request] = []
@@ -65,7 +72,7 @@ class TrainingSamples(Observer):
         cuda = [self.device] if self.device.type == "cuda" else []
         self.model.eval()
         try:
-            with torch.random.fork_rng(devices=cuda):
+            with torch.random.fork_rng(devices=cuda), self.unsharded():
                 generator = Generator(self.model, self.codec.vocab, agree=agree)
                 outputs = generator.generate(self.requests, sampling, self.cfg.max_new_tokens, guidance)
         finally:

@@ -83,6 +83,9 @@ class TrainerConfig:
     seed: int = 0
     activation_checkpointing: bool = False
     compile: bool = False
+    # Ranks that share each sequence, each holding data.seq_len / N of its positions (DeepSpeed-Ulysses,
+    # train/sequence_parallel.py); data parallelism is the ranks / N.
+    sequence_parallel: int = 1
     progress_bar: bool = True
     # A rank that makes no progress for this long ends the invocation with every rank's stacks in
     # RUN_DIR/hang/ and exit 75 (train/watchdog.py): inside a training step, from the invocation's

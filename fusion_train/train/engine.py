@@ -17,6 +17,7 @@ from fusion_train.model.chameleon import Chameleon, HeadLayerNorm, RMSNorm
 from fusion_train.train.config import TrainConfig
 from fusion_train.train.init_from import pretrained_values
 from fusion_train.train.schedule import build_schedule
+from fusion_train.train.sequence_parallel import SequenceParallel
 
 log = logging.getLogger(__name__)
 SHM_COMM_OP = "deepspeed_shm_comm"
@@ -133,8 +134,11 @@ def _write_partition(param: nn.Parameter, whole: torch.Tensor) -> None:
     part[: values.numel()].copy_(values)
 
 
-def prepare_model(model: Chameleon, cfg: TrainConfig) -> Chameleon:
-    """Activation checkpointing and compilation, per block, from outside the model."""
+def prepare_model(model: Chameleon, cfg: TrainConfig, sequence: SequenceParallel | None = None) -> Chameleon:
+    """Sequence parallelism's attention, activation checkpointing and compilation, per block, from
+    outside the model."""
+    if sequence is not None:
+        sequence.wrap_attention(model)
     for i, block in enumerate(model.layers):
         if cfg.trainer.activation_checkpointing:
             block = checkpoint_wrapper(block)
@@ -157,9 +161,16 @@ def restart_adam(optimizer) -> None:
             state["step"] = 0
 
 
-def build_engine(model: Chameleon, cfg: TrainConfig, gradient_accumulation_steps: int, load_universal: bool = False):
+def build_engine(
+    model: Chameleon,
+    cfg: TrainConfig,
+    gradient_accumulation_steps: int,
+    load_universal: bool = False,
+    sequence: SequenceParallel | None = None,
+):
     """`load_universal`: the checkpoint to resume comes in DeepSpeed's universal format (another
-    number of ranks wrote it)."""
+    number of ranks wrote it). `sequence`: the sequence-parallel layout, if any (DeepSpeed is not
+    told of it: sequence_parallel.py says why)."""
     # Fused on a CPU too: the per-tensor path makes temporaries the size of ZeRO's whole flat
     # partition (sqrt, div) each step, 30% of a step at the CPU peer comparison's shape.
     optimizer = torch.optim.AdamW(
@@ -172,7 +183,7 @@ def build_engine(model: Chameleon, cfg: TrainConfig, gradient_accumulation_steps
     schedule = build_schedule(cfg.optim.schedule, cfg.optim.warmup_steps, cfg.trainer.steps, cfg.optim.final_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=prepare_model(model, cfg),
+        model=prepare_model(model, cfg, sequence),
         optimizer=optimizer,
         lr_scheduler=scheduler,
         config=deepspeed_config(cfg, gradient_accumulation_steps, load_universal),

@@ -29,7 +29,7 @@ def build_observers(trainer) -> list[Observer]:
     observers = [
         FaultInjector(cfg.faults, model.layers[-1], model.output),
         LossMetrics(),
-        DataMetrics(trainer.loader.dataset.names, trainer.device),
+        DataMetrics(trainer.loader.dataset.names, trainer.device, trainer.sequence.counts_data),
         OptimizerMetrics(trainer.engine, trainer.scheduler.optimizer),
     ]
     activations = None
@@ -57,8 +57,10 @@ def _training_samples(trainer) -> TrainingSamples:
     cfg, dataset = trainer.cfg, trainer.loader.dataset
     trained_with = TrainedWith(trainer.vocab, recorded_tokenizer_paths(cfg.data), dataset.fingerprints)
     try:  # the prompts are encoded now: a missing image or tokenizer is an error before any step
-        return TrainingSamples(cfg.eval_samples, trained_with, trainer.engine.module, trainer.loggers,
-                               cfg.trainer.eval_every, trainer.device, trainer.rank, cfg.deepspeed.zero_stage)  # fmt: skip
+        model = trainer.engine.module
+        return TrainingSamples(cfg.eval_samples, trained_with, model, trainer.loggers, cfg.trainer.eval_every,
+                               trainer.device, trainer.rank, cfg.deepspeed.zero_stage,
+                               lambda: trainer.sequence.unsharded(model))  # fmt: skip
     except ValueError as err:
         raise ConfigError(f"eval_samples: {err}") from None
 

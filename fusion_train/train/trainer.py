@@ -25,12 +25,13 @@ from fusion_train.monitor.observer import ROLLED_BACK, STOP, Window
 from fusion_train.storage import WriteFailed, writing
 from fusion_train.train import failure
 from fusion_train.train.checkpoint import Checkpointer, restore_rng_states
-from fusion_train.train.config import TrainConfig, as_dict, bind_to_vocabulary, gradient_accumulation_steps, to_yaml
+from fusion_train.train.config import ConfigError, TrainConfig, as_dict, bind_to_vocabulary, gradient_accumulation_steps, to_yaml
 from fusion_train.train.engine import announce_op_builds, build_engine, build_model, restart_adam, use_bf16
 from fusion_train.train.init_from import check_compatible, model_folder
 from fusion_train.train.observers import build_observers
 from fusion_train.train.plan import checkpoint_bytes
 from fusion_train.train.run_lock import hold_run_folder
+from fusion_train.train.sequence_parallel import SequenceParallel, SequenceParallelError
 from fusion_train.train.signals import PreemptionFlag, requeue_slurm_job
 from fusion_train.train.watchdog import COMPUTE, DATA, OPTIMIZER, Timeouts, Watchdog
 from fusion_train.weights.training_checkpoint import read_trainer_state
@@ -58,10 +59,16 @@ class Trainer:
         self.watchdog.connect()
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
-        self.grad_accum = gradient_accumulation_steps(cfg, self.world_size)
+        try:
+            self.sequence = SequenceParallel.start(cfg.trainer.sequence_parallel, cfg.model, cfg.data.seq_len)
+        except SequenceParallelError as error:
+            raise ConfigError(str(error)) from None
+        # Each group of sequence-parallel ranks reads one stream of batches: the data-parallel split.
+        self.data_rank, self.data_ranks = self.sequence.data_rank(self.rank), self.sequence.data_ranks(self.world_size)
+        self.grad_accum = gradient_accumulation_steps(cfg, self.data_ranks)
         self.run_lock = hold_run_folder(self.run_dir, self.rank, self.device, self._start_run_folder)
 
-        self.loader = loader or build_loader(cfg.data, self.rank, self.world_size)
+        self.loader = loader or build_loader(cfg.data, self.data_rank, self.data_ranks)
         self.vocab = self.loader.dataset.vocab
         bind_to_vocabulary(cfg.model, self.vocab)
         estimated_size = checkpoint_bytes(parameter_counts(cfg.model).total, use_bf16(cfg))
@@ -74,7 +81,9 @@ class Trainer:
         other_split = saved is not None and saved["world_size"] != self.world_size
         torch.manual_seed(cfg.trainer.seed)  # the same dropout on every run of this seed
         model = build_model(cfg, self.grad_accum, None if resume_from else self._pretrained())
-        self.engine, self.optimizer, self.scheduler = build_engine(model, cfg, self.grad_accum, other_split)
+        self.engine, self.optimizer, self.scheduler = build_engine(
+            model, cfg, self.grad_accum, other_split, self.sequence
+        )
         self.preemption = PreemptionFlag()
         self.model_inputs = ("input_ids", "labels") + (("doc_ids",) if cfg.data.document_mask else ())
         self.loggers = Loggers()  # opened below, once the W&B run to continue is known
@@ -110,30 +119,37 @@ class Trainer:
 
     def _resume(self, path: Path | None, saved: dict | None) -> None:
         """Continue from the checkpoint at `path`, if any. On another number of ranks the engine
-        loads it through DeepSpeed's universal format, Adam's moments included, and the data goes
-        on from every old rank's position."""
+        loads it through DeepSpeed's universal format, Adam's moments included; in another layout
+        (ranks or sequence parallelism) the data goes on from every old data-parallel rank's
+        position (the first rank of each old sequence-parallel group: the group read one stream)."""
         if path is None:
             return
         same_ranks = saved["world_size"] == self.world_size
+        old_sequence_parallel = saved.get("sequence_parallel", 1)
+        same_layout = same_ranks and old_sequence_parallel == self.sequence.size
         started = time.perf_counter()
         self.checkpoints.load_engine(self.engine, path if same_ranks else self.checkpoints.universal(path))
         if self.cfg.trainer.restart_optimizer:
             restart_adam(self.optimizer)
             if self.rank == 0:
                 log.warning("trainer.restart_optimizer: Adam's moments start afresh at step %d", saved["step"])
-        every_rank = lambda: [self.checkpoints.load_rank_state(path, r)["loader"] for r in range(saved["world_size"])]  # noqa: E731
-        if same_ranks:
+        old_data_ranks = range(0, saved["world_size"], old_sequence_parallel)
+        every_rank = lambda: [self.checkpoints.load_rank_state(path, r)["loader"] for r in old_data_ranks]  # noqa: E731
+        if same_layout:
             rank_state = self.checkpoints.load_rank_state(path)
             self.loader.load_state_dict(rank_state["loader"], every_rank)
             restore_rng_states(rank_state["rng"])
         else:
             old_ranks = every_rank()
-            self.loader.load_state_dict(old_ranks[0], lambda: old_ranks)
+            # Its own old stream where the data-parallel split is unchanged (the loader checks which).
+            self.loader.load_state_dict(old_ranks[self.data_rank % len(old_ranks)], lambda: old_ranks)
             if self.rank == 0:
                 data = "starts anew" if self.cfg.data.restart_data_order else "continues the epoch (no sample repeated)"
+                weights = "as saved" if same_ranks else "from its universal form"
                 log.warning(
-                    "%s was written by %d ranks and this run has %d: weights and optimizer state loaded from its "
-                    "universal form, and the data order %s", path, saved["world_size"], self.world_size, data,
+                    "%s was written by %d ranks (%d per sequence) and this run has %d (%d per sequence): weights and "
+                    "optimizer state loaded %s, and the data order %s", path, saved["world_size"],
+                    old_sequence_parallel, self.world_size, self.sequence.size, weights, data,
                 )  # fmt: skip
         self.step, self.tokens_seen, self.wandb_run_id = saved["step"], saved["tokens_seen"], saved["wandb_run_id"]
         for observer in self.observers:
@@ -217,12 +233,12 @@ class Trainer:
         return {**batch, **{key: batch[key].to(self.device, non_blocking=True) for key in self.model_inputs}}
 
     def _forward(self, batch: dict):
-        """The model's LossOutput for a batch whose inputs are on the device."""
+        """The model's LossOutput for a batch whose inputs are on the device (this rank's part of its
+        sequences under sequence parallelism; the loss is the whole sequences')."""
         doc_ids = batch["doc_ids"] if self.cfg.data.document_mask else None
         labels = batch["labels"]
-        return self.engine(
-            batch["input_ids"], labels=labels, doc_ids=doc_ids, label_modality=self.vocab.modality_of(labels)
-        )
+        inputs = self.sequence.model_inputs(batch["input_ids"], labels, doc_ids, self.vocab.modality_of(labels))
+        return self.sequence.sequence_loss(self.engine(**inputs))
 
     def score(self, batch: dict):
         """The LossOutput of a batch as the loader gives it (validation scores held-out batches so)."""
@@ -258,6 +274,7 @@ class Trainer:
             "step": self.step,
             "tokens_seen": self.tokens_seen,
             "world_size": self.world_size,
+            "sequence_parallel": self.sequence.size,
             "wandb_run_id": self.wandb_run_id,
             **{o.state_key: o.state_dict() for o in self.observers if o.state_key},
             "config": as_dict(self.cfg),

@@ -25,13 +25,19 @@ class ValidationError(RuntimeError):
 
 class Validator:
     def __init__(self, eval_data, eval_batches: int | None, training_data, score: Callable[[dict], object],
-                 rank: int, world_size: int, device: torch.device):  # fmt: skip
+                 rank: int, world_size: int, device: torch.device, data_split: tuple[int, int] | None = None,
+                 counts_reads: bool = True):  # fmt: skip
         """`training_data`: the training mixture, whose vocabulary and tokenizers the held-out shards
-        must share; `score(batch)`: the model's LossOutput for a batch, with label modalities."""
-        self.held_out = HeldOutSet(eval_data, rank, world_size, training_data.vocab, training_data.fingerprints,
+        must share; `score(batch)`: the model's LossOutput for a batch, with label modalities.
+        `data_split`: (this rank's, of how many) shares of the held-out data, if not (rank,
+        world_size): the ranks that share sequences read the same batches, and only the first of
+        them counts the samples read (`counts_reads`)."""
+        data_rank, data_ranks = data_split or (rank, world_size)
+        self.held_out = HeldOutSet(eval_data, data_rank, data_ranks, training_data.vocab, training_data.fingerprints,
                                    eval_batches)  # fmt: skip
         self.score, self.eval_data, self.eval_batches = score, eval_data, eval_batches
         self.rank, self.world_size, self.device = rank, world_size, device
+        self.counts_reads = counts_reads
         self.coverage_logged = False
 
     def evaluate(self, engine, step: int) -> dict:
@@ -76,7 +82,8 @@ class Validator:
             except Exception as err:  # noqa: BLE001
                 log.exception("rank %d: scoring a batch of held-out source %s failed", self.rank, name)
                 error = err
-        sums["read"] = torch.tensor(self.held_out.read_counts(name), dtype=torch.float64, device=self.device)
+        read = self.held_out.read_counts(name) if self.counts_reads else (0, 0)
+        sums["read"] = torch.tensor(read, dtype=torch.float64, device=self.device)
         return reduce_sums(sums)
 
     def _any_rank_goes_on(self, has_batch: bool, error: Exception | None, name: str, step: int) -> bool:
@@ -105,7 +112,8 @@ class ScheduledValidation(Observer):
         cfg = trainer.cfg
         self.trainer, self.every = trainer, cfg.trainer.eval_every
         self.validator = Validator(cfg.eval_data, cfg.trainer.eval_batches, trainer.loader.dataset, trainer.score,
-                                   trainer.rank, trainer.world_size, trainer.device)  # fmt: skip
+                                   trainer.rank, trainer.world_size, trainer.device,
+                                   (trainer.data_rank, trainer.data_ranks), trainer.sequence.counts_data)  # fmt: skip
 
     def after_step(self, step: int) -> None:
         if step % self.every:
