@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 from PIL import Image
@@ -93,6 +94,18 @@ def wait_for(condition, process: subprocess.Popen, timeout: float = 240) -> None
         assert process.poll() is None, process.stdout.read().decode()[-3000:]
         assert time.time() < deadline, "timed out"
         time.sleep(0.2)
+
+
+def rank_processes(process: subprocess.Popen) -> dict[int, psutil.Process]:
+    """The ranks torchrun started, by rank."""
+    return {int(child.environ()["RANK"]): child for child in psutil.Process(process.pid).children()}
+
+
+def ended(process: subprocess.Popen, timeout: float) -> str:
+    """The invocation's output once it has ended (non-zero), within `timeout` seconds."""
+    output = process.communicate(timeout=timeout)[0].decode()
+    assert process.returncode != 0, output[-3000:]
+    return output
 
 
 def logged_steps(run_dir: Path) -> int:

@@ -15,10 +15,12 @@ from conftest import (
     assert_no_traceback_of_ours,
     assert_one_clean_error,
     checkpoints,
+    ended,
     last_logged_step,
     logged_steps,
     losses,
     read_metrics,
+    rank_processes,
     read_records,
     small_file_system,
     start_training,
@@ -47,17 +49,6 @@ def reference(demo_data, tmp_path_factory):
 def assert_resumed_exactly(run, reference_losses) -> None:
     by_step = {m["step"]: m["loss/total"] for m in read_metrics(run)}  # the last logging of each step
     assert [by_step[s] for s in range(1, 17)] == reference_losses
-
-
-def rank_processes(process) -> dict[int, psutil.Process]:
-    return {int(child.environ()["RANK"]): child for child in psutil.Process(process.pid).children()}
-
-
-def ended(process, timeout: float) -> str:
-    """The invocation's output once it has ended (non-zero), within `timeout` seconds."""
-    output = process.communicate(timeout=timeout)[0].decode()
-    assert process.returncode != 0, output[-3000:]
-    return output
 
 
 def kill_launcher(process) -> None:

@@ -3,7 +3,20 @@ training runs that resume exactly, in the same layout and in another."""
 
 import torch
 
-from conftest import REPO, torchrun
+from conftest import (
+    REPO,
+    ended,
+    last_logged_step,
+    rank_processes,
+    read_metrics,
+    start_training,
+    torchrun,
+    train_overrides,
+    wait_for,
+)
+
+TRAIN = "-m fusion_train.train"
+SP2 = "trainer.sequence_parallel=2"
 
 # Tolerances for fp32 sums taken in another order: the attention's all-to-all changes none of the
 # maths, only where each part of it runs.
@@ -27,3 +40,41 @@ def test_sequence_parallel_gives_the_unsplit_loss_and_gradients(tmp_path):
         assert r["grads"].keys() == r["reference_grads"].keys(), case
         for name, reference in r["reference_grads"].items():
             torch.testing.assert_close(r["grads"][name], reference, **GRADIENT_TOLERANCE, msg=f"{case}: {name}")
+
+
+def test_a_sequence_parallel_run_trains_as_one_rank_and_resumes_exactly_in_any_layout(demo_data, tmp_path):
+    """2 ranks sharing each sequence (sequence_parallel=2, one data-parallel stream) train as one
+    rank alone does: the same batches, the same losses within fp32 rounding. SIGKILL of rank 1
+    mid-run, and the same command resumes bit-exactly. Its checkpoint of step 8 goes on at
+    sequence_parallel=1 on one rank (DeepSpeed's universal format), and the one rank's on 2 ranks at
+    sequence_parallel=2: each continues the same epoch, the same tokens in the same order."""
+    common = ["trainer.steps=12", "trainer.checkpoint_every=4", "trainer.keep_last=3"]
+    one_rank, shared = tmp_path / "one_rank", tmp_path / "shared"
+    torchrun(TRAIN, *train_overrides(demo_data, one_rank, *common), nproc=1)
+
+    process = start_training(demo_data, shared, SP2, *common)
+    wait_for(lambda: last_logged_step(shared) >= 6, process)
+    rank_processes(process)[1].kill()
+    assert "lost a peer" in ended(process, timeout=120)
+    torchrun(TRAIN, *train_overrides(demo_data, shared, SP2, *common, "trainer.stop_after_steps=4"))
+    redone = {}
+    for record in read_metrics(shared):
+        redone.setdefault(record["step"], []).append(record["loss/total"])
+    assert [len(redone[s]) for s in range(5, 9)][:2] == [2, 2]  # steps 5 and 6, before the kill and after
+    assert all(len(set(values)) == 1 for values in redone.values()), redone  # and again, bit for bit
+
+    torchrun(TRAIN, *train_overrides(demo_data, shared, *common), nproc=1)
+    from_one_rank = tmp_path / "from_one_rank"
+    torchrun(TRAIN, *train_overrides(demo_data, from_one_rank, SP2, f"trainer.resume_from={one_rank}/checkpoints/step_8",
+                                     *common))  # fmt: skip
+    reference = by_step(one_rank)
+    for run, steps in ((shared, range(1, 13)), (from_one_rank, range(9, 13))):
+        records = by_step(run)
+        assert [records[s]["data/checksum"] for s in steps] == [reference[s]["data/checksum"] for s in steps]
+        for s in steps:
+            assert abs(records[s]["loss/total"] - reference[s]["loss/total"]) < 1e-5, (run.name, s)
+
+
+def by_step(run) -> dict[int, dict]:
+    """The last record of each step (a resumed run logs the steps after its checkpoint again)."""
+    return {m["step"]: m for m in read_metrics(run) if "loss/total" in m}
