@@ -14,7 +14,7 @@ from transformers import ChameleonForConditionalGeneration
 from fusion_train.commands.convert import main as convert_main
 from fusion_train.model.chameleon import Chameleon
 from fusion_train.model.formats import ConversionError
-from fusion_train.model.formats.hf import export_hf, from_hf_state_dict, hf_config, to_hf_state_dict
+from fusion_train.model.formats.hf import configs_from_hf, export_hf, from_hf_state_dict, hf_config, to_hf_state_dict
 from fusion_train.model.formats.meta import export_meta, import_meta, meta_params, read_meta, to_meta_shards
 from fusion_train.model.formats.native import load_native, save_native
 from fusion_train.model.formats.vocab_sizes import VocabSizes
@@ -224,3 +224,38 @@ def test_a_damaged_config_is_an_error_naming_the_file(tmp_path, capsys):
     (tmp_path / "model" / "config.json").write_text('{"model": {"dim": 6')  # cut short by a full disk
     assert convert_main(["to-hf", str(tmp_path / "model"), str(tmp_path / "hf")]) == 2
     assert f"error: {tmp_path / 'model' / 'config.json'} is not valid JSON" in capsys.readouterr().err
+
+
+ROPE_SCALINGS = {
+    "linear": {"rope_type": "linear", "factor": 4.0},
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("scaling", ROPE_SCALINGS)
+def test_rope_scaling_is_transformers_and_travels_through_an_hf_export(scaling):
+    """The scaled frequencies are transformers' for the same settings (head_dim 64, theta 500,000:
+    LLaMA-3's; llama3's original context at 32 positions so that all three of its bands occur);
+    an export carries the scaling, transformers gives our logits at positions past the original
+    context, and the import reads it back."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from fusion_train.model.chameleon import rope_frequencies
+
+    settings = ROPE_SCALINGS[scaling]
+    hf_rope = LlamaConfig(hidden_size=512, num_attention_heads=8, rope_parameters={"rope_theta": 500000.0, **settings})
+    theirs, _ = ROPE_INIT_FUNCTIONS[scaling](hf_rope, "cpu")
+    ours = rope_frequencies(64, 500000.0, settings)
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=0)
+    assert not torch.equal(ours, rope_frequencies(64, 500000.0))
+
+    cfg = small_config(vocab_size=VOCAB.vocab_size, rope_theta=500000.0, rope_scaling=settings, max_seq_len=128)
+    model = randomized_model(cfg)
+    ids = torch.randint(0, VOCAB.vocab_size, (1, 96))
+    with torch.no_grad():
+        ours_logits, theirs_logits = model(ids), hf_model(cfg, model.state_dict())(input_ids=ids).logits
+    assert relative_error(ours_logits, theirs_logits, ~VOCAB.modality_mask(1)) <= 1e-4
+    imported, _ = configs_from_hf(hf_config(cfg, VOCAB, torch.float32))
+    assert imported.rope_scaling == settings and imported.rope_theta == 500000.0

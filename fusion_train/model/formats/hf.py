@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from fusion_train.model.chameleon import ChameleonConfig
+from fusion_train.model.chameleon import ROPE_SCALINGS, ChameleonConfig
 from fusion_train.model.formats import ConversionError, read_json, refuse_untied
 from fusion_train.model.formats.native import CONFIG_FILE, load_native, parameter_names, save_native
 from fusion_train.model.formats.vocab_sizes import VocabSizes
@@ -165,7 +165,7 @@ def hf_config(cfg: ChameleonConfig, vocab: VocabLayout, dtype: torch.dtype) -> d
         "num_key_value_heads": cfg.n_kv_heads,
         "max_position_embeddings": cfg.max_seq_len,
         "rms_norm_eps": cfg.norm_eps,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "rope_parameters": {"rope_theta": cfg.rope_theta, **(cfg.rope_scaling or {"rope_type": "default"})},
         "swin_norm": cfg.block_style == "swin",
         "model_parallel_size": cfg.qk_norm_groups,
         "hidden_act": "silu",
@@ -185,9 +185,15 @@ def configs_from_hf(config: dict, said: VocabSizes | None = None) -> tuple[Chame
     """The model and vocabulary layout of an HF export; `said`: the sizes the user gave (see
     `_layout_from_hf` for when they are needed)."""
     _check_is_hf_chameleon(config)
-    rope = config.get("rope_parameters") or {"rope_type": "default", "rope_theta": config.get("rope_theta", 10000.0)}
-    if rope.get("rope_type", "default") != "default":
-        raise ConversionError(f"HF config: rope_type {rope['rope_type']!r} is not supported (Chameleon uses 'default')")
+    rope = config.get("rope_parameters") or {"rope_theta": config.get("rope_theta", 10000.0),
+                                             **(config.get("rope_scaling") or {})}  # fmt: skip
+    scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+    kind = scaling.get("rope_type", "default")
+    if kind == "default":
+        scaling = None
+    elif kind not in ROPE_SCALINGS:
+        raise ConversionError(f"HF config: rope_type {kind!r} is not supported (fusion_train knows default, "
+                              f"{', '.join(ROPE_SCALINGS)})")  # fmt: skip
     cfg = ChameleonConfig(
         dim=config["hidden_size"],
         n_layers=config["num_hidden_layers"],
@@ -198,6 +204,7 @@ def configs_from_hf(config: dict, said: VocabSizes | None = None) -> tuple[Chame
         max_seq_len=config.get("max_position_embeddings", 4096),
         norm_eps=config.get("rms_norm_eps", 1e-5),
         rope_theta=rope["rope_theta"],
+        rope_scaling=scaling,
         block_style="swin" if config.get("swin_norm") else "prenorm",
         qk_norm_groups=config.get("model_parallel_size") or 1,
     )
