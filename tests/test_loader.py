@@ -232,6 +232,22 @@ def test_mixture_in_tokens(tmp_path):
     assert (tokens / tokens.sum()).tolist() == pytest.approx([0.5, 0.5], abs=0.03)
 
 
+def test_long_documents_upweighted_for_a_long_context_stage(mixed_shards):
+    """data.long_document_weight=4: documents of at least long_document_tokens (here the longer
+    half) are 4 times as likely as shorter ones to be trained on, their share rising from about 1/2
+    to about 4/5."""
+    lengths = {document_number(d.tokens): len(d.tokens) for d in numbered_documents(600, image_every=7)}
+    threshold = int(np.median(list(lengths.values())))
+
+    def long_share(**overrides) -> float:
+        cfg = config({"text": (mixed_shards, 1.0)}, num_workers=0, micro_batch_size=1, **overrides)
+        batches = take(build_loader(cfg), 121)
+        return np.mean([lengths[n] >= threshold for n in documents_started(batches[:-1], batches[-1:])])
+
+    plain, weighted = long_share(), long_share(long_document_tokens=threshold, long_document_weight=4.0)
+    assert plain == pytest.approx(0.5, abs=0.08) and weighted == pytest.approx(0.8, abs=0.08), (plain, weighted)
+
+
 def test_block_shuffle_mixes_shards_of_sorted_input(mixed_shards):
     """The 600 documents were written in order, 50 to a shard: a shard is a "domain". Eight readers
     read 4 documents each per global batch. A block of 200 samples spans 4 shards, and a global

@@ -79,11 +79,18 @@ class DataConfig:
     # whole sequence. Off: Chameleon, like LLaMA-2 before it, packs documents under plain causal
     # attention (docs/performance.md). The training data's setting holds for validation too.
     document_mask: bool = False
+    # Documents of at least long_document_tokens drawn long_document_weight times as often as
+    # shorter ones (a long-context stage): each shorter document read is passed over with
+    # probability 1 - 1/weight. 1: every document as it comes.
+    long_document_tokens: int = 0
+    long_document_weight: float = 1.0
 
     def __post_init__(self) -> None:
         self.sources = {name: as_source(name, value) for name, value in self.sources.items()}
         if self.shuffle_block_size < 1:
             raise DataError(f"data.shuffle_block_size={self.shuffle_block_size} must be positive")
+        if self.long_document_weight < 1:
+            raise DataError(f"data.long_document_weight={self.long_document_weight} must be at least 1")
 
 
 def source_weights(cfg: DataConfig, manifests: dict[str, Manifest]) -> dict[str, float]:
@@ -221,8 +228,17 @@ class MixtureDataset(IterableDataset):
             yield sequence
 
     def _next_document(self):
-        source = int(np.searchsorted(self.draw, self.rng.random() * self.draw[-1], side="right"))
-        return source, self.streams[source].next_document()
+        while True:
+            source = int(np.searchsorted(self.draw, self.rng.random() * self.draw[-1], side="right"))
+            document = self.streams[source].next_document()
+            if self._kept(document):
+                return source, document
+
+    def _kept(self, document) -> bool:
+        """Whether a document read is trained on (data.long_document_weight)."""
+        if self.cfg.long_document_weight == 1 or len(document.tokens) >= self.cfg.long_document_tokens:
+            return True
+        return self.rng.random() < 1 / self.cfg.long_document_weight
 
     def shard_name(self, source: int, shard: int) -> str:
         name = self.names[source]
