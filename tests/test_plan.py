@@ -12,7 +12,7 @@ from fusion_train.commands.train import main as train_main
 from fusion_train.model.chameleon import Chameleon
 from fusion_train.model.size import largest_module_parameters, parameter_counts
 from fusion_train.train.config import load_config
-from fusion_train.train.plan import memory, model_state_bytes
+from fusion_train.train.plan import make_plan, memory, model_state_bytes
 
 
 @pytest.mark.parametrize("gpus_per_node, nodes", [(1, 1), (8, 1), (8, 16)])
@@ -76,3 +76,24 @@ def test_a_flag_without_its_mode_is_an_error_and_the_rank_entry_takes_only_overr
     # `python -m fusion_train.train`, what torchrun starts on each rank, trains: the rest is fusion-train's.
     assert rank_entry(["--plan", "model=34b"]) == 2
     assert "--plan is an option of fusion-train, not of the per-rank entry" in capsys.readouterr().err
+
+
+def test_sequence_parallelism_splits_the_activations_and_counts_its_all_to_all(tmp_path, capsys):
+    """7b at 128K tokens per sequence on 8 GPUs: each holds 1/N of every sequence's activations
+    and sends (N-1)/N of its q, k, v and attention output per block; one GPU per sequence does not
+    fit and the plan says to share each over 2; a layout Ulysses cannot run is one clear error."""
+    settings = ["model=7b", "deepspeed=zero3", "+stage=long_context", "data.seq_len=131072", "data.micro_batch_size=1",
+                "model.max_seq_len=131072", "trainer.activation_checkpointing=true", "trainer.gpu=a100",
+                "trainer.global_batch_tokens=1048576"]  # fmt: skip
+    alone, shared = make_plan(load_config(settings), 8), make_plan(load_config([*settings, "trainer.sequence_parallel=4"]), 8)
+    assert shared["memory_gb_per_gpu"]["activations"] == pytest.approx(alone["memory_gb_per_gpu"]["activations"] / 4, rel=0.01)
+    assert (alone["data_parallel"], shared["data_parallel"], shared["tokens_per_gpu"]) == (8, 2, 32768)
+    # bf16 q and output (32 heads of 128) and k and v (32 heads) for 32,768 tokens, 3/4 of them sent.
+    assert alone["all_to_all_gb_per_layer"] == 0
+    assert shared["all_to_all_gb_per_layer"] == pytest.approx(2 * 128 * (2 * 32 + 2 * 32) * 32768 * 3 / 4 / 1e9, abs=1e-3)
+    # Forward, recomputed forward and backward of 32 blocks in each of 4 micro-steps.
+    assert shared["all_to_all_gb_per_step"] == pytest.approx(shared["all_to_all_gb_per_layer"] * 3 * 32 * 4, abs=0.1)
+    assert not alone["fits"] and alone["first_change"] == "trainer.sequence_parallel=2"
+
+    assert train_main(["--plan", "--gpus", "8", *settings, "trainer.sequence_parallel=3", f"trainer.run_dir={tmp_path}"]) == 2
+    assert "trainer.sequence_parallel=3: the 8 ranks must be a multiple of it" in capsys.readouterr().err

@@ -12,6 +12,12 @@ seq² scores), which puts them within about 20%; the chunked loss adds its fp32 
 gradient for one chunk; document masking through SDPA its dense [B, 1, T, T] boolean mask (flex's
 block mask is T²/128² times smaller). Not counted: the CUDA context and allocator slack (keep a few
 GB free).
+
+Under sequence parallelism (trainer.sequence_parallel=N) each rank holds seq_len / N positions of a
+sequence: activations and the loss's chunk are counted for those; the document mask stays the whole
+sequence's (the attention kernel sees all of it); data parallelism is the GPUs / N. Each block's
+attention exchanges q, k, v and its output all-to-all (DeepSpeed-Ulysses): each rank sends the
+(N-1)/N of them that other ranks' heads need, 4 exchanges per block forward, 4 more in backward.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from pathlib import Path
 from fusion_train.model.chameleon import ChameleonConfig
 from fusion_train.model.size import flops_per_token, largest_module_parameters, parameters_by_group
 from fusion_train.train.config import TrainConfig, gradient_accumulation_steps
+from fusion_train.train.sequence_parallel import SequenceParallelError, check_layout
 
 GB = 1e9
 PEAK_TFLOPS = {"a100": 312.0, "h100": 989.0}  # dense bf16, the MFU denominators
@@ -58,10 +65,15 @@ def activation_bytes_per_token_and_layer(model: ChameleonConfig) -> int:
     return norms + attention + feed_forward + dropout_masks
 
 
+def tokens_per_rank(cfg: TrainConfig) -> int:
+    """The positions of one micro-batch that one rank holds (seq_len / N of each sequence)."""
+    return cfg.data.micro_batch_size * cfg.data.seq_len // cfg.trainer.sequence_parallel
+
+
 def activation_bytes(cfg: TrainConfig, checkpointing: bool) -> float:
     """One micro-batch's activations kept for backward: every block's, or with activation
     checkpointing each block's input plus one block recomputed."""
-    model, tokens = cfg.model, cfg.data.micro_batch_size * cfg.data.seq_len
+    model, tokens = cfg.model, tokens_per_rank(cfg)
     block = activation_bytes_per_token_and_layer(model) * tokens
     if checkpointing:
         return model.n_layers * 2 * model.dim * tokens + block
@@ -70,7 +82,7 @@ def activation_bytes(cfg: TrainConfig, checkpointing: bool) -> float:
 
 def loss_bytes(cfg: TrainConfig) -> float:
     """The chunked loss's working set: one chunk's fp32 logits and their gradient."""
-    chunk = min(cfg.model.loss_chunk_size, cfg.data.micro_batch_size * cfg.data.seq_len)
+    chunk = min(cfg.model.loss_chunk_size, tokens_per_rank(cfg))
     return 2 * 4 * chunk * cfg.model.vocab_size
 
 
@@ -78,6 +90,16 @@ def attention_mask_bytes(cfg: TrainConfig) -> float:
     """SDPA's dense document mask, made once per forward and kept for backward."""
     dense = cfg.data.document_mask and cfg.model.attention == "sdpa"
     return cfg.data.micro_batch_size * cfg.data.seq_len**2 if dense else 0
+
+
+def all_to_all_bytes_per_layer(cfg: TrainConfig) -> float:
+    """What one rank sends in one block's forward under sequence parallelism: q and the output (all
+    heads), k and v (their heads, or N copies when there are fewer), all but its own 1/N."""
+    n, model = cfg.trainer.sequence_parallel, cfg.model
+    if n == 1:
+        return 0.0
+    values_per_token = model.head_dim * (2 * model.n_heads + 2 * max(model.n_kv_heads, n))
+    return 2 * values_per_token * tokens_per_rank(cfg) * (n - 1) / n  # bf16
 
 
 def memory(cfg: TrainConfig, ranks: int) -> dict[str, float]:
@@ -103,8 +125,10 @@ def _fits(cfg: TrainConfig, ranks: int) -> bool:
 
 def first_change(cfg: TrainConfig, ranks: int) -> str:
     """The first setting, in order of what it costs in speed, whose change alone makes it fit; or
-    the smallest number of GPUs that would, with everything else on."""
+    all of them with the fewest sequence-parallel ranks, then the fewest GPUs, that would."""
     candidates = [("deepspeed.zero_stage", stage) for stage in range(cfg.deepspeed.zero_stage + 1, 4)]
+    if attention_mask_bytes(cfg):
+        candidates.append(("model.attention", "flex"))
     if not cfg.trainer.activation_checkpointing:
         candidates.append(("trainer.activation_checkpointing", True))
     if cfg.data.micro_batch_size > 1:
@@ -115,15 +139,32 @@ def first_change(cfg: TrainConfig, ranks: int) -> str:
     for setting, value in candidates:
         cfg = _with(cfg, setting, value)
     changed = ", ".join(f"{s}={str(v).lower() if isinstance(v, bool) else v}" for s, v in candidates)
-    for more in (2**k for k in range(1, 21)):
-        if _fits(cfg, ranks * more):
-            return f"more GPUs: {ranks * more} with {changed or 'the settings as they are'}"
+    # Long sequences' activations shrink only by spreading each sequence over more GPUs.
+    n = cfg.trainer.sequence_parallel
+    for gpus in (ranks * 2**k for k in range(21)):
+        for wider in (n * 2**k for k in range(11)):
+            if not _layout_possible(cfg, wider, gpus):
+                break
+            if _fits(_with(cfg, "trainer.sequence_parallel", wider), gpus):
+                spread = [f"trainer.sequence_parallel={wider}"] if wider != n else []
+                settings = ", ".join([changed, *spread] if changed else spread) or "the settings as they are"
+                return settings if gpus == ranks else f"more GPUs: {gpus} with {settings}"
     return "nothing: it does not fit on any number of these GPUs"
+
+
+def _layout_possible(cfg: TrainConfig, sequence_parallel: int, gpus: int) -> bool:
+    try:
+        check_layout(sequence_parallel, gpus, cfg.model, cfg.data.seq_len)
+    except SequenceParallelError:
+        return False
+    return True
 
 
 def make_plan(cfg: TrainConfig, ranks: int) -> dict:
     groups = parameters_by_group(cfg.model)
-    accumulation = gradient_accumulation_steps(cfg, ranks)
+    n = cfg.trainer.sequence_parallel
+    check_layout(n, ranks, cfg.model, cfg.data.seq_len)
+    accumulation = gradient_accumulation_steps(cfg, ranks // n)
     per_token = flops_per_token(cfg.model, cfg.data.seq_len)
     gpu = cfg.trainer.gpu
     if gpu not in PEAK_TFLOPS:
@@ -135,11 +176,16 @@ def make_plan(cfg: TrainConfig, ranks: int) -> dict:
     parts = memory(cfg, ranks)
     total = round(sum(parts.values()), 2)
     fits = total <= cfg.trainer.gpu_memory_gb
+    # All-to-alls per step: forward, backward, and the forward again under activation checkpointing.
+    passes = (3 if cfg.trainer.activation_checkpointing else 2) * accumulation * cfg.model.n_layers
     return {
         "gpus": ranks, "gpu": gpu, "gpu_memory_gb": cfg.trainer.gpu_memory_gb, "zero_stage": cfg.deepspeed.zero_stage,
         "parameters": sum(groups.values()), "parameters_by_group": groups, "flops_per_token": per_token,
         "tokens_per_step": cfg.trainer.global_batch_tokens, "micro_batch_size": cfg.data.micro_batch_size,
         "seq_len": cfg.data.seq_len, "gradient_accumulation_steps": accumulation,
+        "sequence_parallel": n, "data_parallel": ranks // n, "tokens_per_gpu": tokens_per_rank(cfg),
+        "all_to_all_gb_per_layer": round(all_to_all_bytes_per_layer(cfg) / GB, 3),
+        "all_to_all_gb_per_step": round(all_to_all_bytes_per_layer(cfg) * passes / GB, 1),
         "activation_checkpointing": cfg.trainer.activation_checkpointing,
         "memory_gb_per_gpu": parts, "memory_gb_per_gpu_total": total,
         "checkpoint_gb": round(checkpoint_bytes(sum(groups.values()), cfg.deepspeed.bf16) / GB, 2),
@@ -159,13 +205,22 @@ def render(plan: dict) -> str:
     return (
         f"{plan['parameters'] / 1e9:.2f}B parameters ({', '.join(f'{g} {n / 1e9:.2f}B' for g, n in plan['parameters_by_group'].items())})\n"
         f"{plan['flops_per_token'] / 1e9:.1f} GFLOP per token; {plan['tokens_per_step']:,} tokens per step = "
-        f"{plan['micro_batch_size']} x {plan['seq_len']} tokens x {plan['gpus']} GPUs x {plan['gradient_accumulation_steps']} micro-steps\n"
+        f"{plan['micro_batch_size']} x {plan['seq_len']} tokens x {plan['data_parallel']} data-parallel ranks x "
+        f"{plan['gradient_accumulation_steps']} micro-steps\n{sequence_line(plan)}"
         f"memory per GPU, ZeRO-{plan['zero_stage']}, activation checkpointing {'on' if plan['activation_checkpointing'] else 'off'}:\n"
         f"{memory_lines}\n  {'total':<22} {plan['memory_gb_per_gpu_total']:8.2f} GB of {plan['gpu_memory_gb']:g}: {verdict}\n"
         f"one checkpoint: {plan['checkpoint_gb']:,.2f} GB on disk (weights, fp32 master weights and Adam's moments)\n"
         f"at {plan['mfu']:.0%} MFU on {plan['gpus']} {plan['gpu'].upper()}: {plan['seconds_per_step']:.2f} s per step, "
         f"{plan['gpu_hours']:,.0f} GPU-hours for {plan['steps']:,} steps"
     )  # fmt: skip
+
+
+def sequence_line(plan: dict) -> str:
+    if plan["sequence_parallel"] == 1:
+        return ""
+    return (f"sequence parallelism: {plan['sequence_parallel']} GPUs per sequence, {plan['tokens_per_gpu']:,} tokens "
+            f"each; all-to-all {plan['all_to_all_gb_per_layer']:.3f} GB sent per GPU per block forward, "
+            f"{plan['all_to_all_gb_per_step']:,.1f} GB per step\n")  # fmt: skip
 
 
 def write_plan(plan: dict, folder: Path) -> Path:
