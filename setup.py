@@ -45,6 +45,7 @@ setup(
             "fusion-train=fusion_train.commands.train:main",
             "fusion-generate=fusion_train.commands.generate:main",
             "fusion-report=fusion_train.commands.report:main",
+            "fusion-eval=fusion_train.commands.eval:main",
         ]
     },
 )

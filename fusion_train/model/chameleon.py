@@ -478,10 +478,12 @@ class Chameleon(nn.Module):
         doc_ids: torch.Tensor | None = None,
         label_modality: torch.Tensor | None = None,
         part: SequencePart | None = None,
+        logits_to_keep: int = 0,
     ) -> torch.Tensor | LossOutput:
-        """Logits [B, T, vocab] without labels; with labels (aligned with input_ids, -100 where no
-        loss) the next-token loss. doc_ids [B, T] restricts attention to the same document. `part`:
-        input_ids are that part of a longer sequence (see SequencePart)."""
+        """Logits [B, T, vocab] without labels (of the last `logits_to_keep` positions only, when
+        given: a long sequence's logits are its length times the vocabulary); with labels (aligned
+        with input_ids, -100 where no loss) the next-token loss. doc_ids [B, T] restricts attention
+        to the same document. `part`: input_ids are that part of a longer sequence (see SequencePart)."""
         shifted = part is not None
         part = part or SequencePart(0, input_ids.shape[1])
         if part.length > self.cfg.max_seq_len:
@@ -489,7 +491,7 @@ class Chameleon(nn.Module):
         positions = torch.arange(part.start, part.start + input_ids.shape[1], device=input_ids.device)
         h = self._trunk(input_ids, positions, self.attention_mask(doc_ids, part.length, input_ids.device))
         if labels is None:
-            return self.output(h)
+            return self.output(h[:, -logits_to_keep:] if logits_to_keep else h)
         return self.output(h, labels=labels, label_modality=label_modality, shifted=shifted)
 
     def attention_mask(self, doc_ids: torch.Tensor | None, seq_len: int, device: torch.device):

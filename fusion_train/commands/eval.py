@@ -1,0 +1,87 @@
+"""`fusion-eval`: evaluations of a trained model (any source fusion_train opens: a training
+checkpoint of any ZeRO stage, a model folder, an HF or Meta import).
+
+    fusion-eval needle MODEL --haystack HELD_OUT_SHARDS... [--kind text|image] [--lengths 2048 8192 16384]
+        [--depths 0 0.25 0.5 0.75 1] [--trials 4] [--rope-scaling JSON | --extrapolate] [--out DIR]
+
+`needle` (fusion_train/eval/needle.py): exact retrieval of a needle hidden at each depth of
+haystacks of each length, written as DIR/needle_KIND.json, .md (a table) and .png (a heat map).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from fusion_train.data.trained_with import load_tokenizers
+from fusion_train.eval.needle import KINDS, Haystacks, NeedleError, NeedleSettings, evaluate, write_report
+from fusion_train.model.chameleon import Chameleon
+from fusion_train.weights.source import open_model
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fusion-eval", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    needle = commands.add_parser("needle", help="needle in a haystack, text or image, over lengths x depths")
+    needle.add_argument("model", help="a training checkpoint, model folder, HF export or Meta checkpoint")
+    needle.add_argument("--haystack", required=True, type=Path, nargs="+",
+                        help="folders of held-out token shards: text ones, and for --kind image some with pictures")
+    needle.add_argument("--kind", choices=KINDS, default="text")
+    needle.add_argument("--lengths", type=int, nargs="+", default=[2048], help="haystack lengths in tokens")
+    needle.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
+    needle.add_argument("--trials", type=int, default=4, help="haystacks per (length, depth)")
+    needle.add_argument("--seed", type=int, default=0)
+    stretch = needle.add_mutually_exclusive_group()
+    stretch.add_argument("--rope-scaling", type=json.loads, help="RoPE scaling for this evaluation, as the model "
+                         "setting (JSON), e.g. '{\"rope_type\": \"linear\", \"factor\": 4}'")  # fmt: skip
+    stretch.add_argument("--extrapolate", action="store_true", help="allow haystacks past the model's context as is")
+    needle.add_argument("--text-tokenizer", help="when the model source does not say where its tokenizer is")
+    needle.add_argument("--batch-size", type=int, default=4)
+    needle.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    needle.add_argument("--out", type=Path, default=Path("needle"), help="the report's folder")
+    needle.add_argument("--name", help="the report files' name (default: needle_KIND)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = _parser().parse_args(argv)
+    try:
+        return _needle(args)
+    except (NeedleError, ValueError, FileNotFoundError) as error:
+        print(f"fusion-eval: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _needle(args: argparse.Namespace) -> int:
+    settings = NeedleSettings(args.kind, tuple(args.lengths), tuple(args.depths), args.trials, args.seed)
+    source = open_model(args.model)
+    context = source.config.max_seq_len
+    settings.check(context, args.rope_scaling is not None, args.extrapolate)
+    scaling = args.rope_scaling if args.rope_scaling is not None else source.config.rope_scaling
+    config = dataclasses.replace(source.config, max_seq_len=max(context, *settings.lengths), rope_scaling=scaling)
+    device = torch.device(args.device)
+    model = Chameleon(config, seed=None)
+    model.load_state_dict(source.state_dict())
+    model.to(device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
+    text, _ = load_tokenizers(source.trained_with, args.text_tokenizer, None, device, args.model)
+    haystacks = Haystacks(args.haystack, source.vocab, tokens_needed=2 * max(settings.lengths),
+                          pictures_needed=4 * settings.trials)  # fmt: skip
+    label = (f"RoPE scaling {json.dumps(args.rope_scaling)}" if args.rope_scaling
+             else "extrapolated past its context" if max(settings.lengths) > context else "as trained")  # fmt: skip
+    result = evaluate(model, text, haystacks, settings, args.batch_size, device, label)
+    written = write_report(result, args.out, args.name or f"needle_{args.kind}")
+    print((args.out / f"{written[1].name}").read_text())
+    print(json.dumps({"needle": args.kind, "label": label, "mean_accuracy": result["mean_accuracy"],
+                      "grid": result["grid"]["accuracy"], "written": [str(p) for p in written]}))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
