@@ -29,7 +29,9 @@ def plan(model: str, seq_len: int, gpus: int) -> dict:
     widest = min(gpus, cfg.model.n_heads)  # Ulysses splits the heads: at most one per GPU
     for n in (min(fewest * 2**k, widest) for k in range(11)):
         per_micro_step = seq_len * gpus // n
-        cfg = with_trainer(cfg, sequence_parallel=n, global_batch_tokens=math.ceil(tokens / per_micro_step) * per_micro_step)
+        cfg = with_trainer(
+            cfg, sequence_parallel=n, global_batch_tokens=math.ceil(tokens / per_micro_step) * per_micro_step
+        )
         if n == widest or _fits(cfg, gpus):
             break
     return {"model": model, **make_plan(cfg, gpus)}

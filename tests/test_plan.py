@@ -85,15 +85,25 @@ def test_sequence_parallelism_splits_the_activations_and_counts_its_all_to_all(t
     settings = ["model=7b", "deepspeed=zero3", "+stage=long_context", "data.seq_len=131072", "data.micro_batch_size=1",
                 "model.max_seq_len=131072", "trainer.activation_checkpointing=true", "trainer.gpu=a100",
                 "trainer.global_batch_tokens=1048576"]  # fmt: skip
-    alone, shared = make_plan(load_config(settings), 8), make_plan(load_config([*settings, "trainer.sequence_parallel=4"]), 8)
-    assert shared["memory_gb_per_gpu"]["activations"] == pytest.approx(alone["memory_gb_per_gpu"]["activations"] / 4, rel=0.01)
+    alone, shared = (
+        make_plan(load_config(settings), 8),
+        make_plan(load_config([*settings, "trainer.sequence_parallel=4"]), 8),
+    )
+    assert shared["memory_gb_per_gpu"]["activations"] == pytest.approx(
+        alone["memory_gb_per_gpu"]["activations"] / 4, rel=0.01
+    )
     assert (alone["data_parallel"], shared["data_parallel"], shared["tokens_per_gpu"]) == (8, 2, 32768)
     # bf16 q and output (32 heads of 128) and k and v (32 heads) for 32,768 tokens, 3/4 of them sent.
     assert alone["all_to_all_gb_per_layer"] == 0
-    assert shared["all_to_all_gb_per_layer"] == pytest.approx(2 * 128 * (2 * 32 + 2 * 32) * 32768 * 3 / 4 / 1e9, abs=1e-3)
+    assert shared["all_to_all_gb_per_layer"] == pytest.approx(
+        2 * 128 * (2 * 32 + 2 * 32) * 32768 * 3 / 4 / 1e9, abs=1e-3
+    )
     # Forward, recomputed forward and backward of 32 blocks in each of 4 micro-steps.
     assert shared["all_to_all_gb_per_step"] == pytest.approx(shared["all_to_all_gb_per_layer"] * 3 * 32 * 4, abs=0.1)
     assert not alone["fits"] and alone["first_change"] == "trainer.sequence_parallel=2"
 
-    assert train_main(["--plan", "--gpus", "8", *settings, "trainer.sequence_parallel=3", f"trainer.run_dir={tmp_path}"]) == 2
+    assert (
+        train_main(["--plan", "--gpus", "8", *settings, "trainer.sequence_parallel=3", f"trainer.run_dir={tmp_path}"])
+        == 2
+    )
     assert "trainer.sequence_parallel=3: the 8 ranks must be a multiple of it" in capsys.readouterr().err

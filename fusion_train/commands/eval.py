@@ -30,8 +30,13 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     needle = commands.add_parser("needle", help="needle in a haystack, text or image, over lengths x depths")
     needle.add_argument("model", help="a training checkpoint, model folder, HF export or Meta checkpoint")
-    needle.add_argument("--haystack", required=True, type=Path, nargs="+",
-                        help="folders of held-out token shards: text ones, and for --kind image some with pictures")
+    needle.add_argument(
+        "--haystack",
+        required=True,
+        type=Path,
+        nargs="+",
+        help="folders of held-out token shards: text ones, and for --kind image some with pictures",
+    )
     needle.add_argument("--kind", choices=KINDS, default="text")
     needle.add_argument("--lengths", type=int, nargs="+", default=[2048], help="haystack lengths in tokens")
     needle.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])

@@ -19,6 +19,7 @@ probability per token is kept too (a graded signal for small models). Every (L, 
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -91,6 +92,7 @@ class Haystacks:
                 "with: add a folder of held-out text shards to --haystack"
             )
 
+    @functools.cached_property
     def pictures(self) -> list[np.ndarray]:
         """Every picture's image block, in reading order."""
         length = self.vocab.image_block_length
@@ -103,8 +105,8 @@ class Haystacks:
         if kind == "image":
             pieces += [d for d in self.picture_documents if leave_out is None or not _contains(d, leave_out)]
         order = rng.permutation(len(pieces))
-        filled, remaining, laps = [], budget, 0
-        while remaining > 0:
+        filled, remaining = [], budget
+        while remaining > 0:  # a small held-out set is read again: still a haystack, if a repetitive one
             for i in order:
                 piece = pieces[i]
                 if self.vocab.begin_of_image in piece and len(piece) > remaining:
@@ -113,7 +115,6 @@ class Haystacks:
                 remaining -= len(filled[-1])
                 if remaining == 0:
                     break
-            laps += 1  # a small held-out set is read again: still a haystack, if a repetitive one
         return np.concatenate(filled) if filled else np.zeros(0, dtype=np.int64)
 
 
@@ -177,32 +178,39 @@ class NeedleSettings:
         if longest > context and not (stretched or extrapolate):
             raise NeedleError(
                 f"haystack length {longest:,} is longer than the model's context ({context:,} positions): give "
-                "--rope-scaling to stretch RoPE over it (e.g. '{\"rope_type\": \"linear\", \"factor\": "
+                '--rope-scaling to stretch RoPE over it (e.g. \'{"rope_type": "linear", "factor": '
                 f"{-(-longest // context)}}}'), or --extrapolate to test the model beyond its context as it is"
             )
 
 
+def example(kind: str, length: int, depth: float, haystacks: Haystacks, text: TextTokenizer,
+            rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """One haystack of `length` tokens with a fresh needle at `depth`: (its ids, the answer at their end)."""
+    picture = None
+    if kind == "image":
+        pictures = haystacks.pictures
+        if not pictures:
+            raise NeedleError("the haystack shards have no pictures: an image needle needs held-out image documents")
+        picture = pictures[int(rng.integers(len(pictures)))]
+    needle = text_needle(text, rng) if picture is None else image_needle(text, picture)
+    budget = length - 1 - len(needle)
+    if budget < 0:
+        raise NeedleError(
+            f"a {kind} needle and its question take {len(needle) + 1} tokens: a haystack of {length} cannot hold "
+            f"them; give lengths of at least {len(needle) + 1}"
+        )
+    return sequence(haystacks.filler(kind, budget, rng, picture), needle, depth, haystacks.vocab), needle.answer
+
+
 def build_cells(settings: NeedleSettings, haystacks: Haystacks, text: TextTokenizer) -> list[dict]:
-    """Every (length, depth, trial): its sequence and where its answer starts."""
+    """Every (length, depth, trial): its sequence and the answer at its end."""
     rng = np.random.default_rng(settings.seed)
-    pictures = haystacks.pictures() if settings.kind == "image" else []
-    if settings.kind == "image" and not pictures:
-        raise NeedleError("the haystack shards have no pictures: an image needle needs held-out image documents")
     cells = []
     for length in settings.lengths:
         for depth in settings.depths:
             for trial in range(settings.trials):
-                picture = pictures[int(rng.integers(len(pictures)))] if pictures else None
-                needle = text_needle(text, rng) if picture is None else image_needle(text, picture)
-                budget = length - 1 - len(needle)
-                if budget < 0:
-                    raise NeedleError(
-                        f"a {settings.kind} needle and its question take {len(needle) + 1} tokens: a haystack of "
-                        f"{length} cannot hold them; give lengths of at least {len(needle) + 1}"
-                    )
-                ids = sequence(haystacks.filler(settings.kind, budget, rng, picture), needle, depth, haystacks.vocab)
-                cells.append({"length": length, "depth": depth, "trial": trial, "ids": ids,
-                              "answer": needle.answer})  # fmt: skip
+                ids, answer = example(settings.kind, length, depth, haystacks, text, rng)
+                cells.append({"length": length, "depth": depth, "trial": trial, "ids": ids, "answer": answer})
     return cells
 
 
@@ -265,7 +273,9 @@ def write_report(result: dict, out: Path, name: str) -> list[Path]:
     plt.close(figure)
     rows = [f"| depth | {' | '.join(f'{int(length):,}' for length in lengths)} |", "|---" * (len(lengths) + 1) + "|"]
     rows += [f"| {float(d):.0%} | {' | '.join(f'{accuracy[length][d]:.2f}' for length in lengths)} |" for d in depths]
-    table.write_text(f"{result['settings']['kind']} needle, exact retrieval, {result['label']}\n\n" + "\n".join(rows) + "\n")
+    table.write_text(
+        f"{result['settings']['kind']} needle, exact retrieval, {result['label']}\n\n" + "\n".join(rows) + "\n"
+    )
     data.write_text(json.dumps(result, indent=1) + "\n")
     return [data, table, png]
 

@@ -25,7 +25,14 @@ from fusion_train.monitor.observer import ROLLED_BACK, STOP, Window
 from fusion_train.storage import WriteFailed, writing
 from fusion_train.train import failure
 from fusion_train.train.checkpoint import Checkpointer, restore_rng_states
-from fusion_train.train.config import ConfigError, TrainConfig, as_dict, bind_to_vocabulary, gradient_accumulation_steps, to_yaml
+from fusion_train.train.config import (
+    ConfigError,
+    TrainConfig,
+    as_dict,
+    bind_to_vocabulary,
+    gradient_accumulation_steps,
+    to_yaml,
+)
 from fusion_train.train.engine import announce_op_builds, build_engine, build_model, restart_adam, use_bf16
 from fusion_train.train.init_from import check_compatible, model_folder
 from fusion_train.train.observers import build_observers
