@@ -1,7 +1,8 @@
 """Retrieval documents that teach a model to find a needle (bench/needle.py trains the tiny model on
 them): haystacks of `fusion_train.eval.needle` from shards the evaluation does not use, each with a
 text or an image needle (alternating) at a uniformly random depth and the question and answer at
-its end; the loss on the answer alone, so that every step's gradient is about retrieval.
+its end (a whole picture: shards hold no cut ones); the loss on the answer alone, so that every
+step's gradient is about retrieval.
 
     python -m data_pipelines.needle --haystack SHARDS... --text-tokenizer PATH --out FOLDER
         [--documents 4000] [--length 2048] [--seed 0]
@@ -32,7 +33,8 @@ def write_retrieval_shards(haystack: list[Path], text_tokenizer: str, out: Path,
     sink = ShardSink(out, manifest, max_samples=500, max_bytes=2**30)
     rng = np.random.default_rng(seed)
     for i in range(documents):
-        ids, answer = example(KINDS[i % len(KINDS)], length, float(rng.random()), haystacks, text, rng)
+        kind = KINDS[i % len(KINDS)]
+        ids, answer = example(kind, length, float(rng.random()), haystacks, text, rng, whole_picture=True)
         loss_mask = np.zeros(len(ids), dtype=np.uint8)
         loss_mask[-len(answer) :] = 1
         sink.write((0, i), TokenizedDocument(ids.astype(np.int64), loss_mask))

@@ -62,10 +62,13 @@ def text_needle(text: TextTokenizer, rng: np.random.Generator) -> Needle:
     return Needle(np.array(statement + list(number) + full_stop), np.array(question), number)
 
 
-def image_needle(text: TextTokenizer, picture: np.ndarray) -> Needle:
-    """`picture`: an image block (`<image>`, codes, `</image>`)."""
+def image_needle(text: TextTokenizer, picture: np.ndarray, whole: bool = False) -> Needle:
+    """`picture`: an image block (`<image>`, codes, `</image>`); the answer is its start, or with
+    `whole` all of it (a training document must hold whole pictures)."""
     statement, question = text.encode([" The key picture:", " Draw the key picture again:"])
-    return Needle(np.concatenate([statement, picture]), np.array(question), picture[: 1 + ANSWER_CODES])
+    return Needle(
+        np.concatenate([statement, picture]), np.array(question), picture if whole else picture[: 1 + ANSWER_CODES]
+    )
 
 
 class Haystacks:
@@ -184,15 +187,16 @@ class NeedleSettings:
 
 
 def example(kind: str, length: int, depth: float, haystacks: Haystacks, text: TextTokenizer,
-            rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    """One haystack of `length` tokens with a fresh needle at `depth`: (its ids, the answer at their end)."""
+            rng: np.random.Generator, whole_picture: bool = False) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """One haystack of `length` tokens with a fresh needle at `depth`: (its ids, the answer at their
+    end). `whole_picture`: an image needle's answer is all of the picture (see image_needle)."""
     picture = None
     if kind == "image":
         pictures = haystacks.pictures
         if not pictures:
             raise NeedleError("the haystack shards have no pictures: an image needle needs held-out image documents")
         picture = pictures[int(rng.integers(len(pictures)))]
-    needle = text_needle(text, rng) if picture is None else image_needle(text, picture)
+    needle = text_needle(text, rng) if picture is None else image_needle(text, picture, whole_picture)
     budget = length - 1 - len(needle)
     if budget < 0:
         raise NeedleError(
