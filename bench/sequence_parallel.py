@@ -93,7 +93,7 @@ def main() -> None:
     args = parser.parse_args()
     deepspeed.init_distributed()
     torch.manual_seed(0)
-    groups = SequenceParallel.start(2, load_config([f"model={args.model}"]).model, max(args.lengths))
+    groups = SequenceParallel.start(2, load_config([f"model={args.model}"]).model, {"--lengths": max(args.lengths)})
     alone = SequenceParallel()
     fits = {}
     for sequence in (alone, groups):

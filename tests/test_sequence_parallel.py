@@ -1,6 +1,9 @@
 """Sequence parallelism (DeepSpeed-Ulysses): the same loss and gradients as one unsplit model, and
 training runs that resume exactly, in the same layout and in another."""
 
+import re
+
+import pytest
 import torch
 
 from conftest import (
@@ -14,6 +17,8 @@ from conftest import (
     train_overrides,
     wait_for,
 )
+from fusion_train.train.config import load_config
+from fusion_train.train.sequence_parallel import SequenceParallelError, check_layout
 
 TRAIN = "-m fusion_train.train"
 SP2 = "trainer.sequence_parallel=2"
@@ -78,3 +83,18 @@ def test_a_sequence_parallel_run_trains_as_one_rank_and_resumes_exactly_in_any_l
 def by_step(run) -> dict[int, dict]:
     """The last record of each step (a resumed run logs the steps after its checkpoint again)."""
     return {m["step"]: m for m in read_metrics(run) if "loss/total" in m}
+
+
+def test_a_layout_ulysses_cannot_run_is_refused_naming_the_setting():
+    tiny = load_config(["model=tiny"]).model  # 4 heads, 2 key/value heads
+    cases = [
+        (3, 4, {"data.seq_len": 96}, "the 4 ranks must be a multiple of it"),
+        (2, 2, {"data.seq_len": 128, "eval_data.seq_len": 129}, "eval_data.seq_len=129 must be a multiple of it"),
+        (8, 8, {"data.seq_len": 128}, "model.n_heads=4 must be a multiple of it"),
+        (0, 2, {"data.seq_len": 128}, "it must be at least 1"),
+    ]
+    for size, ranks, seq_lens, problem in cases:
+        with pytest.raises(SequenceParallelError, match=re.escape(f"trainer.sequence_parallel={size}: {problem}")):
+            check_layout(size, ranks, tiny, seq_lens)
+    check_layout(4, 8, tiny, {"data.seq_len": 128})  # 2 key/value heads, each copied to 2 of the 4 ranks
+    check_layout(4, 8, load_config(["model=tiny", "model.n_kv_heads=1"]).model, {"data.seq_len": 128})

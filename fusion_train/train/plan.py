@@ -154,7 +154,7 @@ def first_change(cfg: TrainConfig, ranks: int) -> str:
 
 def _layout_possible(cfg: TrainConfig, sequence_parallel: int, gpus: int) -> bool:
     try:
-        check_layout(sequence_parallel, gpus, cfg.model, cfg.data.seq_len)
+        check_layout(sequence_parallel, gpus, cfg.model, {"data.seq_len": cfg.data.seq_len})
     except SequenceParallelError:
         return False
     return True
@@ -163,7 +163,7 @@ def _layout_possible(cfg: TrainConfig, sequence_parallel: int, gpus: int) -> boo
 def make_plan(cfg: TrainConfig, ranks: int) -> dict:
     groups = parameters_by_group(cfg.model)
     n = cfg.trainer.sequence_parallel
-    check_layout(n, ranks, cfg.model, cfg.data.seq_len)
+    check_layout(n, ranks, cfg.model, {"data.seq_len": cfg.data.seq_len})
     accumulation = gradient_accumulation_steps(cfg, ranks // n)
     per_token = flops_per_token(cfg.model, cfg.data.seq_len)
     gpu = cfg.trainer.gpu

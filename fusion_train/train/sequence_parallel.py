@@ -39,11 +39,14 @@ class SequenceParallelError(ValueError):
     pass
 
 
-def check_layout(size: int, world_size: int, model: ChameleonConfig, seq_len: int) -> None:
-    """Refuse a layout Ulysses cannot run, saying what to change."""
+def check_layout(size: int, world_size: int, model: ChameleonConfig, seq_lens: dict[str, int]) -> None:
+    """Refuse a layout Ulysses cannot run, saying what to change. `seq_lens`: setting -> length of
+    the sequences to split (the training data's, the held-out data's)."""
+    if size < 1:
+        raise SequenceParallelError(f"trainer.sequence_parallel={size}: it must be at least 1")
     problems = [
         (world_size % size == 0, f"the {world_size} ranks must be a multiple of it"),
-        (seq_len % size == 0, f"data.seq_len={seq_len} must be a multiple of it"),
+        *((length % size == 0, f"{setting}={length} must be a multiple of it") for setting, length in seq_lens.items()),
         (model.n_heads % size == 0, f"model.n_heads={model.n_heads} must be a multiple of it (each rank attends "
                                     "with n_heads / N heads)"),
         (model.n_kv_heads % size == 0 or size % model.n_kv_heads == 0,
@@ -100,13 +103,11 @@ class SequenceParallel:
     group: object = None
 
     @classmethod
-    def start(cls, size: int, model: ChameleonConfig, seq_len: int) -> SequenceParallel:
+    def start(cls, size: int, model: ChameleonConfig, seq_lens: dict[str, int]) -> SequenceParallel:
         """The layout of `size` ranks per sequence; its process groups are made here (every rank)."""
+        check_layout(size, dist.get_world_size(), model, seq_lens)
         if size == 1:
             return cls()
-        if size < 1:
-            raise SequenceParallelError(f"trainer.sequence_parallel={size} must be at least 1")
-        check_layout(size, dist.get_world_size(), model, seq_len)
         import deepspeed.runtime.sequence_parallel.parallel_state_sp as groups
 
         groups.initialize_sequence_parallel(size)

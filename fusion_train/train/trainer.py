@@ -71,7 +71,10 @@ class Trainer:
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
         try:
-            self.sequence = SequenceParallel.start(cfg.trainer.sequence_parallel, cfg.model, cfg.data.seq_len)
+            seq_lens = {"data.seq_len": cfg.data.seq_len}
+            if cfg.eval_data.sources:
+                seq_lens["eval_data.seq_len"] = cfg.eval_data.seq_len
+            self.sequence = SequenceParallel.start(cfg.trainer.sequence_parallel, cfg.model, seq_lens)
         except SequenceParallelError as error:
             raise ConfigError(str(error)) from None
         # Each group of sequence-parallel ranks reads one stream of batches: the data-parallel split.

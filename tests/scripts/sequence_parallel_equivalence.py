@@ -79,7 +79,7 @@ def main() -> None:
     args = parser.parse_args()
     single_process_environment()
     deepspeed.init_distributed()
-    sequence = SequenceParallel.start(2, load_config(["model=tiny"]).model, SEQ_LEN)
+    sequence = SequenceParallel.start(2, load_config(["model=tiny"]).model, {"data.seq_len": SEQ_LEN})
     results = {name: run_case(name, CASES[name], sequence) for name in args.cases}
     if dist.get_rank() == 0:
         torch.save(results, args.out)
