@@ -1,22 +1,22 @@
 """What sequence parallelism buys and costs on this machine: for the `125m` preset on 2 ranks, one
 training micro-step (forward and backward through the DeepSpeed engine, ZeRO-1, fp32 on a CPU) at
-each sequence length, with each rank holding its own sequences (sequence_parallel=1) or both
-sharing one (=2). Per rank: the activations kept for backward (bytes of the tensors autograd saves,
-each storage once), the peak resident memory during the step, the step's time and the share of it
-spent in the attention's all-to-all (gloo, from torch.profiler's collective events).
+each sequence length, with each rank holding its own sequence (--sequence-parallel 1) or both
+sharing one (2). Per rank (the larger of the two): the activations kept for backward (bytes of the
+tensors autograd saves, each storage once, the parameters not counted), the process's peak
+resident memory, the step's time and the share of it spent in the attention's all-to-all (gloo,
+from torch.profiler's collective events). Run once per layout: a process's resident memory does
+not shrink when tensors are freed, so two layouts in one process would mix their peaks.
 
-    torchrun --nproc_per_node 2 bench/sequence_parallel.py [--lengths 512 1024 2048] [--model 125m]
+    torchrun --nproc_per_node 2 bench/sequence_parallel.py --sequence-parallel 2 [--lengths 2048 4096]
 
-One JSON line per (length, sequence_parallel) from rank 0; then, from the memory measured (a
-constant part plus a part per token each rank holds, fitted), the longest sequence that fits in
---budget-gb per rank each way, marked as extrapolated.
+One JSON line per length from rank 0; then, from the peaks measured (a constant part plus a part
+per token each rank holds, fitted), the longest sequence that fits in --budget-gb per rank.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import threading
 import time
 
@@ -53,9 +53,10 @@ class PeakMemory:
         self.thread.join()
 
 
-def saved_bytes():
-    """A saved-tensors hook pair that counts the bytes autograd keeps, each storage once."""
-    seen, total = set(), [0]
+def saved_bytes(parameters):
+    """A saved-tensors hook pair that counts the bytes autograd keeps, each storage once, the
+    parameters' own (which a matrix product saves for its backward) left out."""
+    seen, total = {p.untyped_storage().data_ptr() for p in parameters}, [0]
 
     def pack(tensor):
         storage = tensor.untyped_storage()
@@ -71,7 +72,7 @@ def micro_step(engine, sequence, seq_len: int, seed: int) -> dict:
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, VOCAB, (1, seq_len), generator=generator)
     inputs = sequence.model_inputs(ids, ids.clone(), None, None)
-    hooks, kept = saved_bytes()
+    hooks, kept = saved_bytes(engine.module.parameters())
     with PeakMemory() as memory, profile(activities=[ProfilerActivity.CPU]) as profiler:
         started = time.perf_counter()
         with hooks:
@@ -87,42 +88,39 @@ def micro_step(engine, sequence, seq_len: int, seed: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048])
+    parser.add_argument("--sequence-parallel", type=int, choices=[1, 2], required=True)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
     parser.add_argument("--model", default="125m")
     parser.add_argument("--budget-gb", type=float, default=8.0)
     args = parser.parse_args()
     deepspeed.init_distributed()
     torch.manual_seed(0)
-    groups = SequenceParallel.start(2, load_config([f"model={args.model}"]).model, {"--lengths": max(args.lengths)})
-    alone = SequenceParallel()
-    fits = {}
-    for sequence in (alone, groups):
-        n = sequence.size
-        cfg = load_config([f"model={args.model}", "deepspeed=zero1", f"data.seq_len={max(args.lengths)}",
-                           "data.micro_batch_size=1", f"trainer.global_batch_tokens={max(args.lengths) * 2 // n}",
-                           "model.dropout=0.0"])  # fmt: skip
-        engine, _, _ = build_engine(build_model(cfg, 1), cfg, 1, sequence=sequence)
-        micro_step(engine, sequence, min(args.lengths), seed=1)  # warm-up: buffers, the first gloo exchange
-        rows = []
-        for seq_len in args.lengths:
-            measured = micro_step(engine, sequence, seq_len, seed=seq_len)
-            reduced = torch.tensor(list(measured.values()), dtype=torch.float64)
-            dist.all_reduce(reduced, op=dist.ReduceOp.MAX)  # the busiest rank
-            row = dict(zip(measured, reduced.tolist(), strict=True))
-            row.update(bench="sequence_parallel", model=args.model, seq_len=seq_len, sequence_parallel=n,
-                       tokens_per_rank=seq_len // n, all_to_all_share=row["all_to_all_s"] / row["step_s"])  # fmt: skip
-            rows.append(row)
-            if dist.get_rank() == 0:
-                print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
-        # peak = constant + per token held: the longest sequence within the budget.
-        slope, constant = np.polyfit([r["tokens_per_rank"] for r in rows], [r["peak_rss_gb"] for r in rows], 1)
-        fits[n] = int((args.budget_gb - constant) / slope) * n
-        engine.destroy()
+    n = args.sequence_parallel
+    sequence = SequenceParallel.start(n, load_config([f"model={args.model}"]).model, {"--lengths": max(args.lengths)})
+    cfg = load_config([f"model={args.model}", "deepspeed=zero1", f"data.seq_len={max(args.lengths)}",
+                       "data.micro_batch_size=1", f"trainer.global_batch_tokens={max(args.lengths) * 2 // n}",
+                       "model.dropout=0.0"])  # fmt: skip
+    engine, _, _ = build_engine(build_model(cfg, 1), cfg, 1, sequence=sequence)
+    micro_step(engine, sequence, min(args.lengths), seed=1)  # warm-up: buffers, the first gloo exchange
+    rows = []
+    for seq_len in args.lengths:
+        measured = micro_step(engine, sequence, seq_len, seed=seq_len)
+        reduced = torch.tensor(list(measured.values()), dtype=torch.float64)
+        dist.all_reduce(reduced, op=dist.ReduceOp.MAX)  # the busier rank
+        row = dict(zip(measured, reduced.tolist(), strict=True))
+        row.update(bench="sequence_parallel", model=args.model, seq_len=seq_len, sequence_parallel=n,
+                   tokens_per_rank=seq_len // n, all_to_all_share=row["all_to_all_s"] / row["step_s"])  # fmt: skip
+        rows.append(row)
+        if dist.get_rank() == 0:
+            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+    # Peak = constant + per token held, over the lengths measured: the longest within the budget.
+    slope, constant = np.polyfit([r["tokens_per_rank"] for r in rows], [r["peak_rss_gb"] for r in rows], 1)
     if dist.get_rank() == 0:
-        print(json.dumps({"bench": "sequence_parallel_fit", "model": args.model, "budget_gb_per_rank": args.budget_gb,
-                          "longest_seq_len_sp1": fits[1], "longest_seq_len_sp2": fits[2],
-                          "extrapolated_from_lengths": args.lengths, "threads_per_rank": torch.get_num_threads(),
-                          "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}))  # fmt: skip
+        print(json.dumps({"bench": "sequence_parallel_fit", "model": args.model, "sequence_parallel": n,
+                          "budget_gb_per_rank": args.budget_gb, "gb_per_token_held": round(slope, 6),
+                          "longest_seq_len": int((args.budget_gb - constant) / slope) * n,
+                          "fitted_on_lengths": args.lengths, "threads_per_rank": torch.get_num_threads()}))  # fmt: skip
+    engine.destroy()
     dist.destroy_process_group()
 
 

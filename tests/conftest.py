@@ -186,12 +186,28 @@ def paragraphs(tmp_path_factory):
             write_jsonl(folder / "b.jsonl", [{"text": t} for t in texts[half:]])]  # fmt: skip
 
 
+def built_once(tmp_path_factory, name: str, build):
+    """A session fixture's value made once for all pytest workers (xdist gives each its own
+    session, and `make test` runs two): `build(folder)` runs in the first worker to ask, under a
+    file lock in the workers' common temporary folder; its JSON value is what every worker gets."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return build(tmp_path_factory.mktemp(name))
+    from filelock import FileLock
+
+    common = tmp_path_factory.getbasetemp().parent  # this run's, shared by its workers
+    value = common / f"{name}.json"
+    with FileLock(str(common / f"{name}.lock")):
+        if not value.is_file():
+            value.write_text(json.dumps(build(common / name)))
+    return json.loads(value.read_text())
+
+
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory):
     """The demo's data pipeline at test size: real images, both tokenizers, three kinds of shards."""
     from data_pipelines.demo import make_demo_data
 
-    return make_demo_data(tmp_path_factory.mktemp("demo"), images=120, vq_steps=5)
+    return built_once(tmp_path_factory, "demo", lambda folder: make_demo_data(folder, images=120, vq_steps=5))
 
 
 def train_overrides(demo_data: dict, run_dir: Path, *extra: str) -> list[str]:
@@ -241,20 +257,31 @@ def pretrained_checkpoint(demo_data, tmp_path_factory):
     """The tiny model after 12 steps on the demo shards (2 ranks, ZeRO-2): what generation and the
     SFT stage start from, and test_every_zero_stage_trains_the_tiny_model[2]'s run. It also logs
     the worked metric of docs/architecture.md, an observer loaded from outside the package."""
-    folder = tmp_path_factory.mktemp("pretrained")
-    run, observer = folder / "run", docs_metric_example(folder)
-    overrides = [*zero_stage_overrides(demo_data, run, 2), f"monitor.observers=[{observer}]"]
-    torchrun("-m fusion_train.train", *overrides, env={"PYTHONPATH": str(folder)})
-    return run / "checkpoints" / "step_12"
+
+    def build(folder: Path) -> str:
+        folder.mkdir(parents=True, exist_ok=True)
+        run, observer = folder / "run", docs_metric_example(folder)
+        overrides = [*zero_stage_overrides(demo_data, run, 2), f"monitor.observers=[{observer}]"]
+        torchrun("-m fusion_train.train", *overrides, env={"PYTHONPATH": str(folder)})
+        return str(run / "checkpoints" / "step_12")
+
+    return Path(built_once(tmp_path_factory, "pretrained", build))
 
 
 @pytest.fixture(scope="session")
 def zero3_run(demo_data, tmp_path_factory):
     """The tiny model for 6 steps under ZeRO-3 on 2 ranks, a checkpoint at the end: (run folder,
     the ranks' output). Tests that change it work on a copy."""
-    run = tmp_path_factory.mktemp("zero3") / "run"
-    result = torchrun("-m fusion_train.train", *train_overrides(demo_data, run, "deepspeed=zero3", "trainer.steps=6"))
-    return run, result.stdout + result.stderr
+
+    def build(folder: Path) -> tuple[str, str]:
+        run = folder / "run"
+        result = torchrun(
+            "-m fusion_train.train", *train_overrides(demo_data, run, "deepspeed=zero3", "trainer.steps=6")
+        )
+        return str(run), result.stdout + result.stderr
+
+    run, output = built_once(tmp_path_factory, "zero3", build)
+    return Path(run), output
 
 
 def sample_overrides(demo_data: dict, every: int) -> list[str]:
