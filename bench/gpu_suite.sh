@@ -5,9 +5,10 @@
 #   bash bench/gpu_suite.sh > $OUT/suite.jsonl
 # PEER: the HF peer script (default shared/bench/peer_hf_chameleon.py); SKIP_PEER=1 leaves it out,
 # with the GPU tests and bench/peers.py's comparisons.
-# VARIANTS: the fusion_train runs, one per line (the last three: FlexAttention causal, then
-# documents of about an image-text pair's length masked through flex and through SDPA's dense
-# mask). A 1b variant takes about 3-4 min (10 optimizer steps of 2^20 tokens plus start-up and
+# VARIANTS: the fusion_train runs, one per line (FlexAttention causal, then documents of about an
+# image-text pair's length masked through flex and through SDPA's dense mask; the last, the long-
+# context stage at 32K tokens per sequence, RoPE scaled: one GPU holds it with activation
+# checkpointing, and sequence parallelism needs two or more, which the device machine lacks). A 1b variant takes about 3-4 min (10 optimizer steps of 2^20 tokens plus start-up and
 # compilation) and one device call at most 10: split the list over calls, the peer in the first.
 # The same loop runs the profile and the numerics check (later flags win over the common ones):
 #   SKIP_PEER=1 VARIANTS="--zero 1 --compile --profile $OUT/profile" bash bench/gpu_suite.sh
@@ -36,6 +37,7 @@ VARIANTS=${VARIANTS:-"
 --zero 1 --compile -- model.attention=flex
 --zero 1 --compile --document-length 1100 -- data.document_mask=true model.attention=flex
 --zero 1 --compile --document-length 1100 -- data.document_mask=true
+--zero 3 --compile --activation-checkpointing --seq-len 32768 --micro-batch 1 --micro-steps 32 -- +stage=long_context model.max_seq_len=32768
 "}
 while IFS= read -r variant; do
   [ -z "$variant" ] && continue

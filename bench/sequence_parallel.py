@@ -99,7 +99,7 @@ def main() -> None:
     sequence = SequenceParallel.start(n, load_config([f"model={args.model}"]).model, {"--lengths": max(args.lengths)})
     cfg = load_config([f"model={args.model}", "deepspeed=zero1", f"data.seq_len={max(args.lengths)}",
                        "data.micro_batch_size=1", f"trainer.global_batch_tokens={max(args.lengths) * 2 // n}",
-                       "model.dropout=0.0"])  # fmt: skip
+                       f"model.max_seq_len={max(4096, max(args.lengths))}", "model.dropout=0.0"])  # fmt: skip
     engine, _, _ = build_engine(build_model(cfg, 1), cfg, 1, sequence=sequence)
     micro_step(engine, sequence, min(args.lengths), seed=1)  # warm-up: buffers, the first gloo exchange
     rows = []
