@@ -1,11 +1,13 @@
 """Retrieval documents that teach a model to find a needle (bench/needle.py trains the tiny model on
 them): haystacks of `fusion_train.eval.needle` from shards the evaluation does not use, each with a
 text or an image needle (alternating) at a uniformly random depth and the question and answer at
-its end (a whole picture: shards hold no cut ones); the loss on the answer alone, so that every
-step's gradient is about retrieval.
+its end (a whole picture: shards hold no cut ones). The loss is on every token, or with
+--answer-only on the answer alone: too sparse a signal for the tiny model, whose answers stayed at
+chance after 600 steps of it; language modelling of the haystack is what grows the induction heads
+that copying needs.
 
     python -m data_pipelines.needle --haystack SHARDS... --text-tokenizer PATH --out FOLDER
-        [--documents 4000] [--length 2048] [--seed 0]
+        [--documents 4000] [--length 2048] [--seed 0] [--answer-only]
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from fusion_train.tokenizers.text import TextTokenizer
 
 
 def write_retrieval_shards(haystack: list[Path], text_tokenizer: str, out: Path, documents: int, length: int,
-                           seed: int) -> Manifest:  # fmt: skip
+                           seed: int, answer_only: bool = False) -> Manifest:  # fmt: skip
     text = TextTokenizer(text_tokenizer)
     source = Manifest.read(haystack[0])
     haystacks = Haystacks(haystack, source.vocab, tokens_needed=8 * length, pictures_needed=256)
@@ -35,8 +37,10 @@ def write_retrieval_shards(haystack: list[Path], text_tokenizer: str, out: Path,
     for i in range(documents):
         kind = KINDS[i % len(KINDS)]
         ids, answer = example(kind, length, float(rng.random()), haystacks, text, rng, whole_picture=True)
-        loss_mask = np.zeros(len(ids), dtype=np.uint8)
-        loss_mask[-len(answer) :] = 1
+        loss_mask = None
+        if answer_only:
+            loss_mask = np.zeros(len(ids), dtype=np.uint8)
+            loss_mask[-len(answer) :] = 1
         sink.write((0, i), TokenizedDocument(ids.astype(np.int64), loss_mask))
     sink.close()
     manifest.write(out)

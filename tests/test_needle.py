@@ -90,20 +90,25 @@ def test_fusion_eval_needle_writes_its_grid_and_heat_map_and_refuses_what_cannot
     assert "must lie in [0, 1]" in capsys.readouterr().err
 
 
-def test_retrieval_shards_teach_the_answer_alone_and_read_without_a_skip(demo_data, tmp_path):
+def test_retrieval_shards_hold_whole_pictures_and_train_on_all_or_on_the_answer(demo_data, tmp_path):
     """data_pipelines/needle.py (what bench/needle.py trains on): text and image needles
-    alternating, pictures whole (a shard holds no cut one), the loss mask on the answer alone."""
+    alternating, pictures whole (a shard holds no cut one), read without a skip; the loss on every
+    token, or with answer_only on the answer alone."""
     from data_pipelines.needle import write_retrieval_shards
     from fusion_train.data.manifest import Manifest
     from fusion_train.data.stream import SourceStream
 
     folders = [Path(demo_data["shards"]["image_text"]), Path(demo_data["shards"]["text"])]
-    write_retrieval_shards(folders, demo_data["text_tokenizer"], tmp_path, documents=6, length=600, seed=1)
-    manifest = Manifest.read(tmp_path)
-    stream = SourceStream("needle", tmp_path, manifest, 0, 1, seed=0)
-    documents = list(stream.rest_of_epoch())
-    assert len(documents) == 6 and not sum(stream.skipped.values())
-    answers = sorted(int(d.loss_mask.sum()) for d in documents)
-    assert answers[-3:] == [DEMO_VOCAB.image_block_length] * 3 and max(answers[:3]) <= 4  # pictures; 4 digits
-    for document in documents:
-        assert len(document.tokens) == 600 and document.loss_mask[-int(document.loss_mask.sum()) :].all()
+    for answer_only in (False, True):
+        out = tmp_path / str(answer_only)
+        write_retrieval_shards(folders, demo_data["text_tokenizer"], out, 6, 600, seed=1, answer_only=answer_only)
+        stream = SourceStream("needle", out, Manifest.read(out), 0, 1, seed=0)
+        documents = list(stream.rest_of_epoch())
+        assert len(documents) == 6 and not sum(stream.skipped.values())
+        assert all(len(d.tokens) == 600 for d in documents)
+        if not answer_only:
+            assert all(d.loss_mask is None for d in documents)
+            continue
+        answers = sorted(int(d.loss_mask.sum()) for d in documents)
+        assert answers[-3:] == [DEMO_VOCAB.image_block_length] * 3 and max(answers[:3]) <= 4  # pictures; 4 digits
+        assert all(d.loss_mask[-int(d.loss_mask.sum()) :].all() for d in documents)

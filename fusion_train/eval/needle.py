@@ -6,7 +6,7 @@ A haystack of L tokens is held-out shards' documents joined (their own `<s>`/`</
 it reads as one document; pictures never cut), with a needle inserted at depth d (0: the start, 1:
 the end of the haystack; moved back to a picture's start rather than into it):
 
-- text: " The secret number is 7341." ... " What is the secret number? The secret number is" -> " 7341"
+- text: " The secret number: 7341." ... " What is the secret number? The secret number:" -> "7341"
 - image: " The key picture:" + a held-out picture (the haystack has others) ... " Draw the key picture
   again:" -> the picture's `<image>` and its first ANSWER_CODES codes
 
@@ -53,10 +53,11 @@ class Needle:
 
 
 def text_needle(text: TextTokenizer, rng: np.random.Generator) -> Needle:
-    """A random four-digit secret; its tokens in the statement are those of the answer."""
+    """A random four-digit secret; its tokens in the statement are those of the answer, after the
+    same words as the question ends with (the passkey format of Landmark Attention, arXiv 2305.16300)."""
     statement, number, full_stop, question = text.encode(
-        [" The secret number is", str(int(rng.integers(1000, 10000))), ".", " What is the secret number? "
-         "The secret number is"]
+        [" The secret number:", str(int(rng.integers(1000, 10000))), ".", " What is the secret number? "
+         "The secret number:"]
     )  # fmt: skip
     number = np.array(number)
     return Needle(np.array(statement + list(number) + full_stop), np.array(question), number)
