@@ -37,7 +37,7 @@ VARIANTS=${VARIANTS:-"
 --zero 1 --compile -- model.attention=flex
 --zero 1 --compile --document-length 1100 -- data.document_mask=true model.attention=flex
 --zero 1 --compile --document-length 1100 -- data.document_mask=true
---zero 3 --compile --activation-checkpointing --seq-len 32768 --micro-batch 1 --micro-steps 32 -- +stage=long_context model.max_seq_len=32768
+--zero 3 --compile --activation-checkpointing --seq-len 32768 --micro-batch 1 --micro-steps 8 -- +stage=long_context model.max_seq_len=32768
 "}
 while IFS= read -r variant; do
   [ -z "$variant" ] && continue
