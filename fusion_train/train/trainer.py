@@ -47,8 +47,8 @@ log = logging.getLogger(__name__)
 GUARD_EXIT = 3  # the divergence guard stopped the run
 
 
-def layout(ranks: int, sequence_parallel: int) -> str:
-    return f"{ranks} ranks" + (f" ({sequence_parallel} per sequence)" if sequence_parallel > 1 else "")
+def per_sequence(sequence_parallel: int) -> str:
+    return f" ({sequence_parallel} per sequence)" if sequence_parallel > 1 else ""
 
 
 class Trainer:
@@ -161,9 +161,9 @@ class Trainer:
                 data = "starts anew" if self.cfg.data.restart_data_order else "continues the epoch (no sample repeated)"
                 weights = "as saved" if same_ranks else "from its universal form"
                 log.warning(
-                    "%s was written by %s and this run has %s: weights and optimizer state loaded %s, and the data "
-                    "order %s", path, layout(saved["world_size"], old_sequence_parallel),
-                    layout(self.world_size, self.sequence.size), weights, data,
+                    "%s was written by %d ranks%s and this run has %d%s: weights and optimizer state loaded %s, and "
+                    "the data order %s", path, saved["world_size"], per_sequence(old_sequence_parallel),
+                    self.world_size, per_sequence(self.sequence.size), weights, data,
                 )  # fmt: skip
         self.step, self.tokens_seen, self.wandb_run_id = saved["step"], saved["tokens_seen"], saved["wandb_run_id"]
         for observer in self.observers:
