@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,11 +31,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fusion_train.data.manifest import DataError, Manifest
+from fusion_train.data.manifest import DataError, Manifest, Skip
 from fusion_train.data.shards import ShardReader, image_block_starts
 from fusion_train.tokenizers.text import TextTokenizer
 from fusion_train.vocab import VocabLayout
 
+log = logging.getLogger(__name__)
 KINDS = ("text", "image")
 ANSWER_CODES = 16  # of a picture's codes retrieved: enough that chance cannot match them
 
@@ -133,14 +136,22 @@ def _manifest(folder: Path, vocab: VocabLayout) -> Manifest:
 
 
 def _bodies(folder: Path, manifest: Manifest, vocab: VocabLayout) -> Iterator[np.ndarray]:
+    """Each document's tokens without its `<s>`/`</s>`; bad samples are skipped, counted in the log."""
+    skipped = Counter()
     for shard in manifest.shards:
-        reader = ShardReader(folder / shard.name, vocab)
+        reader = ShardReader(folder / shard.name, vocab)  # a missing or damaged shard: its own warning, skipped
         try:
             for index in range(len(reader)):
-                tokens = reader.read(index).tokens
+                try:
+                    tokens = reader.read(index).tokens
+                except Skip as skip:
+                    skipped[skip.reason] += 1
+                    continue
                 yield tokens[1:-1] if tokens[0] == vocab.bos and tokens[-1] == vocab.eos else tokens
         finally:
             reader.close()
+            if skipped:
+                log.warning("haystack %s: bad samples skipped so far: %s", folder, dict(skipped))
 
 
 def _contains(document: np.ndarray, picture: np.ndarray) -> bool:
