@@ -9,13 +9,25 @@ rule fixed, so that the released weights import without remapping:
     5+C                   <racm3:break>  begin of image
     6+C .. 6+C+R-1        reserved control ids (R = n_reserved); the 513th of them, id 8710 in the
                           released layout (`<reserved08706>`), separates an SFT prompt from its answer
-    6+C+R .. vocab_size-1 text pieces
+    6+C+R .. A-1          text pieces
+    A .. vocab_size-1     audio codes (none in Chameleon's layout): L levels of K codes each,
+                          level q's code c -> id A + q*K + c  (A = vocab_size - L*K)
 
-An image in a sequence is `<racm3:break>`, image_grid**2 codes in raster order, `<eoss>`.
+An image in a sequence is `<racm3:break>`, image_grid**2 codes in raster order, `<eoss>`. Audio is
+`<begin-audio>`, then frame by frame the frame's L residual-quantizer codes in level order, then
+`<end-audio>`; the two markers are the first two reserved ids (8198 and 8199 in the released layout).
+
+New code ranges sit after every existing id: a model extends to a larger layout by appending rows to
+its embedding and output (`fusion_train.train.vocab_extension`), every old id keeping its meaning.
+Each residual level has its own range, not one shared one: a level-q code and a level-r code of the
+same number are unrelated vectors of different codebooks, so sharing an embedding would make the
+model untangle them from position alone, and separate ranges let generation admit at each position
+only the level that belongs there.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import ClassVar
@@ -32,6 +44,7 @@ class Modality(IntEnum):
     TEXT = 0
     IMAGE = 1
     SPECIAL = 2
+    AUDIO = 3  # after SPECIAL: the members' numbers (indices of metric sums) never change
 
     @property
     def key(self) -> str:
@@ -46,6 +59,7 @@ UNK_ID = 3
 IMAGE_CODE_OFFSET = 4
 # `<reserved08706>` is the 513th reserved id after `<racm3:break>` (8197 + 513 = 8710).
 SFT_SEPARATOR_RESERVED_INDEX = 512
+BEGIN_OF_AUDIO_RESERVED_INDEX, END_OF_AUDIO_RESERVED_INDEX = 0, 1
 
 
 @dataclass(frozen=True)
@@ -54,6 +68,8 @@ class VocabLayout:
     image_grid: int = 32  # an image is image_grid x image_grid codes
     vocab_size: int = 65536
     n_reserved: int = 1024
+    audio_codebook_size: int = 0  # K: codes per residual level (0: no audio)
+    audio_levels: int = 0  # L: residual-quantizer levels per audio frame
 
     def __post_init__(self) -> None:
         if self.image_codebook_size < 1 or self.image_grid < 1:
@@ -72,6 +88,19 @@ class VocabLayout:
                 f"vocab.vocab_size={self.vocab_size} leaves no room for text: image codes and "
                 f"control ids already take ids 0..{self.text_start - 1}; raise vocab_size or "
                 "lower image_codebook_size / n_reserved"
+            )
+        if (self.audio_codebook_size > 0) != (self.audio_levels > 0) or min(self.audio_codebook_size,
+                                                                           self.audio_levels) < 0:  # fmt: skip
+            raise ValueError(
+                f"vocab: audio_codebook_size ({self.audio_codebook_size}) and audio_levels ({self.audio_levels}) "
+                "must both be positive (a layout with audio) or both 0"
+            )
+        if self.text_end <= self.text_start:
+            raise ValueError(
+                f"vocab.vocab_size={self.vocab_size} has no room for {self.audio_levels} x {self.audio_codebook_size} "
+                f"audio codes after the image codes, control and text ids (0..{self.text_start - 1} and up): raise "
+                f"vocab_size to at least {self.text_start + 1 + self.audio_ids} (to extend a trained model, by "
+                f"{self.audio_ids}: old ids keep their place)"
             )
 
     # --- fixed positions -------------------------------------------------------------------
@@ -110,6 +139,27 @@ class VocabLayout:
         return self.reserved_start + self.n_reserved
 
     @property
+    def text_end(self) -> int:
+        """One past the last text id: the text tokenizer has at most this many pieces."""
+        return self.vocab_size - self.audio_ids
+
+    @property
+    def audio_ids(self) -> int:
+        return self.audio_levels * self.audio_codebook_size
+
+    @property
+    def audio_code_start(self) -> int:
+        return self.text_end
+
+    @property
+    def begin_of_audio(self) -> int:
+        return self.reserved_start + BEGIN_OF_AUDIO_RESERVED_INDEX
+
+    @property
+    def end_of_audio(self) -> int:
+        return self.reserved_start + END_OF_AUDIO_RESERVED_INDEX
+
+    @property
     def image_tokens(self) -> int:
         """Codes per image."""
         return self.image_grid * self.image_grid
@@ -118,6 +168,12 @@ class VocabLayout:
     def image_block_length(self) -> int:
         """Ids an image takes in a sequence: begin marker, codes, end marker."""
         return self.image_tokens + 2
+
+    def extends(self, old: VocabLayout) -> bool:
+        """Whether this layout is `old` with audio codes appended after its last id: every old id
+        keeps its meaning, so a model of `old` becomes one of this by growing its vocabulary rows."""
+        without_audio = dataclasses.replace(self, vocab_size=self.text_end, audio_codebook_size=0, audio_levels=0)
+        return self.audio_ids > 0 and old.audio_ids == 0 and without_audio == old
 
     # --- mappings ----------------------------------------------------------------------------
     def code_to_id(self, codes: torch.Tensor) -> torch.Tensor:
@@ -135,13 +191,47 @@ class VocabLayout:
             )
         return ids.long() - IMAGE_CODE_OFFSET
 
+    def audio_codes_to_ids(self, codes: torch.Tensor) -> torch.Tensor:
+        """[levels, frames] codes (EnCodec's order) -> ids frame by frame, each frame's levels in order."""
+        if codes.dim() != 2 or codes.shape[0] != self.audio_levels:
+            raise ValueError(f"audio codes must be [{self.audio_levels} levels, frames]; got {tuple(codes.shape)}")
+        if codes.numel() and (codes.min() < 0 or codes.max() >= self.audio_codebook_size):
+            raise ValueError(
+                f"audio codes must lie in [0, {self.audio_codebook_size}); got [{int(codes.min())}, {int(codes.max())}]"
+            )
+        level_offsets = torch.arange(self.audio_levels, device=codes.device).unsqueeze(1) * self.audio_codebook_size
+        return (codes.long() + level_offsets + self.audio_code_start).T.flatten()
+
+    def ids_to_audio_codes(self, ids: torch.Tensor) -> torch.Tensor:
+        """Inverse of audio_codes_to_ids: whole frames of ids, each id of its position's level."""
+        ids = ids.long()
+        if ids.numel() % self.audio_levels:
+            raise ValueError(f"{ids.numel()} audio ids are not whole frames of {self.audio_levels} levels")
+        offsets = ids.view(-1, self.audio_levels).T - self.audio_code_start
+        level_offsets = torch.arange(self.audio_levels, device=ids.device).unsqueeze(1) * self.audio_codebook_size
+        codes = offsets - level_offsets
+        if codes.numel() and (codes.min() < 0 or codes.max() >= self.audio_codebook_size):
+            raise ValueError("audio ids out of their positions' levels: not a valid audio segment")
+        return codes
+
+    def audio_level_range(self, level: int) -> tuple[int, int]:
+        """The [start, end) ids of residual level `level`'s codes."""
+        start = self.audio_code_start + level * self.audio_codebook_size
+        return start, start + self.audio_codebook_size
+
     def id_ranges(self, modality: Modality) -> list[tuple[int, int]]:
-        """The [start, end) id ranges of a modality."""
+        """The [start, end) id ranges of a modality (none: the layout does not have it)."""
         return {
-            Modality.TEXT: [(self.text_start, self.vocab_size)],
+            Modality.TEXT: [(self.text_start, self.text_end)],
             Modality.IMAGE: [(self.image_code_start, self.image_code_end)],
             Modality.SPECIAL: [(0, IMAGE_CODE_OFFSET), (self.image_code_end, self.text_start)],
+            Modality.AUDIO: [(self.audio_code_start, self.vocab_size)] if self.audio_ids else [],
         }[modality]
+
+    @property
+    def modalities(self) -> list[Modality]:
+        """The modalities this layout has ids for, in the vocabulary's order."""
+        return [m for m in Modality if self.id_ranges(m)]
 
     def modality_of(self, ids: torch.Tensor) -> torch.Tensor:
         """Modality of each id, elementwise, on the ids' device and without a host sync; an id
@@ -158,7 +248,9 @@ class VocabLayout:
 
     def control_token_names(self) -> list[str]:
         """Names of ids 4 .. text_start-1 in order, as Chameleon's vocabulary spells them: image
-        codes, the two image markers, then `<reservedNNNNN>` with NNNNN = id - 4."""
+        codes, the two image markers, then `<reservedNNNNN>` with NNNNN = id - 4. The audio markers
+        keep their reserved names (Chameleon's tokenizer has them); audio codes, after the text, are
+        outside the text tokenizer's pieces altogether."""
         codes = [image_token_name(c) for c in range(self.image_codebook_size)]
         reserved = [f"<reserved{i - IMAGE_CODE_OFFSET:05d}>" for i in range(self.reserved_start, self.text_start)]
         return [*codes, END_OF_IMAGE_NAME, BEGIN_OF_IMAGE_NAME, *reserved]

@@ -104,7 +104,8 @@ def train_text_tokenizer(
     max_sentences: int = 2_000_000,
     seed: int = 0,
 ) -> TextTokenizer:
-    """Train a BPE model of vocab.vocab_size pieces (fewer if the corpus cannot fill them)."""
+    """Train a BPE model of vocab.text_end pieces (fewer if the corpus cannot fill them): the ids
+    after the text (audio codes) are never pieces, so no text encodes to them."""
     spm.set_random_generator_seed(seed)
     model = io.BytesIO()
     texts = _JsonlTexts(jsonl_paths)
@@ -112,7 +113,7 @@ def train_text_tokenizer(
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(texts),
             model_writer=model,
-            vocab_size=vocab.vocab_size,
+            vocab_size=vocab.text_end,
             bos_id=vocab.bos, pad_id=vocab.pad, eos_id=vocab.eos, unk_id=vocab.unk,
             bos_piece=SPECIAL_NAMES[vocab.bos], pad_piece=SPECIAL_NAMES[vocab.pad],
             eos_piece=SPECIAL_NAMES[vocab.eos], unk_piece=SPECIAL_NAMES[vocab.unk],
@@ -157,9 +158,10 @@ class TextTokenizer:
 
     def _check_layout(self) -> None:
         expected = [SPECIAL_NAMES[i] for i in range(4)] + self.vocab.control_token_names()
-        if self.sp.get_piece_size() > self.vocab.vocab_size:
+        if self.sp.get_piece_size() > self.vocab.text_end:
             raise TokenizerError(
-                f"{self.path} has {self.sp.get_piece_size()} pieces, more than vocab_size={self.vocab.vocab_size}"
+                f"{self.path} has {self.sp.get_piece_size()} pieces, more than the layout's text ids (up to id "
+                f"{self.vocab.text_end - 1}{'; audio codes follow' if self.vocab.audio_ids else ''})"
             )
         actual = [self.sp.id_to_piece(i) for i in range(min(len(expected), self.sp.get_piece_size()))]
         if actual != expected:

@@ -10,6 +10,13 @@ model on that one rank, once: 137 GB of host memory at 34B; converting beforehan
 `fusion-convert zero-to-safetensors` avoids it in the job). Every rank then reads the weights one
 tensor at a time from the memory-mapped safetensors file, so under ZeRO-3 no rank holds more than
 its share plus one tensor.
+
+A run whose vocabulary is the saved one with audio codes appended (`VocabLayout.extends`) extends
+the model: the embedding and output gain a row per new id, each the mean of the old rows, and the
+old rows stay as they were. The mean, not a random row, because a new id then starts with a logit
+equal to the mean of the old ones on every input, so the extended model's predictions move little
+before it has seen the new data (Hewitt, "Initializing new word embeddings for pretrained language
+models", 2021; transformers' `resize_token_embeddings` initialises from the old rows' mean too).
 """
 
 from __future__ import annotations
@@ -38,6 +45,8 @@ log = logging.getLogger(__name__)
 # length) may change between a run and the one that starts from it.
 ARCHITECTURE = ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "qk_norm", "qk_norm_groups",
                 "block_style", "untie_modalities")  # fmt: skip
+
+VOCABULARY_ROWS = ("tok_embeddings.weight", "output.weight")  # a row per id
 
 InitialValues = Callable[[str, torch.Size], torch.Tensor]  # a parameter's name and shape -> its value
 
@@ -73,8 +82,19 @@ def model_folder(init_from: Path, run_dir: Path, rank: int) -> Path:
 def check_compatible(folder: Path, model: ChameleonConfig, vocab: VocabLayout, fingerprints: dict) -> None:
     """The saved model must be this run's architecture, for this vocabulary and these tokenizers."""
     saved, saved_vocab, saved_tokenizers = read_native_config(folder)
+    extended = vocab.extends(saved_vocab)
+    if extended:
+        log.warning("trainer.init_from: extending the vocabulary from %d to %d ids: the %d audio codes' embedding and "
+                    "output rows start as the mean of the old rows", saved_vocab.vocab_size, vocab.vocab_size,
+                    vocab.audio_ids)  # fmt: skip
+    elif saved_vocab != vocab:
+        raise ConfigError(
+            f"trainer.init_from={folder}: the weights were trained for another vocabulary layout than the shards' "
+            f"({dataclasses.asdict(saved_vocab)} vs {dataclasses.asdict(vocab)}): build the shards with the "
+            "tokenizers the model was trained with (a layout may only add audio codes after the model's last id)"
+        )
     differing = [f"model.{name}={getattr(saved, name)} (this run: {getattr(model, name)})" for name in ARCHITECTURE
-                 if getattr(saved, name) != getattr(model, name)]  # fmt: skip
+                 if getattr(saved, name) != getattr(model, name) and not (extended and name == "vocab_size")]  # fmt: skip
     if differing:
         raise ConfigError(
             f"trainer.init_from={folder}: the weights are of another architecture: {', '.join(differing)}; set those "
@@ -84,12 +104,6 @@ def check_compatible(folder: Path, model: ChameleonConfig, vocab: VocabLayout, f
                and getattr(saved, f.name) != getattr(model, f.name)}  # fmt: skip
     if changed:
         log.warning("trainer.init_from: the weights were trained with %s; this run changes them", changed)
-    if saved_vocab != vocab:
-        raise ConfigError(
-            f"trainer.init_from={folder}: the weights were trained for another vocabulary layout than the shards' "
-            f"({dataclasses.asdict(saved_vocab)} vs {dataclasses.asdict(vocab)}): build the shards with the "
-            "tokenizers the model was trained with"
-        )
     other = [kind for kind, value in saved_tokenizers.items() if value and fingerprints.get(kind) not in (None, value)]
     if other:
         raise ConfigError(
@@ -111,6 +125,8 @@ def pretrained_values(folder: Path, names: list[str]) -> InitialValues:
 
     def value(name: str, shape: torch.Size) -> torch.Tensor:
         tensor = weights.get_tensor(name)
+        if name in VOCABULARY_ROWS and tensor.shape[1:] == shape[1:] and tensor.shape[0] < shape[0]:
+            return with_mean_rows(tensor, shape[0])  # check_compatible allowed only an extended layout
         if tensor.shape != shape:
             raise ConfigError(
                 f"trainer.init_from={folder}: {name} has shape {tuple(tensor.shape)}, the model {tuple(shape)}"
@@ -118,3 +134,9 @@ def pretrained_values(folder: Path, names: list[str]) -> InitialValues:
         return tensor
 
     return value
+
+
+def with_mean_rows(rows: torch.Tensor, count: int) -> torch.Tensor:
+    """`rows` followed by copies of their mean (computed in fp32) up to `count` rows."""
+    mean = rows.float().mean(0, keepdim=True).to(rows.dtype)
+    return torch.cat([rows, mean.expand(count - rows.shape[0], -1)])
