@@ -25,6 +25,9 @@ setup(
         "pyyaml>=6",
         "pillow>=10",
         "matplotlib>=3.8",  # fusion-report
+        "soundfile>=0.12",  # wav, flac, ogg (and mp3) through libsndfile, bundled in its wheel
+        "av>=12",  # PyAV: FFmpeg's decoders for what libsndfile cannot read (m4a, opus, mp3 variants)
+        "soxr>=0.3",  # high-quality resampling to the audio tokenizer's rate
     ],
     extras_require={
         "test": [
