@@ -33,7 +33,7 @@ import webdataset as wds
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from data_pipelines import image_text, interleaved, sft, text
+from data_pipelines import audio_text, image_text, interleaved, sft, text
 from data_pipelines.parts import (
     PartProgress,
     differing_settings,
@@ -41,7 +41,7 @@ from data_pipelines.parts import (
     progress_path,
     shard_prefix,
 )
-from data_pipelines.records import PendingImage, Skip
+from data_pipelines.records import PendingAudio, PendingImage, Skip
 from fusion_train.data.manifest import (
     MANIFEST,
     SAMPLE_CHECKSUM,
@@ -53,6 +53,7 @@ from fusion_train.data.manifest import (
     token_dtype,
 )
 from fusion_train.storage import WriteFailed, writing
+from fusion_train.tokenizers.audio import AudioError, AudioTokenizer, audio_config, read_audio
 from fusion_train.tokenizers.image import ImageTokenizer, image_config, preprocess
 from fusion_train.tokenizers.multimodal import DocumentTokenizer, TokenizedDocument
 from fusion_train.tokenizers.text import TextTokenizer
@@ -60,45 +61,69 @@ from fusion_train.vocab import Modality
 
 log = logging.getLogger(__name__)
 
-KIND_MODULES: dict[str, ModuleType] = {"text": text, "image-text": image_text, "interleaved": interleaved, "sft": sft}
+KIND_MODULES: dict[str, ModuleType] = {
+    "text": text, "image-text": image_text, "audio-text": audio_text, "interleaved": interleaved, "sft": sft,
+}  # fmt: skip
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+AUDIO_EXTENSIONS = ("flac", "wav", "mp3", "ogg", "opus", "m4a")
 CHUNK_RECORDS = 64
 RecordId = tuple[int, int]  # (the input file's number in the list of inputs, the record's number in that file)
 
 
-class ImageLoader:
-    """Loads the images that one chunk's records refer to (a path relative to the input file, or
-    the bytes of a WebDataset sample), preprocessed for an image tokenizer of `resolution`."""
+class MediaLoader:
+    """Loads the images and clips that one chunk's records refer to (a path relative to the input
+    file, or the bytes of a WebDataset sample), preprocessed for the tokenizers that will encode them."""
 
-    def __init__(self, resolution: int | None):
-        self.resolution = resolution
+    def __init__(self, resolution: int | None, sampling_rate: int | None, max_audio_seconds: float):
+        self.resolution, self.sampling_rate, self.max_audio_seconds = resolution, sampling_rate, max_audio_seconds
         self.base_dir = Path(".")
-        self.pending: list[PendingImage] = []
+        self.pending: list[PendingImage | PendingAudio] = []
 
-    def __call__(self, source: str | bytes, pad: bool = False) -> PendingImage:
+    def _bytes(self, source: str | bytes, kind: str) -> bytes:
+        if isinstance(source, bytes):
+            return source
+        path = self.base_dir / source
+        if not path.is_file():
+            raise Skip(f"missing_{kind}_file")
+        return path.read_bytes()
+
+    def image(self, source: str | bytes, pad: bool = False) -> PendingImage:
         if self.resolution is None:
             raise DataError("records refer to images but no image tokenizer was given (--image-tokenizer)")
-        if isinstance(source, str):
-            path = self.base_dir / source
-            if not path.is_file():
-                raise Skip("missing_image_file")
-            source = path.read_bytes()
         try:
-            with Image.open(io.BytesIO(source)) as image:
+            with Image.open(io.BytesIO(self._bytes(source, "image"))) as image:
                 image.load()
                 pixels = preprocess(image, self.resolution, pad)
         except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
             raise Skip("undecodable_image") from None
-        pending = PendingImage(pixels)
-        self.pending.append(pending)
-        return pending
+        return self._waiting(PendingImage(pixels))
+
+    def audio(self, source: str | bytes) -> PendingAudio:
+        if self.sampling_rate is None:
+            raise DataError("records refer to audio but no audio tokenizer was given (--audio-tokenizer)")
+        try:
+            samples = read_audio(self._bytes(source, "audio"), self.sampling_rate)
+        except AudioError as err:
+            raise Skip(err.reason.replace(" ", "_")) from None
+        if len(samples) > self.max_audio_seconds * self.sampling_rate:
+            raise Skip("audio_too_long")
+        return self._waiting(PendingAudio(samples))
+
+    def _waiting(self, media):
+        self.pending.append(media)
+        return media
 
 
-def encode_images(tokenizer: ImageTokenizer, images: list[PendingImage]) -> None:
+def encode_media(encoders: dict, media: list[PendingImage | PendingAudio]) -> None:
+    """Codes for every pending image and clip, each kind in batches of its tokenizer."""
+    images = [m for m in media if isinstance(m, PendingImage)]
+    clips = [m for m in media if isinstance(m, PendingAudio)]
     if images:
-        codes = tokenizer.encode(np.stack([image.pixels for image in images]))
-        for image, image_codes in zip(images, codes, strict=True):
-            image.codes = image_codes
+        for image, codes in zip(images, encoders["image"].encode(np.stack([i.pixels for i in images])), strict=True):
+            image.codes = codes
+    if clips:
+        for clip, codes in zip(clips, encoders["audio"].encode([c.samples for c in clips]), strict=True):
+            clip.codes = codes
 
 
 @dataclass
@@ -106,7 +131,7 @@ class Unencoded:
     """A record parsed, its images decoded and preprocessed, their codes still to come."""
 
     draft: object
-    images: list[PendingImage]
+    media: list[PendingImage | PendingAudio]
 
 
 @dataclass
@@ -116,10 +141,12 @@ class BuildSettings:
     image_tokenizer: str | None = None
     seed: int = 0
     device: str = "cpu"
-    # Where images are encoded: "workers" (each with its own copy of the image tokenizer), or
+    # Where images and audio are encoded: "workers" (each with its own copy of the tokenizers), or
     # "main": workers decode and preprocess, and the main process, owning the device, encodes the
-    # images of several chunks at once (one GPU's large batches). Default: main on CUDA.
+    # media of several chunks at once (one GPU's large batches). Default: main on CUDA.
     encode_in: str | None = None
+    audio_tokenizer: str | None = None
+    max_audio_seconds: float = 60.0  # a longer clip is skipped (audio_too_long)
 
     def __post_init__(self) -> None:
         if self.encode_in is None:
@@ -135,20 +162,32 @@ _worker: dict = {}
 
 def _init_worker(settings: BuildSettings) -> None:
     torch.set_num_threads(1)  # the workers are the parallelism
-    encoder = None
-    if settings.image_tokenizer and settings.encode_in == "workers":
-        encoder = ImageTokenizer.load(settings.image_tokenizer, device=settings.device)
-    _set_up(settings, encoder)
+    _set_up(settings, media_encoders(settings) if settings.encode_in == "workers" else None)
 
 
-def _set_up(settings: BuildSettings, encoder: ImageTokenizer | None) -> None:
-    """This process's tokenizers, for parsing and assembling records."""
+def media_encoders(settings: BuildSettings, batch: int | None = None) -> dict:
+    """The image and audio tokenizers the settings name, on the settings' device."""
+    on_gpu = settings.device.startswith("cuda")
+    sizes = {"batch_size": batch} if batch else {}
+    encoders = {}
+    if settings.image_tokenizer:
+        encoders["image"] = ImageTokenizer.load(settings.image_tokenizer, device=settings.device, bf16=on_gpu, **sizes)
+    if settings.audio_tokenizer:
+        encoders["audio"] = AudioTokenizer.load(settings.audio_tokenizer, device=settings.device, **sizes)
+    return encoders
+
+
+def _set_up(settings: BuildSettings, encoders: dict | None) -> None:
+    """This process's tokenizers, for parsing and assembling records; `encoders` None: media are
+    encoded elsewhere (the main process)."""
     text_tokenizer = TextTokenizer(settings.text_tokenizer)
     _worker.update(
         kind=KIND_MODULES[settings.kind],
         documents=DocumentTokenizer(text_tokenizer, text_tokenizer.vocab, settings.seed),
-        encoder=encoder,
+        encoders=encoders,
         resolution=image_config(settings.image_tokenizer).resolution if settings.image_tokenizer else None,
+        sampling_rate=audio_config(settings.audio_tokenizer).sampling_rate if settings.audio_tokenizer else None,
+        max_audio_seconds=settings.max_audio_seconds,
     )
 
 
@@ -172,26 +211,27 @@ def parse_record(payload: bytes | dict) -> dict:
 def _process_chunk(
     chunk: list[tuple[RecordId, Path, bytes | dict]],
 ) -> list[tuple[RecordId, TokenizedDocument | str | Unencoded]]:
-    """Each record's document, or the reason it was skipped, in record order; without an encoder
-    here, records with images are returned Unencoded."""
-    kind, encoder = _worker["kind"], _worker["encoder"]
+    """Each record's document, or the reason it was skipped, in record order; without encoders
+    here, records with images or audio are returned Unencoded."""
+    kind, encoders = _worker["kind"], _worker["encoders"]
     outcomes: dict[int, TokenizedDocument | str | Unencoded] = {}
-    images = ImageLoader(_worker["resolution"])
+    media = MediaLoader(_worker["resolution"], _worker["sampling_rate"], _worker["max_audio_seconds"])
     for index, base_dir, payload in chunk:
-        images.base_dir = base_dir  # image paths are relative to their record's input file
-        loaded = len(images.pending)
+        media.base_dir = base_dir  # media paths are relative to their record's input file
+        loaded = len(media.pending)
         try:
-            outcomes[index] = Unencoded(kind.parse(parse_record(payload), images), images.pending[loaded:])
+            outcomes[index] = Unencoded(kind.parse(parse_record(payload), media), media.pending[loaded:])
         except Skip as skip:
+            del media.pending[loaded:]  # a skipped record's media are not encoded
             outcomes[index] = skip.reason
-    if encoder is not None:
-        encode_images(encoder, images.pending)
-    return [(index, _assembled(outcome, index, encoder is not None)) for index, outcome in sorted(outcomes.items())]
+    if encoders is not None:
+        encode_media(encoders, media.pending)
+    return [(index, _assembled(outcome, index, encoders is not None)) for index, outcome in sorted(outcomes.items())]
 
 
 def _assembled(outcome, index: RecordId, encoded: bool):
-    """The record's document once its images have codes (or it has none), or its skip reason."""
-    if not isinstance(outcome, Unencoded) or (outcome.images and not encoded):
+    """The record's document once its media have codes (or it has none), or its skip reason."""
+    if not isinstance(outcome, Unencoded) or (outcome.media and not encoded):
         return outcome
     try:
         return _worker["kind"].assemble(outcome.draft, _worker["documents"], index)
@@ -223,9 +263,21 @@ def _read_webdataset(path: Path) -> Iterator[dict]:
 
 
 def _webdataset_samples(grouped: dict[str, dict]) -> Iterator[dict]:
+    """{"image": bytes, "audio": bytes, "caption_bytes": the txt member, else a json member's caption}."""
     for fields in grouped.values():
         image = next((fields[e] for e in IMAGE_EXTENSIONS if e in fields), None)
-        yield {"image": image, "caption_bytes": fields.get("txt")}
+        audio = next((fields[e] for e in AUDIO_EXTENSIONS if e in fields), None)
+        yield {"image": image, "audio": audio, "caption_bytes": fields.get("txt") or _json_caption(fields.get("json"))}
+
+
+def _json_caption(payload: bytes | None) -> bytes | None:
+    """A json member's `caption` (or `text`), as video2dataset and img2dataset write them."""
+    try:
+        record = json.loads(payload) if payload else None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    caption = next((record[k] for k in ("caption", "text") if isinstance(record, dict) and k in record), None)
+    return caption.encode("utf-8") if isinstance(caption, str) else None
 
 
 def read_input(path: Path) -> Iterator[bytes | dict]:
@@ -401,18 +453,23 @@ def build_shards(
             f"with `fusion-data train-text-tokenizer ... --image-tokenizer {settings.image_tokenizer}`, or build "
             "with the image tokenizer it was trained for (--image-tokenizer)"
         )
+    audio_tokenizer = AudioTokenizer.load(settings.audio_tokenizer, device="cpu") if settings.audio_tokenizer else None
+    if audio_tokenizer:
+        check_audio_layout(audio_tokenizer, vocab, settings)
     manifest = Manifest(
         kind=settings.kind,
         vocab=vocab,
         fingerprints={
             "text": text_tokenizer.fingerprint,
             "image": image_tokenizer.fingerprint if image_tokenizer else None,
+            "audio": audio_tokenizer.fingerprint if audio_tokenizer else None,
         },
         seed=settings.seed,
         inputs=[str(p) for p in inputs],
         tokenizer_paths={
             "text": str(Path(settings.text_tokenizer).resolve()),
             "image": str(Path(settings.image_tokenizer).resolve()) if settings.image_tokenizer else None,
+            "audio": str(Path(settings.audio_tokenizer).resolve()) if settings.audio_tokenizer else None,
         },
     )
     progress = _resume_or_start(output, manifest, part, parts, overwrite)
@@ -436,6 +493,20 @@ def build_shards(
         manifest.write(output)
     progress_path(output, part, parts).unlink()
     return manifest
+
+
+def check_audio_layout(tokenizer: AudioTokenizer, vocab, settings: BuildSettings) -> None:
+    """The text tokenizer's layout must have the audio tokenizer's codes: as many levels of as many codes."""
+    wanted = tokenizer.layout()
+    have = {name: getattr(vocab, name) for name in wanted}
+    if have != wanted:
+        room = "has no room for audio codes" if not vocab.audio_ids else f"was made for {have}"
+        raise DataError(
+            f"audio tokenizer {settings.audio_tokenizer} makes {wanted['audio_levels']} levels of "
+            f"{wanted['audio_codebook_size']} codes, but the vocabulary of text tokenizer {settings.text_tokenizer} "
+            f"{room}: train the text tokenizer with `--audio-tokenizer {settings.audio_tokenizer}` (its vocab_size "
+            f"grows by {tokenizer.levels * tokenizer.cfg.codebook_size}: audio codes come after every other id)"
+        )
 
 
 def _complete_shards(output: Path, part: int, parts: int) -> str:
@@ -479,26 +550,23 @@ def _build_part(
 def _map_chunks(settings: BuildSettings, chunks: Iterator[list], workers: int):
     """Each chunk's outcomes, in chunk order."""
     outcomes = _worker_outcomes(settings, chunks, workers)
-    if settings.encode_in == "main" and settings.image_tokenizer:
+    if settings.encode_in == "main" and (settings.image_tokenizer or settings.audio_tokenizer):
         outcomes = _encode_here(settings, outcomes)
     yield from outcomes
 
 
 def _encode_here(settings: BuildSettings, outcomes: Iterator[list], batch: int = 256) -> Iterator[list]:
-    """The workers' unencoded records, encoded here in batches of about `batch` images gathered
-    over chunks (the workers go on decoding meanwhile), then assembled."""
-    encoder = ImageTokenizer.load(
-        settings.image_tokenizer, device=settings.device, batch_size=batch if settings.device != "cpu" else 32,
-        bf16=settings.device.startswith("cuda"),
-    )  # fmt: skip
-    _set_up(settings, encoder)
+    """The workers' unencoded records, encoded here in batches of about `batch` images and clips
+    gathered over chunks (the workers go on decoding meanwhile), then assembled."""
+    encoders = media_encoders(settings, batch if settings.device != "cpu" else 32)
+    _set_up(settings, encoders)
     waiting: list[list] = []
     for chunk in itertools.chain(outcomes, [None]):
         if chunk is not None:
             waiting.append(chunk)
-        images = [image for c in waiting for _, o in c if isinstance(o, Unencoded) for image in o.images]
-        if chunk is None or len(images) >= batch:
-            encode_images(encoder, images)
+        media = [m for c in waiting for _, o in c if isinstance(o, Unencoded) for m in o.media]
+        if chunk is None or len(media) >= batch:
+            encode_media(encoders, media)
             yield from ([(index, _assembled(o, index, encoded=True)) for index, o in c] for c in waiting)
             waiting = []
 

@@ -1,9 +1,10 @@
-"""Interleaved documents: `{"segments": [{"text": "..."} | {"image": path}, ...]}`, kept in order."""
+"""Interleaved documents: `{"segments": [{"text": "..."} | {"image": path} | {"audio": path}, ...]}`,
+kept in order."""
 
 from data_pipelines.records import Skip, resolve
 
 
-def parse(record: dict, images) -> list:
+def parse(record: dict, media) -> list:
     segments = record.get("segments")
     if not isinstance(segments, list):
         raise Skip("missing_segments")
@@ -13,7 +14,9 @@ def parse(record: dict, images) -> list:
             if segment["text"]:
                 parsed.append(segment["text"])
         elif isinstance(segment, dict) and isinstance(segment.get("image"), str):
-            parsed.append(images(segment["image"]))
+            parsed.append(media.image(segment["image"]))
+        elif isinstance(segment, dict) and isinstance(segment.get("audio"), str):
+            parsed.append(media.audio(segment["audio"]))
         else:
             raise Skip("bad_segment")
     if not parsed:

@@ -1,4 +1,4 @@
-"""What a source kind's parser works with: skips and images awaiting their codes."""
+"""What a source kind's parser works with: skips, and media (images, audio) awaiting their codes."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fusion_train.data.manifest import Skip
+from fusion_train.tokenizers.multimodal import AudioCodes
 
 
 @dataclass
@@ -16,10 +17,24 @@ class PendingImage:
     pixels: np.ndarray
     codes: np.ndarray | None = None
 
+    def segment(self) -> np.ndarray:
+        return self.codes
+
+
+@dataclass
+class PendingAudio:
+    """A clip read as mono samples at the audio tokenizer's rate, waiting for its codes."""
+
+    samples: np.ndarray
+    codes: np.ndarray | None = None
+
+    def segment(self) -> AudioCodes:
+        return AudioCodes(self.codes)
+
 
 def resolve(segments: list) -> list:
-    """Segments with each pending image replaced by its codes."""
-    return [s.codes if isinstance(s, PendingImage) else s for s in segments]
+    """Segments with each pending image or clip replaced by its codes."""
+    return [s.segment() if isinstance(s, PendingImage | PendingAudio) else s for s in segments]
 
 
 def text_field(record: dict, name: str) -> str:
@@ -29,3 +44,15 @@ def text_field(record: dict, name: str) -> str:
     if not value.strip():
         raise Skip("empty_text")
     return value
+
+
+def caption_of(record: dict) -> str:
+    """A record's caption: its `caption` field, or a WebDataset sample's txt/json member."""
+    if "caption_bytes" in record:
+        if record["caption_bytes"] is None:
+            raise Skip("missing_caption")
+        try:
+            record = {**record, "caption": record["caption_bytes"].decode("utf-8")}
+        except UnicodeDecodeError:
+            raise Skip("invalid_utf8") from None
+    return text_field(record, "caption")

@@ -1,6 +1,6 @@
 """Chats for supervised fine-tuning:
 `{"messages": [{"role": "system"|"user"|"assistant", "content": "..." | [{"type": "text", "text": "..."}
-| {"type": "image", "image": path}, ...]}, ...]}`.
+| {"type": "image", "image": path} | {"type": "audio", "audio": path}, ...]}, ...]}`.
 
 System and user messages up to an assistant message form a prompt (its images resized with border
 padding); the assistant message is the answer (images centre-cropped), as Chameleon §3 does.
@@ -11,7 +11,7 @@ from data_pipelines.records import Skip, resolve
 PROMPT_ROLES = ("system", "user")
 
 
-def _content(content, images, pad: bool) -> list:
+def _content(content, media, pad: bool) -> list:
     if isinstance(content, str):
         return [content] if content else []
     if not isinstance(content, list):
@@ -22,13 +22,15 @@ def _content(content, images, pad: bool) -> list:
         if kind == "text" and isinstance(part.get("text"), str):
             segments += [part["text"]] if part["text"] else []
         elif kind == "image" and isinstance(part.get("image"), str):
-            segments.append(images(part["image"], pad=pad))
+            segments.append(media.image(part["image"], pad=pad))
+        elif kind == "audio" and isinstance(part.get("audio"), str):
+            segments.append(media.audio(part["audio"]))
         else:
             raise Skip("bad_content")
     return segments
 
 
-def parse(record: dict, images) -> list:
+def parse(record: dict, media) -> list:
     messages = record.get("messages")
     if not isinstance(messages, list):
         raise Skip("missing_messages")
@@ -37,7 +39,7 @@ def parse(record: dict, images) -> list:
         role = message.get("role") if isinstance(message, dict) else None
         if role not in (*PROMPT_ROLES, "assistant"):
             raise Skip("bad_role")
-        segments = _content(message.get("content"), images, pad=role in PROMPT_ROLES)
+        segments = _content(message.get("content"), media, pad=role in PROMPT_ROLES)
         if role in PROMPT_ROLES:
             prompt += segments
         elif not prompt or not segments:

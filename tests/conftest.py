@@ -175,6 +175,29 @@ def image_tokenizer_path(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def audio_tokenizers(tmp_path_factory):
+    """An untrained small EnCodec (8 kHz, 50 frames/s, 2 levels of 64 codes; codebooks drawn from its
+    encoder's outputs, so that clips get varied codes) and a text tokenizer for the small layout with
+    those audio codes appended: paths of both."""
+    from data_pipelines.train_audio_tokenizer import CodebookLearning, small_config
+    from fusion_train.tokenizers.audio import AudioTokenizer
+    from fusion_train.tokenizers.encodec import Encodec
+    from fusion_train.tokenizers.text import train_text_tokenizer
+    from helpers import AUDIO_VOCAB, english_documents, write_jsonl
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("audio_tokenizer")
+    model = Encodec(small_config(8000, [8, 5, 4], 64, 2))
+    with torch.no_grad():
+        CodebookLearning(model.quantizer, 2, torch.Generator().manual_seed(0)).start(
+            model.encoder(torch.randn(8, 1, 4000))
+        )
+    audio = AudioTokenizer(model, 2, fingerprint="", device="cpu").save(folder / "codec")
+    corpus = write_jsonl(folder / "corpus.jsonl", [{"text": t} for t in english_documents()])
+    return audio, train_text_tokenizer([corpus], folder / "text.model", AUDIO_VOCAB).path
+
+
+@pytest.fixture(scope="session")
 def paragraphs(tmp_path_factory):
     """About 700 text records in two files: enough for several chunks of 64 records per part."""
     from helpers import english_documents, write_jsonl

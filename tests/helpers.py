@@ -37,6 +37,9 @@ def randomized_model(cfg: ChameleonConfig, seed: int = 0) -> Chameleon:
 
 # A small vocabulary with Chameleon's layout: 64 codes on a 4 x 4 grid, text ids from 586.
 SMALL_VOCAB = VocabLayout(image_codebook_size=64, image_grid=4, vocab_size=2048, n_reserved=513)
+# The same with 2 levels of 64 audio codes after the text: ids 2048..2175.
+AUDIO_VOCAB = VocabLayout(image_codebook_size=64, image_grid=4, vocab_size=2048 + 128, n_reserved=513,
+                          audio_codebook_size=64, audio_levels=2)  # fmt: skip
 
 
 def english_documents(count: int | None = None) -> list[str]:

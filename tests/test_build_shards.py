@@ -56,7 +56,7 @@ def test_text_shards_with_bad_records_counted(text_tokenizer, tmp_path):
     manifest = build_shards(settings("text", text_tokenizer), [path], tmp_path / "out", max_samples_per_shard=8)
     assert manifest.skipped == {"empty_text": 1, "invalid_json": 2, "invalid_utf8": 1, "missing_text": 1}
     assert manifest.samples == 30 and len(manifest.shards) == 4
-    assert manifest.fingerprints == {"text": text_tokenizer.fingerprint, "image": None}
+    assert manifest.fingerprints == {"text": text_tokenizer.fingerprint, "image": None, "audio": None}
     built = samples(tmp_path / "out")
     assert [text_tokenizer.decode([t[1:-1].tolist()])[0] for t, _ in built] == docs
     assert manifest.tokens_by_modality["special"] == 60 and manifest.tokens_by_modality["image"] == 0

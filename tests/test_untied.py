@@ -28,19 +28,23 @@ from helpers import randomized_model, small_config
 
 TRAIN = "-m fusion_train.train"
 IMAGE_IDS = [4, 68]  # small_config's vocabulary of 1,024 ids: 64 image codes from id 4
+AUDIO_IDS = [960, 1024]  # and, in a layout with audio, 64 audio codes at the end
 
 
-def untied_config(parts=UNTIED_PARTS, **overrides):
-    return small_config(untie_modalities=list(parts), image_token_ids=IMAGE_IDS, **overrides)
+def untied_config(parts=UNTIED_PARTS, audio: bool = False, **overrides):
+    return small_config(untie_modalities=list(parts), image_token_ids=IMAGE_IDS,
+                        audio_token_ids=AUDIO_IDS if audio else None, **overrides)  # fmt: skip
 
 
-def mixed_ids(batch: int = 3, seq_len: int = 40, seed: int = 0) -> torch.Tensor:
-    """Text, then an image, then text again, at a different place in each row."""
+def mixed_ids(batch: int = 3, seq_len: int = 40, seed: int = 0, audio: bool = False) -> torch.Tensor:
+    """Text, then an image, then text again (with an audio clip in it), at a different place in each row."""
     generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(IMAGE_IDS[1], 1024, (batch, seq_len), generator=generator)
+    ids = torch.randint(IMAGE_IDS[1], AUDIO_IDS[0], (batch, seq_len), generator=generator)
     for row in range(batch):
         start = 3 + 7 * row
         ids[row, start : start + 16] = torch.randint(*IMAGE_IDS, (16,), generator=generator)
+        if audio:
+            ids[row, start + 17 : start + 22] = torch.randint(*AUDIO_IDS, (5,), generator=generator)
     return ids
 
 
@@ -63,11 +67,13 @@ def test_parameters_grow_by_the_untied_parts_and_flops_per_token_do_not(parts):
     assert flops_per_token(cfg, 64) == flops_per_token(dense, 64)
 
 
-@pytest.mark.parametrize("block_style", ["prenorm", "swin"])
-def test_copies_of_the_dense_weights_give_the_dense_logits_and_gradients(block_style):
+@pytest.mark.parametrize("block_style, audio", [("prenorm", False), ("swin", False), ("prenorm", True)],
+                         ids=["prenorm", "swin", "three modalities"])  # fmt: skip
+def test_copies_of_the_dense_weights_give_the_dense_logits_and_gradients(block_style, audio):
     dense = randomized_model(small_config(block_style=block_style))
-    untied = untied_copy_of(dense, block_style=block_style)
-    ids = mixed_ids()
+    untied = untied_copy_of(dense, block_style=block_style, audio=audio)
+    assert (".audio." in "".join(n for n, _ in untied.named_parameters())) == audio
+    ids = mixed_ids(audio=audio)
     dense_logits, untied_logits = dense(ids), untied(ids)
     torch.testing.assert_close(untied_logits, dense_logits, rtol=1e-5, atol=1e-5)
     (dense_logits.square().mean()).backward()
@@ -98,10 +104,12 @@ def test_a_token_goes_only_through_its_own_modalitys_copy():
 
 
 class NaiveRouting:
-    """Sequence order kept, each token's modality remembered: the reference the routing must equal."""
+    """Sequence order kept, each token's copy number remembered: the reference the routing must equal."""
 
-    def __init__(self, is_image: torch.Tensor):
-        self.is_image = is_image
+    def __init__(self, ids: torch.Tensor, ranges: list[list[int]]):
+        self.copy = torch.zeros_like(ids)
+        for number, (start, end) in enumerate(ranges, start=1):
+            self.copy[(ids >= start) & (ids < end)] = number
 
     @staticmethod
     def group(x):
@@ -110,26 +118,27 @@ class NaiveRouting:
     ungroup = group
 
 
-def both_copies_then_select(self, x, routing):
-    mask = routing.is_image.reshape(*routing.is_image.shape, *[1] * (x.dim() - 2))
-    return torch.where(mask, self.image(x), self.text(x))
+def every_copy_then_select(self, x, routing):
+    copy = routing.copy.reshape(*routing.copy.shape, *[1] * (x.dim() - 2))
+    outputs = [getattr(self, name)(x) for name in self.copies]
+    return sum(torch.where(copy == number, out, 0) for number, out in enumerate(outputs))
 
 
 @pytest.mark.parametrize("block_style", ["prenorm", "swin"])
-@pytest.mark.parametrize("rows", ["mixed", "text only", "image only"])
-def test_routing_equals_running_both_copies_on_every_token(block_style, rows, monkeypatch):
-    model = randomized_model(untied_config(block_style=block_style))  # GQA: 4 heads, 2 kv heads
+@pytest.mark.parametrize("rows", ["mixed", "text only", "image only", "three modalities"])
+def test_routing_equals_running_every_copy_on_every_token(block_style, rows, monkeypatch):
+    audio = rows == "three modalities"
+    model = randomized_model(untied_config(block_style=block_style, audio=audio))  # GQA: 4 heads, 2 kv heads
     ids = {
         "mixed": mixed_ids(seed=1),
         "text only": torch.randint(IMAGE_IDS[1], 1024, (2, 16)),
         "image only": torch.randint(*IMAGE_IDS, (2, 16)),
+        "three modalities": mixed_ids(seed=1, audio=True),
     }[rows]
     with torch.no_grad():
         routed = model(ids)
-        monkeypatch.setattr(ByModality, "forward", both_copies_then_select)
-        monkeypatch.setattr(
-            ModalityRouting, "of", classmethod(lambda cls, i, r: NaiveRouting((i >= r[0]) & (i < r[1])))
-        )
+        monkeypatch.setattr(ByModality, "forward", every_copy_then_select)
+        monkeypatch.setattr(ModalityRouting, "of", classmethod(lambda cls, i, r: NaiveRouting(i, r)))
         reference = model(ids)
     torch.testing.assert_close(routed, reference, rtol=1e-5, atol=1e-5)
 

@@ -11,10 +11,12 @@ import sys
 from data_pipelines.build import KIND_MODULES, BuildSettings, build_shards
 from data_pipelines.demo import make_demo_data
 from data_pipelines.parts import merge_manifests
+from data_pipelines.train_audio_tokenizer import train_audio_tokenizer
 from data_pipelines.train_image_tokenizer import train_image_tokenizer
 from data_pipelines.verify import verify_source
 from fusion_train.data.manifest import DataError, Manifest
 from fusion_train.storage import WriteFailed
+from fusion_train.tokenizers.audio import AudioTokenizer
 from fusion_train.tokenizers.image import image_layout
 from fusion_train.tokenizers.text import TokenizerError, train_text_tokenizer
 from fusion_train.vocab import VocabLayout
@@ -33,6 +35,11 @@ def _parser() -> argparse.ArgumentParser:
         "without it, Chameleon's (8192 codes, 32 x 32, for Meta's VQGAN)",
     )
     layout.add_argument("--image-tokenizer", help="vqgan.ckpt (with vqgan.yaml beside it)")
+    layout.add_argument(
+        "--audio-tokenizer",
+        help="an EnCodec folder (train-audio-tokenizer's, or transformers' layout): its levels x codes are added "
+        "after the --vocab-size ids",
+    )  # fmt: skip
     defaults = VocabLayout()
     layout.add_argument("--vocab-size", type=int, default=defaults.vocab_size)
     layout.add_argument("--n-reserved", type=int, default=defaults.n_reserved)
@@ -58,6 +65,22 @@ def _parser() -> argparse.ArgumentParser:
     image.add_argument("--batch-size", type=int, default=16)
     image.add_argument("--seed", type=int, default=0)
 
+    audio = commands.add_parser("train-audio-tokenizer", help="a small EnCodec, trained on the CPU in minutes")
+    audio.add_argument(
+        "--audio", nargs="+", required=True,
+        help='folders of audio files (searched recursively), .jsonl of {"audio": path} or WebDataset .tar files',
+    )  # fmt: skip
+    audio.add_argument("--output", required=True, help="folder for config.json and model.safetensors")
+    audio.add_argument("--sampling-rate", type=int, default=8000)
+    audio.add_argument(
+        "--ratios", type=int, nargs="+", default=[8, 5, 4], help="down-sampling per stage (hop = product)"
+    )
+    audio.add_argument("--codebook-size", type=int, default=256)
+    audio.add_argument("--levels", type=int, default=2, help="residual quantizer levels (tokens per frame)")
+    audio.add_argument("--steps", type=int, default=600)
+    audio.add_argument("--batch-size", type=int, default=16)
+    audio.add_argument("--seed", type=int, default=0)
+
     demo = commands.add_parser("make-demo-data", help="the embedded default data, tokenizers and shards")
     demo.add_argument("--output", default="demo")
     demo.add_argument("--images", type=int, default=2000)
@@ -71,9 +94,11 @@ def _parser() -> argparse.ArgumentParser:
     shards.add_argument("--output", required=True)
     shards.add_argument("--text-tokenizer", required=True)
     shards.add_argument("--image-tokenizer", help="vqgan.ckpt (with vqgan.yaml beside it)")
+    shards.add_argument("--audio-tokenizer", help="an EnCodec folder (config.json + model.safetensors)")
+    shards.add_argument("--max-audio-seconds", type=float, default=60.0, help="longer clips are skipped, counted")
     shards.add_argument("--seed", type=int, default=0)
     shards.add_argument("--workers", type=int, default=2)
-    shards.add_argument("--device", default="cpu", help="where images are encoded: cpu or cuda")
+    shards.add_argument("--device", default="cpu", help="where images and audio are encoded: cpu or cuda")
     shards.add_argument(
         "--encode-in", choices=["workers", "main"],
         help="workers: each encodes its own images; main: workers decode, the main process encodes large "
@@ -118,8 +143,10 @@ def _text_layout(args: argparse.Namespace) -> VocabLayout:
         chosen = images
     defaults = VocabLayout()
     sizes = {name: getattr(defaults, name) if value is None else value for name, value in chosen.items()}
+    audio = AudioTokenizer.load(args.audio_tokenizer, device="cpu").layout() if args.audio_tokenizer else {}
+    audio_ids = audio.get("audio_codebook_size", 0) * audio.get("audio_levels", 0)
     try:
-        return VocabLayout(vocab_size=args.vocab_size, n_reserved=args.n_reserved, **sizes)
+        return VocabLayout(vocab_size=args.vocab_size + audio_ids, n_reserved=args.n_reserved, **sizes, **audio)
     except ValueError as err:
         raise TokenizerError(
             f"{err} (set by --vocab-size {args.vocab_size}, --n-reserved {args.n_reserved}, and "
@@ -143,6 +170,12 @@ def _run(args: argparse.Namespace) -> dict:
             args.images, args.output, exclude=args.exclude, resolution=args.resolution, grid=args.grid, codebook_size=args.codebook_size,
             steps=args.steps, batch_size=args.batch_size, seed=args.seed,
         )  # fmt: skip
+    if args.command == "train-audio-tokenizer":
+        return train_audio_tokenizer(
+            args.audio, args.output, sampling_rate=args.sampling_rate, ratios=tuple(args.ratios),
+            codebook_size=args.codebook_size, levels=args.levels, steps=args.steps, batch_size=args.batch_size,
+            seed=args.seed,
+        )  # fmt: skip
     if args.command == "make-demo-data":
         return make_demo_data(
             args.output, images=args.images, vq_steps=args.vq_steps, seed=args.seed, workers=args.workers
@@ -150,8 +183,9 @@ def _run(args: argparse.Namespace) -> dict:
     if args.command == "merge-manifests":
         return _summary(merge_manifests(args.output))
     settings = BuildSettings(
-        args.kind, args.text_tokenizer, args.image_tokenizer, args.seed, args.device, args.encode_in
-    )
+        args.kind, args.text_tokenizer, args.image_tokenizer, args.seed, args.device, args.encode_in,
+        args.audio_tokenizer, args.max_audio_seconds,
+    )  # fmt: skip
     manifest = build_shards(
         settings, args.input, args.output, workers=args.workers, max_samples_per_shard=args.max_samples_per_shard,
         max_bytes_per_shard=args.max_mb_per_shard * 2**20, overwrite=args.overwrite, part=args.part, parts=args.parts,

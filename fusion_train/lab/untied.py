@@ -27,7 +27,6 @@ from fusion_train.model.chameleon import UNTIED_COPIES, ChameleonConfig  # noqa:
 from fusion_train.model.size import flops_per_token, parameter_counts  # noqa: E402
 from fusion_train.monitor.report import read_run  # noqa: E402
 
-MODALITIES = UNTIED_COPIES  # the modalities with copies of their own, compared
 DENSE = "dense"
 
 
@@ -59,7 +58,11 @@ def read_arm(folder: Path) -> Arm:
         parameters=parameter_counts(model).total,
         flops_per_step=flops_per_token(model, config["data"]["seq_len"]) * config["trainer"]["global_batch_tokens"],
         eval_steps=np.array([r["step"] for r in evals]),
-        eval_loss={m: np.array([r[f"eval/{source}/loss_{m}"] for r in evals]) for m in MODALITIES},
+        eval_loss={
+            m: np.array([r[f"eval/{source}/loss_{m}"] for r in evals])
+            for m in UNTIED_COPIES
+            if evals and f"eval/{source}/loss_{m}" in evals[0]
+        },  # the data's modalities
         step_time_s=float(np.mean(times)) if times else float("nan"),
     )
 
@@ -79,7 +82,7 @@ def comparison_rows(arms: list[Arm]) -> list[dict]:
             "parameters": f"{arm.parameters:,}",
             "GFLOPs per step": f"{arm.flops_per_step / 1e9:.1f}",
         }
-        for m in MODALITIES:
+        for m in dense.eval_loss:
             row[f"final {m} loss"] = f"{arm.eval_loss[m][-1]:.3f}"
             reached = arm.steps_to(m, dense.eval_loss[m][-1])
             share = reached / dense.eval_steps[-1] if reached is not None else None
@@ -92,8 +95,9 @@ def comparison_rows(arms: list[Arm]) -> list[dict]:
 
 
 def loss_plot(arms: list[Arm]):
-    figure, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for ax, m in zip(axes, MODALITIES, strict=True):
+    modalities = list(arms[0].eval_loss)
+    figure, axes = plt.subplots(1, len(modalities), figsize=(5 * len(modalities), 3.8))
+    for ax, m in zip(axes, modalities, strict=True):
         for arm in arms:
             ax.plot(arm.eval_steps * arm.flops_per_step / 1e12, arm.eval_loss[m], "o-", markersize=3, label=arm.name)
         ax.set_title(f"held-out {m} loss")

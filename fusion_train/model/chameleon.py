@@ -76,11 +76,12 @@ class ChameleonConfig:
     attention: str = "sdpa"  # the kernel (ATTENTION_KERNELS): see the module's docstring
     init_std: float = 0.02
     # Parts of every block with a copy per modality (UNTIED_PARTS; empty: the dense block), and the
-    # ids [start, end) of image tokens, which go through the image copies; every other id (text and
-    # the control tokens, which sit in text) goes through the text copies. The trainer sets the ids
-    # from the shards' vocabulary.
+    # ids [start, end) of image tokens and of audio tokens (None: the vocabulary has none), which go
+    # through the image and audio copies; every other id (text and the control tokens, which sit in
+    # text) goes through the text copies. The trainer sets the ids from the shards' vocabulary.
     untie_modalities: list[str] = field(default_factory=list)
     image_token_ids: list[int] | None = None
+    audio_token_ids: list[int] | None = None
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -95,10 +96,10 @@ class ChameleonConfig:
             (0.0 <= self.dropout < 1.0, "dropout must lie in [0, 1)"),
             (self.loss_chunk_size > 0, "loss_chunk_size must be positive"),
             (set(self.untie_modalities) <= set(UNTIED_PARTS), f"untie_modalities: choose among {UNTIED_PARTS}"),
-            (
-                self.image_token_ids is None or len(self.image_token_ids) == 2,
-                "image_token_ids must be [first image id, last + 1]",
-            ),
+            *[
+                (ids is None or len(ids) == 2, f"{name}_token_ids must be [first {name} id, last + 1]")
+                for name, ids in (("image", self.image_token_ids), ("audio", self.audio_token_ids))
+            ],
             ("qk_norm" not in self.untie_modalities or self.qk_norm, "untie_modalities has qk_norm but qk_norm is off"),
         ]
         for ok, message in checks:
@@ -109,6 +110,16 @@ class ChameleonConfig:
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
+
+    @property
+    def untied_ranges(self) -> list[list[int]]:
+        """The id ranges with copies of their own, in UNTIED_COPIES' order after text."""
+        return [ids for ids in (self.image_token_ids, self.audio_token_ids) if ids is not None]
+
+    @property
+    def untied_copies(self) -> tuple[str, ...]:
+        """The copies an untied part has: text, then the modalities the vocabulary has ids for."""
+        return UNTIED_COPIES[: 1 + len(self.untied_ranges)]
 
 
 class RMSNorm(nn.Module):
@@ -140,23 +151,26 @@ class HeadLayerNorm(nn.Module):
 
 @dataclass
 class ModalityRouting:
-    """A batch's tokens grouped by modality, flattened: text tokens first, then image tokens, each in
-    sequence order. Made once per forward from the input ids and shared by every block."""
+    """A batch's tokens grouped by modality, flattened: text tokens first, then image tokens, then
+    audio tokens, each group in sequence order. Made once per forward from the input ids and shared
+    by every block."""
 
     order: torch.Tensor  # [N]: the flat position of each grouped token
     inverse: torch.Tensor  # [N]: the grouped index of each flat position
-    n_text: int
+    counts: list[int]  # tokens per group, text first
     shape: torch.Size  # (B, T)
 
     @classmethod
-    def of(cls, input_ids: torch.Tensor, image_token_ids: list[int]) -> ModalityRouting:
-        start, end = image_token_ids
-        is_image = ((input_ids >= start) & (input_ids < end)).flatten()
-        order = torch.argsort(is_image.to(torch.uint8), stable=True)
+    def of(cls, input_ids: torch.Tensor, ranges: list[list[int]]) -> ModalityRouting:
+        """`ranges`: the [start, end) ids of each group after text."""
+        group = torch.zeros_like(input_ids).flatten()
+        for number, (start, end) in enumerate(ranges, start=1):
+            group = torch.where((input_ids.flatten() >= start) & (input_ids.flatten() < end), number, group)
+        order = torch.argsort(group.to(torch.uint8), stable=True)
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
-        n_text = order.numel() - int(is_image.sum())  # the forward's one host sync: the split point
-        return cls(order, inverse, n_text, input_ids.shape)
+        counts = torch.bincount(group, minlength=1 + len(ranges)).tolist()  # the forward's one host sync
+        return cls(order, inverse, counts, input_ids.shape)
 
     def group(self, x: torch.Tensor) -> torch.Tensor:
         """[B, T, ...] in sequence order -> [N, ...] grouped."""
@@ -177,23 +191,27 @@ class SequenceOrder:
     ungroup = group
 
 
-UNTIED_COPIES = ("text", "image")  # a ByModality's copies, in the order a ModalityRouting groups tokens
+UNTIED_COPIES = ("text", "image", "audio")  # a ByModality's copies, in the order a ModalityRouting groups tokens
 
 
 class ByModality(nn.Module):
     """A per-token module untied by modality: `text` for the text (and control) tokens, `image` for
-    the image tokens, on tokens grouped by a ModalityRouting."""
+    the image tokens, `audio` for the audio tokens (when the vocabulary has them), on tokens grouped
+    by a ModalityRouting."""
 
-    def __init__(self, make: Callable[[], nn.Module]):
+    def __init__(self, make: Callable[[], nn.Module], copies: tuple[str, ...]):
         super().__init__()
-        self.text, self.image = make(), make()
+        self.copies = copies
+        for name in copies:
+            self.add_module(name, make())
 
     def forward(self, x: torch.Tensor, routing: ModalityRouting) -> torch.Tensor:
-        return torch.cat([self.text(x[: routing.n_text]), self.image(x[routing.n_text :])])
+        parts = x.split(routing.counts)
+        return torch.cat([getattr(self, name)(part) for name, part in zip(self.copies, parts, strict=True)])
 
 
-def untied_if(untie: bool, make: Callable[[], nn.Module]) -> nn.Module:
-    return ByModality(make) if untie else make()
+def untied_if(untie: bool, make: Callable[[], nn.Module], copies: tuple[str, ...]) -> nn.Module:
+    return ByModality(make, copies) if untie else make()
 
 
 def per_token(module: nn.Module, x: torch.Tensor, routing) -> torch.Tensor:
@@ -325,18 +343,19 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         projections, qk_norm = "attention" in cfg.untie_modalities, "qk_norm" in cfg.untie_modalities
+        copies = cfg.untied_copies
         q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-        self.wq = untied_if(projections, lambda: nn.Linear(cfg.dim, q_dim, bias=False))
-        self.wk = untied_if(projections, lambda: nn.Linear(cfg.dim, kv_dim, bias=False))
-        self.wv = untied_if(projections, lambda: nn.Linear(cfg.dim, kv_dim, bias=False))
-        self.wo = untied_if(projections, lambda: nn.Linear(q_dim, cfg.dim, bias=False))
+        self.wq = untied_if(projections, lambda: nn.Linear(cfg.dim, q_dim, bias=False), copies)
+        self.wk = untied_if(projections, lambda: nn.Linear(cfg.dim, kv_dim, bias=False), copies)
+        self.wv = untied_if(projections, lambda: nn.Linear(cfg.dim, kv_dim, bias=False), copies)
+        self.wo = untied_if(projections, lambda: nn.Linear(q_dim, cfg.dim, bias=False), copies)
         self.q_normalization = self.k_normalization = None
         if cfg.qk_norm:
             self.q_normalization = untied_if(
-                qk_norm, lambda: HeadLayerNorm(cfg.n_heads, cfg.head_dim, cfg.qk_norm_groups)
+                qk_norm, lambda: HeadLayerNorm(cfg.n_heads, cfg.head_dim, cfg.qk_norm_groups), copies
             )
             self.k_normalization = untied_if(
-                qk_norm, lambda: HeadLayerNorm(cfg.n_kv_heads, cfg.head_dim, cfg.qk_norm_groups)
+                qk_norm, lambda: HeadLayerNorm(cfg.n_kv_heads, cfg.head_dim, cfg.qk_norm_groups), copies
             )
         self.attend = ScaledDotProductAttention()
 
@@ -373,11 +392,11 @@ class TransformerBlock(nn.Module):
     def __init__(self, cfg: ChameleonConfig):
         super().__init__()
         self.swin = cfg.block_style == "swin"
-        norms = "norms" in cfg.untie_modalities
+        norms, copies = "norms" in cfg.untie_modalities, cfg.untied_copies
         self.attention = Attention(cfg)
-        self.feed_forward = untied_if("ffn" in cfg.untie_modalities, lambda: FeedForward(cfg))
-        self.attention_norm = untied_if(norms, lambda: RMSNorm(cfg.dim, cfg.norm_eps))
-        self.ffn_norm = untied_if(norms, lambda: RMSNorm(cfg.dim, cfg.norm_eps))
+        self.feed_forward = untied_if("ffn" in cfg.untie_modalities, lambda: FeedForward(cfg), copies)
+        self.attention_norm = untied_if(norms, lambda: RMSNorm(cfg.dim, cfg.norm_eps), copies)
+        self.ffn_norm = untied_if(norms, lambda: RMSNorm(cfg.dim, cfg.norm_eps), copies)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, cos, sin, attn_mask=None, cache: LayerCache | None = None, routing=SequenceOrder):
@@ -440,7 +459,7 @@ class Chameleon(nn.Module):
         """`seed`: the initial weights, a function of it alone (`init_weights`); None leaves them
         to the caller, as when the parameters are partitioned as they are created."""
         super().__init__()
-        if cfg.untie_modalities and cfg.image_token_ids is None:
+        if cfg.untie_modalities and cfg.image_token_ids is None:  # audio ids are optional: not every layout has them
             raise ValueError("model.untie_modalities needs model.image_token_ids, the image ids [first, last + 1]")
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
@@ -515,7 +534,7 @@ class Chameleon(nn.Module):
         cos, sin = rope_angles(self.cfg.head_dim, positions, self.cfg.rope_theta, self.cfg.rope_scaling)
         routing = SequenceOrder
         if self.cfg.untie_modalities:
-            routing = ModalityRouting.of(input_ids, self.cfg.image_token_ids)
+            routing = ModalityRouting.of(input_ids, self.cfg.untied_ranges)
         h = routing.group(self.tok_embeddings(input_ids))
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, attn_mask, cache.layers[i] if cache is not None else None, routing)

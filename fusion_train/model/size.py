@@ -20,10 +20,10 @@ class ParameterCounts:
 
 def parameters_by_group(cfg: ChameleonConfig) -> dict[str, int]:
     """Parameters in the monitors' groups: embeddings, attention, ffn, norms (QK-norm included),
-    output; a part untied by modality counts twice."""
+    output; a part untied by modality counts once per copy."""
 
     def copies(part: str) -> int:
-        return 2 if part in cfg.untie_modalities else 1
+        return len(cfg.untied_copies) if part in cfg.untie_modalities else 1
 
     kv_dim = cfg.n_kv_heads * cfg.head_dim
     qk_norm = 2 * 2 * cfg.qk_norm_groups * cfg.head_dim if cfg.qk_norm else 0  # weight + bias, q and k

@@ -2,13 +2,13 @@
 
 - The RMS of each block's output, summed on the device over micro-batches. The paper's predictor
   of a late divergence is the slow growth of the last one (Chameleon §2.3, Fig. 5a). In a
-  modality-untied model, also over the text and the image tokens apart: each through its own copies.
+  modality-untied model, also over the text, image and audio tokens apart: each through its own copies.
 - Each layer's largest pre-softmax attention logit q·k/√d, the quantity QK-norm bounds. It costs
   another q kᵀ product, so it is measured only while `sample_attention_logits` is on: as an
   observer of the loop, the monitor turns it on for the first micro-batch of each logged step.
 
 Logged: norms/block_{i}_out, norms/final_out (the last block's: the guard reads it every step),
-norms/block_{i}_out_{text,image} of an untied model, attn/qk_logit_max_{i} and attn/qk_logit_max.
+norms/block_{i}_out_{text,image,audio} of an untied model, attn/qk_logit_max_{i} and attn/qk_logit_max.
 
 Hooks sit on the modules in `model.layers` (an activation-checkpoint wrapper, when there is one,
 runs its forward once) and on each attention's `attend` module, whose recomputation in backward
@@ -86,13 +86,13 @@ class ActivationMonitor(Observer):
                 if index == 0:
                     self.micro_batches += 1
                 if inputs and isinstance(inputs[-1], ModalityRouting):
-                    self._modality_rms(index, output, inputs[-1].n_text)
+                    self._modality_rms(index, output, inputs[-1].counts)
 
         return hook
 
-    def _modality_rms(self, index: int, output: torch.Tensor, n_text: int) -> None:
-        """`output` holds the tokens grouped by modality: text first, then image (UNTIED_COPIES)."""
-        for modality, part in enumerate((output[:n_text], output[n_text:])):
+    def _modality_rms(self, index: int, output: torch.Tensor, counts: list[int]) -> None:
+        """`output` holds the tokens grouped by modality, `counts` of each in UNTIED_COPIES' order."""
+        for modality, part in enumerate(output.split(counts)):
             if part.numel():
                 self.modality_rms_sum[index, modality] += rms(part).double()
                 if index == 0:
@@ -120,8 +120,8 @@ class ActivationMonitor(Observer):
         return mean
 
     def take_modality_rms(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The sums of each block's text and image output RMS [layers, 2] and the micro-batches
-        that had tokens of each modality [2], since the last call (on the device)."""
+        """The sums of each block's output RMS per modality [layers, UNTIED_COPIES] and the
+        micro-batches that had tokens of each modality, since the last call (on the device)."""
         sums, counts = self.modality_rms_sum, self.modality_micro_batches
         self.modality_rms_sum, self.modality_micro_batches = torch.zeros_like(sums), torch.zeros_like(counts)
         return sums, counts
@@ -179,7 +179,7 @@ class ActivationMonitor(Observer):
 
 
 def modality_norms(sums: torch.Tensor, micro_batches: torch.Tensor) -> dict:
-    """norms/block_{i}_out_{text,image} of an untied model: each modality's copies' output RMS."""
+    """norms/block_{i}_out_{text,image,audio} of an untied model: each modality's copies' output RMS."""
     means = (sums.view(-1, len(UNTIED_COPIES)) / micro_batches.clamp(min=1)).tolist()
     counts = micro_batches.tolist()
     return {

@@ -97,6 +97,17 @@ def windows(samples: np.ndarray, length: int, shortest: int = 1) -> list[np.ndar
     return [cut for cut in cuts if len(cut) >= shortest]
 
 
+def audio_config(path: str | Path) -> EncodecConfig:
+    """A tokenizer folder's codec config, without its weights (Meta's .th file: the 24 kHz model's)."""
+    path = Path(path)
+    if path.is_file():
+        return EncodecConfig()
+    if not (path / CONFIG_FILE).is_file():
+        raise TokenizerError(f"audio tokenizer {path} not found: a folder with {CONFIG_FILE} and {WEIGHTS_FILE} "
+                             "(transformers' EncodecModel layout) or Meta's .th checkpoint")  # fmt: skip
+    return EncodecConfig.from_dict(json.loads((path / CONFIG_FILE).read_text()))
+
+
 class AudioTokenizer:
     def __init__(self, model: Encodec, levels: int, fingerprint: str, device: str | torch.device | None = None,
                  batch_size: int = 16):  # fmt: skip
@@ -145,6 +156,10 @@ class AudioTokenizer:
         if missing:
             raise TokenizerError(f"{path} lacks {len(missing)} EnCodec weights, e.g. {missing[:3]}: is it an EnCodec "
                                  "checkpoint of this config?")  # fmt: skip
+        shapes = [k for k, v in model.state_dict().items() if v.shape != state[k].shape]
+        if shapes:
+            raise TokenizerError(f"{path}: {len(shapes)} weights, e.g. {shapes[0]}, do not have the shapes its config "
+                                 f"gives ({path / CONFIG_FILE if path.is_dir() else 'the 24 kHz model'})")  # fmt: skip
         model.load_state_dict({k: state[k] for k in model.state_dict()})
         levels = (
             levels

@@ -1,13 +1,15 @@
 """Documents to token sequences, the sequence contract of DESIGN.md.
 
 - text: `<s> text </s>`
-- image-text pair: `<s> image caption </s>` or `<s> caption image </s>`, image first in a seeded
-  half of the pairs (captioning as well as generation)
+- image-text and audio-text pairs: `<s> media caption </s>` or `<s> caption media </s>`, the media
+  first in a seeded half of the pairs (captioning as well as generation)
 - interleaved: `<s>` segments in their order `</s>`
 - SFT: `<s>` then per turn `prompt <sep> answer </s>`; the loss mask is 0 on prompts and
   separators, 1 on answers and their `</s>`
 
-An image is `<racm3:break>`, its grid of codes in raster order (code c as id 4 + c), `<eoss>`.
+An image is `<racm3:break>`, its grid of codes in raster order (code c as id 4 + c), `<eoss>`; a
+clip is `<begin-audio>`, its codes frame by frame, each frame's levels in order, `<end-audio>`
+(`VocabLayout.audio_codes_to_ids`).
 """
 
 from __future__ import annotations
@@ -16,11 +18,20 @@ import hashlib
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from fusion_train.tokenizers.text import TextTokenizer
 from fusion_train.vocab import VocabLayout
 
-Segment = str | np.ndarray  # text, or an image's codes [grid, grid]
+
+@dataclass
+class AudioCodes:
+    """A clip's codes [levels, frames], as the audio tokenizer gives them."""
+
+    codes: np.ndarray
+
+
+Segment = str | np.ndarray | AudioCodes  # text, an image's codes [grid, grid], or a clip's
 
 
 @dataclass
@@ -49,22 +60,30 @@ class DocumentTokenizer:
         ids = codes.reshape(-1).astype(np.int64) + self.vocab.image_code_start
         return np.concatenate([[self.vocab.begin_of_image], ids, [self.vocab.end_of_image]])
 
+    def audio_block(self, clip: AudioCodes) -> np.ndarray:
+        if not self.vocab.audio_ids:
+            raise ValueError("the vocabulary has no audio codes: its layout needs audio_codebook_size and audio_levels")
+        ids = self.vocab.audio_codes_to_ids(torch.from_numpy(np.asarray(clip.codes))).numpy()
+        return np.concatenate([[self.vocab.begin_of_audio], ids, [self.vocab.end_of_audio]])
+
     def segments(self, segments: list[Segment]) -> np.ndarray:
-        texts = [s for s in segments if isinstance(s, str)]
-        encoded = iter(self.text.encode(texts))
-        pieces = [
-            np.asarray(next(encoded), dtype=np.int64) if isinstance(s, str) else self.image_block(s) for s in segments
-        ]
-        return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
+        encoded = iter(self.text.encode([s for s in segments if isinstance(s, str)]))
+        pieces = [self._ids(s, encoded) for s in segments]
+        return np.concatenate(pieces).astype(np.int64) if pieces else np.zeros(0, dtype=np.int64)
+
+    def _ids(self, segment: Segment, encoded_texts) -> np.ndarray:
+        if isinstance(segment, str):
+            return np.asarray(next(encoded_texts), dtype=np.int64)
+        return self.audio_block(segment) if isinstance(segment, AudioCodes) else self.image_block(segment)
 
     def document(self, segments: list[Segment]) -> TokenizedDocument:
         """Text and interleaved documents."""
         body = self.segments(segments)
         return TokenizedDocument(np.concatenate([[self.vocab.bos], body, [self.vocab.eos]]).astype(np.int64))
 
-    def image_text(self, codes: np.ndarray, caption: str, record: tuple[int, int]) -> TokenizedDocument:
-        order = [codes, caption] if seeded_coin(self.seed, record) else [caption, codes]
-        return self.document(order)
+    def pair(self, media: Segment, caption: str, record: tuple[int, int]) -> TokenizedDocument:
+        """An image or clip with its caption, the media first when the record's coin says so."""
+        return self.document([media, caption] if seeded_coin(self.seed, record) else [caption, media])
 
     def sft(self, turns: list[tuple[list[Segment], list[Segment]]]) -> TokenizedDocument:
         tokens, mask = [np.array([self.vocab.bos])], [np.zeros(1, np.uint8)]

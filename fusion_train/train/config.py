@@ -195,7 +195,7 @@ def gradient_accumulation_steps(cfg: TrainConfig, data_parallel_size: int) -> in
 
 def bind_to_vocabulary(model: ChameleonConfig, vocab: VocabLayout) -> None:
     """Make the model config the shards' vocabulary's: the same size, and for an untied model the
-    ids it routes to its image copies, the vocabulary's image codes (written into the config, so
+    ids it routes to its image and audio copies, the vocabulary's codes (written into the config, so
     that checkpoints and exports carry them)."""
     if vocab.vocab_size != model.vocab_size:
         raise ConfigError(
@@ -204,13 +204,17 @@ def bind_to_vocabulary(model: ChameleonConfig, vocab: VocabLayout) -> None:
         )
     if not model.untie_modalities:
         return
-    [image_ids] = [list(r) for r in vocab.id_ranges(Modality.IMAGE)]
-    if model.image_token_ids is not None and list(model.image_token_ids) != image_ids:
-        raise ConfigError(
-            f"model.image_token_ids={list(model.image_token_ids)} but the shards' image codes are ids "
-            f"{image_ids[0]}..{image_ids[1] - 1}: leave it unset, and the trainer takes it from the shards"
-        )
-    model.image_token_ids = image_ids
+    for modality in (Modality.IMAGE, Modality.AUDIO):
+        name = f"{modality.key}_token_ids"
+        ids = [list(r) for r in vocab.id_ranges(modality)]
+        ids = ids[0] if ids else None
+        if getattr(model, name) is not None and list(getattr(model, name)) != ids:
+            raise ConfigError(
+                f"model.{name}={list(getattr(model, name))} but the shards' {modality.key} codes are "
+                f"{'ids ' + str(ids[0]) + '..' + str(ids[1] - 1) if ids else 'none'}: leave it unset, and the "
+                "trainer takes it from the shards"
+            )
+        setattr(model, name, ids)
 
 
 def validate(cfg: TrainConfig) -> None:
