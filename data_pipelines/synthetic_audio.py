@@ -18,6 +18,7 @@ from fusion_train.tokenizers.audio_quality import pitch, semitones
 NOTES = {"low": 220.0, "middle": 440.0, "high": 880.0}  # octaves apart: unmistakable by pitch
 NOTE_SECONDS, GAP_SECONDS, SWEEP_SECONDS = 0.25, 0.08, 0.8
 COUNTS = {1: "one", 2: "two", 3: "three"}
+SWEEP_SEMITONES = 5  # a sweep spans two octaves; one that glides by more than this has a direction
 
 
 def _envelope(length: int, rate: int) -> np.ndarray:
@@ -30,9 +31,9 @@ def _envelope(length: int, rate: int) -> np.ndarray:
 
 
 def _tone(frequency: np.ndarray | float, length: int, rate: int) -> np.ndarray:
-    """A note with a soft second harmonic (a sine alone sounds thin); `frequency` may glide."""
+    """A sine note (no harmonics: a small codec then has no octave to confuse); `frequency` may glide."""
     phase = 2 * np.pi * np.cumsum(np.broadcast_to(frequency, (length,))) / rate
-    return (0.4 * np.sin(phase) + 0.12 * np.sin(2 * phase)) * _envelope(length, rate)
+    return 0.5 * np.sin(phase) * _envelope(length, rate)
 
 
 def notes_audio(notes: list[str], rate: int) -> np.ndarray:
@@ -103,13 +104,13 @@ def _sounding_spans(samples: np.ndarray, rate: int) -> list[tuple[int, int]]:
 
 def analyse(samples: np.ndarray, rate: int) -> dict:
     """What a sound is, read from its waveform: the notes of its sounding stretches, or a sweep's
-    direction when one stretch glides by more than an octave; `{"kind": "unclear"}` otherwise."""
+    direction when one long stretch glides; `{"kind": "unclear"}` otherwise."""
     spans = _sounding_spans(samples, rate)
     if len(spans) == 1 and spans[0][1] - spans[0][0] > 0.5 * SWEEP_SECONDS * rate:
         start, end = spans[0]
         tenth = (end - start) // 10
         first, last = pitch(samples[start : start + tenth], rate), pitch(samples[end - tenth : end], rate)
-        if first and last and abs(semitones(last, first)) > 12:
+        if first and last and abs(semitones(last, first)) > SWEEP_SEMITONES:
             return {"kind": "sweep", "direction": "rising" if last > first else "falling"}
     notes = []
     for start, end in spans:

@@ -37,6 +37,7 @@ from fusion_train.tokenizers.encodec import Encodec, EncodecConfig, EncodecResid
 EMA_DECAY = 0.99
 DEAD_CODE = 0.5  # a code whose moving count of vectors falls below this is restarted
 HELD_OUT_SECONDS = 4.0  # each held-out clip is scored on its first seconds
+PITCH_WINDOW = 0.05  # seconds: short enough for one note, long enough for several periods of 220 Hz
 
 log = logging.getLogger(__name__)
 
@@ -153,29 +154,31 @@ class CodebookLearning:
             book.embed[dead], book.embed_avg[dead], book.cluster_size[dead] = fresh, fresh, 1.0
 
 
+def pitch_pairs(clip: np.ndarray, decoded: np.ndarray, rate: int) -> list[tuple[float, float | None]]:
+    """(the clip's pitch, the reconstruction's) in each PITCH_WINDOW where the clip has a clear one."""
+    window = int(PITCH_WINDOW * rate)
+    pairs = []
+    for start in range(0, len(clip) - window + 1, window):
+        want = pitch(clip[start : start + window], rate)
+        if want is not None:
+            pairs.append((want, pitch(decoded[start : start + window], rate)))
+    return pairs
+
+
 def quality(tokenizer: AudioTokenizer, clips: list[np.ndarray]) -> dict:
-    """Held-out reconstruction: mean SI-SNR (dB) and log-mel distance, and of the clips with a clear
-    pitch, the fraction whose reconstruction keeps it within a semitone."""
+    """Held-out reconstruction: mean SI-SNR (dB) and log-mel distance, and over the windows where a
+    clip has a clear pitch, the fraction whose reconstruction keeps it within a semitone."""
     rate = tokenizer.sampling_rate
     clips = [clip[: int(HELD_OUT_SECONDS * rate)] for clip in clips]
     decoded = [tokenizer.decode(codes)[: len(clip)] for clip, codes in zip(clips, tokenizer.encode(clips), strict=True)]
-    tonal = [(pitch(clip, rate), pitch(out, rate)) for clip, out in zip(clips, decoded, strict=True)]
-    tonal = [(want, got) for want, got in tonal if want is not None]
-    kept = [got is not None and abs(semitones(got, want)) <= 1 for want, got in tonal]
+    pairs = [pair for clip, out in zip(clips, decoded, strict=True) for pair in pitch_pairs(clip, out, rate)]
+    kept = [got is not None and abs(semitones(got, want)) <= 1 for want, got in pairs]
+    mel = [mel_distance(torch.from_numpy(out), torch.from_numpy(clip), rate).item()
+           for clip, out in zip(clips, decoded, strict=True)]  # fmt: skip
     return {
         "si_snr_db": round(float(np.mean([si_snr(out, clip) for clip, out in zip(clips, decoded, strict=True)])), 2),
-        "mel_distance": round(
-            float(
-                np.mean(
-                    [
-                        mel_distance(torch.from_numpy(out), torch.from_numpy(clip), rate)
-                        for clip, out in zip(clips, decoded, strict=True)
-                    ]
-                )
-            ),
-            4,
-        ),  # fmt: skip
-        "tonal_clips": len(tonal),
+        "mel_distance": round(float(np.mean(mel)), 4),
+        "tonal_windows": len(pairs),
         "pitch_kept": round(float(np.mean(kept)), 3) if kept else None,
     }
 

@@ -76,7 +76,8 @@ def pitch(samples: np.ndarray, sampling_rate: int, lowest: float = 60.0, highest
     while lag + 1 <= last and correlation[lag + 1] > correlation[lag]:
         lag += 1
     left, centre, right = correlation[lag - 1 : lag + 2]
-    shift = 0.5 * (left - right) / (left - 2 * centre + right) if left - 2 * centre + right else 0.0
+    curvature = left - 2 * centre + right
+    shift = float(np.clip(0.5 * (left - right) / curvature, -0.5, 0.5)) if curvature < 0 else 0.0  # a peak only
     return sampling_rate / (lag + shift)
 
 
