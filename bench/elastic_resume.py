@@ -32,11 +32,11 @@ def free_port() -> int:
 
 def train(run: Path, shards: dict, ranks: int, *extra: str) -> None:
     overrides = [
-        "model.vocab_size=4096", "optim=demo", "optim.warmup_steps=5", "data.seq_len=128", "data.micro_batch_size=4",
+        "model.vocab_size=4608", "optim=demo", "optim.warmup_steps=5", "data.seq_len=128", "data.micro_batch_size=4",
         "trainer.global_batch_tokens=2048", f"trainer.run_dir={run}", "logging.log_every=1", "logging.wandb=false",
         "trainer.progress_bar=false", f"data.sources.text.path={shards['text']}",
         f"data.sources.image_text.path={shards['image_text']}", f"data.sources.interleaved.path={shards['interleaved']}",
-        *extra,
+        f"data.sources.audio_text.path={shards['audio_text']}", *extra,
     ]  # fmt: skip
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", "--master_addr=127.0.0.1",
                f"--master_port={free_port()}", "-m", "fusion_train.train", *overrides]  # fmt: skip
@@ -58,7 +58,7 @@ def main() -> None:
     total = f"trainer.steps={args.steps_before + args.steps_after}"
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
-        shards = make_demo_data(folder / "demo", images=120, vq_steps=5)["shards"]
+        shards = make_demo_data(folder / "demo", images=120, vq_steps=5, sounds=40, audio_steps=5)["shards"]
         train(folder / "uninterrupted", shards, 2, total)
         train(folder / "universal", shards, 2, total, f"trainer.stop_after_steps={args.steps_before}")
         shutil.copytree(folder / "universal", folder / "adam_restarted")

@@ -25,16 +25,16 @@ REPO = Path(__file__).resolve().parent.parent
 def demo_shards(folder: Path) -> dict:
     from data_pipelines.demo import make_demo_data
 
-    return make_demo_data(folder, images=120, vq_steps=5)["shards"]
+    return make_demo_data(folder, images=120, vq_steps=5, sounds=40, audio_steps=5)["shards"]
 
 
 def run_once(shards: dict, run_dir: Path, monitoring: bool, args) -> float:
     overrides = [
-        "model.vocab_size=4096", "optim=demo", "data.seq_len=256", "data.micro_batch_size=8",
+        "model.vocab_size=4608", "optim=demo", "data.seq_len=256", "data.micro_batch_size=8",
         f"trainer.global_batch_tokens={8 * 256 * args.micro_steps}", f"trainer.steps={args.steps}",
         "trainer.checkpoint_every=100000", f"logging.log_every={args.log_every}", "logging.wandb=false",
         "trainer.progress_bar=false", f"trainer.run_dir={run_dir}", f"monitor.enabled={str(monitoring).lower()}",
-        *(f"data.sources.{name}.path={shards[name]}" for name in ("text", "image_text", "interleaved")),
+        *(f"data.sources.{name}.path={shards[name]}" for name in ("text", "image_text", "interleaved", "audio_text")),
     ]  # fmt: skip
     subprocess.run([sys.executable, "-m", "fusion_train.train", *overrides], cwd=REPO, check=True, capture_output=True)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

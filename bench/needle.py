@@ -37,7 +37,7 @@ def train(run_dir: Path, shards: Path, seq_len: int, steps: int, *extra: str) ->
     checkpoint = run_dir / "checkpoints" / f"step_{steps}"
     if not checkpoint.is_dir():
         run(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "fusion_train.train",
-            "model=tiny", "model.vocab_size=4096", "optim=demo", f"data.seq_len={seq_len}",
+            "model=tiny", "model.vocab_size=4608", "optim=demo", f"data.seq_len={seq_len}",
             f"data.micro_batch_size={max(1, 8192 // seq_len)}", "trainer.global_batch_tokens=16384",
             f"trainer.run_dir={run_dir}", "logging.log_every=20", "trainer.progress_bar=false", "logging.wandb=false",
             "~data.sources.text", "~data.sources.image_text", "~data.sources.interleaved",
@@ -66,7 +66,7 @@ def main() -> None:
     if not (demo / "shards").is_dir():
         from data_pipelines.demo import make_demo_data
 
-        make_demo_data(demo, images=120, vq_steps=5)
+        make_demo_data(demo, images=120, vq_steps=5, sounds=40, audio_steps=5)
     short = train(args.work / "train_2k", retrieval_shards(args.work, demo, 2048, 4000), 2048, args.steps,
                   "model.max_seq_len=2048")  # fmt: skip
     stage = train(args.work / "stage_8k", retrieval_shards(args.work, demo, 8192, 1000), 8192, args.stage_steps,

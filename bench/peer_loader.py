@@ -173,7 +173,7 @@ def compare(size: str, rounds: int, demo: Path | None = None) -> list[dict]:
         if demo is None:
             from data_pipelines.demo import make_demo_data
 
-            demo = Path(make_demo_data(scratch / "demo", images=500, vq_steps=5)["folder"])
+            demo = Path(make_demo_data(scratch / "demo", images=500, vq_steps=5, sounds=40, audio_steps=5)["folder"])
         demo_manifest = Manifest.read(demo / "shards" / "image_text")
         documents = shard_documents(demo / "shards" / "image_text") * COPIES[size]
         shards = write_ours(documents, demo_manifest, scratch / "shards")

@@ -1,12 +1,14 @@
 """The embedded default: everything `make demo` trains on, made here from a seed.
 
 Generated coloured-shape images with captions, a text corpus (CPython's bundled documentation
-plus sentences about shapes), interleaved documents mixing both; then the SentencePiece and small
-VQ tokenizers are trained and the text, image-text and interleaved shards built. For the SFT
-stage, chats in three of Chameleon's SFT categories: image generation ("Draw a big red circle in
-the centre." -> a picture on white), visual chat ("What is in this picture?" -> its caption) and
-text questions. Each step is skipped when its output is already there, so a second run reuses
-the first's data.
+plus sentences about shapes), interleaved documents mixing both, and sounds (runs of low, middle
+and high notes, rising and falling sweeps) with captions; then the SentencePiece, small VQ and
+small EnCodec tokenizers are trained and the text, image-text, audio-text and interleaved shards
+built. For the SFT stage, chats in three of Chameleon's SFT categories: image generation ("Draw a
+big red circle in the centre." -> a picture on white), visual chat ("What is in this picture?" ->
+its caption) and text questions; and sound chats ("Play two low notes then a middle one." -> a
+clip; a clip and "What do you hear?" -> its caption). Each step is skipped when its output is
+already there, so a second run reuses the first's data.
 """
 
 from __future__ import annotations
@@ -18,10 +20,13 @@ import random
 from pathlib import Path
 
 import numpy as np
+import soundfile
 from PIL import Image
 
 from data_pipelines.build import BuildSettings, build_shards
 from data_pipelines.synthetic import COLOURS, PLACES, SHAPES, dominant_colour, draw_shape, write_image_captions
+from data_pipelines.synthetic_audio import analyse, describe, write_sound_captions
+from data_pipelines.train_audio_tokenizer import train_audio_tokenizer
 from data_pipelines.train_image_tokenizer import train_image_tokenizer
 from fusion_train.data.manifest import MANIFEST
 from fusion_train.tokenizers.text import train_text_tokenizer
@@ -29,8 +34,14 @@ from fusion_train.vocab import VocabLayout
 
 log = logging.getLogger(__name__)
 
-# 64 px images as 8 x 8 codes of 512: an image is 66 ids; 4,096 ids in all.
-DEMO_VOCAB = VocabLayout(image_codebook_size=512, image_grid=8, vocab_size=4096, n_reserved=513)
+# 64 px images as 8 x 8 codes of 512 (an image is 66 ids); 8 kHz sound as 50 frames a second of 2
+# levels of 256 codes (100 ids a second); 4,608 ids in all, the audio codes after the first 4,096.
+DEMO_AUDIO = {"sampling_rate": 8000, "ratios": (8, 5, 4), "codebook_size": 256, "levels": 2}
+DEMO_VOCAB = VocabLayout(image_codebook_size=512, image_grid=8, vocab_size=4096 + 2 * 256, n_reserved=513,
+                         audio_codebook_size=256, audio_levels=2)  # fmt: skip
+# What `make demo` asks the fine-tuned model to play at the end: sounds whose requests the sound
+# chats never say (their parts, "two low notes", "a high one", are said in others).
+HELD_OUT_SOUNDS = [["low", "low", "high"], ["high", "middle"], ["middle", "middle", "middle"], ["high", "low", "low"]]
 
 
 def _write_corpora(folder: Path, captions_file: Path, seed: int) -> None:
@@ -142,6 +153,59 @@ def _write_held_out_prompts(path: Path, held_out_images: Path) -> None:
     path.write_text("".join(json.dumps(p) + "\n" for p in prompts))
 
 
+def play_instruction(notes: list[str]) -> str:
+    """ "Play two low notes then a high one." """
+    description = describe({"kind": "notes", "notes": notes})
+    return f"Play {description}."
+
+
+def _write_sound_chats(folder: Path, sounds_file: Path, held_out_sounds: Path) -> Path:
+    """Sound chats from the captioned sounds: half ask for a sound by its caption (the answer is the
+    clip), half give the clip and ask what it is (the answer is the caption); the held-out
+    requests are never asked. Their prompts go beside the drawings' held-out prompts."""
+    chats = []
+    for i, line in enumerate(sounds_file.read_text().splitlines()):
+        record = json.loads(line)
+        clip = [{"type": "audio", "audio": os.path.relpath(sounds_file.parent / record["audio"], folder / "sft")}]
+        sound = record["sound"]
+        if i % 2 == 0 and not (sound["kind"] == "notes" and sound["notes"] in HELD_OUT_SOUNDS):
+            chats.append(_chat(f"Play {record['caption']}.", clip))
+        else:
+            answer = record["caption"][0].upper() + record["caption"][1:] + "."
+            chats.append(_chat([*clip, {"type": "text", "text": "What do you hear?"}], answer))
+    path = folder / "sft" / "sound.jsonl"
+    path.write_text("".join(json.dumps(chat) + "\n" for chat in chats))
+    prompts = [{"prompt": [play_instruction(notes)], "mode": "audio"} for notes in HELD_OUT_SOUNDS]
+    prompts += [{"prompt": [{"audio": os.path.relpath(held_out_sounds.parent / json.loads(line)["audio"],
+                                                       folder / "sft")}, "What do you hear?"], "mode": "text"}
+                for line in held_out_sounds.read_text().splitlines()[:4]]  # fmt: skip
+    with open(folder / "sft" / "held_out_prompts.jsonl", "a") as f:
+        f.writelines(json.dumps(p) + "\n" for p in prompts)
+    return path
+
+
+def sound_check(outputs: Path, demo_folder: Path) -> dict[str, tuple[int, int]]:
+    """Of fusion-generate's answers to the held-out prompts: the requests whose clip plays the notes
+    asked for (read back by the note tracker), and the held-out sounds described by their caption."""
+    held_out = demo_folder / "held_out_sounds"
+    captions = {(held_out / r["audio"]).resolve(): r["caption"]
+                for r in map(json.loads, (held_out / "sounds.jsonl").read_text().splitlines())}  # fmt: skip
+    counts = {"played": [0, 0], "described": [0, 0]}
+    for record in map(json.loads, outputs.read_text().splitlines()):
+        clips = [s["audio"] for s in record["prompt"] if isinstance(s, dict) and "audio" in s]
+        if record["mode"] == "audio":
+            asked = next(notes for notes in HELD_OUT_SOUNDS if record["prompt"][0] == play_instruction(notes))
+            played = [s["audio"] for s in record["output"] if "audio" in s]
+            samples = soundfile.read(outputs.parent / played[0], dtype="float32")[0] if played else np.zeros(0)
+            heard = analyse(samples, DEMO_AUDIO["sampling_rate"])
+            counts["played"] = [counts["played"][0] + (heard == {"kind": "notes", "notes": asked}), counts["played"][1] + 1]
+        elif clips:
+            caption = captions[(demo_folder / "sft" / clips[0]).resolve()]
+            answer = " ".join(s["text"] for s in record["output"] if "text" in s).strip().rstrip(".").lower()
+            counts["described"] = [counts["described"][0] + (answer == caption), counts["described"][1] + 1]
+    return {name: (right, asked) for name, (right, asked) in counts.items()}
+
+
 def colour_check(outputs: Path) -> tuple[int, int]:
     """Of fusion-generate's drawings of "Draw a ... COLOUR shape ...", how many show COLOUR the most."""
     matches = total = 0
@@ -157,8 +221,9 @@ def colour_check(outputs: Path) -> tuple[int, int]:
 
 
 def make_demo_data(
-    folder: str | Path, *, images: int = 2000, vq_steps: int = 1200, seed: int = 0, workers: int = 2
-) -> dict:
+    folder: str | Path, *, images: int = 2000, vq_steps: int = 1200, sounds: int = 600, audio_steps: int = 1200,
+    seed: int = 0, workers: int = 2,
+) -> dict:  # fmt: skip
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     captions = folder / "shapes" / "captions.jsonl"
@@ -166,8 +231,13 @@ def make_demo_data(
         write_image_captions(folder / "shapes", images, seed=seed)
     if not (folder / "interleaved.jsonl").is_file():
         _write_corpora(folder, captions, seed)
-    if not (folder / "sft" / "text.jsonl").is_file():
+    sound_captions, held_out_sounds = folder / "sounds" / "sounds.jsonl", folder / "held_out_sounds" / "sounds.jsonl"
+    if not held_out_sounds.is_file():  # from a seed of their own: described at the end, never trained on
+        write_sound_captions(sound_captions.parent, sounds, seed + 2, DEMO_AUDIO["sampling_rate"])
+        write_sound_captions(held_out_sounds.parent, max(8, sounds // 20), seed + 3, DEMO_AUDIO["sampling_rate"])
+    if not (folder / "sft" / "sound.jsonl").is_file():
         _write_sft_corpora(folder, captions, max(20, images // 2), seed)
+        _write_sound_chats(folder, sound_captions, held_out_sounds)
     text_model = folder / "tokenizers" / "text.model"
     if not text_model.is_file():
         train_text_tokenizer([folder / "text.jsonl"], text_model, DEMO_VOCAB, seed=seed)
@@ -176,6 +246,10 @@ def make_demo_data(
         log.info("training the demo image tokenizer (%d steps)", vq_steps)
         pictures = [folder / "shapes" / "images", folder / "sft" / "images"]
         train_image_tokenizer(pictures, vq.parent, steps=vq_steps, codebook_size=512, seed=seed)
+    codec = folder / "tokenizers" / "audio"
+    if not (codec / "model.safetensors").is_file():
+        log.info("training the demo audio tokenizer (%d steps)", audio_steps)
+        train_audio_tokenizer([sound_captions], codec, steps=audio_steps, seed=seed, **DEMO_AUDIO)
     held_out = folder / "held_out" / "captions.jsonl"
     if not held_out.is_file():  # validation pairs, from a seed of their own, never in the image tokenizer's data
         write_image_captions(held_out.parent, max(20, images // 20), seed=seed + 1)
@@ -183,17 +257,20 @@ def make_demo_data(
         "text": ("text", folder / "text.jsonl"),
         "image_text": ("image-text", captions),
         "interleaved": ("interleaved", folder / "interleaved.jsonl"),
+        "audio_text": ("audio-text", sound_captions),
         "held_out": ("image-text", held_out),
         **{
             f"sft_{name}": ("sft", folder / "sft" / f"{name}.jsonl")
-            for name in ("text", "visual_chat", "image_generation")
+            for name in ("text", "visual_chat", "image_generation", "sound")
         },
     }
     manifests = {}
     for name, (kind, path) in inputs.items():
         out = folder / "shards" / name
         if not (out / MANIFEST).is_file():
-            settings = BuildSettings(kind, str(text_model), None if kind == "text" else str(vq), seed)
+            settings = BuildSettings(kind, str(text_model), None if kind == "text" else str(vq), seed,
+                                     audio_tokenizer=None if kind == "text" else str(codec))  # fmt: skip
             build_shards(settings, [path], out, workers=workers, max_samples_per_shard=200, overwrite=True)
         manifests[name] = str(out)
-    return {"folder": str(folder), "text_tokenizer": str(text_model), "image_tokenizer": str(vq), "shards": manifests}
+    return {"folder": str(folder), "text_tokenizer": str(text_model), "image_tokenizer": str(vq),
+            "audio_tokenizer": str(codec), "shards": manifests}  # fmt: skip

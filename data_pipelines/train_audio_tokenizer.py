@@ -2,8 +2,9 @@
 minutes: for users without Meta's weights (or who want another rate or token budget), and for the
 demo.
 
-Objective, EnCodec's without its discriminators: L1 on the waveform, L1 between log-mel
-spectrograms at three window sizes, and the commitment term that keeps the encoder near its codes.
+Objective, EnCodec's without its discriminators: L1 on the waveform, L1 + L2 between mel
+spectrograms at three window sizes (`mel_loss`), and the commitment term that keeps the encoder
+near its codes.
 Each level's codebook learns as EnCodec's does, by exponential moving averages of the vectors
 assigned to its codes (decay 0.99), starting from encoder outputs; codes that fall out of use are
 restarted on fresh ones. The adversarial loss is left out: on the demo's tones the reconstruction
@@ -31,7 +32,7 @@ from data_pipelines.build import AUDIO_EXTENSIONS, parse_record, read_input
 from data_pipelines.records import Skip
 from fusion_train.data.manifest import DataError
 from fusion_train.tokenizers.audio import AudioError, AudioTokenizer, read_audio
-from fusion_train.tokenizers.audio_quality import mel_distance, pitch, semitones, si_snr
+from fusion_train.tokenizers.audio_quality import mel_distance, mel_loss, pitch, semitones, si_snr
 from fusion_train.tokenizers.encodec import Encodec, EncodecConfig, EncodecResidualVectorQuantizer
 
 EMA_DECAY = 0.99
@@ -194,13 +195,14 @@ def train_audio_tokenizer(
     steps: int = 600,
     batch_size: int = 16,
     segment_seconds: float = 0.5,
-    lr: float = 2e-3,
-    time_weight: float = 1.0,
+    lr: float = 3e-3,
+    mel_weight: float = 0.05,
     seed: int = 0,
 ) -> dict:
     """Returns (and writes beside the tokenizer) a report of held-out quality before and after.
-    `time_weight`: of the waveform L1 beside the spectral loss (EnCodec's lambda_t is 0.1, with its
-    discriminators; without them the waveform term keeps the loudness right)."""
+    `mel_weight`: of the spectral loss beside the waveform L1 (EnCodec weighs it 10x the waveform's,
+    beside its discriminators; without them a strong phase-blind term keeps the decoder from
+    learning the waveform at all)."""
     torch.manual_seed(seed)
     generator, rng = torch.Generator().manual_seed(seed), np.random.default_rng(seed)
     clips, skipped = load_clips(inputs, sampling_rate)
@@ -223,11 +225,8 @@ def train_audio_tokenizer(
         audio = _segments(train, segment, batch_size, rng)
         quantized, commitment = codebooks(model.encoder(audio), update=True)
         reconstruction = model.decoder(quantized)[..., :segment]
-        loss = (
-            time_weight * F.l1_loss(reconstruction, audio)
-            + mel_distance(reconstruction, audio, sampling_rate)
-            + commitment
-        )
+        spectral = mel_loss(reconstruction, audio, sampling_rate)
+        loss = F.l1_loss(reconstruction, audio) + mel_weight * spectral + commitment
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

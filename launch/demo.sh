@@ -4,7 +4,8 @@
 # GPUs), W&B offline, with samples of fixed prompts along the way; then the SFT stage from its last
 # checkpoint, and fusion-generate drawing and answering held-out instructions. Run again, it
 # resumes an unfinished run or starts the next one; data already made is reused.
-#   DEMO_DIR=demo DEMO_STEPS=150 DEMO_SFT_STEPS=500 DEMO_IMAGES=2000 DEMO_VQ_STEPS=1200 launch/demo.sh [OVERRIDES...]
+#   DEMO_DIR=demo DEMO_STEPS=150 DEMO_SFT_STEPS=500 DEMO_IMAGES=2000 DEMO_VQ_STEPS=1200 DEMO_SOUNDS=600 \
+#   DEMO_AUDIO_STEPS=1200 launch/demo.sh [OVERRIDES...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -14,7 +15,8 @@ SFT_STEPS=${DEMO_SFT_STEPS:-500}
 EVAL_EVERY=${DEMO_EVAL_EVERY:-100}
 started=$(date +%s)
 
-"$PY" -m fusion_train.commands.data make-demo-data --output "$DEMO_DIR" --images "${DEMO_IMAGES:-2000}" --vq-steps "${DEMO_VQ_STEPS:-1200}"
+"$PY" -m fusion_train.commands.data make-demo-data --output "$DEMO_DIR" --images "${DEMO_IMAGES:-2000}" \
+  --vq-steps "${DEMO_VQ_STEPS:-1200}" --sounds "${DEMO_SOUNDS:-600}" --audio-steps "${DEMO_AUDIO_STEPS:-1200}"
 
 # Resume the newest run unless it has finished; then start the next.
 mkdir -p "$DEMO_DIR/runs"
@@ -27,9 +29,9 @@ if gpus=$(nvidia-smi -L 2>/dev/null | wc -l) && [ "$gpus" -gt 0 ]; then nproc=$g
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} WANDB_MODE=${WANDB_MODE:-offline}
 shards="$DEMO_DIR/shards"
 "$PY" -m torch.distributed.run --standalone --nproc_per_node "$nproc" -m fusion_train.train \
-  model=tiny model.vocab_size=4096 data=demo optim=demo \
+  model=tiny model.vocab_size=4608 data=demo optim=demo \
   "data.sources.text.path=$shards/text" "data.sources.image_text.path=$shards/image_text" \
-  "data.sources.interleaved.path=$shards/interleaved" \
+  "data.sources.interleaved.path=$shards/interleaved" "data.sources.audio_text.path=$shards/audio_text" \
   eval_data=demo "eval_data.sources.held_out.path=$shards/held_out" trainer.eval_every="$EVAL_EVERY" \
   eval_samples=demo "eval_samples.image_dir=$DEMO_DIR/held_out/images" \
   trainer.steps="$STEPS" trainer.global_batch_tokens=8192 trainer.checkpoint_every=100 \
@@ -43,9 +45,9 @@ report=$("$PY" -m fusion_train.commands.report "$RUN_DIR")
 # drawings came out in the asked colour with Meta's scales, 5 without).
 SFT_DIR="$RUN_DIR/sft"
 "$PY" -m torch.distributed.run --standalone --nproc_per_node "$nproc" -m fusion_train.train \
-  model=tiny model.vocab_size=4096 +stage=sft data=demo_sft optim.lr=3e-3 optim.warmup_steps=10 \
+  model=tiny model.vocab_size=4608 +stage=sft data=demo_sft optim.lr=3e-3 optim.warmup_steps=10 \
   "data.sources.text.path=$shards/sft_text" "data.sources.visual_chat.path=$shards/sft_visual_chat" \
-  "data.sources.image_generation.path=$shards/sft_image_generation" \
+  "data.sources.image_generation.path=$shards/sft_image_generation" "data.sources.sound.path=$shards/sft_sound" \
   trainer.init_from="$RUN_DIR/checkpoints/step_$STEPS" trainer.steps="$SFT_STEPS" trainer.global_batch_tokens=4096 \
   trainer.checkpoint_every="$SFT_STEPS" trainer.eval_every="$(( SFT_STEPS / 2 ))" \
   eval_samples=demo_sft "eval_samples.image_dir=$DEMO_DIR/held_out/images" \
@@ -57,9 +59,10 @@ sft_report=$("$PY" -m fusion_train.commands.report "$SFT_DIR")
 "$PY" - "$RUN_DIR" "$started" "$report" "$SFT_DIR" "$sft_report" <<'PYTHON'
 import json, sys, time
 from pathlib import Path
-from data_pipelines.demo import colour_check
+from data_pipelines.demo import colour_check, sound_check
 run, sft = Path(sys.argv[1]), Path(sys.argv[4])
 matches, drawings = colour_check(sft / "generations" / "outputs.jsonl")
+sounds = sound_check(sft / "generations" / "outputs.jsonl", run.parent.parent)
 metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 train = [m for m in metrics if "loss/total" in m]
 held_out = [f"{m['eval/loss']:.3f} at step {m['step']}" for m in metrics if "eval/loss" in m]
@@ -74,6 +77,8 @@ fusion_train demo finished in {time.time() - float(sys.argv[2]):.0f} s
   held-out     {", ".join(held_out) or "not validated"}
   samples      {run / "samples.jsonl"} (in the report: prompts by steps)
   SFT run      {sft} (report {sys.argv[5]})
-  generations  {sft / "generations" / "index.html"} (pictures in {sft / "generations" / "images"})
-  colour check {matches}/{drawings} held-out drawings show the colour asked for""")
+  generations  {sft / "generations" / "index.html"} (pictures in {sft / "generations" / "images"}, sounds in {sft / "generations" / "sounds"})
+  colour check {matches}/{drawings} held-out drawings show the colour asked for
+  sound check  {sounds["played"][0]}/{sounds["played"][1]} held-out requests play the notes asked for (a note tracker listened); \
+{sounds["described"][0]}/{sounds["described"][1]} held-out sounds described by their caption""")
 PYTHON

@@ -230,7 +230,7 @@ def demo_data(tmp_path_factory):
     """The demo's data pipeline at test size: real images, both tokenizers, three kinds of shards."""
     from data_pipelines.demo import make_demo_data
 
-    return built_once(tmp_path_factory, "demo", lambda folder: make_demo_data(folder, images=120, vq_steps=5))
+    return built_once(tmp_path_factory, "demo", lambda folder: make_demo_data(folder, images=120, vq_steps=5, sounds=40, audio_steps=5))
 
 
 def train_overrides(demo_data: dict, run_dir: Path, *extra: str) -> list[str]:
@@ -239,11 +239,12 @@ def train_overrides(demo_data: dict, run_dir: Path, *extra: str) -> list[str]:
     launch seconds): the tests of what it records turn it on (`WANDB`)."""
     shards = demo_data["shards"]
     return [
-        "model.vocab_size=4096", "optim=demo", "optim.warmup_steps=5", "data.seq_len=128", "data.micro_batch_size=4",
+        "model.vocab_size=4608", "optim=demo", "optim.warmup_steps=5", "data.seq_len=128", "data.micro_batch_size=4",
         "trainer.global_batch_tokens=2048", f"trainer.run_dir={run_dir}", "logging.log_every=1", "trainer.progress_bar=false",
         "logging.wandb=false",
         f"data.sources.text.path={shards['text']}", f"data.sources.image_text.path={shards['image_text']}",
-        f"data.sources.interleaved.path={shards['interleaved']}", *extra,
+        f"data.sources.interleaved.path={shards['interleaved']}", f"data.sources.audio_text.path={shards['audio_text']}",
+        *extra,
     ]  # fmt: skip
 
 
@@ -346,3 +347,27 @@ def screenshot(page: Path, out: Path, width: int, height: int = 2400) -> np.ndar
         capture_output=True, timeout=120, check=True,
     )  # fmt: skip
     return np.asarray(Image.open(out).convert("RGB"))
+
+
+def audio_durations(page: Path) -> list[float]:
+    """The duration in seconds of each <audio> element of `page` once headless Chromium has loaded
+    and decoded its sound (NaN: it could not), read from the DOM the browser dumps."""
+    probe = page.with_name(page.stem + "_probe.html")
+    script = """<script>
+    window.addEventListener("load", async () => {
+      const durations = await Promise.all([...document.querySelectorAll("audio")].map(a => new Promise(done => {
+        if (a.readyState >= 1) return done(a.duration);
+        a.addEventListener("loadedmetadata", () => done(a.duration)); a.addEventListener("error", () => done(NaN));
+        a.load();
+      })));
+      const out = document.createElement("pre"); out.id = "durations"; out.textContent = JSON.stringify(durations);
+      document.body.appendChild(out);
+    });</script>"""
+    probe.write_text(page.read_text().replace("</body>", script + "</body>"))
+    result = subprocess.run(
+        [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--autoplay-policy=no-user-gesture-required",
+         "--virtual-time-budget=10000", "--dump-dom", probe.as_uri()],
+        capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    dumped = result.stdout.split('<pre id="durations">', 1)[1].split("</pre>", 1)[0]
+    return [float("nan") if d is None else float(d) for d in json.loads(dumped)]

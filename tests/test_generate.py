@@ -10,9 +10,9 @@ from fusion_train.generate.generator import Generator, Request
 from fusion_train.generate.guidance import Guidance, combine, guidance_prompts
 from fusion_train.generate.sampling import Sampling, filter_top_k_top_p
 from fusion_train.vocab import Modality
-from helpers import SMALL_VOCAB, randomized_model, small_config
+from helpers import AUDIO_VOCAB, randomized_model, small_config
 
-VOCAB = SMALL_VOCAB  # 64 codes on a 4 x 4 grid: an image block is 18 ids
+VOCAB = AUDIO_VOCAB  # 64 codes on a 4 x 4 grid (an image block is 18 ids); 2 levels of 64 audio codes
 
 
 def _model(block_style: str, n_kv_heads: int = 2):
@@ -63,9 +63,18 @@ def test_kv_cache_generation_equals_full_recompute_for_batched_prompts_of_differ
 def _forbidden_report(mode: Mode, tokens: list[int]) -> str | None:
     """What is wrong with a generated sequence under `mode`, or None."""
     v, text = VOCAB, text_ids(VOCAB)
-    in_image, codes = mode == Mode.IMAGE, 0
+    in_image, in_audio, codes = mode == Mode.IMAGE, mode == Mode.AUDIO, 0
     for position, token in enumerate(tokens):
-        if in_image:
+        if in_audio:
+            if token == v.end_of_audio and codes and codes % v.audio_levels == 0:
+                in_audio, codes = False, 0
+                if mode == Mode.AUDIO:
+                    return None if position == len(tokens) - 1 else "tokens after the audio-mode clip"
+            elif not v.audio_level_range(codes % v.audio_levels)[0] <= token < v.audio_level_range(codes % v.audio_levels)[1]:
+                return f"position {position}: {token} is not a level-{codes % v.audio_levels} code"
+            else:
+                codes += 1
+        elif in_image:
             if codes < v.image_tokens:
                 if not v.image_code_start <= token < v.image_code_end:
                     return f"position {position}: {token} inside an image after {codes} codes"
@@ -78,9 +87,11 @@ def _forbidden_report(mode: Mode, tokens: list[int]) -> str | None:
                     return None if position == len(tokens) - 1 else "tokens after the image-mode image"
         elif token == v.begin_of_image and mode == Mode.INTERLEAVED:
             in_image = True
+        elif token == v.begin_of_audio and mode == Mode.INTERLEAVED:
+            in_audio = True
         elif not text[token]:
             return f"position {position}: {token} is not a text id ({mode})"
-    return "an image left open" if in_image else None
+    return "an image left open" if in_image else "a clip left open" if in_audio else None
 
 
 @settings(max_examples=60, deadline=None)
@@ -91,7 +102,7 @@ def _forbidden_report(mode: Mode, tokens: list[int]) -> str | None:
     image_bias=st.floats(min_value=0.0, max_value=8.0),
 )
 def test_constrained_decoding_never_emits_a_forbidden_id(modes, budget, seed, image_bias):
-    """Random logits at every step, biased towards image markers and codes to open many blocks."""
+    """Random logits at every step, biased towards the markers to open many image and audio blocks."""
     g = torch.Generator().manual_seed(seed)
     constraints = ModalityConstraints(VOCAB, modes, [budget] * len(modes))
     generated = [[] for _ in modes]
@@ -107,6 +118,8 @@ def test_constrained_decoding_never_emits_a_forbidden_id(modes, budget, seed, im
         assert _forbidden_report(Mode(mode), tokens) is None, (mode, tokens)
         if mode == Mode.IMAGE:
             assert len(tokens) == VOCAB.image_tokens + 1 and tokens[-1] == VOCAB.end_of_image
+        if mode == Mode.AUDIO:
+            assert tokens[-1] == VOCAB.end_of_audio and (len(tokens) - 1) % VOCAB.audio_levels == 0
 
 
 def test_generation_stops_at_end_of_sequence_and_end_of_turn():
@@ -126,6 +139,8 @@ def test_bad_prompts_are_clear_errors():
         generator.generate([Request([0, 700]), Request([0] * 128)], Sampling(), 4)
     with pytest.raises(ValueError, match="image mode needs room for 16 codes"):
         generator.generate([Request([0] * 120 + [VOCAB.begin_of_image], Mode.IMAGE)], Sampling(), 8)
+    with pytest.raises(ValueError, match="audio mode needs room for a frame of 2 codes and <end-audio>"):
+        generator.generate([Request([0, 700, VOCAB.begin_of_audio], Mode.AUDIO)], Sampling(), 2)
     with pytest.raises(ValueError, match="prompt 0 must start with <s>"):
         generator.generate([Request([700])], Sampling(), 4)
 

@@ -8,10 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import soundfile
 import torch
 from PIL import Image
 from transformers import ChameleonForConditionalGeneration
 
+from conftest import audio_durations
 from fusion_train.commands.convert import main as convert_main
 from fusion_train.commands.generate import main as generate_main
 from fusion_train.generate.generator import Generator, Request
@@ -61,7 +63,8 @@ def test_bad_input_is_a_clear_error_naming_it(checkpoint, demo_data, tmp_path, c
     prompts = tmp_path / "prompts.jsonl"
     cases = [
         ([{"prompt": [{"image": "missing.png"}, "What is it?"]}], f"{prompts}, line 1: image file {tmp_path}/missing.png does not exist"),
-        ([{"prompt": ["a circle"], "mode": "video"}], f"{prompts}, line 1: mode 'video' is not one of ['text', 'image', 'interleaved']"),
+        ([{"prompt": ["a circle"], "mode": "video"}], f"{prompts}, line 1: mode 'video' is not one of ['text', 'image', 'audio', 'interleaved']"),
+        ([{"prompt": [{"audio": "missing.wav"}, "What is it?"]}], f"{prompts}, line 1: audio file {tmp_path}/missing.wav: missing audio"),
         ([{"prompt": ["word " * 5000]}], "prompt 0 has"),
         ([{"text": "no prompt key"}], f'{prompts}, line 1: expected {{"prompt": [segments], "mode": ...}}'),
     ]  # fmt: skip
@@ -95,11 +98,40 @@ def test_commands_say_only_their_own_words_and_mode_is_the_default_of_records_wi
     assert [o["mode"] for o in outputs] == ["image", "text"] and outputs[0]["stop"] == "image_done"
     [picture] = sorted((out / "images").glob("*.png"))
     assert result.stdout.splitlines() == [
-        f"2 prompts, 1 pictures: {out / 'outputs.jsonl'}",
+        f"2 prompts, 1 pictures, 0 sounds: {out / 'outputs.jsonl'}",
         f"  {picture}",
         f"page: {out / 'index.html'}",
     ]
     assert "Processing zero checkpoint" not in result.stdout + result.stderr  # below the log's level
+
+
+def test_audio_mode_gives_the_same_codes_and_wav_with_and_without_the_cache_and_the_page_plays_it(
+    checkpoint, demo_data, tmp_path
+):
+    """A sound asked for and a sound described; the clip the same id for id and byte for byte
+    whether the KV cache is used or every position recomputed; the page's <audio> elements (the
+    prompt's clip and the generated one) play in headless Chromium for as long as their WAVs last."""
+    clip = next((Path(demo_data["folder"]) / "held_out_sounds" / "sounds").glob("*.wav"))
+    prompts = tmp_path / "prompts.jsonl"
+    records = [{"prompt": ["Play two low notes then a high one."], "mode": "audio"},
+               {"prompt": [{"audio": str(clip)}, "This sound is"], "mode": "text"}]  # fmt: skip
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in records))
+    outs = {}
+    for name, flags in (("cached", []), ("recomputed", ["--no-cache"])):
+        outs[name] = tmp_path / name
+        assert generate_main([str(checkpoint), "--prompts", str(prompts), "--greedy", "--max-new-tokens", "41",
+                              "--out", str(outs[name]), *flags]) == 0  # fmt: skip
+    cached, recomputed = _outputs(outs["cached"]), _outputs(outs["recomputed"])
+    [played] = [s for s in cached[0]["output"] if "audio" in s]
+    assert cached == recomputed and cached[0]["stop"] in ("audio_done", "max_new_tokens")
+    frames = len(played["codes"][0])
+    assert len(played["codes"]) == 2 and 1 <= frames <= 20  # two levels; at most 40 codes and <end-audio>
+    wavs = [(outs[name] / played["audio"]).read_bytes() for name in outs]
+    assert wavs[0] == wavs[1]
+    samples, rate = soundfile.read(outs["cached"] / played["audio"])
+    assert rate == 8000 and len(samples) == frames * 160
+    durations = audio_durations(outs["cached"] / "index.html")
+    assert durations == pytest.approx([frames * 160 / 8000, soundfile.info(clip).duration], abs=1e-3)
 
 
 def test_fusion_convert_says_only_what_it_wrote_and_a_flag_that_cannot_apply_is_an_error(checkpoint, tmp_path, capsys):

@@ -67,7 +67,7 @@ def test_fusion_eval_needle_writes_its_grid_and_heat_map_and_refuses_what_cannot
     """On the tiny model (random weights: the bench trains one): the grid, its table and its heat
     map; a haystack past the model's context only with --rope-scaling (or --extrapolate), then
     scored over the stretched positions; a needle that does not fit; a depth outside [0, 1]."""
-    cfg = load_config(["model=tiny", "model.vocab_size=4096", "model.max_seq_len=1024"]).model
+    cfg = load_config(["model=tiny", "model.vocab_size=4608", "model.max_seq_len=1024"]).model
     model = save_native(Chameleon(cfg).state_dict(), cfg, DEMO_VOCAB, tmp_path / "model")
     common = [str(model), "--haystack", *map(str, haystack_folders), "--text-tokenizer", demo_data["text_tokenizer"],
               "--trials", "1", "--out", str(tmp_path / "report")]  # fmt: skip

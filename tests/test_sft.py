@@ -12,7 +12,7 @@ from fusion_train.train.config import load_config
 from fusion_train.train.schedule import warmup_cosine
 from fusion_train.weights.training_checkpoint import consolidated_state_dict
 
-SFT_SOURCES = ("text", "visual_chat", "image_generation")
+SFT_SOURCES = ("text", "visual_chat", "image_generation", "sound")
 
 
 def sft_overrides(demo_data, run_dir, *extra):
@@ -52,7 +52,7 @@ def test_sft_loss_is_the_cross_entropy_of_the_answers_alone(demo_data):
     assert 0 < trained.sum() < (inputs != vocab.pad).sum()
 
     torch.manual_seed(0)
-    model = Chameleon(load_config(["model.vocab_size=4096"]).model).eval()
+    model = Chameleon(load_config(["model.vocab_size=4608"]).model).eval()
     with torch.no_grad():
         loss = model(inputs, labels=labels).ce
         logits = model(inputs)[:, :-1]

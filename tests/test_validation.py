@@ -71,7 +71,7 @@ def test_one_training_source_two_held_out_and_a_failed_validation_that_loses_no_
     shards, run, copy = demo_data["shards"], tmp_path / "run", tmp_path / "pairs_copy"
     shutil.copytree(shards["held_out"], copy)
     overrides = [
-        "model.vocab_size=4096", "optim=demo", "optim.warmup_steps=5", "~data", f"+data.sources.pairs.path={shards['image_text']}",
+        "model.vocab_size=4608", "optim=demo", "optim.warmup_steps=5", "~data", f"+data.sources.pairs.path={shards['image_text']}",
         "data.seq_len=128", "data.micro_batch_size=4", "data.num_workers=0", "trainer.global_batch_tokens=1024",
         f"trainer.run_dir={run}", "trainer.progress_bar=false", "logging.wandb=false", "trainer.steps=5",
         "trainer.checkpoint_every=100", "trainer.eval_every=2", "eval_data=demo", f"eval_data.sources.held_out.path={shards['held_out']}",

@@ -85,6 +85,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--output", default="demo")
     demo.add_argument("--images", type=int, default=2000)
     demo.add_argument("--vq-steps", type=int, default=1200)
+    demo.add_argument("--sounds", type=int, default=600)
+    demo.add_argument("--audio-steps", type=int, default=1200, help="the audio tokenizer's training steps")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--workers", type=int, default=2)
 
@@ -178,8 +180,9 @@ def _run(args: argparse.Namespace) -> dict:
         )  # fmt: skip
     if args.command == "make-demo-data":
         return make_demo_data(
-            args.output, images=args.images, vq_steps=args.vq_steps, seed=args.seed, workers=args.workers
-        )
+            args.output, images=args.images, vq_steps=args.vq_steps, sounds=args.sounds, audio_steps=args.audio_steps,
+            seed=args.seed, workers=args.workers,
+        )  # fmt: skip
     if args.command == "merge-manifests":
         return _summary(merge_manifests(args.output))
     settings = BuildSettings(

@@ -75,7 +75,7 @@ def _needle(args: argparse.Namespace) -> int:
     model = Chameleon(config, seed=None)
     model.load_state_dict(source.state_dict())
     model.to(device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
-    text, _ = load_tokenizers(source.trained_with, args.text_tokenizer, None, device, args.model)
+    text, *_ = load_tokenizers(source.trained_with, args.text_tokenizer, None, device, args.model)
     haystacks = Haystacks(args.haystack, source.vocab, tokens_needed=2 * max(settings.lengths),
                           pictures_needed=4 * settings.trials)  # fmt: skip
     label = (f"RoPE scaling {json.dumps(args.rope_scaling)}" if args.rope_scaling

@@ -4,9 +4,9 @@
   fusion-generate MODEL --prompts prompts.jsonl --out generations/ --chat
 
 A prompts file holds one JSON object per line: {"prompt": [SEGMENT, ...], "mode": "text" | "image" |
-"interleaved", "chat": true | false}, a segment being text or {"image": PATH} (relative to the file);
-a record without "mode" or "chat" takes --mode and --chat. Writes OUT/outputs.jsonl,
-OUT/images/*.png and OUT/index.html.
+"audio" | "interleaved", "chat": true | false}, a segment being text, {"image": PATH} or
+{"audio": PATH} (relative to the file); a record without "mode" or "chat" takes --mode and --chat.
+Writes OUT/outputs.jsonl, OUT/images/*.png, OUT/sounds/*.wav and OUT/index.html.
 """
 
 from __future__ import annotations
@@ -68,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default="generations", help="output folder (default ./generations)")
     run.add_argument("--text-tokenizer", help="default: the path the run's shard manifests record")
     run.add_argument("--image-tokenizer", help="the VQ tokenizer's vqgan.ckpt; default as --text-tokenizer")
+    run.add_argument("--audio-tokenizer", help="the EnCodec folder (audio prompts, sounds); default as --text-tokenizer")
     run.add_argument("--batch-size", type=int, default=8)
     run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     run.add_argument("--dtype", choices=DTYPES, help="default: bf16 on a GPU, fp32 on the CPU")
@@ -130,7 +131,8 @@ def _generate(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     loaded = load_model(args.model, device, dtype)
-    codec = Codec(*load_tokenizers(loaded.trained_with, args.text_tokenizer, args.image_tokenizer, device, args.model))
+    codec = Codec(*load_tokenizers(loaded.trained_with, args.text_tokenizer, args.image_tokenizer, device, args.model,
+                                   args.audio_tokenizer))  # fmt: skip
     requests = [
         Request(
             codec.prompt_ids(r["prompt"], r["mode"], r["chat"], r.get("where", f"prompt {i}"), base), Mode(r["mode"])
@@ -150,9 +152,10 @@ def _generate(args: argparse.Namespace) -> int:
             samples.append(Sample(record["prompt"], request.mode.value, segments, output.stop, len(output.tokens)))
     page = write_outputs(args.out, samples, base)
     pictures = sorted((Path(args.out) / "images").glob("*.png"))
-    print(f"{len(samples)} prompts, {len(pictures)} pictures: {Path(args.out) / 'outputs.jsonl'}")
-    for picture in pictures:
-        print(f"  {picture}")
+    sounds = sorted((Path(args.out) / "sounds").glob("*.wav"))
+    print(f"{len(samples)} prompts, {len(pictures)} pictures, {len(sounds)} sounds: {Path(args.out) / 'outputs.jsonl'}")
+    for media in [*pictures, *sounds]:
+        print(f"  {media}")
     print(f"page: {page}")
     return 0
 

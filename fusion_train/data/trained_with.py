@@ -11,6 +11,7 @@ import torch
 
 from fusion_train.data.manifest import DataError, Manifest
 from fusion_train.model.formats import ConversionError
+from fusion_train.tokenizers.audio import AudioTokenizer
 from fusion_train.tokenizers.image import ImageTokenizer
 from fusion_train.tokenizers.text import TextTokenizer, fingerprint_file
 from fusion_train.vocab import VocabLayout
@@ -36,11 +37,13 @@ def recorded_tokenizer_paths(data_cfg) -> dict[str, str]:
 
 
 def load_tokenizers(trained_with: TrainedWith, text: str | None, image: str | None, device: torch.device,
-                    where: str = "the model") -> tuple[TextTokenizer, ImageTokenizer | None]:  # fmt: skip
+                    where: str = "the model", audio: str | None = None,
+                    ) -> tuple[TextTokenizer, ImageTokenizer | None, AudioTokenizer | None]:  # fmt: skip
     """The given tokenizer files, else those the run recorded; each checked against the fingerprint
     the weights were trained with, when it is known."""
     text = text or trained_with.tokenizer_paths.get("text")
     image = image or trained_with.tokenizer_paths.get("image")
+    audio = audio or (trained_with.tokenizer_paths.get("audio") if trained_with.vocab.audio_ids else None)
     if not text:
         raise ConversionError(
             f"{where} does not say where its text tokenizer is (only a training checkpoint whose shard manifests "
@@ -58,4 +61,18 @@ def load_tokenizers(trained_with: TrainedWith, text: str | None, image: str | No
         raise ConversionError(
             f"text tokenizer {text} is for the layout {text_tokenizer.vocab}, the model's is {trained_with.vocab}"
         )
-    return text_tokenizer, ImageTokenizer.load(image, device=device) if image else None
+    return text_tokenizer, ImageTokenizer.load(image, device=device) if image else None, _audio(audio, trained_with,
+                                                                                                 device, where)
+
+
+def _audio(path: str | None, trained_with: TrainedWith, device: torch.device, where: str) -> AudioTokenizer | None:
+    if not path:
+        return None
+    tokenizer = AudioTokenizer.load(path, levels=trained_with.vocab.audio_levels or None, device=device)
+    expected = trained_with.fingerprints.get("audio")
+    if expected and tokenizer.fingerprint != expected:
+        raise ConversionError(
+            f"audio tokenizer {path} is not the one {where} was trained with (fingerprint {tokenizer.fingerprint}, "
+            f"trained with {expected})"
+        )
+    return tokenizer

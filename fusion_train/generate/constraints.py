@@ -6,10 +6,15 @@ Per row of a batch, a small state machine over the vocabulary layout:
   code, an image marker, `<s>`, `<pad>` or an unused reserved id.
 - **image**: the prompt ends with `<racm3:break>`; exactly `grid²` image codes follow, then
   `<eoss>` is forced and the row is done.
+- **audio**: the prompt ends with `<begin-audio>`; codes follow frame by frame, each position
+  admitting only its residual level's codes; `<end-audio>` may follow any whole frame, and is forced
+  when the budget leaves room for no further frame; then the row is done.
 - **interleaved**: text as above, plus `<racm3:break>` while a whole image block still fits in the
-  row's budget; after it the row is in an image block (codes, then `<eoss>`) and then back in text.
+  row's budget, and (in a layout with audio) `<begin-audio>` while a frame and the end still fit;
+  after either the row is in that block and then back in text.
 
-A row is finished at a stop id, at the end of its image (image mode) or when its budget is spent.
+A row is finished at a stop id, at the end of its image or clip (image and audio modes) or when its
+budget is spent.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from fusion_train.vocab import Modality, VocabLayout
 class Mode(str, Enum):
     TEXT = "text"
     IMAGE = "image"
+    AUDIO = "audio"
     INTERLEAVED = "interleaved"
 
 
@@ -43,23 +49,35 @@ class ModalityConstraints:
     def __init__(self, vocab: VocabLayout, modes: list[Mode], budgets: list[int], device: torch.device | str = "cpu"):
         """`budgets`: tokens each row may still emit (max_new_tokens, less where the context ends)."""
         self.vocab = vocab
-        self.image_tokens = vocab.image_tokens
-        too_small = [i for i, (m, b) in enumerate(zip(modes, budgets, strict=True))
-                     if Mode(m) == Mode.IMAGE and b <= vocab.image_tokens]  # fmt: skip
-        if too_small:
-            raise ValueError(
-                f"image mode needs room for {vocab.image_tokens} codes and <eoss> ({vocab.image_tokens + 1} tokens); "
-                f"rows {too_small} have budgets {[budgets[i] for i in too_small]}: raise max_new_tokens or shorten the prompt"
-            )
-        self.interleaved = torch.tensor([Mode(m) == Mode.INTERLEAVED for m in modes], device=device)
-        self.image_mode = torch.tensor([Mode(m) == Mode.IMAGE for m in modes], device=device)
-        self.in_image = self.image_mode.clone()  # an image-mode prompt ends with <racm3:break>
+        self.image_tokens, self.levels = vocab.image_tokens, vocab.audio_levels
+        modes = [Mode(m) for m in modes]
+        if Mode.AUDIO in modes and not vocab.audio_ids:
+            raise ValueError("audio mode: the model's vocabulary has no audio codes")
+        needs = {Mode.IMAGE: (vocab.image_tokens + 1, f"{vocab.image_tokens} codes and <eoss>"),
+                 Mode.AUDIO: (self.levels + 1, f"a frame of {self.levels} codes and <end-audio>")}  # fmt: skip
+        for mode, (least, what) in needs.items():
+            too_small = [i for i, (m, b) in enumerate(zip(modes, budgets, strict=True)) if m == mode and b < least]
+            if too_small:
+                raise ValueError(
+                    f"{mode.value} mode needs room for {what} ({least} tokens); rows {too_small} have budgets "
+                    f"{[budgets[i] for i in too_small]}: raise max_new_tokens or shorten the prompt"
+                )
+        self.interleaved = self._rows(modes, Mode.INTERLEAVED, device)
+        self.image_mode, self.audio_mode = self._rows(modes, Mode.IMAGE, device), self._rows(modes, Mode.AUDIO, device)
+        self.in_image, self.in_audio = self.image_mode.clone(), self.audio_mode.clone()  # prompts open the block
         self.codes_done = torch.zeros(len(modes), dtype=torch.long, device=device)
         self.remaining = torch.tensor(budgets, dtype=torch.long, device=device)
         self.finished = self.remaining <= 0
         self.text = text_ids(vocab, device)
         self.codes = vocab.modality_mask(Modality.IMAGE, device)
+        ids = torch.arange(vocab.vocab_size, device=device)
+        self.level_codes = torch.stack([(ids >= start) & (ids < end) for start, end in
+                                        map(vocab.audio_level_range, range(self.levels))]) if self.levels else None  # fmt: skip
         self.stops = torch.tensor(stop_ids(vocab), device=device)
+
+    @staticmethod
+    def _rows(modes: list[Mode], mode: Mode, device) -> torch.Tensor:
+        return torch.tensor([m == mode for m in modes], device=device)
 
     def allowed(self) -> torch.Tensor:
         """[B, vocab] boolean: the ids each row may emit next (a finished row: `<pad>` alone)."""
@@ -69,11 +87,28 @@ class ModalityConstraints:
         allowed = torch.where(in_codes[:, None], self.codes, self.text)
         allowed[closing] = False
         allowed[closing, v.end_of_image] = True
-        may_open = self.interleaved & ~self.in_image & (self.remaining >= v.image_block_length)
+        outside = ~self.in_image & ~self.in_audio
+        may_open = self.interleaved & outside & (self.remaining >= v.image_block_length)
         allowed[may_open, v.begin_of_image] = True
+        if self.levels:
+            self._audio(allowed, outside)
         allowed[self.finished] = False
         allowed[self.finished, v.pad] = True
         return allowed
+
+    def _audio(self, allowed: torch.Tensor, outside: torch.Tensor) -> None:
+        """Inside a clip, the codes of the position's level, and the end after a whole frame (forced
+        when no further frame fits); in interleaved text, the opening while a frame and the end fit."""
+        v = self.vocab
+        level = self.codes_done % self.levels
+        at_frame_end = self.in_audio & (level == 0) & (self.codes_done > 0)
+        must_close = at_frame_end & (self.remaining < self.levels + 1)
+        allowed[self.in_audio] = self.level_codes[level[self.in_audio]]
+        allowed[at_frame_end, v.end_of_audio] = True
+        allowed[must_close] = False
+        allowed[must_close, v.end_of_audio] = True
+        may_open = self.interleaved & outside & (self.remaining >= self.levels + 2)
+        allowed[may_open, v.begin_of_audio] = True
 
     def mask(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.masked_fill(~self.allowed(), float("-inf"))
@@ -84,12 +119,15 @@ class ModalityConstraints:
         emitted = ~self.finished
         self.remaining -= emitted.long()
         is_code = (tokens >= v.image_code_start) & (tokens < v.image_code_end)
+        is_code |= (tokens >= v.audio_code_start) & (tokens < v.vocab_size)
         self.codes_done += (emitted & is_code).long()
-        closed = emitted & (tokens == v.end_of_image)
-        opened = emitted & (tokens == v.begin_of_image)
-        self.in_image = (self.in_image | opened) & ~closed
-        self.codes_done[opened | closed] = 0
-        stopped = torch.isin(tokens, self.stops) | (closed & self.image_mode)
+        closed = emitted & ((tokens == v.end_of_image) | (self.levels > 0) & (tokens == v.end_of_audio))
+        opened_image = emitted & (tokens == v.begin_of_image)
+        opened_audio = emitted & (self.levels > 0) & (tokens == v.begin_of_audio)
+        self.in_image = (self.in_image | opened_image) & ~closed
+        self.in_audio = (self.in_audio | opened_audio) & ~closed
+        self.codes_done[opened_image | opened_audio | closed] = 0
+        stopped = torch.isin(tokens, self.stops) | (closed & (self.image_mode | self.audio_mode))
         self.finished = self.finished | (emitted & stopped) | (self.remaining <= 0)
         return emitted
 

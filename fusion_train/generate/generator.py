@@ -30,7 +30,7 @@ class Request:
 @dataclass
 class Generation:
     tokens: list[int]  # the generated ids, the prompt not included
-    stop: str  # end_of_sequence, end_of_turn, image_done, max_new_tokens or context_full
+    stop: str  # end_of_sequence, end_of_turn, image_done, audio_done, max_new_tokens or context_full
 
 
 class Generator:
@@ -92,6 +92,8 @@ class Generator:
     def _streams(self, request: Request, guidance: Guidance | None) -> list[list[int]]:
         if request.mode == Mode.IMAGE and request.prompt[-1] != self.vocab.begin_of_image:
             raise ValueError("an image-mode prompt ends with <racm3:break>")
+        if request.mode == Mode.AUDIO and request.prompt[-1] != self.vocab.begin_of_audio:
+            raise ValueError("an audio-mode prompt ends with <begin-audio>")
         if guidance is not None and request.mode == Mode.IMAGE:
             return guidance_prompts(request.prompt, self.vocab)
         return [request.prompt]
@@ -130,3 +132,5 @@ class Generator:
                 stops[i] = reasons[token]
             elif requests[i].mode == Mode.IMAGE and token == v.end_of_image:
                 stops[i] = "image_done"
+            elif requests[i].mode == Mode.AUDIO and token == v.end_of_audio:
+                stops[i] = "audio_done"

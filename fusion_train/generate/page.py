@@ -1,6 +1,7 @@
 """What `fusion-generate` writes: `outputs.jsonl` (one record per prompt), the pictures as PNG files
-under `images/`, and `index.html`, the prompts beside their outputs with the pictures inline (the
-page embeds them, so it can be moved or mailed on its own)."""
+under `images/`, the sounds as WAV files under `sounds/`, and `index.html`, the prompts beside their
+outputs with the pictures and sounds inline (an `<audio>` element plays each; the page embeds them,
+so it can be moved or mailed on its own)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fusion_train.generate.documents import Segment
+from fusion_train.generate.documents import Segment, Sound
+from fusion_train.tokenizers.audio import write_wav
 
 THUMBNAIL = 256  # px on the page; the PNG files keep the decoder's resolution
 
@@ -29,23 +31,30 @@ class Sample:
 
 
 def as_text(segments: list) -> str:
-    """Segments in one line: text as it is, pictures as [image] or [image PATH]."""
+    """Segments in one line: text as it is, pictures as [image] or [image PATH], sounds as [audio ...]."""
     return " ".join(
-        "[image]" if isinstance(s, np.ndarray) else f"[image {s['image']}]" if isinstance(s, dict) and "image" in s
-        else s["text"] if isinstance(s, dict) else s
+        "[image]" if isinstance(s, np.ndarray) else "[audio]" if isinstance(s, Sound)
+        else next((f"[{kind} {s[kind]}]" for kind in ("image", "audio") if isinstance(s, dict) and kind in s), None)
+        or (s["text"] if isinstance(s, dict) else s)
         for s in segments
     )  # fmt: skip
 
 
-def save_output(sample: Sample, folder: Path, stem: str, relative_to: Path) -> dict:
-    """The sample as a JSON record, its pictures written as `folder/STEM_K.png` (paths relative to `relative_to`)."""
-    folder.mkdir(parents=True, exist_ok=True)
+def save_output(sample: Sample, folder: Path, stem: str, relative_to: Path, sound_folder: Path | None = None) -> dict:
+    """The sample as a JSON record, its pictures written as `folder/STEM_K.png` and its sounds as
+    `sound_folder/STEM_K.wav` (default: beside the pictures; paths relative to `relative_to`)."""
+    sound_folder = sound_folder or folder
     output = []
     for segment in sample.output:
         if isinstance(segment, np.ndarray):
+            folder.mkdir(parents=True, exist_ok=True)
             path = folder / f"{stem}_{len(output)}.png"
             Image.fromarray(segment).save(path)
             output.append({"image": str(path.relative_to(relative_to))})
+        elif isinstance(segment, Sound):
+            sound_folder.mkdir(parents=True, exist_ok=True)
+            path = write_wav(sound_folder / f"{stem}_{len(output)}.wav", segment.samples, segment.rate)
+            output.append({"audio": str(path.relative_to(relative_to)), "codes": segment.codes.tolist()})
         else:
             output.append({"text": segment})
     return {"prompt": sample.prompt, "mode": sample.mode, "output": output, "stop": sample.stop,
@@ -65,12 +74,29 @@ def inline_image(png: bytes, alt: str, size: int = THUMBNAIL) -> str:
     )
 
 
+def inline_audio(wav: bytes, title: str) -> str:
+    return f'<audio controls title="{html.escape(title)}" src="data:audio/wav;base64,{base64.b64encode(wav).decode()}"></audio>'
+
+
+def wav_bytes(sound: Sound) -> bytes:
+    buffer = io.BytesIO()
+    write_wav(buffer, sound.samples, sound.rate)
+    return buffer.getvalue()
+
+
 def segments_html(segments: list, base: Path = Path(), size: int = THUMBNAIL) -> str:
-    """Text escaped, pictures (arrays, or {"image": PATH} relative to `base`) inline."""
+    """Text escaped, pictures (arrays, or {"image": PATH} relative to `base`) and sounds (Sound, or
+    {"audio": PATH}) inline."""
     parts = []
     for segment in segments:
         if isinstance(segment, np.ndarray):
             parts.append(inline_image(png_bytes(segment), "generated image", size))
+        elif isinstance(segment, Sound):
+            parts.append(inline_audio(wav_bytes(segment), "generated sound"))
+        elif isinstance(segment, dict) and "audio" in segment:
+            path = base / segment["audio"]
+            parts.append(inline_audio(path.read_bytes(), segment["audio"]) if path.is_file()
+                         else html.escape(f"[audio {path}: missing]"))  # fmt: skip
         elif isinstance(segment, dict) and "image" in segment:
             path = base / segment["image"]
             if not path.is_file():
@@ -85,15 +111,16 @@ def segments_html(segments: list, base: Path = Path(), size: int = THUMBNAIL) ->
 
 
 def write_outputs(out_dir: str | Path, samples: list[Sample], prompt_base: Path = Path()) -> Path:
-    """The jsonl, the PNGs and the page; returns the page's path."""
+    """The jsonl, the PNGs and WAVs and the page; returns the page's path."""
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
-    for old in (out_dir / "images").glob("*.png"):  # a previous run's, which this page would not show
+    for old in [*(out_dir / "images").glob("*.png"), *(out_dir / "sounds").glob("*.wav")]:  # a previous run's
         old.unlink()
     rows = []
     with open(out_dir / "outputs.jsonl", "w") as records:
         for index, sample in enumerate(samples):
-            record = {"index": index, **save_output(sample, out_dir / "images", f"{index:04d}", out_dir)}
+            record = {"index": index, **save_output(sample, out_dir / "images", f"{index:04d}", out_dir,
+                                                    out_dir / "sounds")}  # fmt: skip
             records.write(json.dumps(record) + "\n")
             rows.append(
                 f"<tr><td>{index}</td><td>{html.escape(sample.mode)}</td><td>{segments_html(sample.prompt, prompt_base)}"

@@ -56,3 +56,4 @@ class SamplesConfig:
     # The run's tokenizers; default: the paths its shard manifests record.
     text_tokenizer: str | None = None
     image_tokenizer: str | None = None
+    audio_tokenizer: str | None = None

@@ -16,12 +16,17 @@ from pathlib import Path
 
 import numpy as np
 
+from fusion_train.generate.documents import Sound
 from fusion_train.generate.page import Sample, as_text, save_output
 from fusion_train.storage import check_room, writing
 
 
 def _pictures(sample: Sample) -> list[np.ndarray]:
     return [s for s in sample.output if isinstance(s, np.ndarray)]
+
+
+def _sounds(sample: Sample) -> list[Sound]:
+    return [s for s in sample.output if isinstance(s, Sound)]
 
 
 class JsonlLogger:
@@ -90,6 +95,10 @@ class WandbLogger:
                            images[0] if images else None, sample.stop)  # fmt: skip
             if images:
                 row[f"samples/prompt_{index}"] = images
+            sounds = [self.wandb.Audio(s.samples, sample_rate=s.rate, caption=as_text(sample.prompt))
+                      for s in _sounds(sample) if s.samples.size]  # fmt: skip
+            if sounds:
+                row[f"samples/prompt_{index}_audio"] = sounds
         self.run.log({**row, "samples/table": table})
 
     def alert(self, title: str, text: str, step: int) -> None:

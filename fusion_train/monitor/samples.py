@@ -48,7 +48,8 @@ class TrainingSamples(Observer):
         if not (self.everyone or rank == 0):
             return
         where = "eval_samples: the run"
-        self.codec = Codec(*load_tokenizers(trained_with, cfg.text_tokenizer, cfg.image_tokenizer, device, where))
+        self.codec = Codec(*load_tokenizers(trained_with, cfg.text_tokenizer, cfg.image_tokenizer, device, where,
+                                            cfg.audio_tokenizer))  # fmt: skip
         for i, prompt in enumerate(cfg.prompts):
             mode = prompt.get("mode", "text")
             ids = self.codec.prompt_ids(list(prompt["prompt"]), mode, cfg.chat, f"eval_samples.prompts[{i}]",

@@ -204,7 +204,8 @@ class AudioTokenizer:
         return self.model.decode(batch)[0, 0].clamp(-1, 1).float().cpu().numpy()
 
 
-def write_wav(path: str | Path, samples: np.ndarray, sampling_rate: int) -> Path:
-    """16-bit PCM WAV, which every browser's <audio> element plays."""
-    soundfile.write(str(path), samples, sampling_rate, subtype="PCM_16")
-    return Path(path)
+def write_wav(target: str | Path | io.BytesIO, samples: np.ndarray, sampling_rate: int) -> Path | io.BytesIO:
+    """16-bit PCM WAV (a file, or into a buffer), which every browser's <audio> element plays."""
+    soundfile.write(target if isinstance(target, io.BytesIO) else str(target), samples, sampling_rate,
+                    subtype="PCM_16", format="WAV")  # fmt: skip
+    return target if isinstance(target, io.BytesIO) else Path(target)

@@ -10,6 +10,7 @@ import torch
 
 MEL_SCALES = (256, 512, 1024)  # FFT sizes: short windows see timing, long ones see pitch
 MEL_BANDS = 64
+MEL_FLOOR = 1e-2  # added to mel magnitudes before the log: 40 dB under a tone's band, so near-silence does not dominate
 
 
 def _hz_to_mel(hz):
@@ -29,20 +30,34 @@ def mel_filters(n_fft: int, sampling_rate: int, bands: int = MEL_BANDS) -> torch
     return torch.from_numpy(np.clip(np.minimum(rising, falling), 0, None)).float()
 
 
-def log_mel(audio: torch.Tensor, sampling_rate: int, n_fft: int) -> torch.Tensor:
-    """audio [..., samples] -> log-mel [..., bands, frames] with a quarter-window hop."""
+def mel(audio: torch.Tensor, sampling_rate: int, n_fft: int) -> torch.Tensor:
+    """audio [..., samples] -> mel magnitudes [..., bands, frames] with a quarter-window hop."""
     window = torch.hann_window(n_fft, device=audio.device)
     spectrum = torch.stft(audio.reshape(-1, audio.shape[-1]), n_fft, n_fft // 4, window=window, return_complex=True)
     bands = min(MEL_BANDS, n_fft // 4)  # a short window has too few bins for many bands
-    mel = mel_filters(n_fft, sampling_rate, bands).to(audio.device) @ spectrum.abs().pow(2)
-    return torch.log(mel + 1e-5).reshape(*audio.shape[:-1], *mel.shape[-2:])
+    magnitudes = mel_filters(n_fft, sampling_rate, bands).to(audio.device) @ spectrum.abs()
+    return magnitudes.reshape(*audio.shape[:-1], *magnitudes.shape[-2:])
+
+
+def _scales(samples: int) -> list[int]:
+    return [n for n in MEL_SCALES if n <= samples]
+
+
+def mel_loss(reconstruction: torch.Tensor, target: torch.Tensor, sampling_rate: int) -> torch.Tensor:
+    """EnCodec's frequency loss: L1 plus L2 between mel magnitudes, averaged over MEL_SCALES. On
+    magnitudes, not logs: a log turns the near-silence between notes into large, phase-blind
+    gradients that drowned the waveform term (a 4-clip overfit reached waveform correlation 0.997
+    in 200 steps without a log-mel term and stayed near 0 with one)."""
+    scales = _scales(target.shape[-1])
+    differences = [mel(reconstruction, sampling_rate, n) - mel(target, sampling_rate, n) for n in scales]
+    return sum(d.abs().mean() + d.pow(2).mean() for d in differences) / len(scales)
 
 
 def mel_distance(reconstruction: torch.Tensor, target: torch.Tensor, sampling_rate: int) -> torch.Tensor:
-    """Mean L1 distance between log-mel spectrograms over MEL_SCALES (EnCodec's frequency loss)."""
-    scales = [n for n in MEL_SCALES if n <= target.shape[-1]]
-    return sum((log_mel(reconstruction, sampling_rate, n) - log_mel(target, sampling_rate, n)).abs().mean()
-               for n in scales) / len(scales)  # fmt: skip
+    """The codec literature's reported measure: mean L1 between log-mel spectrograms over MEL_SCALES."""
+    scales = _scales(target.shape[-1])
+    return sum((torch.log(mel(reconstruction, sampling_rate, n) + MEL_FLOOR)
+                - torch.log(mel(target, sampling_rate, n) + MEL_FLOOR)).abs().mean() for n in scales) / len(scales)  # fmt: skip
 
 
 def si_snr(estimate: np.ndarray, reference: np.ndarray) -> float:
