@@ -24,6 +24,8 @@ if [ -z "${SKIP_PEER:-}" ]; then
   # bench/peers.py's comparisons that one GPU holds (the sharded one needs two; the loader's peer,
   # mosaicml-streaming, is not among the device wheels): the training step and the image tokenizer.
   python3 bench/peers.py train vq --rounds 3 || echo '{"peers": "failed"}'
+  # Audio tokenization (needs soundfile and soxr among the wheels).
+  python3 bench/audio_tokenizer.py --clips 64 --batch 32 || echo '{"audio_tokenizer": "failed"}'
 fi
 
 # 1b, seq 4096, micro-batch 8, 32 micro-steps (2^20 tokens per optimizer step), one switch at a time.

@@ -2,6 +2,8 @@
 transformers' and Meta's layouts, and audio reading with its counted failures."""
 
 import io
+import json
+import random
 
 import av
 import numpy as np
@@ -10,6 +12,9 @@ import soundfile
 import torch
 import transformers
 
+from data_pipelines.synthetic_audio import random_sound, render
+from data_pipelines.train_audio_tokenizer import train_audio_tokenizer
+from fusion_train.commands.data import main as fusion_data
 from fusion_train.tokenizers.audio import AudioError, AudioTokenizer, read_audio, windows, write_wav
 from fusion_train.tokenizers.encodec import Encodec, EncodecConfig, from_meta_names
 from fusion_train.tokenizers.text import TokenizerError
@@ -140,3 +145,23 @@ def test_long_clips_are_cut_into_windows():
     cuts = windows(np.arange(10.0), 4, shortest=2)
     assert [len(c) for c in cuts] == [4, 4, 2]
     assert [len(c) for c in windows(np.arange(9.0), 4, shortest=2)] == [4, 4]
+
+
+def test_a_small_codec_trained_here_keeps_the_pitch_of_held_out_tones(tmp_path, capsys):
+    """fusion-data train-audio-tokenizer on 60 generated clips (notes and sweeps), 800 steps of 8
+    quarter-second crops: the held-out clips' pitch survives the round trip in at least 60% of the
+    50 ms windows that have one (75% measured; 17% after 300 steps, none before). Deterministic for a seed."""
+    rng = random.Random(0)
+    (tmp_path / "clips").mkdir()
+    for i in range(60):
+        write_wav(tmp_path / "clips" / f"{i:03d}.wav", render(random_sound(rng), 8000), 8000)
+    report = train_audio_tokenizer([tmp_path / "clips"], tmp_path / "codec", steps=800, batch_size=8,
+                                   segment_seconds=0.25)  # fmt: skip
+    assert report["initial"]["pitch_kept"] < 0.1 and report["final"]["pitch_kept"] >= 0.6, report
+    assert report["tokens_per_second"] == 100 and report["held_out_clips"] == 6
+    assert json.loads((tmp_path / "codec" / "training_report.json").read_text()) == report
+    again = [train_audio_tokenizer([tmp_path / "clips"], tmp_path / f"short{i}", steps=10, batch_size=4)["fingerprint"]
+             for i in range(2)]  # fmt: skip
+    assert again[0] == again[1]
+    assert fusion_data(["train-audio-tokenizer", "--audio", str(tmp_path / "nothing"), "--output", str(tmp_path / "x")]) == 2
+    assert "fusion-data train-audio-tokenizer: error: audio input" in capsys.readouterr().err

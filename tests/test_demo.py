@@ -15,7 +15,8 @@ def two_demo_runs(tmp_path_factory):
     """launch/demo.sh twice at CI size: (its folder's parent, the second invocation's result)."""
     tmp_path = tmp_path_factory.mktemp("demo_runs")
     env = {**os.environ, "PY": os.sys.executable, "DEMO_DIR": str(tmp_path / "demo"), "DEMO_STEPS": "30",
-           "DEMO_SFT_STEPS": "10", "DEMO_IMAGES": "160", "DEMO_VQ_STEPS": "10", "DEMO_EVAL_EVERY": "15"}  # fmt: skip
+           "DEMO_SFT_STEPS": "10", "DEMO_IMAGES": "160", "DEMO_VQ_STEPS": "10", "DEMO_EVAL_EVERY": "15",
+           "DEMO_SOUNDS": "40", "DEMO_AUDIO_STEPS": "5"}  # fmt: skip
     for run in ("1", "2"):
         result = subprocess.run(
             ["bash", "launch/demo.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
@@ -37,19 +38,27 @@ def test_demo_trains_and_a_second_run_starts_cleanly(two_demo_runs):
     report = tmp_path / "demo/runs/2/report/index.html"
     assert f"report       {report}" in result.stdout and report.stat().st_size > 10_000
     assert "Samples during training" in report.read_text()
-    # The fine-tuned model drew the six held-out instructions and answered three questions.
+    # The fine-tuned model drew the six held-out instructions, answered three questions, played the
+    # four held-out requests for sounds and described four held-out sounds.
     generations = tmp_path / "demo/runs/2/sft/generations"
     assert f"generations  {generations / 'index.html'}" in result.stdout
     outputs = [json.loads(line) for line in (generations / "outputs.jsonl").read_text().splitlines()]
-    assert [o["mode"] for o in outputs] == ["image"] * 6 + ["text"] * 3
-    assert (
-        len(list((generations / "images").glob("*.png"))) == 6 and "<img " in (generations / "index.html").read_text()
-    )
+    assert [o["mode"] for o in outputs] == ["image"] * 6 + ["text"] * 3 + ["audio"] * 4 + ["text"] * 4
+    page = (generations / "index.html").read_text()
+    assert len(list((generations / "images").glob("*.png"))) == 6 and "<img " in page
+    assert len(list((generations / "sounds").glob("*.wav"))) == 4 and page.count("<audio ") == 8
     assert re.search(r"colour check \d/6 held-out drawings show the colour asked for", result.stdout)
-    said = {
-        json.loads(line)["messages"][0]["content"] for line in (tmp_path / "demo/sft/image_generation.jsonl").open()
-    }
-    assert not said & {o["prompt"][0] for o in outputs[:6]}  # the held-out instructions are not in the SFT data
+    assert re.search(
+        r"sound check  \d/4 held-out requests play the notes asked for .*; \d/4 held-out sounds", result.stdout
+    )
+    for chats, held_out in (("image_generation", outputs[:6]), ("sound", outputs[9:13])):
+        said = {
+            json.dumps(json.loads(line)["messages"][0]["content"])
+            for line in (tmp_path / "demo/sft" / f"{chats}.jsonl").open()
+        }
+        assert not said & {
+            json.dumps(o["prompt"][0]) for o in held_out
+        }  # held-out instructions are not in the SFT data
     sft_report = (tmp_path / "demo/runs/2/sft/report/index.html").read_text()
     assert 'href="../generations/index.html"' in sft_report and "Samples during training" in sft_report
 

@@ -22,14 +22,14 @@ def test_text_document(text_tokenizer):
 def test_image_text_puts_the_image_first_in_a_seeded_half(text_tokenizer):
     documents = DocumentTokenizer(text_tokenizer, V, seed=7)
     records = [(input_number, i) for input_number in range(2) for i in range(200)]
-    firsts = [documents.image_text(codes(3), "a red square", r).tokens[1] == V.begin_of_image for r in records]
+    firsts = [documents.pair(codes(3), "a red square", r).tokens[1] == V.begin_of_image for r in records]
     assert 0.43 < np.mean(firsts) < 0.57
     assert firsts == [seeded_coin(7, r) for r in records]
     assert firsts != [seeded_coin(8, r) for r in records]
     assert firsts[:200] != firsts[200:]  # record i of another input file tosses its own coin
     caption = text_tokenizer.encode(["a red square"])[0]
     expected = [V.bos, *image_ids(3), *caption, V.eos] if firsts[0] else [V.bos, *caption, *image_ids(3), V.eos]
-    assert documents.image_text(codes(3), "a red square", (0, 0)).tokens.tolist() == expected
+    assert documents.pair(codes(3), "a red square", (0, 0)).tokens.tolist() == expected
 
 
 def test_interleaved_keeps_segment_order(text_tokenizer):

@@ -65,7 +65,7 @@ def test_the_readme_walkthrough_trains_and_validates_on_your_own_data(tmp_path):
 
 def test_sources_are_added_and_replaced_from_the_command_line():
     cfg = load_config(["+data.sources.extra.path=/shards/extra", "+data.sources.extra.weight=0.2"])
-    assert list(cfg.data.sources) == ["text", "image_text", "interleaved", "extra"]
+    assert list(cfg.data.sources) == ["text", "image_text", "interleaved", "audio_text", "extra"]
     assert cfg.data.sources["extra"] == SourceConfig("/shards/extra", 0.2)
     only = load_config(["~data", "+data.sources.only.path=/shards/only", "+eval_data.sources.held.path=/h"])
     assert list(only.data.sources) == ["only"] and list(only.eval_data.sources) == ["held"]

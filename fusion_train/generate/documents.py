@@ -14,9 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
-
 import torch
+from PIL import Image, UnidentifiedImageError
 
 from fusion_train.generate.constraints import Mode
 from fusion_train.tokenizers.audio import AudioError, AudioTokenizer
