@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import random
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -190,20 +191,20 @@ def sound_check(outputs: Path, demo_folder: Path) -> dict[str, tuple[int, int]]:
     held_out = demo_folder / "held_out_sounds"
     captions = {(held_out / r["audio"]).resolve(): r["caption"]
                 for r in map(json.loads, (held_out / "sounds.jsonl").read_text().splitlines())}  # fmt: skip
-    counts = {"played": [0, 0], "described": [0, 0]}
+    right, asked = Counter(), Counter()
     for record in map(json.loads, outputs.read_text().splitlines()):
         clips = [s["audio"] for s in record["prompt"] if isinstance(s, dict) and "audio" in s]
         if record["mode"] == "audio":
-            asked = next(notes for notes in HELD_OUT_SOUNDS if record["prompt"][0] == play_instruction(notes))
+            notes = next(notes for notes in HELD_OUT_SOUNDS if record["prompt"][0] == play_instruction(notes))
             played = [s["audio"] for s in record["output"] if "audio" in s]
             samples = soundfile.read(outputs.parent / played[0], dtype="float32")[0] if played else np.zeros(0)
-            heard = analyse(samples, DEMO_AUDIO["sampling_rate"])
-            counts["played"] = [counts["played"][0] + (heard == {"kind": "notes", "notes": asked}), counts["played"][1] + 1]
+            asked["played"] += 1
+            right["played"] += analyse(samples, DEMO_AUDIO["sampling_rate"]) == {"kind": "notes", "notes": notes}
         elif clips:
-            caption = captions[(demo_folder / "sft" / clips[0]).resolve()]
             answer = " ".join(s["text"] for s in record["output"] if "text" in s).strip().rstrip(".").lower()
-            counts["described"] = [counts["described"][0] + (answer == caption), counts["described"][1] + 1]
-    return {name: (right, asked) for name, (right, asked) in counts.items()}
+            asked["described"] += 1
+            right["described"] += answer == captions[(demo_folder / "sft" / clips[0]).resolve()]
+    return {name: (right[name], asked[name]) for name in ("played", "described")}
 
 
 def colour_check(outputs: Path) -> tuple[int, int]:

@@ -230,7 +230,11 @@ def demo_data(tmp_path_factory):
     """The demo's data pipeline at test size: real images, both tokenizers, three kinds of shards."""
     from data_pipelines.demo import make_demo_data
 
-    return built_once(tmp_path_factory, "demo", lambda folder: make_demo_data(folder, images=120, vq_steps=5, sounds=40, audio_steps=5))
+    return built_once(
+        tmp_path_factory,
+        "demo",
+        lambda folder: make_demo_data(folder, images=120, vq_steps=5, sounds=40, audio_steps=5),
+    )
 
 
 def train_overrides(demo_data: dict, run_dir: Path, *extra: str) -> list[str]:

@@ -163,5 +163,8 @@ def test_a_small_codec_trained_here_keeps_the_pitch_of_held_out_tones(tmp_path, 
     again = [train_audio_tokenizer([tmp_path / "clips"], tmp_path / f"short{i}", steps=10, batch_size=4)["fingerprint"]
              for i in range(2)]  # fmt: skip
     assert again[0] == again[1]
-    assert fusion_data(["train-audio-tokenizer", "--audio", str(tmp_path / "nothing"), "--output", str(tmp_path / "x")]) == 2
+    assert (
+        fusion_data(["train-audio-tokenizer", "--audio", str(tmp_path / "nothing"), "--output", str(tmp_path / "x")])
+        == 2
+    )
     assert "fusion-data train-audio-tokenizer: error: audio input" in capsys.readouterr().err

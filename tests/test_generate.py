@@ -70,7 +70,11 @@ def _forbidden_report(mode: Mode, tokens: list[int]) -> str | None:
                 in_audio, codes = False, 0
                 if mode == Mode.AUDIO:
                     return None if position == len(tokens) - 1 else "tokens after the audio-mode clip"
-            elif not v.audio_level_range(codes % v.audio_levels)[0] <= token < v.audio_level_range(codes % v.audio_levels)[1]:
+            elif (
+                not v.audio_level_range(codes % v.audio_levels)[0]
+                <= token
+                < v.audio_level_range(codes % v.audio_levels)[1]
+            ):
                 return f"position {position}: {token} is not a level-{codes % v.audio_levels} code"
             else:
                 codes += 1

@@ -68,7 +68,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default="generations", help="output folder (default ./generations)")
     run.add_argument("--text-tokenizer", help="default: the path the run's shard manifests record")
     run.add_argument("--image-tokenizer", help="the VQ tokenizer's vqgan.ckpt; default as --text-tokenizer")
-    run.add_argument("--audio-tokenizer", help="the EnCodec folder (audio prompts, sounds); default as --text-tokenizer")
+    run.add_argument(
+        "--audio-tokenizer", help="the EnCodec folder (audio prompts, sounds); default as --text-tokenizer"
+    )
     run.add_argument("--batch-size", type=int, default=8)
     run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     run.add_argument("--dtype", choices=DTYPES, help="default: bf16 on a GPU, fp32 on the CPU")

@@ -61,8 +61,11 @@ def load_tokenizers(trained_with: TrainedWith, text: str | None, image: str | No
         raise ConversionError(
             f"text tokenizer {text} is for the layout {text_tokenizer.vocab}, the model's is {trained_with.vocab}"
         )
-    return text_tokenizer, ImageTokenizer.load(image, device=device) if image else None, _audio(audio, trained_with,
-                                                                                                 device, where)
+    return (
+        text_tokenizer,
+        ImageTokenizer.load(image, device=device) if image else None,
+        _audio(audio, trained_with, device, where),
+    )
 
 
 def _audio(path: str | None, trained_with: TrainedWith, device: torch.device, where: str) -> AudioTokenizer | None:
