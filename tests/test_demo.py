@@ -63,10 +63,11 @@ def test_demo_trains_and_a_second_run_starts_cleanly(two_demo_runs):
     assert 'href="../generations/index.html"' in sft_report and "Samples during training" in sft_report
 
 
-def test_the_demo_loses_what_it_lost_before_the_structure_changed(two_demo_runs):
-    """The same losses at every logged step, pretraining and SFT, as the demo gave at CI size before
-    the loop became observers (tests/data/demo_losses.json says which commit; a change that means
-    to move them writes the file anew from a run of it)."""
+def test_the_demo_loses_what_it_lost_when_its_data_last_changed(two_demo_runs):
+    """The same losses at every logged step, pretraining and SFT, as the demo gave at CI size when
+    its data last changed (tests/data/demo_losses.json says when: first before the loop became
+    observers, then when sound joined); a change that means to move them writes the file anew from
+    a run of it, any other must leave them."""
     tmp_path, _ = two_demo_runs
     expected = json.loads((REPO / "tests" / "data" / "demo_losses.json").read_text())
     for stage, run in (("pretrain", "demo/runs/1"), ("sft", "demo/runs/1/sft")):
