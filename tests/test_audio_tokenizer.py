@@ -168,3 +168,13 @@ def test_a_small_codec_trained_here_keeps_the_pitch_of_held_out_tones(tmp_path, 
         == 2
     )
     assert "fusion-data train-audio-tokenizer: error: audio input" in capsys.readouterr().err
+
+
+def test_a_long_clip_is_encoded_in_windows_of_whole_frames(monkeypatch):
+    tokenizer = AudioTokenizer(Encodec(EncodecConfig(**SMALL)), levels=1, fingerprint="", device="cpu")
+    clip = np.random.default_rng(0).uniform(-0.5, 0.5, 8000 * 3 + 5).astype(np.float32)
+    whole = tokenizer.encode([clip])[0]
+    monkeypatch.setattr("fusion_train.tokenizers.audio.WINDOW_SECONDS", 1.0)
+    windowed = tokenizer.encode([clip])[0]
+    assert windowed.shape == whole.shape == (1, 3001)  # hop 8: 1,000 frames a second, one more for the 5 samples
+    assert np.array_equal(windowed[:, :900], whole[:, :900])  # the first window alone sees no difference

@@ -59,6 +59,8 @@ def test_every_zero_stage_trains_the_tiny_model(demo_data, tmp_path, stage, requ
     history = losses(run)
     assert len(history) == 12
     assert sum(history[-3:]) / 3 < 0.9 * sum(history[:3]) / 3, history
+    logged = set().union(*read_metrics(run))  # text, image and audio shards: a loss per modality
+    assert {"loss/text", "loss/image", "loss/audio", "data/source_audio_text_frac"} <= logged
     evaluations = [m for m in read_metrics(run) if "eval/loss" in m]
     assert [m["step"] for m in evaluations] == [6, 12]
     for source, samples in [("held_out", 20), ("prose", 199)]:

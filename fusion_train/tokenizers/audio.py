@@ -31,6 +31,7 @@ from fusion_train.tokenizers.text import TokenizerError, fingerprint_file
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 LEVELS_KEY = "fusion_train_levels"
 SILENCE = 1e-4  # peak amplitude (of 1.0 full scale) below which a clip holds nothing to learn
+WINDOW_SECONDS = 30.0  # longer clips are encoded in windows of about this length
 
 
 class AudioError(ValueError):
@@ -91,8 +92,8 @@ def _decode_with_pyav(source: str | Path | bytes) -> tuple[np.ndarray, int]:
 
 
 def windows(samples: np.ndarray, length: int, shortest: int = 1) -> list[np.ndarray]:
-    """A long clip cut into consecutive windows of `length` samples; the last one is kept if it has
-    at least `shortest` samples."""
+    """A long clip cut into consecutive windows of `length` samples (the last one kept if it has at
+    least `shortest` samples)."""
     cuts = [samples[start : start + length] for start in range(0, len(samples), length)]
     return [cut for cut in cuts if len(cut) >= shortest]
 
@@ -181,10 +182,18 @@ class AudioTokenizer:
     def read(self, source: str | Path | bytes) -> np.ndarray:
         return read_audio(source, self.sampling_rate)
 
-    @torch.inference_mode()
     def encode(self, clips: list[np.ndarray]) -> list[np.ndarray]:
-        """float32 mono clips -> int64 codes [levels, ceil(samples / hop)] each, clips of one length
-        batched together on the tokenizer's device."""
+        """float32 mono clips -> int64 codes [levels, ceil(samples / hop)] each. A clip longer than
+        WINDOW_SECONDS is encoded window by window (each a whole number of frames) and its codes
+        joined, so memory stays bounded whatever its length."""
+        window = round(WINDOW_SECONDS * self.sampling_rate / self.cfg.hop_length) * self.cfg.hop_length
+        pieces = [windows(clip, window) or [clip] for clip in clips]
+        codes = iter(self._encode([piece for clip_pieces in pieces for piece in clip_pieces]))
+        return [np.concatenate([next(codes) for _ in clip_pieces], axis=1) for clip_pieces in pieces]
+
+    @torch.inference_mode()
+    def _encode(self, clips: list[np.ndarray]) -> list[np.ndarray]:
+        """Clips of one length batched together on the tokenizer's device."""
         codes: list[np.ndarray | None] = [None] * len(clips)
         by_length: dict[int, list[int]] = {}
         for i, clip in enumerate(clips):
