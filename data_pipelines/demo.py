@@ -185,26 +185,29 @@ def _write_sound_chats(folder: Path, sounds_file: Path, held_out_sounds: Path) -
     return path
 
 
-def sound_check(outputs: Path, demo_folder: Path) -> dict[str, tuple[int, int]]:
+def sound_check(outputs: Path, demo_folder: Path) -> dict:
     """Of fusion-generate's answers to the held-out prompts: the requests whose clip plays the notes
-    asked for (read back by the note tracker), and the held-out sounds described by their caption."""
+    asked for (read back by the note tracker), and the held-out sounds described by their caption,
+    as (right, asked); and what the tracker heard in each clip ("heard")."""
     held_out = demo_folder / "held_out_sounds"
     captions = {(held_out / r["audio"]).resolve(): r["caption"]
                 for r in map(json.loads, (held_out / "sounds.jsonl").read_text().splitlines())}  # fmt: skip
-    right, asked = Counter(), Counter()
+    right, asked, heard = Counter(), Counter(), []
     for record in map(json.loads, outputs.read_text().splitlines()):
         clips = [s["audio"] for s in record["prompt"] if isinstance(s, dict) and "audio" in s]
         if record["mode"] == "audio":
             notes = next(notes for notes in HELD_OUT_SOUNDS if record["prompt"][0] == play_instruction(notes))
             played = [s["audio"] for s in record["output"] if "audio" in s]
             samples = soundfile.read(outputs.parent / played[0], dtype="float32")[0] if played else np.zeros(0)
+            sound = analyse(samples, DEMO_AUDIO["sampling_rate"])
+            heard.append(describe(sound) if sound["kind"] != "unclear" else "unclear")
             asked["played"] += 1
-            right["played"] += analyse(samples, DEMO_AUDIO["sampling_rate"]) == {"kind": "notes", "notes": notes}
+            right["played"] += sound == {"kind": "notes", "notes": notes}
         elif clips:
             answer = " ".join(s["text"] for s in record["output"] if "text" in s).strip().rstrip(".").lower()
             asked["described"] += 1
             right["described"] += answer == captions[(demo_folder / "sft" / clips[0]).resolve()]
-    return {name: (right[name], asked[name]) for name in ("played", "described")}
+    return {**{name: (right[name], asked[name]) for name in ("played", "described")}, "heard": heard}
 
 
 def colour_check(outputs: Path) -> tuple[int, int]:

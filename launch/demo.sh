@@ -79,6 +79,6 @@ fusion_train demo finished in {time.time() - float(sys.argv[2]):.0f} s
   SFT run      {sft} (report {sys.argv[5]})
   generations  {sft / "generations" / "index.html"} (pictures in {sft / "generations" / "images"}, sounds in {sft / "generations" / "sounds"})
   colour check {matches}/{drawings} held-out drawings show the colour asked for
-  sound check  {sounds["played"][0]}/{sounds["played"][1]} held-out requests play the notes asked for (a note tracker listened); \
-{sounds["described"][0]}/{sounds["described"][1]} held-out sounds described by their caption""")
+  sound check  {sounds["played"][0]}/{sounds["played"][1]} held-out requests play the notes asked for (a note tracker heard: \
+{"; ".join(sounds["heard"])}); {sounds["described"][0]}/{sounds["described"][1]} held-out sounds described by their caption""")
 PYTHON

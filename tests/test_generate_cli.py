@@ -14,11 +14,14 @@ from PIL import Image
 from transformers import ChameleonForConditionalGeneration
 
 from conftest import audio_durations
+from data_pipelines.train_audio_tokenizer import small_config as small_codec_config
 from fusion_train.commands.convert import main as convert_main
 from fusion_train.commands.generate import main as generate_main
 from fusion_train.generate.generator import Generator, Request
 from fusion_train.generate.load import load_model
 from fusion_train.generate.sampling import Sampling
+from fusion_train.tokenizers.audio import AudioTokenizer
+from fusion_train.tokenizers.encodec import Encodec
 from fusion_train.tokenizers.text import TextTokenizer
 
 
@@ -73,6 +76,10 @@ def test_bad_input_is_a_clear_error_naming_it(checkpoint, demo_data, tmp_path, c
         assert generate_main([str(checkpoint), "--prompts", str(prompts), "--out", str(tmp_path / "out")]) == 2
         error = capsys.readouterr().err
         assert f"fusion-generate: error: {message}" in error, error
+    # An audio tokenizer of the right shape but other weights than the run's.
+    other = AudioTokenizer(Encodec(small_codec_config(8000, [8, 5, 4], 256, 2)), 2, "").save(tmp_path / "other_codec")
+    assert generate_main([str(checkpoint), "--prompt", "a", "--mode", "audio", "--audio-tokenizer", str(other)]) == 2
+    assert f"audio tokenizer {other} is not the one {checkpoint} was trained with" in capsys.readouterr().err
     # A model folder does not say where its tokenizers are.
     assert convert_main(["zero-to-safetensors", str(checkpoint), str(tmp_path / "model")]) == 0
     assert generate_main([str(tmp_path / "model"), "--prompt", "a", "--out", str(tmp_path / "out")]) == 2

@@ -171,6 +171,12 @@ def test_wrong_tokenizer_fingerprint_is_refused(tmp_path):
         build_loader(config({"a": (a, 1.0), "b": (b, 1.0)}))
     with pytest.raises(DataError, match="source a .* built with text tokenizer aaaa, but this run uses cccc"):
         build_loader(config({"a": (a, 1.0)}), expected_fingerprints={"text": "cccc"})
+    # An audio tokenizer (as an image one) must be the same in every source that used one.
+    c = write_shards(tmp_path / "c", numbered_documents(20), fingerprints={"text": "aaaa", "audio": "1111-2"})
+    d = write_shards(tmp_path / "d", numbered_documents(20), fingerprints={"text": "aaaa", "audio": "2222-2"})
+    build_loader(config({"a": (a, 1.0), "c": (c, 1.0)}))  # text shards used none
+    with pytest.raises(DataError, match="source d .* built with audio tokenizer 2222-2, but this run uses 1111-2"):
+        build_loader(config({"c": (c, 1.0), "d": (d, 1.0)}))
 
 
 def checksummed_sample(key: str, tokens: np.ndarray | bytes) -> dict:
