@@ -1,6 +1,7 @@
 """`fusion-train --plan`: the model-state memory is DeepSpeed's own estimate, and a 34B plan is made
 from the config alone."""
 
+import dataclasses
 import json
 
 import pytest
@@ -107,3 +108,15 @@ def test_sequence_parallelism_splits_the_activations_and_counts_its_all_to_all(t
         == 2
     )
     assert "trainer.sequence_parallel=3: the 8 ranks must be a multiple of it" in capsys.readouterr().err
+
+
+def test_an_untied_plan_on_the_demo_shards_counts_a_copy_per_modality_they_have(demo_data, tmp_path):
+    """The demo's shards have text, image and audio codes: each untied part counts three times."""
+    from conftest import train_overrides
+
+    overrides = ["--plan", "--gpus", "2", *train_overrides(demo_data, tmp_path), "+untie=all"]
+    assert train_main(overrides) == 0
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    cfg = load_config(["model=tiny", "model.vocab_size=4608", "+untie=all"]).model
+    three = dataclasses.replace(cfg, image_token_ids=[4, 516], audio_token_ids=[4096, 4608])
+    assert plan["parameters"] == parameter_counts(three).total == sum(p.numel() for p in Chameleon(three).parameters())

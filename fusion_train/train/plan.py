@@ -26,9 +26,10 @@ import dataclasses
 import json
 from pathlib import Path
 
+from fusion_train.data.manifest import DataError, Manifest
 from fusion_train.model.chameleon import ChameleonConfig
 from fusion_train.model.size import flops_per_token, largest_module_parameters, parameters_by_group
-from fusion_train.train.config import TrainConfig, gradient_accumulation_steps
+from fusion_train.train.config import TrainConfig, bind_to_vocabulary, gradient_accumulation_steps
 from fusion_train.train.sequence_parallel import SequenceParallelError, check_layout
 
 GB = 1e9
@@ -221,6 +222,18 @@ def sequence_line(plan: dict) -> str:
     return (f"sequence parallelism: {plan['sequence_parallel']} GPUs per sequence, {plan['tokens_per_gpu']:,} tokens "
             f"each; all-to-all {plan['all_to_all_gb_per_layer']:.3f} GB sent per GPU per block forward, "
             f"{plan['all_to_all_gb_per_step']:,.1f} GB per step\n")  # fmt: skip
+
+
+def bind_to_shards_here(cfg: TrainConfig) -> None:
+    """Give the model config the shards' vocabulary (an untied model's copies per modality) when a
+    source's manifest is readable here; a plan is often made where the shards are not."""
+    for source in cfg.data.sources.values():
+        try:
+            vocab = Manifest.read(source.path).vocab
+        except DataError:
+            continue
+        bind_to_vocabulary(cfg.model, vocab)
+        return
 
 
 def write_plan(plan: dict, folder: Path) -> Path:
