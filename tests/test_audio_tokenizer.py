@@ -84,11 +84,18 @@ def test_our_folder_opens_in_transformers_and_a_wrong_checkpoint_is_named(tmp_pa
     assert AudioTokenizer.load(tmp_path / "ours").levels == 2  # recorded beside the weights
     with pytest.raises(TokenizerError, match="not found"):
         AudioTokenizer.load(tmp_path / "nothing")
+    write_wav(tmp_path / "clip.wav", np.zeros(80, np.float32), 8000)  # a sound given where the codec goes
+    with pytest.raises(TokenizerError, match="clip.wav is not a PyTorch checkpoint"):
+        AudioTokenizer.load(tmp_path / "clip.wav")
     other = dict(SMALL, num_filters=8)
     AudioTokenizer(Encodec(EncodecConfig(**other)), levels=1, fingerprint="").save(tmp_path / "other")
     (tmp_path / "ours" / "model.safetensors").write_bytes((tmp_path / "other" / "model.safetensors").read_bytes())
     with pytest.raises(TokenizerError, match="do not have the shapes its config gives"):
         AudioTokenizer.load(tmp_path / "ours")
+    weights = tmp_path / "other" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # a copy cut short
+    with pytest.raises(TokenizerError, match="model.safetensors cannot be read"):
+        AudioTokenizer.load(tmp_path / "other")
     with pytest.raises(ValueError, match="unsupported normalize=True"):
         EncodecConfig(normalize=True)
 

@@ -23,6 +23,7 @@ import numpy as np
 import soundfile
 import soxr
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from fusion_train.tokenizers.encodec import Encodec, EncodecConfig, from_meta_names, from_weight_norm_names
@@ -98,6 +99,20 @@ def windows(samples: np.ndarray, length: int, shortest: int = 1) -> list[np.ndar
     return [cut for cut in cuts if len(cut) >= shortest]
 
 
+def _meta_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a single-file checkpoint (Meta's `encodec_24khz-*.th`)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch.load raises whatever its unpickler meets in a file that is not one
+        raise TokenizerError(
+            f"audio tokenizer {path} is not a PyTorch checkpoint ({type(err).__name__}): give "
+            "Meta's EnCodec .th file or a folder with config.json and model.safetensors"
+        ) from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise TokenizerError(f"audio tokenizer {path} holds no state dict of tensors: is it an EnCodec checkpoint?")
+    return state
+
+
 def audio_config(path: str | Path) -> EncodecConfig:
     """A tokenizer folder's codec config, without its weights (Meta's .th file: the 24 kHz model's)."""
     path = Path(path)
@@ -106,7 +121,21 @@ def audio_config(path: str | Path) -> EncodecConfig:
     if not (path / CONFIG_FILE).is_file():
         raise TokenizerError(f"audio tokenizer {path} not found: a folder with {CONFIG_FILE} and {WEIGHTS_FILE} "
                              "(transformers' EncodecModel layout) or Meta's .th checkpoint")  # fmt: skip
-    return EncodecConfig.from_dict(json.loads((path / CONFIG_FILE).read_text()))
+    return EncodecConfig.from_dict(_config_json(path))
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except SafetensorError as err:
+        raise TokenizerError(f"audio tokenizer weights {path} cannot be read ({err}): copy the file again") from None
+
+
+def _config_json(folder: Path) -> dict:
+    try:
+        return json.loads((folder / CONFIG_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise TokenizerError(f"audio tokenizer config {folder / CONFIG_FILE} is not JSON ({err})") from None
 
 
 class AudioTokenizer:
@@ -142,11 +171,11 @@ class AudioTokenizer:
         lowest target bandwidth's, as EnCodec defaults."""
         path = Path(path)
         if path.is_file():
-            cfg, state = EncodecConfig(), from_meta_names(torch.load(path, map_location="cpu", weights_only=True))
+            cfg, state = EncodecConfig(), from_meta_names(_meta_checkpoint(path))
             saved_levels, fingerprint_of = None, path
         elif (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file():
-            config = json.loads((path / CONFIG_FILE).read_text())
-            cfg, state = EncodecConfig.from_dict(config), load_file(path / WEIGHTS_FILE)
+            config = _config_json(path)
+            cfg, state = EncodecConfig.from_dict(config), _weights(path / WEIGHTS_FILE)
             saved_levels, fingerprint_of = config.get(LEVELS_KEY), path / WEIGHTS_FILE
         else:
             raise TokenizerError(f"audio tokenizer {path} not found: a folder with {CONFIG_FILE} and {WEIGHTS_FILE} "
