@@ -33,7 +33,8 @@ import webdataset as wds
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from data_pipelines import audio_text, image_text, interleaved, sft, text
+from data_pipelines import interleaved, sft, text
+from data_pipelines.captioned import CaptionedMedia
 from data_pipelines.parts import (
     PartProgress,
     differing_settings,
@@ -61,8 +62,10 @@ from fusion_train.vocab import Modality
 
 log = logging.getLogger(__name__)
 
-KIND_MODULES: dict[str, ModuleType] = {
-    "text": text, "image-text": image_text, "audio-text": audio_text, "interleaved": interleaved, "sft": sft,
+# Each kind's `parse(record, media)` and `assemble(draft, documents, index)`: a module, or an object.
+KIND_MODULES: dict[str, ModuleType | CaptionedMedia] = {
+    "text": text, "image-text": CaptionedMedia("image"), "audio-text": CaptionedMedia("audio"),
+    "interleaved": interleaved, "sft": sft,
 }  # fmt: skip
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 AUDIO_EXTENSIONS = ("flac", "wav", "mp3", "ogg", "opus", "m4a")
