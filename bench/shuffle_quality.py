@@ -40,7 +40,6 @@ def write_sorted_source(folder: Path, domains: int, per_domain: int, per_shard: 
             tokens = np.concatenate([[VOCAB.bos, VOCAB.text_start + domain], body, [VOCAB.eos]]).astype(np.int64)
             sink.write((domain, i), TokenizedDocument(tokens))
     sink.close()
-    manifest.tokens_by_modality = dict(sink.tokens_by_modality)
     manifest.write(folder)
     return folder
 

@@ -1,7 +1,7 @@
 """Build token shards from raw records, the machinery every source kind shares.
 
-The main process reads records (jsonl lines, or samples of an input WebDataset) and hands them
-out in chunks; worker processes parse each record with its kind's module, load and preprocess its
+The main process reads records (inputs.py: jsonl lines, JSON arrays, parquet rows, samples of a
+WebDataset) and hands them out in chunks; worker processes parse each record with its kind's module, load and preprocess its
 images, encode them in one VQ batch per chunk, and assemble token sequences; the main process
 writes them in record order into tar shards of bounded size and, last, `manifest.json`. So the
 output depends only on the inputs, the tokenizers and the seed, not on the number of workers.
@@ -15,11 +15,9 @@ from __future__ import annotations
 import contextlib
 import io
 import itertools
-import json
 import logging
 import multiprocessing
 import os
-import tarfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -32,9 +30,13 @@ import torch
 import webdataset as wds
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
+from xxhash import xxh3_128_hexdigest
 
-from data_pipelines import interleaved, sft, text
+from data_pipelines import interleaved, text
 from data_pipelines.captioned import CaptionedMedia
+from data_pipelines.chat_formats import FORMATS
+from data_pipelines.exclusion import Exclusions, load_exclusions
+from data_pipelines.inputs import parse_record, read_blocks
 from data_pipelines.parts import (
     PartProgress,
     differing_settings,
@@ -42,7 +44,8 @@ from data_pipelines.parts import (
     progress_path,
     shard_prefix,
 )
-from data_pipelines.records import PendingAudio, PendingImage, Skip
+from data_pipelines.records import PendingAudio, PendingImage, Skip, media_bytes
+from data_pipelines.sft import OVER_LENGTH, Chats
 from fusion_train.data.manifest import (
     MANIFEST,
     SAMPLE_CHECKSUM,
@@ -62,46 +65,56 @@ from fusion_train.vocab import Modality
 
 log = logging.getLogger(__name__)
 
-# Each kind's `parse(record, media)` and `assemble(draft, documents, index)`: a module, or an object.
+# Each kind's `parse(record, media)` and `assemble(draft, documents, index)` (a document, or a list
+# of them): a module, or an object; the SFT kind's, sft.Chats, is made from the settings.
 KIND_MODULES: dict[str, ModuleType | CaptionedMedia] = {
     "text": text, "image-text": CaptionedMedia("image"), "audio-text": CaptionedMedia("audio"),
-    "interleaved": interleaved, "sft": sft,
+    "interleaved": interleaved,
 }  # fmt: skip
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-AUDIO_EXTENSIONS = ("flac", "wav", "mp3", "ogg", "opus", "m4a")
+KINDS = (*KIND_MODULES, "sft")
 CHUNK_RECORDS = 64
 RecordId = tuple[int, int]  # (the input file's number in the list of inputs, the record's number in that file)
 
 
 class MediaLoader:
     """Loads the images and clips that one chunk's records refer to (a path relative to the input
-    file, or the bytes of a WebDataset sample), preprocessed for the tokenizers that will encode them."""
+    file or to the media root, the bytes of a WebDataset sample, an HF image struct), preprocessed
+    for the tokenizers that will encode them."""
 
-    def __init__(self, resolution: int | None, sampling_rate: int | None, max_audio_seconds: float):
-        self.resolution, self.sampling_rate, self.max_audio_seconds = resolution, sampling_rate, max_audio_seconds
-        self.base_dir = Path(".")
+    def __init__(self, settings: BuildSettings, resolution: int | None, sampling_rate: int | None,
+                 excluded_images: frozenset = frozenset()):  # fmt: skip
+        self.resolution, self.sampling_rate, self.excluded_images = resolution, sampling_rate, excluded_images
+        self.max_audio_seconds, self.split_images = settings.max_audio_seconds, settings.split_images
+        self.media_root = Path(settings.media_root) if settings.media_root else None
+        self.input = Path(".")  # the input file of the record being parsed
         self.pending: list[PendingImage | PendingAudio] = []
 
-    def _bytes(self, source: str | bytes, kind: str) -> bytes:
-        if isinstance(source, bytes):
-            return source
-        path = self.base_dir / source
-        if not path.is_file():
-            raise Skip(f"missing_{kind}_file")
-        return path.read_bytes()
+    def _bytes(self, source, kind: str) -> bytes:
+        encoded = media_bytes(source, self.media_root or self.input.parent, kind)
+        if kind == "image" and self.excluded_images and xxh3_128_hexdigest(encoded) in self.excluded_images:
+            raise Skip("excluded_image")
+        return encoded
 
-    def image(self, source: str | bytes, pad: bool = False) -> PendingImage:
+    def image(self, source, pad: bool = False) -> PendingImage:
+        return self._images(source, pad, split=False)[0]
+
+    def prompt_images(self, source) -> list[PendingImage]:
+        """A prompt's image, padded to a square; with --split-images its four quarters before it (Idefics2)."""
+        return self._images(source, pad=True, split=self.split_images)
+
+    def _images(self, source, pad: bool, split: bool) -> list[PendingImage]:
         if self.resolution is None:
             raise DataError("records refer to images but no image tokenizer was given (--image-tokenizer)")
         try:
             with Image.open(io.BytesIO(self._bytes(source, "image"))) as image:
                 image.load()
-                pixels = preprocess(image, self.resolution, pad)
+                views = [*_quarters(image), image] if split else [image]
+                pixels = [preprocess(view, self.resolution, pad) for view in views]
         except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
             raise Skip("undecodable_image") from None
-        return self._waiting(PendingImage(pixels))
+        return [self._waiting(PendingImage(p)) for p in pixels]
 
-    def audio(self, source: str | bytes) -> PendingAudio:
+    def audio(self, source) -> PendingAudio:
         if self.sampling_rate is None:
             raise DataError("records refer to audio but no audio tokenizer was given (--audio-tokenizer)")
         try:
@@ -115,6 +128,12 @@ class MediaLoader:
     def _waiting(self, media):
         self.pending.append(media)
         return media
+
+
+def _quarters(image: Image.Image) -> list[Image.Image]:
+    """Top left, top right, bottom left, bottom right."""
+    w, h = image.size
+    return [image.crop((x, y, x + w // 2, y + h // 2)) for y in (0, h // 2) for x in (0, w // 2)]
 
 
 def encode_media(encoders: dict, media: list[PendingImage | PendingAudio]) -> None:
@@ -150,12 +169,33 @@ class BuildSettings:
     encode_in: str | None = None
     audio_tokenizer: str | None = None
     max_audio_seconds: float = 60.0  # a longer clip is skipped (audio_too_long)
+    # Chats (kind sft): the records' format (chat_formats.py), the length limit (the training's
+    # data.seq_len; None: none) and what happens to a longer chat (sft.py).
+    format: str = "messages"
+    max_tokens: int | None = None
+    over_length: str = "split"
+    split_images: bool = False  # a prompt image as its four quarters and itself (Idefics2)
+    exclude: tuple[str, ...] = ()  # evaluation sets to leave out (exclusion.py)
+    media_root: str | None = None  # what image and audio paths are relative to (default: their input file's folder)
 
     def __post_init__(self) -> None:
         if self.encode_in is None:
             self.encode_in = "main" if self.device.startswith("cuda") else "workers"
         if self.encode_in not in ("workers", "main"):
             raise DataError(f"--encode-in {self.encode_in}: choose workers or main")
+        if self.format not in FORMATS or (self.format != "messages" and self.kind != "sft"):
+            raise DataError(f"--format {self.format}: chats (--kind sft) come as one of {sorted(FORMATS)}; other kinds "
+                            "as their own records")  # fmt: skip
+        if self.over_length not in OVER_LENGTH:
+            raise DataError(f"--over-length {self.over_length}: choose one of {OVER_LENGTH}")
+        if self.max_tokens is not None and self.max_tokens < 2:
+            raise DataError(f"--max-tokens {self.max_tokens}: give the training's data.seq_len")
+
+    def options(self) -> dict:
+        """The settings beyond kind, tokenizers and seed that change what is built, where not the default."""
+        names = ("format", "max_tokens", "over_length", "split_images", "exclude", "media_root", "max_audio_seconds")
+        defaults = BuildSettings(self.kind, self.text_tokenizer)
+        return {name: getattr(self, name) for name in names if getattr(self, name) != getattr(defaults, name)}
 
 
 # --- worker side: one set of tokenizers per process ---------------------------------------------
@@ -163,9 +203,9 @@ class BuildSettings:
 _worker: dict = {}
 
 
-def _init_worker(settings: BuildSettings) -> None:
+def _init_worker(settings: BuildSettings, exclusions: Exclusions) -> None:
     torch.set_num_threads(1)  # the workers are the parallelism
-    _set_up(settings, media_encoders(settings) if settings.encode_in == "workers" else None)
+    _set_up(settings, exclusions, media_encoders(settings) if settings.encode_in == "workers" else None)
 
 
 def media_encoders(settings: BuildSettings, batch: int | None = None) -> dict:
@@ -180,47 +220,37 @@ def media_encoders(settings: BuildSettings, batch: int | None = None) -> dict:
     return encoders
 
 
-def _set_up(settings: BuildSettings, encoders: dict | None) -> None:
+def _set_up(settings: BuildSettings, exclusions: Exclusions, encoders: dict | None) -> None:
     """This process's tokenizers, for parsing and assembling records; `encoders` None: media are
     encoded elsewhere (the main process)."""
     text_tokenizer = TextTokenizer(settings.text_tokenizer)
+    if settings.kind == "sft":
+        kind = Chats(settings.format, settings.max_tokens, settings.over_length, exclusions.questions)
+    else:
+        kind = KIND_MODULES[settings.kind]
     _worker.update(
-        kind=KIND_MODULES[settings.kind],
+        kind=kind,
         documents=DocumentTokenizer(text_tokenizer, text_tokenizer.vocab, settings.seed),
         encoders=encoders,
-        resolution=image_config(settings.image_tokenizer).resolution if settings.image_tokenizer else None,
-        sampling_rate=audio_config(settings.audio_tokenizer).sampling_rate if settings.audio_tokenizer else None,
-        max_audio_seconds=settings.max_audio_seconds,
+        media=lambda: MediaLoader(
+            settings,
+            image_config(settings.image_tokenizer).resolution if settings.image_tokenizer else None,
+            audio_config(settings.audio_tokenizer).sampling_rate if settings.audio_tokenizer else None,
+            exclusions.image_hashes,
+        ),
     )
-
-
-def parse_record(payload: bytes | dict) -> dict:
-    """A jsonl line or WebDataset sample as a record; Skip when it is not one."""
-    if isinstance(payload, dict):  # a WebDataset sample, already split into fields
-        return payload
-    try:
-        line = payload.decode("utf-8")
-    except UnicodeDecodeError:
-        raise Skip("invalid_utf8") from None
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError:
-        raise Skip("invalid_json") from None
-    if not isinstance(record, dict):
-        raise Skip("invalid_json")
-    return record
 
 
 def _process_chunk(
     chunk: list[tuple[RecordId, Path, bytes | dict]],
-) -> list[tuple[RecordId, TokenizedDocument | str | Unencoded]]:
-    """Each record's document, or the reason it was skipped, in record order; without encoders
+) -> list[tuple[RecordId, list[TokenizedDocument] | str | Unencoded]]:
+    """Each record's documents, or the reason it was skipped, in record order; without encoders
     here, records with images or audio are returned Unencoded."""
     kind, encoders = _worker["kind"], _worker["encoders"]
-    outcomes: dict[int, TokenizedDocument | str | Unencoded] = {}
-    media = MediaLoader(_worker["resolution"], _worker["sampling_rate"], _worker["max_audio_seconds"])
-    for index, base_dir, payload in chunk:
-        media.base_dir = base_dir  # media paths are relative to their record's input file
+    outcomes: dict[int, list[TokenizedDocument] | str | Unencoded] = {}
+    media = _worker["media"]()
+    for index, path, payload in chunk:
+        media.input = path
         loaded = len(media.pending)
         try:
             outcomes[index] = Unencoded(kind.parse(parse_record(payload), media), media.pending[loaded:])
@@ -233,76 +263,34 @@ def _process_chunk(
 
 
 def _assembled(outcome, index: RecordId, encoded: bool):
-    """The record's document once its media have codes (or it has none), or its skip reason."""
+    """The record's documents once its media have codes (or it has none), or its skip reason."""
     if not isinstance(outcome, Unencoded) or (outcome.media and not encoded):
         return outcome
     try:
-        return _worker["kind"].assemble(outcome.draft, _worker["documents"], index)
+        documents = _worker["kind"].assemble(outcome.draft, _worker["documents"], index)
     except Skip as skip:
         return skip.reason
+    return documents if isinstance(documents, list) else [documents]
 
 
 # --- main side ---------------------------------------------------------------------------------
 
 
-def _read_jsonl(path: Path) -> Iterator[bytes]:
-    with open(path, "rb") as f:
-        yield from (line.rstrip(b"\r\n") for line in f if line.strip())
-
-
-def _read_webdataset(path: Path) -> Iterator[dict]:
-    """Samples of an image-caption WebDataset: {"image": bytes, "caption": str}."""
-    grouped: dict[str, dict] = {}
-    with tarfile.open(path, mode="r|*") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, _, extension = member.name.partition(".")
-            if grouped and key not in grouped:
-                yield from _webdataset_samples(grouped)
-                grouped = {}
-            grouped.setdefault(key, {})[extension.lower()] = tar.extractfile(member).read()
-    yield from _webdataset_samples(grouped)
-
-
-def _webdataset_samples(grouped: dict[str, dict]) -> Iterator[dict]:
-    """{"image": bytes, "audio": bytes, "caption_bytes": the txt member, else a json member's caption}."""
-    for fields in grouped.values():
-        image = next((fields[e] for e in IMAGE_EXTENSIONS if e in fields), None)
-        audio = next((fields[e] for e in AUDIO_EXTENSIONS if e in fields), None)
-        yield {"image": image, "audio": audio, "caption_bytes": fields.get("txt") or _json_caption(fields.get("json"))}
-
-
-def _json_caption(payload: bytes | None) -> bytes | None:
-    """A json member's `caption` (or `text`), as video2dataset and img2dataset write them."""
-    try:
-        record = json.loads(payload) if payload else None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    caption = next((record[k] for k in ("caption", "text") if isinstance(record, dict) and k in record), None)
-    return caption.encode("utf-8") if isinstance(caption, str) else None
-
-
-def read_input(path: Path) -> Iterator[bytes | dict]:
-    reader = _read_webdataset if path.suffix == ".tar" else _read_jsonl
-    try:
-        yield from reader(path)
-    except (OSError, tarfile.TarError) as err:
-        raise DataError(f"input {path} cannot be read: {err}") from err
-
-
 def _part_chunks(paths: list[Path], part: int, parts: int, first: RecordId) -> Iterator[list]:
-    """This part's chunks of a file's CHUNK_RECORDS consecutive records, from record `first` on.
+    """This part's chunks of at most CHUNK_RECORDS consecutive records, from record `first` on.
     With at least as many input files as parts, part I takes files I, I + N, ... and reads no
-    other; with fewer, every part reads every file and takes chunk c of file f when (f + c) % N is I."""
+    other; with fewer, every part reads every file and takes block b of file f when (f + b) % N
+    is I (inputs.py: 64 records, or a parquet row group)."""
     by_file = len(paths) >= parts
     for file_number, path in enumerate(paths):
         if file_number < first[0] or (by_file and file_number % parts != part):
             continue
-        numbered = enumerate(read_input(path))
-        for chunk_number, group in itertools.groupby(numbered, key=lambda item: item[0] // CHUNK_RECORDS):
-            if by_file or (file_number + chunk_number) % parts == part:
-                chunk = [((file_number, number), path.parent, payload) for number, payload in group]
+        wanted = lambda block, f=file_number: by_file or (f + block) % parts == part  # noqa: E731
+        from_record = first[1] if file_number == first[0] else 0
+        for start, records in read_blocks(path, wanted, from_record):
+            numbered = enumerate(records, start)
+            for _, group in itertools.groupby(numbered, key=lambda item: item[0] // CHUNK_RECORDS):
+                chunk = [((file_number, number), path, payload) for number, payload in group]
                 if chunk[-1][0] >= first:
                     yield chunk
 
@@ -315,7 +303,8 @@ def _npy_bytes(array: np.ndarray) -> bytes:
 
 class ShardSink:
     """Writes samples into `shard-NNNNNN.tar` files, starting a new one past either bound; each
-    sample carries the checksum of its arrays' bytes, each finished shard its hash in the manifest."""
+    sample carries the checksum of its arrays' bytes, each finished shard its hash in the manifest,
+    and the manifest the counts (tokens by modality, SFT answers) of the finished shards."""
 
     def __init__(
         self, folder: Path, manifest: Manifest, max_samples: int, max_bytes: int, prefix: str = "",
@@ -327,7 +316,9 @@ class ShardSink:
         self.on_shard_complete = on_shard_complete
         self.dtype = token_dtype(manifest.vocab)
         self.writer: wds.TarWriter | None = None
-        self.tokens_by_modality: Counter = Counter(manifest.tokens_by_modality)
+        self.open_counts = Manifest(
+            manifest.kind, manifest.vocab, {}
+        )  # the open shard's, added to the manifest's when it completes
         manifest.sample_checksums = SAMPLE_CHECKSUM
         self.pause_after = int(os.environ.get("FUSION_DATA_PAUSE_AFTER_SAMPLES", "0"))  # fault tests: a kill mid-shard
         self.written = 0
@@ -353,18 +344,38 @@ class ShardSink:
         if document.loss_mask is not None:
             arrays["mask.npy"] = _npy_bytes(document.loss_mask)
         input_number, record = index
-        metadata = {"kind": self.manifest.kind, "input": input_number, "record": record,
+        piece = document.metadata.get("piece", 0)  # a chat split to fit: its pieces are samples of one record
+        metadata = {"kind": self.manifest.kind, "input": input_number, "record": record, **document.metadata,
                     SAMPLE_CHECKSUM: sample_checksum(*arrays.values())}  # fmt: skip
-        sample = {"__key__": f"{input_number:05d}-{record:010d}", **arrays, "json": metadata}
-        self.bytes += self.writer.write(sample)
+        key = f"{input_number:05d}-{record:010d}" + (f"-{piece}" if piece else "")
+        self.bytes += self.writer.write({"__key__": key, **arrays, "json": metadata})
         current.samples += 1
         current.tokens += len(document.tokens)
-        modality = self.manifest.vocab.modality_of(torch.from_numpy(document.tokens))
-        for m in Modality:
-            self.tokens_by_modality[m.key] += int((modality == m).sum())
+        counts = self.open_counts
+        _add_by_modality(counts.tokens_by_modality, document.tokens, self.manifest.vocab)
+        if document.loss_mask is not None:
+            inputs = self.manifest.inputs
+            self._count_answers(
+                document, inputs[input_number] if input_number < len(inputs) else f"input-{input_number}"
+            )
         self.written += 1
         if self.written == self.pause_after:
             time.sleep(3600)
+
+    def _count_answers(self, document: TokenizedDocument, input_path: str) -> None:
+        """The tokens an SFT sample trains on, by modality, in all and for its source; and the chats cut to fit."""
+        counts, metadata = self.open_counts, document.metadata
+        answers = document.tokens[document.loss_mask.astype(bool)]
+        source = metadata.get("subset") or metadata.get("source") or Path(input_path).stem
+        for by_modality in (counts.answer_tokens_by_modality, counts.answer_tokens_by_source.setdefault(source, {})):
+            _add_by_modality(by_modality, answers, self.manifest.vocab)
+        if metadata.get("piece") == 0:
+            for name, added in (
+                ("records", 1),
+                ("samples", metadata["pieces"]),
+                ("turns_dropped", metadata["turns_dropped"]),
+            ):
+                counts.over_length[name] = counts.over_length.get(name, 0) + added
 
     @contextlib.contextmanager
     def abandoned_on_error(self) -> Iterator[None]:
@@ -388,7 +399,14 @@ class ShardSink:
             self.writer = None
             self.manifest.shards[-1].content_hash = file_hash(Path(self.file.name))
             os.replace(self.file.name, self.path)
-            self.manifest.tokens_by_modality = dict(self.tokens_by_modality)
+            self.manifest.add_counts(self.open_counts)
+            self.open_counts = Manifest(self.manifest.kind, self.manifest.vocab, {})
+
+
+def _add_by_modality(counts: dict, tokens: np.ndarray, vocab) -> None:
+    modality = vocab.modality_of(torch.from_numpy(tokens.astype(np.int64)))
+    for m in Modality:
+        counts[m.key] = counts.get(m.key, 0) + int((modality == m).sum())
 
 
 def _resume_or_start(output: Path, fresh: Manifest, part: int, parts: int, overwrite: bool) -> PartProgress:
@@ -434,8 +452,8 @@ def build_shards(
 ) -> Manifest:
     """Part `part` of `parts` of a build (see parts.py); a part that was stopped resumes unless
     `overwrite`. Returns the manifest of the source (one part) or of this part's shards."""
-    if settings.kind not in KIND_MODULES:
-        raise DataError(f"unknown kind {settings.kind!r}; choose one of {sorted(KIND_MODULES)}")
+    if settings.kind not in KINDS:
+        raise DataError(f"unknown kind {settings.kind!r}; choose one of {sorted(KINDS)}")
     if not 0 <= part < parts:
         raise DataError(f"--part {part} --parts {parts}: parts are numbered 0 to parts - 1")
     output = Path(output)
@@ -474,12 +492,15 @@ def build_shards(
             "image": str(Path(settings.image_tokenizer).resolve()) if settings.image_tokenizer else None,
             "audio": str(Path(settings.audio_tokenizer).resolve()) if settings.audio_tokenizer else None,
         },
+        options=settings.options(),
     )
     progress = _resume_or_start(output, manifest, part, parts, overwrite)
     if not progress.complete:
+        exclusions = load_exclusions(list(settings.exclude)) if settings.exclude else Exclusions()
         try:
             with writing(output, "the shards", setting="--output"):
-                _build_part(settings, inputs, output, progress, workers, max_samples_per_shard, max_bytes_per_shard)
+                _build_part(settings, exclusions, inputs, output, progress, workers, max_samples_per_shard,
+                            max_bytes_per_shard)  # fmt: skip
         except WriteFailed as failed:
             raise WriteFailed(f"{failed}. {_complete_shards(output, part, parts)}") from None
     manifest = progress.manifest
@@ -520,8 +541,8 @@ def _complete_shards(output: Path, part: int, parts: int) -> str:
 
 
 def _build_part(
-    settings: BuildSettings, inputs: list, output: Path, progress: PartProgress, workers: int, max_samples: int,
-    max_bytes: int,
+    settings: BuildSettings, exclusions: Exclusions, inputs: list, output: Path, progress: PartProgress, workers: int,
+    max_samples: int, max_bytes: int,
 ) -> None:  # fmt: skip
     """Records from progress.next_record on into shards, saving the progress after each shard."""
     manifest = progress.manifest
@@ -535,14 +556,15 @@ def _build_part(
     sink = ShardSink(output, manifest, max_samples, max_bytes, prefix, shard_complete)
     chunks = _part_chunks([Path(p) for p in inputs], progress.part, progress.parts, progress.next_record)
     with tqdm(desc=f"building {settings.kind} shards", unit=" records", disable=None) as bar, sink.abandoned_on_error():
-        for outcomes in _map_chunks(settings, chunks, workers):
+        for outcomes in _map_chunks(settings, exclusions, chunks, workers):
             for index, outcome in outcomes:
                 if index < progress.next_record:
                     continue  # in a complete shard already
                 if isinstance(outcome, str):
                     skipped[outcome] += 1
                 else:
-                    sink.write(index, outcome)
+                    for document in outcome:
+                        sink.write(index, document)
             bar.update(len(outcomes))
     sink.close()
     manifest.skipped = dict(sorted(skipped.items()))
@@ -550,19 +572,21 @@ def _build_part(
     progress.save(output)
 
 
-def _map_chunks(settings: BuildSettings, chunks: Iterator[list], workers: int):
+def _map_chunks(settings: BuildSettings, exclusions: Exclusions, chunks: Iterator[list], workers: int):
     """Each chunk's outcomes, in chunk order."""
-    outcomes = _worker_outcomes(settings, chunks, workers)
+    outcomes = _worker_outcomes(settings, exclusions, chunks, workers)
     if settings.encode_in == "main" and (settings.image_tokenizer or settings.audio_tokenizer):
-        outcomes = _encode_here(settings, outcomes)
+        outcomes = _encode_here(settings, exclusions, outcomes)
     yield from outcomes
 
 
-def _encode_here(settings: BuildSettings, outcomes: Iterator[list], batch: int = 256) -> Iterator[list]:
+def _encode_here(
+    settings: BuildSettings, exclusions: Exclusions, outcomes: Iterator[list], batch: int = 256
+) -> Iterator[list]:
     """The workers' unencoded records, encoded here in batches of about `batch` images and clips
     gathered over chunks (the workers go on decoding meanwhile), then assembled."""
     encoders = media_encoders(settings, batch if settings.device != "cpu" else 32)
-    _set_up(settings, encoders)
+    _set_up(settings, exclusions, encoders)
     waiting: list[list] = []
     for chunk in itertools.chain(outcomes, [None]):
         if chunk is not None:
@@ -574,12 +598,12 @@ def _encode_here(settings: BuildSettings, outcomes: Iterator[list], batch: int =
             waiting = []
 
 
-def _worker_outcomes(settings: BuildSettings, chunks: Iterator[list], workers: int):
+def _worker_outcomes(settings: BuildSettings, exclusions: Exclusions, chunks: Iterator[list], workers: int):
     if workers <= 0:
-        _init_worker(settings)
+        _init_worker(settings, exclusions)
         yield from map(_process_chunk, chunks)
         return
     # CUDA cannot be used in forked children; on the CPU a fork starts faster.
     context = multiprocessing.get_context("spawn" if settings.device.startswith("cuda") else "fork")
-    with context.Pool(workers, initializer=_init_worker, initargs=(settings,)) as pool:
+    with context.Pool(workers, initializer=_init_worker, initargs=(settings, exclusions)) as pool:
         yield from pool.imap(_process_chunk, chunks)

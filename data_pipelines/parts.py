@@ -23,7 +23,7 @@ from pathlib import Path
 
 from fusion_train.data.manifest import MANIFEST, DataError, Manifest
 
-SETTINGS = ("kind", "vocab", "fingerprints", "seed", "inputs")  # what every part must share
+SETTINGS = ("kind", "vocab", "fingerprints", "seed", "inputs", "options")  # what every part must share
 
 
 def shard_prefix(part: int, parts: int) -> str:
@@ -91,13 +91,11 @@ def merge_manifests(folder: str | Path) -> Manifest:
                 "the same inputs, tokenizers and seed (--overwrite)"
             )
     merged = Manifest(first.kind, first.vocab, first.fingerprints, seed=first.seed, inputs=first.inputs,
-                      sample_checksums=first.sample_checksums, tokenizer_paths=first.tokenizer_paths)  # fmt: skip
+                      sample_checksums=first.sample_checksums, tokenizer_paths=first.tokenizer_paths,
+                      options=first.options)  # fmt: skip
     for p in progress:
         merged.shards += p.manifest.shards
-        for counts, added in ((merged.tokens_by_modality, p.manifest.tokens_by_modality),
-                              (merged.skipped, p.manifest.skipped)):  # fmt: skip
-            for key, value in added.items():
-                counts[key] = counts.get(key, 0) + value
+        merged.add_counts(p.manifest)
     if not merged.shards:
         raise DataError(f"{folder}: the parts hold no samples (skipped: {merged.skipped})")
     merged.write(folder)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -30,6 +31,21 @@ class PendingAudio:
 
     def segment(self) -> AudioCodes:
         return AudioCodes(self.codes)
+
+
+def media_bytes(source: str | bytes | dict, base_dir: Path, kind: str) -> bytes:
+    """The encoded bytes of an image or clip given as bytes, a path relative to `base_dir`, or an HF
+    datasets struct {"bytes", "path"} (bytes None: the file at path)."""
+    if isinstance(source, dict):
+        source = source.get("bytes") or source.get("path")
+    if isinstance(source, bytes):
+        return source
+    if not isinstance(source, str):
+        raise Skip(f"missing_{kind}")
+    path = base_dir / source
+    if not path.is_file():
+        raise Skip(f"missing_{kind}_file")
+    return path.read_bytes()
 
 
 def resolve(segments: list) -> list:

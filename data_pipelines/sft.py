@@ -1,56 +1,70 @@
-"""Chats for supervised fine-tuning:
-`{"messages": [{"role": "system"|"user"|"assistant", "content": "..." | [{"type": "text", "text": "..."}
-| {"type": "image", "image": path} | {"type": "audio", "audio": path}, ...]}, ...]}`.
+"""The SFT kind: chats (in any of chat_formats' formats) into samples with the loss on answers only.
 
-System and user messages up to an assistant message form a prompt (its images resized with border
-padding); the assistant message is the answer (images centre-cropped), as Chameleon §3 does.
+A chat longer than the length limit (`--max-tokens`, the training's data.seq_len) is split between
+turns into samples that each fit, every one after the first opening with the images and clips the
+conversation showed before it (without them its questions would be about nothing), or dropped
+(`over_length`), as `--over-length` says; a turn too long even alone is left out and counted.
+Chats asking a question of an evaluation set (`--exclude`) are left out (`excluded_question`).
 """
 
+from __future__ import annotations
+
+from data_pipelines.chat_formats import FORMATS, Chat
+from data_pipelines.exclusion import normalised_question
 from data_pipelines.records import Skip, resolve
+from fusion_train.tokenizers.multimodal import TokenizedDocument
 
-PROMPT_ROLES = ("system", "user")
-
-
-def _content(content, media, pad: bool) -> list:
-    if isinstance(content, str):
-        return [content] if content else []
-    if not isinstance(content, list):
-        raise Skip("bad_content")
-    segments = []
-    for part in content:
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text" and isinstance(part.get("text"), str):
-            segments += [part["text"]] if part["text"] else []
-        elif kind == "image" and isinstance(part.get("image"), str):
-            segments.append(media.image(part["image"], pad=pad))
-        elif kind == "audio" and isinstance(part.get("audio"), str):
-            segments.append(media.audio(part["audio"]))
-        else:
-            raise Skip("bad_content")
-    return segments
+OVER_LENGTH = ("split", "drop")
 
 
-def parse(record: dict, media) -> list:
-    messages = record.get("messages")
-    if not isinstance(messages, list):
-        raise Skip("missing_messages")
-    turns, prompt = [], []
-    for message in messages:
-        role = message.get("role") if isinstance(message, dict) else None
-        if role not in (*PROMPT_ROLES, "assistant"):
-            raise Skip("bad_role")
-        segments = _content(message.get("content"), media, pad=role in PROMPT_ROLES)
-        if role in PROMPT_ROLES:
-            prompt += segments
-        elif not prompt or not segments:
-            raise Skip("empty_turn")
-        else:
-            turns.append((prompt, segments))
-            prompt = []
-    if not turns:
-        raise Skip("no_answer")
-    return turns
+class Chats:
+    """A source kind (the `parse`/`assemble` pair build.py calls) for chats in `format`."""
 
+    def __init__(
+        self, format: str, max_tokens: int | None, over_length: str, excluded_questions: frozenset = frozenset()
+    ):
+        self.read, self.max_tokens, self.over_length = FORMATS[format], max_tokens, over_length
+        self.excluded_questions = excluded_questions
 
-def assemble(draft: list, documents, index: int):
-    return documents.sft([(resolve(prompt), resolve(answer)) for prompt, answer in draft])
+    def parse(self, record: dict, media) -> Chat:
+        chat = self.read(record, media)
+        if self.excluded_questions and any(
+            normalised_question(prompt) in self.excluded_questions for prompt, _ in chat.turns
+        ):
+            raise Skip("excluded_question")
+        return chat
+
+    def assemble(self, chat: Chat, documents, index) -> list[TokenizedDocument]:
+        turns = [(resolve(prompt), resolve(answer)) for prompt, answer in chat.turns]
+        whole = documents.sft(turns)
+        if self.max_tokens is None or len(whole.tokens) <= self.max_tokens:
+            whole.metadata = dict(chat.metadata)
+            return [whole]
+        if self.over_length == "drop":
+            raise Skip("over_length")
+        pieces, dropped = self._pieces(turns, documents)
+        if not pieces:
+            raise Skip("over_length")
+        for number, piece in enumerate(pieces):
+            piece.metadata = {**chat.metadata, "piece": number, "pieces": len(pieces)}
+        pieces[0].metadata["turns_dropped"] = dropped  # counted once per chat, with its first piece
+        return pieces
+
+    def _pieces(self, turns: list, documents) -> tuple[list[TokenizedDocument], int]:
+        """Runs of consecutive turns that fit, each after the first opening with the media shown
+        before it; and the number of turns too long to fit even so, alone."""
+        pieces, current, shown, dropped = [], [], [], 0
+        for prompt, answer in turns:
+            opening = documents.sft_turn(shown + prompt, answer)  # the turn as the first of a piece
+            turn = documents.sft_turn(prompt, answer) if current else opening
+            if 1 + sum(len(t.tokens) for t in current) + len(turn.tokens) <= self.max_tokens:
+                current.append(turn)
+            elif 1 + len(opening.tokens) > self.max_tokens:
+                dropped += 1
+            else:
+                pieces += [documents.sft_document(current)] if current else []
+                current = [opening]
+            shown += [segment for segment in prompt if not isinstance(segment, str)]
+        if current:
+            pieces.append(documents.sft_document(current))
+        return pieces, dropped

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data_pipelines.build import AUDIO_EXTENSIONS, parse_record, read_input
+from data_pipelines.inputs import AUDIO_EXTENSIONS, parse_record, read_input
 from data_pipelines.records import Skip
 from fusion_train.data.manifest import DataError
 from fusion_train.tokenizers.audio import AudioError, AudioTokenizer, read_audio

@@ -28,7 +28,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 from xxhash import xxh3_128_hexdigest
 
-from data_pipelines.build import parse_record, read_input
+from data_pipelines.inputs import parse_record, read_input
 from data_pipelines.records import Skip
 from fusion_train.data.manifest import DataError
 from fusion_train.tokenizers.image import ImageTokenizer, center_crop

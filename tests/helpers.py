@@ -101,7 +101,6 @@ def write_shards(
     for i, document in enumerate(documents):
         sink.write((0, i), document)
     sink.close()
-    manifest.tokens_by_modality = dict(sink.tokens_by_modality)
     manifest.write(folder)
     return folder
 

@@ -152,7 +152,7 @@ def test_sft_chats_mask_the_prompts(text_tokenizer, image_tokenizer_path, shapes
         ],
     )
     manifest = build_shards(settings("sft", text_tokenizer, image_tokenizer_path), [path], tmp_path / "out")
-    assert manifest.skipped == {"bad_role": 1, "empty_turn": 1}
+    assert manifest.skipped == {"unknown_role": 1, "answer_without_prompt": 1}
     ((tokens, mask),) = samples(tmp_path / "out")
     separators = np.flatnonzero(tokens == V.sft_separator)
     assert len(separators) == 2 and mask is not None

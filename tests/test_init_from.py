@@ -32,6 +32,16 @@ def test_another_architecture_vocabulary_or_tokenizer_is_refused(saved):
         check_compatible(folder, cfg, SMALL_VOCAB, {"text": "t1", "image": "other"})
 
 
+def test_a_change_the_stage_means_is_information_any_other_a_warning(saved, caplog):
+    folder, cfg = saved
+    with caplog.at_level("INFO", logger="fusion_train.train.init_from"):
+        check_compatible(folder, dataclasses.replace(cfg, dropout=0.05, z_loss=1e-4), SMALL_VOCAB, {}, ["dropout"])
+    (expected,) = [r for r in caplog.records if "dropout" in r.getMessage()]
+    (unexpected,) = [r for r in caplog.records if "z_loss" in r.getMessage()]
+    assert expected.levelname == "INFO" and "as its stage means to" in expected.getMessage()
+    assert unexpected.levelname == "WARNING" and "dropout" not in unexpected.getMessage()
+
+
 def test_a_path_that_holds_no_weights_and_mismatched_names_are_clear_errors(saved, tmp_path):
     folder, _ = saved
     with pytest.raises(ConfigError, match="neither a fusion_train model folder .* nor a training checkpoint"):

@@ -8,9 +8,12 @@ import logging
 import os
 import sys
 
-from data_pipelines.build import KIND_MODULES, BuildSettings, build_shards
+from data_pipelines.balance import balance_report
+from data_pipelines.build import KINDS, BuildSettings, build_shards
+from data_pipelines.chat_formats import FORMATS
 from data_pipelines.demo import make_demo_data
 from data_pipelines.parts import merge_manifests
+from data_pipelines.sft import OVER_LENGTH
 from data_pipelines.train_audio_tokenizer import train_audio_tokenizer
 from data_pipelines.train_image_tokenizer import train_image_tokenizer
 from data_pipelines.verify import verify_source
@@ -19,6 +22,7 @@ from fusion_train.storage import WriteFailed
 from fusion_train.tokenizers.audio import AudioTokenizer
 from fusion_train.tokenizers.image import image_layout
 from fusion_train.tokenizers.text import TokenizerError, train_text_tokenizer
+from fusion_train.train.config import ConfigError, load_config
 from fusion_train.vocab import VocabLayout
 
 
@@ -91,13 +95,35 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--workers", type=int, default=2)
 
     shards = commands.add_parser("build-shards", help="tokenize records into WebDataset shards + manifest.json")
-    shards.add_argument("--kind", required=True, choices=sorted(KIND_MODULES))
-    shards.add_argument("--input", nargs="+", required=True, help="jsonl files (or .tar WebDatasets for image-text)")
+    shards.add_argument("--kind", required=True, choices=sorted(KINDS))
+    shards.add_argument(
+        "--input", nargs="+", required=True,
+        help=".jsonl files, .json arrays, .parquet files (the Cauldron's) or .tar WebDatasets (media-caption kinds)",
+    )  # fmt: skip
     shards.add_argument("--output", required=True)
     shards.add_argument("--text-tokenizer", required=True)
     shards.add_argument("--image-tokenizer", help="vqgan.ckpt (with vqgan.yaml beside it)")
     shards.add_argument("--audio-tokenizer", help="an EnCodec folder (config.json + model.safetensors)")
     shards.add_argument("--max-audio-seconds", type=float, default=60.0, help="longer clips are skipped, counted")
+    shards.add_argument(
+        "--media-root", help="the folder image and audio paths are relative to (default: their input file's folder)"
+    )
+    shards.add_argument(
+        "--exclude", nargs="+", default=[],
+        help="evaluation sets to leave out (Cauldron .parquet, LLaVA/ShareGPT .json(l), messages .jsonl, image "
+        "folders): records with one of their images (same bytes) or questions (normalised text)",
+    )  # fmt: skip
+    chats = shards.add_argument_group("chats (--kind sft)", "docs/sft.md")
+    chats.add_argument("--format", default="messages", choices=sorted(FORMATS), help="how the records hold chats")
+    chats.add_argument("--max-tokens", type=int, help="the training's data.seq_len: a longer chat is split or dropped")
+    chats.add_argument(
+        "--over-length", default="split", choices=OVER_LENGTH,
+        help="split: between turns, into samples that each fit and repeat the images shown before; drop: leave it out",
+    )  # fmt: skip
+    chats.add_argument(
+        "--split-images", action="store_true",
+        help="each prompt image as its four quarters then itself (Idefics2): 5x the image tokens, for OCR-like sets",
+    )  # fmt: skip
     shards.add_argument("--seed", type=int, default=0)
     shards.add_argument("--workers", type=int, default=2)
     shards.add_argument("--device", default="cpu", help="where images and audio are encoded: cpu or cuda")
@@ -123,6 +149,19 @@ def _parser() -> argparse.ArgumentParser:
 
     merge = commands.add_parser("merge-manifests", help="join the finished parts of a build into manifest.json")
     merge.add_argument("output", help="the --output folder the parts were built into")
+
+    balance = commands.add_parser(
+        "sft-balance", help="an SFT mixture's answer tokens by modality; with --target, the weights that reach it"
+    )
+    balance.add_argument(
+        "overrides",
+        nargs="*",
+        help="fusion-train overrides that pick the data, e.g. data=demo_sft data.sources.text.path=...",
+    )
+    balance.add_argument(
+        "--target", nargs="+", default=None, metavar="MODALITY=SHARE",
+        help="answer-token shares to reach, e.g. text=0.5 image=0.4 audio=0.1 (modalities left out share the rest)",
+    )  # fmt: skip
 
     verify = commands.add_parser("verify", help="check every shard of a source against its manifest")
     verify.add_argument("source_dir", help="a folder with manifest.json and its shards")
@@ -185,9 +224,13 @@ def _run(args: argparse.Namespace) -> dict:
         )  # fmt: skip
     if args.command == "merge-manifests":
         return _summary(merge_manifests(args.output))
+    if args.command == "sft-balance":
+        return _balance(args)
     settings = BuildSettings(
         args.kind, args.text_tokenizer, args.image_tokenizer, args.seed, args.device, args.encode_in,
-        args.audio_tokenizer, args.max_audio_seconds,
+        args.audio_tokenizer, args.max_audio_seconds, format=args.format, max_tokens=args.max_tokens,
+        over_length=args.over_length, split_images=args.split_images, exclude=tuple(args.exclude),
+        media_root=args.media_root,
     )  # fmt: skip
     manifest = build_shards(
         settings, args.input, args.output, workers=args.workers, max_samples_per_shard=args.max_samples_per_shard,
@@ -197,12 +240,29 @@ def _run(args: argparse.Namespace) -> dict:
 
 
 def _summary(manifest: Manifest) -> dict:
+    answers = {"answer_tokens": manifest.answer_tokens_by_modality, "answer_tokens_by_source": manifest.answer_tokens_by_source,
+               "over_length": manifest.over_length} if manifest.kind == "sft" else {}  # fmt: skip
     return {
         "shards": len(manifest.shards),
         "samples": manifest.samples,
         "tokens": manifest.tokens_by_modality,
+        **answers,
         "skipped": manifest.skipped,
     }
+
+
+def _balance(args: argparse.Namespace) -> dict:
+    data = load_config(args.overrides).data
+    manifests = {name: Manifest.read(source.path) for name, source in data.sources.items()}
+    target = None
+    if args.target is not None:
+        try:
+            target = {key: float(value) for key, _, value in (item.partition("=") for item in args.target)}
+        except ValueError:
+            raise DataError(
+                f"--target {' '.join(args.target)}: give MODALITY=SHARE pairs, e.g. text=0.5 image=0.5"
+            ) from None
+    return balance_report(data, manifests, target)
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -221,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "verify":
             return _verify(args)
         print(json.dumps(_run(args)))
-    except (DataError, TokenizerError, ValueError, WriteFailed) as err:
+    except (DataError, TokenizerError, ConfigError, ValueError, WriteFailed) as err:
         print(f"fusion-data {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -22,7 +22,6 @@ from fusion_train.vocab import VocabLayout
 
 MANIFEST = "manifest.json"
 FORMAT = "fusion_train.shards/1"
-KINDS = ("text", "image-text", "interleaved", "sft")
 
 
 class DataError(ValueError):
@@ -79,10 +78,25 @@ class Manifest:
     # Where the build found its tokenizers (absolute), for tools that decode a run's outputs; the
     # fingerprints say whether a file found there is still the same. Absent in older manifests.
     tokenizer_paths: dict[str, str | None] = field(default_factory=dict)
+    # What the build was asked beyond the kind and tokenizers (an SFT input's format, its length
+    # limit, the evaluation sets left out): every part of a build must share them.
+    options: dict = field(default_factory=dict)
+    # SFT: the tokens trained on (loss mask 1) by modality, in all and by source (a Cauldron
+    # subset, else the record's `source`, else the input file's name); and the chats longer than
+    # the length limit that were kept (`records`, as `samples` pieces; `turns_dropped`: turns too
+    # long even alone); those dropped are in `skipped["over_length"]`.
+    answer_tokens_by_modality: dict[str, int] = field(default_factory=dict)
+    answer_tokens_by_source: dict[str, dict[str, int]] = field(default_factory=dict)
+    over_length: dict[str, int] = field(default_factory=dict)
 
     @property
     def samples(self) -> int:
         return sum(s.samples for s in self.shards)
+
+    def add_counts(self, other: Manifest) -> None:
+        """Adds another part's token, answer, over-length and skip counts to this one's."""
+        for name in COUNTS:
+            _add(getattr(self, name), getattr(other, name))
 
     def to_json(self) -> dict:
         record = dataclasses.asdict(self)
@@ -117,6 +131,18 @@ class Manifest:
         except (KeyError, TypeError) as err:
             raise DataError(f"{path} is not a fusion_train shard manifest ({err})") from err
         return manifest
+
+
+COUNTS = ("tokens_by_modality", "skipped", "answer_tokens_by_modality", "answer_tokens_by_source", "over_length")
+
+
+def _add(into: dict, added: dict) -> None:
+    """Adds counts, nested dicts of them too, key by key."""
+    for key, value in added.items():
+        if isinstance(value, dict):
+            _add(into.setdefault(key, {}), value)
+        else:
+            into[key] = into.get(key, 0) + value
 
 
 def token_dtype(vocab: VocabLayout) -> np.dtype:

@@ -15,7 +15,7 @@ clip is `<begin-audio>`, its codes frame by frame, each frame's levels in order,
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -38,6 +38,7 @@ Segment = str | np.ndarray | AudioCodes  # text, an image's codes [grid, grid], 
 class TokenizedDocument:
     tokens: np.ndarray  # int64 ids
     loss_mask: np.ndarray | None = None  # uint8, 1 where trained on; None: everywhere
+    metadata: dict = field(default_factory=dict)  # what the shard's sample records beside its ids
 
 
 def seeded_coin(seed: int, record: tuple[int, int]) -> bool:
@@ -86,10 +87,16 @@ class DocumentTokenizer:
         return self.document([media, caption] if seeded_coin(self.seed, record) else [caption, media])
 
     def sft(self, turns: list[tuple[list[Segment], list[Segment]]]) -> TokenizedDocument:
-        tokens, mask = [np.array([self.vocab.bos])], [np.zeros(1, np.uint8)]
-        for prompt, answer in turns:
-            prompt_ids = np.concatenate([self.segments(prompt), [self.vocab.sft_separator]])
-            answer_ids = np.concatenate([self.segments(answer), [self.vocab.eos]])
-            tokens += [prompt_ids, answer_ids]
-            mask += [np.zeros(len(prompt_ids), np.uint8), np.ones(len(answer_ids), np.uint8)]
-        return TokenizedDocument(np.concatenate(tokens).astype(np.int64), np.concatenate(mask))
+        return self.sft_document([self.sft_turn(prompt, answer) for prompt, answer in turns])
+
+    def sft_turn(self, prompt: list[Segment], answer: list[Segment]) -> TokenizedDocument:
+        """`prompt <sep> answer </s>`, trained on the answer and its `</s>`."""
+        prompt_ids = np.concatenate([self.segments(prompt), [self.vocab.sft_separator]]).astype(np.int64)
+        answer_ids = np.concatenate([self.segments(answer), [self.vocab.eos]]).astype(np.int64)
+        mask = np.concatenate([np.zeros(len(prompt_ids), np.uint8), np.ones(len(answer_ids), np.uint8)])
+        return TokenizedDocument(np.concatenate([prompt_ids, answer_ids]), mask)
+
+    def sft_document(self, turns: list[TokenizedDocument]) -> TokenizedDocument:
+        """`<s>` and the turns."""
+        tokens = np.concatenate([[self.vocab.bos], *(turn.tokens for turn in turns)]).astype(np.int64)
+        return TokenizedDocument(tokens, np.concatenate([np.zeros(1, np.uint8), *(turn.loss_mask for turn in turns)]))

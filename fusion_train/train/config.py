@@ -76,6 +76,9 @@ class TrainerConfig:
     # A new run's initial weights: a fusion_train model folder or a training checkpoint (optimizer,
     # schedule, step and data order start afresh); not used once the run has its own checkpoint.
     init_from: str | None = None
+    # Model settings (model.NAME) this run changes from init_from's on purpose, as a stage does
+    # (+stage=sft: dropout): logged as information; any other change is warned about.
+    init_changes: list[str] = field(default_factory=list)
     # On resume, Adam's moments and step count start afresh (the weights, schedule, step and data
     # go on): after changing optim.beta1/beta2/eps, say. A fresh Adam takes full-size steps at first.
     restart_optimizer: bool = False

@@ -79,8 +79,12 @@ def model_folder(init_from: Path, run_dir: Path, rank: int) -> Path:
     return target
 
 
-def check_compatible(folder: Path, model: ChameleonConfig, vocab: VocabLayout, fingerprints: dict) -> None:
-    """The saved model must be this run's architecture, for this vocabulary and these tokenizers."""
+def check_compatible(
+    folder: Path, model: ChameleonConfig, vocab: VocabLayout, fingerprints: dict, expected_changes: list[str] = ()
+) -> None:
+    """The saved model must be this run's architecture, for this vocabulary and these tokenizers.
+    Other model settings may change: those in `expected_changes` (what a stage sets on purpose)
+    are logged, the rest warned about."""
     saved, saved_vocab, saved_tokenizers = read_native_config(folder)
     extended = vocab.extends(saved_vocab)
     if extended:
@@ -100,10 +104,15 @@ def check_compatible(folder: Path, model: ChameleonConfig, vocab: VocabLayout, f
             f"trainer.init_from={folder}: the weights are of another architecture: {', '.join(differing)}; set those "
             "model settings (or choose the preset it was trained as)"
         )
-    changed = {f.name: getattr(saved, f.name) for f in dataclasses.fields(saved) if f.name not in ARCHITECTURE
-               and getattr(saved, f.name) != getattr(model, f.name)}  # fmt: skip
-    if changed:
-        log.warning("trainer.init_from: the weights were trained with %s; this run changes them", changed)
+    changed = [f.name for f in dataclasses.fields(saved)
+               if f.name not in ARCHITECTURE and getattr(saved, f.name) != getattr(model, f.name)]  # fmt: skip
+    for on_purpose in (True, False):
+        names = [name for name in changed if (name in expected_changes) == on_purpose]
+        if names:
+            log.log(logging.INFO if on_purpose else logging.WARNING,
+                    "trainer.init_from: the weights were trained with %s; this run changes %s%s",
+                    {name: getattr(saved, name) for name in names}, {name: getattr(model, name) for name in names},
+                    " as its stage means to (trainer.init_changes)" if on_purpose else "")  # fmt: skip
     other = [kind for kind, value in saved_tokenizers.items() if value and fingerprints.get(kind) not in (None, value)]
     if other:
         raise ConfigError(

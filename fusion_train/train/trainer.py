@@ -126,7 +126,9 @@ class Trainer:
         if not init_from:
             return None
         folder = model_folder(Path(init_from), self.run_dir, self.rank)
-        check_compatible(folder, self.cfg.model, self.vocab, self.loader.dataset.fingerprints)
+        check_compatible(
+            folder, self.cfg.model, self.vocab, self.loader.dataset.fingerprints, self.cfg.trainer.init_changes
+        )
         if self.rank == 0:
             log.warning("starting from the weights of %s, with a fresh optimizer, schedule and data order", folder)
         return folder
