@@ -1,5 +1,7 @@
 """Shard-building throughput (records/s) for each kind, on generated shapes and CPython's bundled
-documentation, with a small VQ tokenizer on the CPU. Prints one JSON line per kind.
+documentation, with a small VQ tokenizer on the CPU; for SFT, the same chats as our jsonl (images
+as files), the Cauldron's parquet (images as bytes in the rows) and LLaVA's JSON array. Prints one
+JSON line per kind and format.
 
     python bench/build_shards.py [--records 400] [--files 1] [--workers 2] [--parts 1] [--device cpu]
         [--encode-in workers|main] [--chameleon-vq]
@@ -23,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import pyarrow
+import pyarrow.parquet
 import torch
 
 from data_pipelines.build import BuildSettings, build_shards
@@ -35,8 +39,8 @@ from fusion_train.tokenizers.vqgan import VQGAN, VQGANConfig
 from fusion_train.vocab import VocabLayout
 
 
-def write_inputs(folder: Path, records: int, files: int, image_size: int = 64) -> dict[str, list[Path]]:
-    """Each kind's records, split into `files` jsonl files."""
+def write_inputs(folder: Path, records: int, files: int, image_size: int = 64) -> dict[tuple[str, str], list[Path]]:
+    """Each (kind, format)'s records, split into `files` files."""
     from pydoc_data.topics import topics
 
     texts = list(topics.values())
@@ -56,12 +60,28 @@ def write_inputs(folder: Path, records: int, files: int, image_size: int = 64) -
             for p in pairs
         ],
     }  # fmt: skip
-    paths: dict[str, list[Path]] = {}
+    paths: dict[tuple[str, str], list[Path]] = {}
     for kind, records_of_kind in rows.items():
-        paths[kind] = [folder / f"{kind}-{number}.jsonl" for number in range(files)]
-        for number, path in enumerate(paths[kind]):
+        paths[kind, "messages"] = [folder / f"{kind}-{number}.jsonl" for number in range(files)]
+        for number, path in enumerate(paths[kind, "messages"]):
             path.write_text("".join(json.dumps(r) + "\n" for r in records_of_kind[number::files]))
+    paths["sft", "cauldron"] = [_cauldron_file(folder / "shapes_subset" / f"train-{n}.parquet", pairs[n::files])
+                                for n in range(files)]  # fmt: skip
+    llava = [{"image": p["image"], "conversations": [{"from": "human", "value": "Describe: <image>"},
+                                                     {"from": "gpt", "value": p["caption"]}]} for p in pairs]  # fmt: skip
+    paths["sft", "llava"] = [folder / f"llava-{n}.json" for n in range(files)]
+    for number, path in enumerate(paths["sft", "llava"]):
+        path.write_text(json.dumps(llava[number::files]))
     return paths
+
+
+def _cauldron_file(path: Path, pairs: list[dict]) -> Path:
+    """The pairs as Cauldron rows (images' bytes in the file), in row groups of 100 as HF datasets writes them."""
+    rows = [{"images": [{"bytes": Path(p["image"]).read_bytes(), "path": Path(p["image"]).name}],
+             "texts": [{"user": "Describe:", "assistant": p["caption"], "source": "shapes"}]} for p in pairs]  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), path, row_group_size=100)
+    return path
 
 
 def build_in_parts(settings: BuildSettings, inputs: list[Path], out: Path, workers: int, parts: int):
@@ -98,18 +118,18 @@ def main() -> None:
         vocab = VocabLayout() if chameleon else VocabLayout(512, 8, vocab_size=8192, n_reserved=513)
         train_text_tokenizer(inputs["text"], folder / "text.model", vocab)
         if chameleon:
-            inputs = {"image-text": inputs["image-text"]}
+            inputs = {("image-text", "messages"): inputs["image-text", "messages"]}
         torch.manual_seed(0)
         vq_config = VQGANConfig() if chameleon else small_config(64, 8, 512)
         vq = ImageTokenizer(VQGAN(vq_config), fingerprint="", device="cpu").save(folder / "vq")
-        for kind, paths in inputs.items():
+        for (kind, format), paths in inputs.items():
             settings = BuildSettings(kind, str(folder / "text.model"), None if kind == "text" else str(vq), 0,
-                                     args.device, args.encode_in)  # fmt: skip
+                                     args.device, args.encode_in, format=format)  # fmt: skip
             started = time.perf_counter()
-            manifest = build_in_parts(settings, paths, folder / "out" / kind, args.workers, args.parts)
+            manifest = build_in_parts(settings, paths, folder / "out" / f"{kind}-{format}", args.workers, args.parts)
             seconds = time.perf_counter() - started
             tokens = sum(manifest.tokens_by_modality.values())
-            print(json.dumps({"bench": "build_shards", "kind": kind, "files": args.files, "workers": args.workers, "parts": args.parts,
+            print(json.dumps({"bench": "build_shards", "kind": kind, "format": format, "files": args.files, "workers": args.workers, "parts": args.parts,
                               "device": args.device, "encode_in": settings.encode_in, "records": manifest.samples,
                               "records_per_s": round(manifest.samples / seconds, 1), "tokens_per_s": round(tokens / seconds),
                               "image_resolution": vq_config.resolution, "seconds": round(seconds, 2)}), flush=True)  # fmt: skip

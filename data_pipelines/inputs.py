@@ -83,7 +83,7 @@ def _read_json_array(path: Path) -> Iterator:
     """The elements of a file holding one JSON array, decoded one after the other."""
     decoder = json.JSONDecoder()
     with open(path, encoding="utf-8") as f:
-        text, position, ended = f.read(JSON_READ), 0, False
+        text, position, read_before, ended = f.read(JSON_READ), 0, 0, False  # read_before: characters dropped
         position = _past(text, position, " \t\r\n")
         if text[position : position + 1] != "[":
             raise DataError(
@@ -95,19 +95,19 @@ def _read_json_array(path: Path) -> Iterator:
             if text[position : position + 1] == "]":
                 return
             try:
-                element, end = decoder.raw_decode(text, position)
-            except json.JSONDecodeError as err:
+                element, position = decoder.raw_decode(text, position)
+                complete = True
+            except json.JSONDecodeError as err:  # cut off by the end of what was read, or broken
                 if ended:
                     raise DataError(
-                        f"input {path}: not a JSON array from character {err.pos} of its text on: {err.msg}"
+                        f"input {path}: not a JSON array from character {read_before + err.pos} on: {err.msg}"
                     ) from None
+                complete = False
+            if complete:
+                yield element
+            if not complete or (len(text) - position < JSON_READ // 2 and not ended):
                 more = f.read(JSON_READ)
-                text, position, ended = text[position:] + more, 0, not more
-                continue
-            yield element
-            position = end
-            if len(text) - position < JSON_READ // 2 and not ended:
-                more = f.read(JSON_READ)
+                read_before += position
                 text, position, ended = text[position:] + more, 0, not more
 
 

@@ -87,7 +87,11 @@ def test_an_sft_run_starts_from_the_pretrained_weights_with_a_fresh_optimizer_an
         assert torch.equal(values["fp32"], pretrained[name]), name
         assert values["exp_avg"] is None and values["exp_avg_sq"] is None, name
 
-    torchrun("-m fusion_train.train", *sft_overrides(demo_data, tmp_path / "whole", *common))
+    whole = torchrun("-m fusion_train.train", *sft_overrides(demo_data, tmp_path / "whole", *common))
+    # the stage's own change (dropout) is information, not a warning
+    assert "this run changes {'dropout': 0.05} as its stage means to" in whole.stderr
+    warned = [line for line in whole.stderr.splitlines() if "WARNING fusion_train.train.init_from" in line]
+    assert all("converting the training checkpoint" in line for line in warned), warned
     torchrun(
         "-m fusion_train.train", *sft_overrides(demo_data, tmp_path / "split", *common, "trainer.stop_after_steps=2")
     )

@@ -8,6 +8,9 @@ import logging
 import os
 import sys
 
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
+
 from data_pipelines.balance import balance_report
 from data_pipelines.build import KINDS, BuildSettings, build_shards
 from data_pipelines.chat_formats import FORMATS
@@ -281,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "verify":
             return _verify(args)
         print(json.dumps(_run(args)))
-    except (DataError, TokenizerError, ConfigError, ValueError, WriteFailed) as err:
+    except (DataError, TokenizerError, ConfigError, ValueError, WriteFailed, HydraException,
+            OmegaConfBaseException) as err:  # fmt: skip
         print(f"fusion-data {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -130,7 +130,7 @@ class Trainer:
             folder, self.cfg.model, self.vocab, self.loader.dataset.fingerprints, self.cfg.trainer.init_changes
         )
         if self.rank == 0:
-            log.warning("starting from the weights of %s, with a fresh optimizer, schedule and data order", folder)
+            log.info("starting from the weights of %s, with a fresh optimizer, schedule and data order", folder)
         return folder
 
     def _resume(self, path: Path | None, saved: dict | None) -> None:
