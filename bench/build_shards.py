@@ -116,7 +116,7 @@ def main() -> None:
         chameleon = args.chameleon_vq
         inputs = write_inputs(folder, args.records, args.files, image_size=512 if chameleon else 64)
         vocab = VocabLayout() if chameleon else VocabLayout(512, 8, vocab_size=8192, n_reserved=513)
-        train_text_tokenizer(inputs["text"], folder / "text.model", vocab)
+        train_text_tokenizer(inputs["text", "messages"], folder / "text.model", vocab)
         if chameleon:
             inputs = {("image-text", "messages"): inputs["image-text", "messages"]}
         torch.manual_seed(0)

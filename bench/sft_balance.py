@@ -4,6 +4,8 @@ on the demo's SFT sources, once with weights that balance the answer tokens (sft
 derivation) and once heavily toward pictures, then asks both the same text questions and picture
 requests with unconstrained (interleaved) sampling and counts the answers in the wrong modality:
 a text question answered with a picture or a clip, a picture request answered without a picture.
+The text questions are the SFT data's own and unfamiliar ones (phrasings and topics it never
+has), where a model has only its prior to go on. A fine-tuned model already in --out is reused.
 Prints one JSON line per mixture.
 
     python bench/sft_balance.py --demo demo --checkpoint demo/runs/1/checkpoints/step_150
@@ -27,13 +29,16 @@ SOURCES = ("text", "visual_chat", "image_generation", "sound")
 MIXTURES = {  # answer-token shares asked of sft-balance
     "balanced": {"text": 0.45, "image": 0.45, "audio": 0.10},
     "pictures_heavy": {"text": 0.02, "image": 0.95, "audio": 0.03},
+    "pictures_only": {"text": 0.001, "image": 0.995, "audio": 0.004},
 }
-# Text questions: the SFT data's own and ones it never asks; picture requests: the held-out drawings
-# and shorter ones like the SFT data's.
-TEXT_QUESTIONS = [f"What colour is {thing}?" for thing in list(OBJECT_COLOURS)[:4]]
-TEXT_QUESTIONS += [f"How many sides does a {shape} have?" for shape in SIDES]
-TEXT_QUESTIONS += ["What colour is a cherry?", "How many corners does a square have?", "Which colour is the sea?",
-                   "Which shapes can you draw?"]  # fmt: skip
+# Text questions as the SFT data asks them, and unfamiliar ones; picture requests: the held-out
+# drawings and shorter ones like the SFT data's.
+FAMILIAR_QUESTIONS = [f"What colour is {thing}?" for thing in list(OBJECT_COLOURS)[:6]]
+FAMILIAR_QUESTIONS += [f"How many sides does a {shape} have?" for shape in SIDES] + ["Which shapes can you draw?"]
+FAMILIAR_QUESTIONS += ["What colour is a cherry?"]
+UNFAMILIAR_QUESTIONS = ["Is the sky blue?", "Name a yellow fruit.", "Tell me about circles.", "Hello!",
+                        "What is your name?", "Why is grass green?", "Count to three.", "Describe a red square.",
+                        "Which is bigger, a circle or a square?", "Say something about colours."]  # fmt: skip
 PICTURE_REQUESTS = [drawing_instruction(*d) for d in HELD_OUT_DRAWINGS]
 PICTURE_REQUESTS += ["Draw a red circle.", "Draw a blue square in the centre.", "Draw a small green triangle.",
                      "Draw a yellow square."]  # fmt: skip
@@ -54,35 +59,41 @@ def fine_tune(demo: Path, checkpoint: Path, weights: dict, run_dir: Path, steps:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "DS_ACCELERATOR": "cpu"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "fusion_train.train", *overrides]  # fmt: skip
-    subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
-    return run_dir / "checkpoints" / f"step_{steps}"
+    model = run_dir / "checkpoints" / f"step_{steps}"
+    if not model.is_dir():
+        subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
+    return model
 
 
 def ask(model: Path, out: Path, samples: int, seed: int) -> list[dict]:
     prompts = out / "prompts.jsonl"
     out.mkdir(parents=True, exist_ok=True)
-    asked = [(q, "text_question") for q in TEXT_QUESTIONS] + [(r, "picture_request") for r in PICTURE_REQUESTS]
+    asked = [(q, "familiar_question") for q in FAMILIAR_QUESTIONS] + [
+        (q, "unfamiliar_question") for q in UNFAMILIAR_QUESTIONS
+    ]
+    asked += [(r, "picture_request") for r in PICTURE_REQUESTS]
     prompts.write_text("".join(json.dumps({"prompt": [q], "mode": "interleaved"}) + "\n"
                                for q, _ in asked for _ in range(samples)))  # fmt: skip
     subprocess.run([sys.executable, "-m", "fusion_train.commands.generate", str(model), "--chat", "--prompts",
                     str(prompts), "--seed", str(seed), "--max-new-tokens", "160", "--out", str(out)],
                    check=True, stdout=subprocess.DEVNULL)  # fmt: skip
     outputs = [json.loads(line) for line in (out / "outputs.jsonl").read_text().splitlines()]
-    return [{"kind": kind, **record} for (_, kind), record in zip([a for a in asked for _ in range(samples)], outputs, strict=True)]
+    return [
+        {"kind": kind, **record}
+        for (_, kind), record in zip([a for a in asked for _ in range(samples)], outputs, strict=True)
+    ]
 
 
 def wrong_modality(answers: list[dict]) -> dict:
-    """Text questions answered with a picture or clip; picture requests answered without a picture."""
-    counts = {"text_questions": 0, "answered_with_media": 0, "picture_requests": 0, "answered_without_picture": 0}
+    """Per kind of prompt: how many were asked, and how many answered in the wrong modality (a text
+    question with a picture or clip, a picture request without a picture)."""
+    counts = {}
     for answer in answers:
         kinds = {key for segment in answer["output"] for key in segment if key in ("text", "image", "audio")}
-        if answer["kind"] == "text_question":
-            counts["text_questions"] += 1
-            counts["answered_with_media"] += bool(kinds & {"image", "audio"})
-        else:
-            counts["picture_requests"] += 1
-            counts["answered_without_picture"] += "image" not in kinds
-    return counts
+        wrong = "image" not in kinds if answer["kind"] == "picture_request" else bool(kinds & {"image", "audio"})
+        asked, wrongly = counts.get(answer["kind"], (0, 0))
+        counts[answer["kind"]] = (asked + 1, wrongly + wrong)
+    return {kind: {"asked": asked, "wrong_modality": wrong} for kind, (asked, wrong) in counts.items()}
 
 
 def main() -> None:
