@@ -28,6 +28,7 @@ setup(
         "soundfile>=0.12",  # wav, flac, ogg (and mp3) through libsndfile, bundled in its wheel
         "av>=12",  # PyAV: FFmpeg's decoders for what libsndfile cannot read (m4a, opus, mp3 variants)
         "soxr>=0.3",  # high-quality resampling to the audio tokenizer's rate
+        "pyarrow>=14",  # parquet inputs: the Cauldron and HF datasets' exports
     ],
     extras_require={
         "test": [
