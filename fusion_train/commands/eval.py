@@ -4,8 +4,13 @@ checkpoint of any ZeRO stage, a model folder, an HF or Meta import).
     fusion-eval needle MODEL --haystack HELD_OUT_SHARDS... [--kind text|image] [--lengths 2048 8192 16384]
         [--depths 0 0.25 0.5 0.75 1] [--trials 4] [--rope-scaling JSON | --extrapolate] [--out DIR]
 
+    fusion-eval human-score JUDGEMENTS.jsonl... --system NAME --other NAME [--rounds 2000]
+
 `needle` (fusion_train/eval/needle.py): exact retrieval of a needle hidden at each depth of
 haystacks of each length, written as DIR/needle_KIND.json, .md (a table) and .png (a heat map).
+`human-score` (fusion_train/eval/human.py): raters' blind judgements of two systems' answers as
+the paper's table: fulfils / partially / does not, win / tie / loss with 95% bootstrap intervals,
+rater agreement; printed as JSON.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from pathlib import Path
 import torch
 
 from fusion_train.data.trained_with import load_tokenizers
+from fusion_train.eval.human import JudgementError, read_judgements, score
 from fusion_train.eval.needle import KINDS, Haystacks, NeedleError, NeedleSettings, evaluate, write_report
 from fusion_train.model.chameleon import Chameleon
 from fusion_train.weights.source import open_model
@@ -51,6 +57,14 @@ def _parser() -> argparse.ArgumentParser:
     needle.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     needle.add_argument("--out", type=Path, default=Path("needle"), help="the report's folder")
     needle.add_argument("--name", help="the report files' name (default: needle_KIND)")
+
+    human = commands.add_parser("human-score", help="raters' blind judgements of two systems as the paper's table")
+    human.add_argument(
+        "judgements", type=Path, nargs="+", help="JSONL files, one per rater (fusion_train/eval/human.py)"
+    )
+    human.add_argument("--system", required=True, help="the system whose wins are counted")
+    human.add_argument("--other", required=True, help="the system it is compared with")
+    human.add_argument("--rounds", type=int, default=2000, help="bootstrap resamples of the prompts")
     return parser
 
 
@@ -58,8 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = _parser().parse_args(argv)
     try:
+        if args.command == "human-score":
+            print(json.dumps(score(read_judgements(args.judgements), args.system, args.other, args.rounds), indent=2))
+            return 0
         return _needle(args)
-    except (NeedleError, ValueError, FileNotFoundError) as error:
+    except (NeedleError, JudgementError, ValueError, FileNotFoundError) as error:
         print(f"fusion-eval: error: {error}", file=sys.stderr)
         return 2
 
