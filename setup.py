@@ -38,7 +38,13 @@ setup(
             "tensorboard>=2.15",
             "import-linter>=2.1",
             "pytest-xdist>=3.5",
+            "playwright>=1.45",  # the human-evaluation page, clicked in headless Chromium
+            "lm-eval>=0.4.4",
+            "accelerate>=0.26",  # lm-eval's HF backend, the reference our model class is checked against
+            "pycocoevalcap>=1.2",
         ],
+        # fusion-eval lm-harness / caption / vqa
+        "eval": ["lm-eval>=0.4.4", "pycocoevalcap>=1.2"],
         "tensorboard": ["tensorboard>=2.15"],
         "gpu": ["liger-kernel>=0.5"],
     },

@@ -4,11 +4,15 @@ checkpoint of any ZeRO stage, a model folder, an HF or Meta import).
     fusion-eval needle MODEL --haystack HELD_OUT_SHARDS... [--kind text|image] [--lengths 2048 8192 16384]
         [--depths 0 0.25 0.5 0.75 1] [--trials 4] [--rope-scaling JSON | --extrapolate] [--out DIR]
 
+    fusion-eval human-page PROMPTS.jsonl --answers NAME=GENERATIONS_DIR --answers NAME=GENERATIONS_DIR
+        [--out judge.html] [--seed 0]
     fusion-eval human-score JUDGEMENTS.jsonl... --system NAME --other NAME [--rounds 2000]
 
 `needle` (fusion_train/eval/needle.py): exact retrieval of a needle hidden at each depth of
 haystacks of each length, written as DIR/needle_KIND.json, .md (a table) and .png (a heat map).
-`human-score` (fusion_train/eval/human.py): raters' blind judgements of two systems' answers as
+`human-page` (fusion_train/eval/human_page.py): one self-contained HTML page on which raters judge
+two systems' answers to the same prompts, blind and in an order drawn per rater, and export their
+judgements as JSONL. `human-score` (fusion_train/eval/human.py): raters' blind judgements of two systems' answers as
 the paper's table: fulfils / partially / does not, win / tie / loss with 95% bootstrap intervals,
 rater agreement; printed as JSON.
 """
@@ -26,6 +30,7 @@ import torch
 
 from fusion_train.data.trained_with import load_tokenizers
 from fusion_train.eval.human import JudgementError, read_judgements, score
+from fusion_train.eval.human_page import HumanPageError, read_prompts, read_system, write_page
 from fusion_train.eval.needle import KINDS, Haystacks, NeedleError, NeedleSettings, evaluate, write_report
 from fusion_train.model.chameleon import Chameleon
 from fusion_train.weights.source import open_model
@@ -58,6 +63,13 @@ def _parser() -> argparse.ArgumentParser:
     needle.add_argument("--out", type=Path, default=Path("needle"), help="the report's folder")
     needle.add_argument("--name", help="the report files' name (default: needle_KIND)")
 
+    page = commands.add_parser("human-page", help="a page for raters to judge two systems' answers blind")
+    page.add_argument("prompts", type=Path, help="the prompts file both systems were given (fusion-generate --prompts)")
+    page.add_argument("--answers", required=True, action="append", metavar="NAME=DIR",
+                      help="a system's name and the folder fusion-generate wrote for it; give two")  # fmt: skip
+    page.add_argument("--out", type=Path, default=Path("judge.html"))
+    page.add_argument("--seed", type=int, default=0, help="with each rater's name, draws the order of the answers")
+
     human = commands.add_parser("human-score", help="raters' blind judgements of two systems as the paper's table")
     human.add_argument(
         "judgements", type=Path, nargs="+", help="JSONL files, one per rater (fusion_train/eval/human.py)"
@@ -75,10 +87,24 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "human-score":
             print(json.dumps(score(read_judgements(args.judgements), args.system, args.other, args.rounds), indent=2))
             return 0
+        if args.command == "human-page":
+            return _human_page(args)
         return _needle(args)
-    except (NeedleError, JudgementError, ValueError, FileNotFoundError) as error:
+    except (NeedleError, JudgementError, HumanPageError, ValueError, FileNotFoundError) as error:
         print(f"fusion-eval: error: {error}", file=sys.stderr)
         return 2
+
+
+def _human_page(args: argparse.Namespace) -> int:
+    named = [answer.partition("=") for answer in args.answers]
+    if len(named) != 2 or any(not name or not folder for name, _, folder in named):
+        raise HumanPageError("--answers NAME=DIR, twice: the two systems' names and generation folders")
+    prompts = read_prompts(args.prompts)
+    first, second = (read_system(name, Path(folder), prompts, args.prompts) for name, _, folder in named)
+    page = write_page(args.prompts, (first, second), args.out, args.seed)
+    print(f"{len(prompts)} prompts, {first.name} vs {second.name}: {page} (open it in a browser; each rater exports "
+          "a JSONL for fusion-eval human-score)")  # fmt: skip
+    return 0
 
 
 def _needle(args: argparse.Namespace) -> int:
