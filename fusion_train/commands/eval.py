@@ -4,12 +4,18 @@ checkpoint of any ZeRO stage, a model folder, an HF or Meta import).
     fusion-eval needle MODEL --haystack HELD_OUT_SHARDS... [--kind text|image] [--lengths 2048 8192 16384]
         [--depths 0 0.25 0.5 0.75 1] [--trials 4] [--rope-scaling JSON | --extrapolate] [--out DIR]
 
+    fusion-eval lm-harness MODEL --tasks hellaswag arc_easy ... [--include-path MY_TASKS] [--num-fewshot N]
+        [--limit N] [--batch-size 8] [--chat] [--log-samples] [--wandb-project P] [--out DIR]
+
     fusion-eval human-page PROMPTS.jsonl --answers NAME=GENERATIONS_DIR --answers NAME=GENERATIONS_DIR
         [--out judge.html] [--seed 0]
     fusion-eval human-score JUDGEMENTS.jsonl... --system NAME --other NAME [--rounds 2000]
 
 `needle` (fusion_train/eval/needle.py): exact retrieval of a needle hidden at each depth of
 haystacks of each length, written as DIR/needle_KIND.json, .md (a table) and .png (a heat map).
+`lm-harness` (fusion_train/eval/harness.py, the `eval` extra): lm-evaluation-harness's tasks by their
+names (or YAML tasks of one's own in --include-path), written as DIR/results.json (lm-eval's JSON),
+printed as its table, logged to W&B with --wandb-project.
 `human-page` (fusion_train/eval/human_page.py): one self-contained HTML page on which raters judge
 two systems' answers to the same prompts, blind and in an order drawn per rater, and export their
 judgements as JSONL. `human-score` (fusion_train/eval/human.py): raters' blind judgements of two systems' answers as
@@ -24,6 +30,7 @@ import dataclasses
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -63,6 +70,22 @@ def _parser() -> argparse.ArgumentParser:
     needle.add_argument("--out", type=Path, default=Path("needle"), help="the report's folder")
     needle.add_argument("--name", help="the report files' name (default: needle_KIND)")
 
+    harness = commands.add_parser("lm-harness", help="lm-evaluation-harness tasks: hellaswag, arc_easy, mmlu, ...")
+    harness.add_argument("model", help="a training checkpoint, model folder, HF export or Meta checkpoint")
+    harness.add_argument("--tasks", nargs="+", required=True, help="lm-eval task or group names")
+    harness.add_argument("--include-path", type=Path, help="a folder of lm-eval YAML tasks of one's own")
+    harness.add_argument("--num-fewshot", type=int, help="examples before each question (default: the task's)")
+    harness.add_argument("--limit", type=float, help="examples per task (a fraction of each task when below 1)")
+    harness.add_argument("--batch-size", type=int, default=8)
+    harness.add_argument("--chat", action="store_true", help="a model after SFT: prompts end with its end of prompt")
+    harness.add_argument("--max-gen-toks", type=int, default=256, help="for generation tasks that do not say")
+    harness.add_argument("--text-tokenizer", help="when the model source does not say where its tokenizer is")
+    harness.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    harness.add_argument("--log-samples", action="store_true", help="each example's prompt, answers and scores too")
+    harness.add_argument("--wandb-project", help="log the results (a table and each metric) to this W&B project")
+    harness.add_argument("--seed", type=int, default=0)
+    harness.add_argument("--out", type=Path, default=Path("lm_harness"))
+
     page = commands.add_parser("human-page", help="a page for raters to judge two systems' answers blind")
     page.add_argument("prompts", type=Path, help="the prompts file both systems were given (fusion-generate --prompts)")
     page.add_argument("--answers", required=True, action="append", metavar="NAME=DIR",
@@ -89,10 +112,39 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "human-page":
             return _human_page(args)
+        if args.command == "lm-harness":
+            return _lm_harness(args)
         return _needle(args)
     except (NeedleError, JudgementError, HumanPageError, ValueError, FileNotFoundError) as error:
         print(f"fusion-eval: error: {error}", file=sys.stderr)
         return 2
+
+
+def _lm_harness(args: argparse.Namespace) -> int:
+    try:
+        from fusion_train.eval import harness
+    except ImportError as missing:
+        raise ValueError(f"fusion-eval lm-harness needs lm-evaluation-harness ({missing}): "
+                         "pip install 'fusion-train[eval]'") from None  # fmt: skip
+    try:
+        manager = harness.check_tasks(args.tasks, args.include_path)
+        model = harness.FusionLM(args.model, args.text_tokenizer, args.batch_size, args.device, chat=args.chat,
+                                 max_gen_toks=args.max_gen_toks)  # fmt: skip
+        started = time.perf_counter()
+        results = harness.evaluate(
+            model, args.tasks, manager, args.num_fewshot, args.limit, args.log_samples, args.seed
+        )
+    except harness.HarnessError as error:
+        raise ValueError(str(error)) from None
+    seconds = time.perf_counter() - started
+    path, table = harness.write_results(results, args.out)
+    if args.wandb_project:
+        harness.log_to_wandb(results, args.wandb_project, args.out)
+    examples = sum(n["effective"] for n in results["n-samples"].values())
+    print(table)
+    print(json.dumps({"lm_harness": harness.scores(results), "examples": examples, "seconds": round(seconds, 2),
+                      "examples_per_s": round(examples / seconds, 2), "written": str(path)}))  # fmt: skip
+    return 0
 
 
 def _human_page(args: argparse.Namespace) -> int:

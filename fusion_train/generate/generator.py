@@ -30,7 +30,7 @@ class Request:
 @dataclass
 class Generation:
     tokens: list[int]  # the generated ids, the prompt not included
-    stop: str  # end_of_sequence, end_of_turn, image_done, audio_done, max_new_tokens or context_full
+    stop: str  # end_of_sequence, end_of_turn, image_done, audio_done, stop_sequence, max_new_tokens or context_full
 
 
 class Generator:
@@ -46,9 +46,11 @@ class Generator:
 
     @torch.no_grad()
     def generate(self, requests: list[Request], sampling: Sampling, max_new_tokens: int,
-                 guidance: Guidance | None = None, progress: bool = False) -> list[Generation]:  # fmt: skip
+                 guidance: Guidance | None = None, progress: bool = False,
+                 stop_when: Callable[[int, list[int]], bool] | None = None) -> list[Generation]:  # fmt: skip
         """`max_new_tokens` bounds text and interleaved requests; an image-mode request is its
-        picture's codes and `<eoss>`."""
+        picture's codes and `<eoss>`. `stop_when(request index, its tokens so far)`, asked after each
+        token a request emits, finishes it when True (a benchmark's stop strings)."""
         budgets = [self._budget(i, r, max_new_tokens) for i, r in enumerate(requests)]
         constraints = ModalityConstraints(self.vocab, [r.mode for r in requests], budgets, self.device)
         streams = [self._streams(r, guidance) for r in requests]
@@ -67,6 +69,8 @@ class Generator:
             was_finished = constraints.finished.clone()
             emitted = constraints.advance(tokens)
             self._record(tokens, emitted, constraints.finished & ~was_finished, requests, generated, stops)
+            if stop_when is not None:
+                self._stop_early(stop_when, emitted, constraints, generated, stops)
             if constraints.done:
                 break
             row_tokens = tokens[request_of_row]
@@ -120,6 +124,13 @@ class Generator:
             rows = torch.cat([first_rows[i] + torch.arange(STREAMS) for i in guided]).to(logits.device)
             combined[guided] = combine(logits[rows], guidance)
         return combined
+
+    @staticmethod
+    def _stop_early(stop_when, emitted, constraints: ModalityConstraints, generated, stops) -> None:
+        for i in (emitted & ~constraints.finished).nonzero().flatten().tolist():
+            if stop_when(i, generated[i]):
+                constraints.finished[i] = True
+                stops[i] = "stop_sequence"
 
     def _record(self, tokens, emitted, newly_finished, requests, generated, stops) -> None:
         v = self.vocab
