@@ -7,6 +7,10 @@ checkpoint of any ZeRO stage, a model folder, an HF or Meta import).
     fusion-eval lm-harness MODEL --tasks hellaswag arc_easy ... [--include-path MY_TASKS] [--num-fewshot N]
         [--limit N] [--batch-size 8] [--chat] [--log-samples] [--wandb-project P] [--out DIR]
 
+    fusion-eval caption MODEL --annotations captions.json --images DIR [--shots 2] [--limit N] [--out DIR]
+    fusion-eval vqa MODEL --questions questions.json --annotations answers.json --images DIR
+        [--image-name COCO_val2014_{image_id:012d}.jpg] [--shots 2] [--limit N] [--out DIR]
+
     fusion-eval human-page PROMPTS.jsonl --answers NAME=GENERATIONS_DIR --answers NAME=GENERATIONS_DIR
         [--out judge.html] [--seed 0]
     fusion-eval human-score JUDGEMENTS.jsonl... --system NAME --other NAME [--rounds 2000]
@@ -16,6 +20,8 @@ haystacks of each length, written as DIR/needle_KIND.json, .md (a table) and .pn
 `lm-harness` (fusion_train/eval/harness.py, the `eval` extra): lm-evaluation-harness's tasks by their
 names (or YAML tasks of one's own in --include-path), written as DIR/results.json (lm-eval's JSON),
 printed as its table, logged to W&B with --wandb-project.
+`caption` and `vqa` (fusion_train/eval/image_to_text.py): COCO-format captioning scored by CIDEr and
+BLEU-4 (the COCO caption toolkit), VQAv2 accuracy; each answer in DIR/caption.jsonl or vqa.jsonl.
 `human-page` (fusion_train/eval/human_page.py): one self-contained HTML page on which raters judge
 two systems' answers to the same prompts, blind and in an order drawn per rater, and export their
 judgements as JSONL. `human-score` (fusion_train/eval/human.py): raters' blind judgements of two systems' answers as
@@ -36,9 +42,14 @@ from pathlib import Path
 import torch
 
 from fusion_train.data.trained_with import load_tokenizers
+from fusion_train.eval import image_to_text
 from fusion_train.eval.human import JudgementError, read_judgements, score
 from fusion_train.eval.human_page import HumanPageError, read_prompts, read_system, write_page
+from fusion_train.eval.image_to_text import CAPTION_PROMPT, VQA_PROMPT, ImageTextError
 from fusion_train.eval.needle import KINDS, Haystacks, NeedleError, NeedleSettings, evaluate, write_report
+from fusion_train.generate.documents import Codec, PromptError
+from fusion_train.generate.generator import Generator
+from fusion_train.generate.load import load_model
 from fusion_train.model.chameleon import Chameleon
 from fusion_train.weights.source import open_model
 
@@ -86,6 +97,30 @@ def _parser() -> argparse.ArgumentParser:
     harness.add_argument("--seed", type=int, default=0)
     harness.add_argument("--out", type=Path, default=Path("lm_harness"))
 
+    caption = commands.add_parser("caption", help="COCO-format captioning: CIDEr and BLEU-4")
+    caption.add_argument("--annotations", required=True, type=Path, help="COCO captions JSON: images and annotations")
+    caption.add_argument("--prompt", default=CAPTION_PROMPT, help="text after the picture (default: none)")
+    vqa = commands.add_parser("vqa", help="VQAv2-format visual question answering: VQA accuracy")
+    vqa.add_argument("--questions", required=True, type=Path, help="VQAv2 questions JSON")
+    vqa.add_argument("--annotations", required=True, type=Path, help="VQAv2 annotations JSON: ten answers a question")
+    vqa.add_argument("--image-name", default="COCO_val2014_{image_id:012d}.jpg", help="an image id's file name")
+    vqa.add_argument("--prompt", default=VQA_PROMPT, help="text after the picture; {question} is the question")
+    for command in (caption, vqa):
+        command.add_argument("model", help="a training checkpoint, model folder, HF export or Meta checkpoint")
+        command.add_argument("--images", required=True, type=Path, help="the folder of the annotations' images")
+        command.add_argument("--shots", type=int, default=0, help="examples before each one asked (the paper: 2)")
+        command.add_argument("--limit", type=int, help="evaluate the first N examples (shots come from all)")
+        command.add_argument("--batch-size", type=int, default=8)
+        command.add_argument("--max-new-tokens", type=int, default=30 if command is caption else 10)
+        command.add_argument(
+            "--chat", action="store_true", help="a model after SFT: prompts end with its end of prompt"
+        )
+        command.add_argument("--text-tokenizer", help="when the model source does not say where its tokenizer is")
+        command.add_argument("--image-tokenizer", help="when the model source does not say where its tokenizer is")
+        command.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        command.add_argument("--seed", type=int, default=0, help="draws each example's shots")
+        command.add_argument("--out", type=Path, default=Path(command.prog.split()[-1]))
+
     page = commands.add_parser("human-page", help="a page for raters to judge two systems' answers blind")
     page.add_argument("prompts", type=Path, help="the prompts file both systems were given (fusion-generate --prompts)")
     page.add_argument("--answers", required=True, action="append", metavar="NAME=DIR",
@@ -114,8 +149,11 @@ def main(argv: list[str] | None = None) -> int:
             return _human_page(args)
         if args.command == "lm-harness":
             return _lm_harness(args)
+        if args.command in ("caption", "vqa"):
+            return _image_to_text(args)
         return _needle(args)
-    except (NeedleError, JudgementError, HumanPageError, ValueError, FileNotFoundError) as error:
+    except (NeedleError, JudgementError, HumanPageError, ImageTextError, PromptError, ValueError,
+            FileNotFoundError) as error:  # fmt: skip
         print(f"fusion-eval: error: {error}", file=sys.stderr)
         return 2
 
@@ -144,6 +182,35 @@ def _lm_harness(args: argparse.Namespace) -> int:
     print(table)
     print(json.dumps({"lm_harness": harness.scores(results), "examples": examples, "seconds": round(seconds, 2),
                       "examples_per_s": round(examples / seconds, 2), "written": str(path)}))  # fmt: skip
+    return 0
+
+
+def _image_to_text(args: argparse.Namespace) -> int:
+    if args.command == "caption":
+        examples = image_to_text.read_captions(args.annotations, args.images)
+    else:
+        examples = image_to_text.read_vqa(args.questions, args.annotations, args.images, args.image_name)
+    asked = examples[: args.limit] if args.limit else examples
+    device = torch.device(args.device)
+    loaded = load_model(args.model, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    text, images, _ = load_tokenizers(
+        loaded.trained_with, args.text_tokenizer, args.image_tokenizer, device, args.model
+    )
+    if images is None:
+        raise ImageTextError(f"{args.model} does not say where its image tokenizer is: pass --image-tokenizer PATH")
+    prompting = image_to_text.Prompting(args.prompt, args.shots, args.chat, args.seed)
+    started = time.perf_counter()
+    answers = image_to_text.answer(Generator(loaded.model, loaded.trained_with.vocab), Codec(text, images), asked,
+                                   prompting, args.batch_size, args.max_new_tokens, pool=examples)  # fmt: skip
+    seconds = time.perf_counter() - started
+    predictions = {e.key: a for e, a in zip(asked, answers, strict=True)}
+    if args.command == "caption":
+        scores = image_to_text.caption_scores(predictions, {e.key: e.references for e in asked})
+    else:
+        scores = image_to_text.vqa_score(predictions, asked)
+    scores |= {"examples": len(asked), "shots": args.shots, "examples_per_s": round(len(asked) / seconds, 2)}
+    written = image_to_text.write_answers(asked, predictions, scores, args.out, args.command)
+    print(json.dumps({args.command: scores, "written": str(written)}))
     return 0
 
 
