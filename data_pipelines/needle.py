@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from data_pipelines.build import ShardSink
+from fusion_train.data.haystacks import KINDS, Haystacks, example
 from fusion_train.data.manifest import Manifest
-from fusion_train.eval.needle import KINDS, Haystacks, example
 from fusion_train.tokenizers.multimodal import TokenizedDocument
 from fusion_train.tokenizers.text import TextTokenizer
 

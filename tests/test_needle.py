@@ -12,7 +12,8 @@ from torch import nn
 
 from data_pipelines.demo import DEMO_VOCAB
 from fusion_train.commands.eval import main as eval_main
-from fusion_train.eval.needle import ANSWER_CODES, Haystacks, NeedleSettings, build_cells, evaluate
+from fusion_train.data.haystacks import ANSWER_CODES, Haystacks
+from fusion_train.eval.needle import NeedleSettings, build_cells, evaluate
 from fusion_train.model.chameleon import Chameleon
 from fusion_train.model.formats.native import save_native
 from fusion_train.tokenizers.text import TextTokenizer

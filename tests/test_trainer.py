@@ -20,6 +20,7 @@ from conftest import (
     WANDB,
     assert_one_clean_error,
     checkpoints,
+    eval_tasks_override,
     logged_steps,
     losses,
     read_metrics,
@@ -126,8 +127,9 @@ MONITORING_KEYS = [
 ]  # fmt: skip
 
 
-def test_exact_resume_after_the_process_exits_with_samples_on(demo_data, tmp_path):
-    common = ["trainer.steps=10", "trainer.checkpoint_every=100", *sample_overrides(demo_data, every=3), WANDB]
+def test_exact_resume_after_the_process_exits_with_samples_and_downstream_tasks_on(demo_data, tmp_path):
+    tasks = eval_tasks_override(demo_data, tmp_path)
+    common = ["trainer.steps=10", "trainer.checkpoint_every=100", *sample_overrides(demo_data, every=3), WANDB, tasks]
     torchrun(TRAIN, *train_overrides(demo_data, tmp_path / "whole", *common))
     torchrun(TRAIN, *train_overrides(demo_data, tmp_path / "split", *common, "trainer.stop_after_steps=4"))
     assert checkpoints(tmp_path / "split") == ["step_4"]
@@ -150,6 +152,15 @@ def test_exact_resume_after_the_process_exits_with_samples_on(demo_data, tmp_pat
         for m in split
         if "loss/total" in m  # not the rows of the samples' timing
     )
+    # The downstream tasks ran at steps 3, 6 and 9, and scored the same on either side of the resume.
+    scores = [[{k: v for k, v in m.items() if k.startswith("downstream/") and not k.endswith("/seconds")}
+               for m in run if any(k.startswith("downstream/") for k in m)] for run in (whole, split)]  # fmt: skip
+    assert [m["step"] for m in split if "downstream/places/acc" in m] == [3, 6, 9]
+    assert scores[0] == scores[1] and all(
+        {"downstream/places/acc", "downstream/places/acc_norm", "downstream/captions/cider", "downstream/captions/bleu4"}
+        == set(s) for s in scores[1]
+    )  # fmt: skip
+    assert all(m["downstream/captions/seconds"] > 0 for m in split if "downstream/captions/seconds" in m)
     # The samples, generated at steps 3, 6 and 9 on either side of the resume, are the same too.
     sampled = [(tmp_path / run / "samples.jsonl").read_text() for run in ("whole", "split")]
     assert sampled[0] == sampled[1] and sampled[0].count("\n") == 12
@@ -174,6 +185,7 @@ def test_exact_resume_after_the_process_exits_with_samples_on(demo_data, tmp_pat
     grid = page[page.index("<h2>Samples during training") :]
     assert grid.count("<th>step ") == 3 and grid.count("<tr><th>") == 1 + 4 and grid.count("<img ") == 3
     assert grid.count("<audio ") == 3
+    assert '<img alt="downstream.png" src="data:image/png;base64,' in page  # the tasks' scores over training
     logged = [row for row in logged if "samples/table/_type" not in row]
     assert [row["trainer/step"] for row in logged] == [m["step"] for m in split]
     for row, metrics in zip(logged, split, strict=True):

@@ -41,12 +41,13 @@ from pathlib import Path
 
 import torch
 
+from fusion_train.data.haystacks import KINDS, Haystacks, NeedleError
 from fusion_train.data.trained_with import load_tokenizers
 from fusion_train.eval import image_to_text
 from fusion_train.eval.human import JudgementError, read_judgements, score
 from fusion_train.eval.human_page import HumanPageError, read_prompts, read_system, write_page
 from fusion_train.eval.image_to_text import CAPTION_PROMPT, VQA_PROMPT, ImageTextError
-from fusion_train.eval.needle import KINDS, Haystacks, NeedleError, NeedleSettings, evaluate, write_report
+from fusion_train.eval.needle import NeedleSettings, evaluate, write_report
 from fusion_train.generate.documents import Codec, PromptError
 from fusion_train.generate.generator import Generator
 from fusion_train.generate.load import load_model
@@ -199,9 +200,11 @@ def _image_to_text(args: argparse.Namespace) -> int:
     if images is None:
         raise ImageTextError(f"{args.model} does not say where its image tokenizer is: pass --image-tokenizer PATH")
     prompting = image_to_text.Prompting(args.prompt, args.shots, args.chat, args.seed)
+    codec = Codec(text, images)
     started = time.perf_counter()
-    answers = image_to_text.answer(Generator(loaded.model, loaded.trained_with.vocab), Codec(text, images), asked,
-                                   prompting, args.batch_size, args.max_new_tokens, pool=examples)  # fmt: skip
+    prompts = image_to_text.prompt_ids(codec, asked, prompting, examples)
+    answers = image_to_text.answer(Generator(loaded.model, codec.vocab), codec, prompts, args.batch_size,
+                                   args.max_new_tokens)  # fmt: skip
     seconds = time.perf_counter() - started
     predictions = {e.key: a for e, a in zip(asked, answers, strict=True)}
     if args.command == "caption":

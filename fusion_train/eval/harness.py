@@ -1,12 +1,9 @@
 """lm-evaluation-harness on fusion_train models: `FusionLM`, registered with lm-eval as
 "fusion_train", scores and generates with a Chameleon model from any source fusion_train opens.
 
-Log-likelihoods: context + continuation, batches longest first, right-padded, one forward each;
-image codes masked out of the softmax as HF transformers' Chameleon masks them in every forward
-(so the scores equal the harness's HF backend's on an HF export); the continuation's
-log-probabilities summed, and whether each of its tokens was the most likely
-(lm-eval's `is_greedy`). A context longer than the model's is cut from the left, as lm-eval's HF
-backend does. Rolling log-likelihoods (perplexity tasks): lm-eval's disjoint windows of the
+Log-likelihoods (eval/scoring.py): context + continuation, batches longest first, one forward
+each, image codes masked as HF's Chameleon masks them; the continuation's log-probabilities summed,
+and whether each of its tokens was the most likely (lm-eval's `is_greedy`). Rolling log-likelihoods (perplexity tasks): lm-eval's disjoint windows of the
 model's context. Generation: text mode (no image or audio ids), batched on the KV cache
 (fusion_train.generate), each row ending at `</s>`, at one of the task's `until` strings or after
 its `max_gen_toks`.
@@ -28,10 +25,10 @@ from lm_eval.utils import get_rolling_token_windows, handle_non_serializable, ma
 from tqdm import tqdm
 
 from fusion_train.data.trained_with import load_tokenizers
+from fusion_train.eval.scoring import continuation_scores
 from fusion_train.generate.generator import Generator, Request
 from fusion_train.generate.load import load_model
 from fusion_train.generate.sampling import Sampling
-from fusion_train.vocab import Modality
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -66,7 +63,6 @@ class FusionLM(TemplateLM):
         )
         self.context = self.model.cfg.max_seq_len
         self.generator = Generator(self.model, self.vocab)
-        self.image_codes = self.vocab.modality_mask(Modality.IMAGE, self._device)
 
     @property
     def eot_token_id(self) -> int:
@@ -90,31 +86,13 @@ class FusionLM(TemplateLM):
         order = sorted(range(len(requests)), key=lambda i: -len(requests[i][1]) - len(requests[i][2]))
         with tqdm(total=len(requests), desc="log-likelihoods", disable=disable_tqdm) as progress:
             for batch in _chunks(order, self.batch_size):
-                scored = self._score([(requests[i][1], requests[i][2]) for i in batch])
+                scored = continuation_scores(self.model, self.vocab, [(requests[i][1], requests[i][2]) for i in batch])
                 for i, result in zip(batch, scored, strict=True):
                     results[i] = result
                     if requests[i][0] is not None:
                         self.cache_hook.add_partial("loglikelihood", requests[i][0], result)
                 progress.update(len(batch))
         return results
-
-    @torch.no_grad()
-    def _score(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
-        """Each continuation's summed log-probability after its context, and whether it is greedy."""
-        rows = [(context + continuation)[-(self.context + 1) :] for context, continuation in pairs]
-        lengths = [min(len(continuation), len(row) - 1) for (_, continuation), row in zip(pairs, rows, strict=True)]
-        ids = torch.full((len(rows), max(len(r) for r in rows) - 1), self.vocab.pad, dtype=torch.long)
-        for i, row in enumerate(rows):
-            ids[i, : len(row) - 1] = torch.tensor(row[:-1])
-        logits = self.model(ids.to(self._device)).float().masked_fill(self.image_codes, float("-inf"))
-        log_probs = logits.log_softmax(-1)
-        scored = []
-        for i, (row, length) in enumerate(zip(rows, lengths, strict=True)):
-            targets = torch.tensor(row[-length:], device=self._device)
-            predicted = log_probs[i, len(row) - 1 - length : len(row) - 1]
-            chosen = predicted.gather(-1, targets[:, None]).squeeze(-1)
-            scored.append((float(chosen.sum()), bool((predicted.argmax(-1) == targets).all())))
-        return scored
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         windows, owners = [], []

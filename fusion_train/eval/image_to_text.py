@@ -135,18 +135,19 @@ class Prompting:
         return self.template.format(question=example.question)
 
 
-def answer(generator: Generator, codec: Codec, examples: list[Example], prompting: Prompting, batch_size: int,
-           max_new_tokens: int, pool: list[Example] | None = None) -> list[str]:  # fmt: skip
-    """Each example's generated text up to its first line break. `pool`: where few-shot examples
-    come from (default: the examples themselves)."""
-    pool = examples if pool is None else pool
-    answers = []
-    for start in range(0, len(examples), batch_size):
-        batch = examples[start : start + batch_size]
-        prompts = [codec.prompt_ids(prompting.segments(e, pool), Mode.TEXT, prompting.chat, f"example {e.key}")
-                   for e in batch]  # fmt: skip
+def prompt_ids(codec: Codec, examples: list[Example], prompting: Prompting, pool: list[Example]) -> list[list[int]]:
+    """Each example's prompt as ids; `pool`: where few-shot examples come from."""
+    return [codec.prompt_ids(prompting.segments(e, pool), Mode.TEXT, prompting.chat, f"example {e.key}")
+            for e in examples]  # fmt: skip
 
-        generations = generator.generate([Request(p) for p in prompts], Sampling(), max_new_tokens,
+
+def answer(generator: Generator, codec: Codec, prompts: list[list[int]], batch_size: int,
+           max_new_tokens: int) -> list[str]:  # fmt: skip
+    """Each prompt's generated text up to its first line break."""
+    answers = []
+    for start in range(0, len(prompts), batch_size):
+        requests = [Request(p) for p in prompts[start : start + batch_size]]
+        generations = generator.generate(requests, Sampling(), max_new_tokens,
                                          stop_when=lambda _, tokens: "\n" in _text(codec, tokens))  # fmt: skip
         answers += [_text(codec, generation.tokens).split("\n", 1)[0].strip() for generation in generations]
     return answers

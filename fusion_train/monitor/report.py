@@ -35,6 +35,7 @@ GUARD_KEY = re.compile(rf"^guard/({'|'.join(EVENT_KINDS)})$")
 BLOCK_KEY = re.compile(r"^norms/block_(\d+)_out$")
 QK_KEY = re.compile(r"^attn/qk_logit_max_(\d+)$")
 EVAL_SOURCE_KEY = re.compile(r"^eval/(.+)/loss$")
+DOWNSTREAM_KEY = re.compile(r"^downstream/(.+)/(?!seconds$)([^/]+)$")  # a task's metric, not its cost
 MODALITIES = [m.key for m in Modality]  # the vocabulary's: a panel per modality logged
 ABANDONED = "#bbbbbb"
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ class Run:
     kept: list[dict]  # the trajectory the run continued from: the last row logged for each step
     abandoned: list[dict]  # the rows a rollback went back over
     evals: list[dict]
+    downstream: list[dict]  # the in-loop tasks' rows (trainer.eval_tasks)
     events: list[tuple[int, float, str]]  # (step, tokens seen, kind)
     alerts: list[dict]
     unreadable_lines: int
@@ -82,9 +84,14 @@ def read_run(run_dir: Path) -> Run:
         {"data/tokens_seen": tokens_at.get(r["step"]), **r} for r in as_run_stands(records, lambda r: "eval/loss" in r)
     ]
     evals = [r for r in evals if r["data/tokens_seen"] is not None]
+    downstream = [
+        {"data/tokens_seen": tokens_at.get(r["step"]), **r}
+        for r in as_run_stands(records, lambda r: any(DOWNSTREAM_KEY.match(k) for k in r))
+        if r["step"] in tokens_at
+    ]
     kept_ids = {id(r) for r in kept}
     abandoned = [r for r in rows if id(r) not in kept_ids]
-    return Run(rows, kept, abandoned, evals, events, alerts, bad + bad_alerts)
+    return Run(rows, kept, abandoned, evals, downstream, events, alerts, bad + bad_alerts)
 
 
 def as_run_stands(records: list[dict], wanted) -> list[dict]:
@@ -185,6 +192,22 @@ def held_out_plot(run: Run):
     return figure
 
 
+def downstream_plot(run: Run):
+    """Each in-loop task's metrics (trainer.eval_tasks); accuracies and caption scores share an
+    axis as percentages."""
+    keys = sorted({k for r in run.downstream for k in r if DOWNSTREAM_KEY.match(k)})
+    if not keys:
+        return None
+    figure, ax = plt.subplots(figsize=(9, 3.6))
+    for key in keys:
+        task, metric = DOWNSTREAM_KEY.match(key).groups()
+        x, y = series(run.downstream, key)
+        scale = 100 if metric.startswith("acc") else 1  # caption scores are x100 already
+        ax.plot(x, [scale * v for v in y], "o-", label=f"{task} {metric}", markersize=4, linewidth=1.2)
+    finish(ax, run, "Downstream tasks during training", "score (%, CIDEr, BLEU-4)")
+    return figure
+
+
 def norm_heatmap(run: Run):
     keys = indexed_keys(run.kept, BLOCK_KEY)
     rows = [r for r in run.kept if all(k in r for k in keys)]
@@ -225,6 +248,11 @@ def plots(run: Run) -> list[tuple[str, str, object]]:
             "held_out.png",
             "Held-out loss over all sources and by target modality; dashed: each held-out source.",
             held_out_plot(run),
+        ),
+        (
+            "downstream.png",
+            "In-loop downstream tasks (trainer.eval_tasks): accuracy in %, CIDEr and BLEU-4 x100.",
+            downstream_plot(run),
         ),
         ("norms_heatmap.png", "Each block's output RMS over tokens (log colour scale).", norm_heatmap(run)),
         (

@@ -67,19 +67,12 @@ class TrainingSamples(Observer):
         if self.codec is None:
             return [], 0.0
         started = time.perf_counter()
-        agree = self._broadcast if self.everyone else None
+        agree = rank_zeros_tokens if self.everyone else None
         sampling = Sampling(self.cfg.temperature, self.cfg.top_p, self.cfg.top_k, self.cfg.seed)
         guidance = Guidance(self.cfg.image_scale, self.cfg.text_scale) if self.cfg.guidance else None
-        cuda = [self.device] if self.device.type == "cuda" else []
-        self.model.eval()
-        try:
-            with torch.random.fork_rng(devices=cuda), self.unsharded():
-                generator = Generator(self.model, self.codec.vocab, agree=agree)
-                outputs = generator.generate(self.requests, sampling, self.cfg.max_new_tokens, guidance)
-        finally:
-            self.model.train()
-            if cuda:
-                torch.cuda.empty_cache()
+        with inference(self.model, self.device, self.unsharded):
+            generator = Generator(self.model, self.codec.vocab, agree=agree)
+            outputs = generator.generate(self.requests, sampling, self.cfg.max_new_tokens, guidance)
         if self.rank != 0:
             return [], 0.0
         samples = []
@@ -89,7 +82,23 @@ class TrainingSamples(Observer):
                                   len(output.tokens)))  # fmt: skip
         return samples, time.perf_counter() - started
 
-    @staticmethod
-    def _broadcast(tokens: torch.Tensor) -> torch.Tensor:
-        dist.broadcast(tokens, src=0)
-        return tokens
+
+@contextlib.contextmanager
+def inference(model: torch.nn.Module, device: torch.device, unsharded: Callable[[], AbstractContextManager]):
+    """`model` in eval mode on whole sequences meanwhile; afterwards back in train mode, the
+    training RNG streams as they were and the KV cache's memory freed."""
+    cuda = [device] if device.type == "cuda" else []
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=cuda), unsharded():
+            yield
+    finally:
+        model.train()
+        if cuda:
+            torch.cuda.empty_cache()
+
+
+def rank_zeros_tokens(tokens: torch.Tensor) -> torch.Tensor:
+    """Every rank's generation step takes rank 0's tokens (ZeRO-3: the ranks stop together)."""
+    dist.broadcast(tokens, src=0)
+    return tokens

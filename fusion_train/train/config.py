@@ -65,6 +65,25 @@ class LoggingConfig:
 
 
 @dataclass
+class DownstreamTask:
+    """A small downstream task run inside training every trainer.eval_every steps (train/downstream.py)."""
+
+    name: str = "task"  # its metrics are downstream/NAME/...
+    # multiple_choice: `path` is JSONL of {"context", "choices": [...], "answer": index}, scored by
+    # log-likelihood (acc, and acc_norm per character as lm-eval's); caption: `annotations` is a
+    # COCO captions file over the pictures in `images`, scored by CIDEr and BLEU-4.
+    kind: str = "multiple_choice"
+    path: str | None = None
+    annotations: str | None = None
+    images: str | None = None
+    limit: int = 200  # the first N examples: a fixed subset, the same at every call
+    batch_size: int = 8  # sequences per forward (multiple choice: per rank)
+    shots: int = 0  # caption: examples before each picture asked about
+    max_new_tokens: int = 24  # caption
+    chat: bool = False  # caption: prompts end as SFT prompts do (a fine-tuning run)
+
+
+@dataclass
 class TrainerConfig:
     run_dir: str = "runs/default"
     steps: int = 1000
@@ -99,6 +118,9 @@ class TrainerConfig:
     # step's compile) and around checkpoint writes, validation, samples and rollbacks.
     long_operation_timeout_s: float = 900.0
     eval_every: int = 0  # steps between validations on `eval_data` (0: none)
+    # Downstream tasks run every eval_every steps inside the training processes, logged as
+    # downstream/<name>/<metric> (OLMo-core's in-loop evaluation): a few hundred examples each.
+    eval_tasks: list[DownstreamTask] = field(default_factory=list)
     # Micro-batches per rank and held-out source at most: a smaller source is scored once in full,
     # a larger one on the same first batches each time; null: always in full.
     eval_batches: int | None = 50
@@ -227,6 +249,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"deepspeed.zero_stage={cfg.deepspeed.zero_stage}: choose 0, 1, 2 or 3")
     if cfg.trainer.checkpoint_every < 0 or cfg.logging.log_every <= 0:
         raise ConfigError("logging.log_every must be positive and trainer.checkpoint_every positive or 0 (none)")
+    if cfg.trainer.eval_tasks and not cfg.trainer.eval_every:
+        raise ConfigError("trainer.eval_tasks run every trainer.eval_every steps: set trainer.eval_every")
     if cfg.eval_samples.prompts and not cfg.trainer.eval_every:
         raise ConfigError("eval_samples has prompts, generated every trainer.eval_every steps: set trainer.eval_every")
     if cfg.eval_data.document_mask:

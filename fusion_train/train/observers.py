@@ -1,7 +1,7 @@
 """The observers of a run, in the order the loop calls them: the faults first (their hooks run
 before the monitors' on the same modules), then the metrics, the monitors the config turns on,
 the guard's actions (after the norms they read; before validation, which a rollback skips), the
-scheduled evaluations, the progress bar, and the user's own (`monitor.observers`)."""
+scheduled evaluations (validation, samples, downstream tasks), the progress bar, and the user's own (`monitor.observers`)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from fusion_train.monitor.progress import ProgressBar
 from fusion_train.monitor.samples import TrainingSamples
 from fusion_train.monitor.throughput import Throughput
 from fusion_train.train.config import ConfigError
+from fusion_train.train.downstream import ScheduledDownstream
 from fusion_train.train.faults import FaultInjector
 from fusion_train.train.guard_actions import GuardActions
 from fusion_train.train.validation import ScheduledValidation
@@ -47,6 +48,8 @@ def build_observers(trainer) -> list[Observer]:
         observers.append(ScheduledValidation(trainer))
     if cfg.eval_samples.prompts and cfg.trainer.eval_every:
         observers.append(_training_samples(trainer))
+    if cfg.trainer.eval_tasks:
+        observers.append(ScheduledDownstream(trainer))
     if trainer.rank == 0 and cfg.trainer.progress_bar and sys.stderr.isatty():
         observers.append(ProgressBar(cfg.trainer.steps))
     run = RunInfo(cfg, model, trainer.vocab, trainer.device, trainer.rank, trainer.world_size)

@@ -1,0 +1,47 @@
+"""Log-likelihoods of continuations after their contexts: how multiple-choice benchmarks score
+answers, for lm-eval's model class (eval/harness.py) and the in-loop tasks (train/downstream.py).
+
+Image codes are masked out of the softmax, as HF transformers' Chameleon masks them in every
+forward, so that the scores equal the harness's HF backend's on an HF export."""
+
+from __future__ import annotations
+
+import torch
+
+from fusion_train.tokenizers.text import TextTokenizer
+from fusion_train.vocab import Modality, VocabLayout
+
+
+def encode_pair(text: TextTokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """`<s>` and the context's ids, and the continuation's, as lm-eval splits them: the two encoded
+    together and cut where the context alone ends (a space ending the context goes with the
+    continuation), so that the tokens at the join are those of the whole text."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole, alone = text.encode([context + continuation, context])
+    return [text.vocab.bos, *alone], whole[len(alone) :]
+
+
+@torch.no_grad()
+def continuation_scores(
+    model, vocab: VocabLayout, pairs: list[tuple[list[int], list[int]]]
+) -> list[tuple[float, bool]]:
+    """For each (context ids, continuation ids): the continuation's summed log-probability, and
+    whether each of its tokens was the most likely. One right-padded forward; a pair longer than
+    the model's context is cut from the left."""
+    device, context = next(model.parameters()).device, model.cfg.max_seq_len
+    rows = [(before + after)[-(context + 1) :] for before, after in pairs]
+    lengths = [min(len(after), len(row) - 1) for (_, after), row in zip(pairs, rows, strict=True)]
+    ids = torch.full((len(rows), max(len(r) for r in rows) - 1), vocab.pad, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row) - 1] = torch.tensor(row[:-1])
+    logits = model(ids.to(device)).float().masked_fill(vocab.modality_mask(Modality.IMAGE, device), float("-inf"))
+    log_probs = logits.log_softmax(-1)
+    scores = []
+    for i, (row, length) in enumerate(zip(rows, lengths, strict=True)):
+        targets = torch.tensor(row[-length:], device=device)
+        predicted = log_probs[i, len(row) - 1 - length : len(row) - 1]
+        chosen = predicted.gather(-1, targets[:, None]).squeeze(-1)
+        scores.append((float(chosen.sum()), bool((predicted.argmax(-1) == targets).all())))
+    return scores
