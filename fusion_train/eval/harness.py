@@ -169,7 +169,7 @@ def check_tasks(tasks: list[str], include_path: Path | None) -> TaskManager:
             near = difflib.get_close_matches(task, known, n=3)
             raise HarnessError(
                 f"lm-eval does not know the task {task!r}{f' (did you mean {near}?)' if near else ''}: "
-                "`lm-eval ls tasks` lists its tasks; for a task of your own, put its YAML in a folder "
+                "`lm-eval list tasks` lists its tasks; for a task of your own, put its YAML in a folder "
                 "and pass --include-path FOLDER"
             )
     return manager
