@@ -224,6 +224,26 @@ def colour_check(outputs: Path) -> tuple[int, int]:
     return matches, total
 
 
+def write_downstream_tasks(held_out_captions: Path) -> None:
+    """The held-out pictures as the demo's downstream tasks (trainer.eval_tasks, fusion-eval):
+    `questions.jsonl`, two multiple-choice questions a picture (after the picture, "a big" ->
+    its colour among all eight; "a big red" -> its shape), and `captions_coco.json`, the pictures
+    and their captions in COCO's format."""
+    folder = held_out_captions.parent
+    rows = [json.loads(line) for line in held_out_captions.read_text().splitlines()]
+    colours, questions = sorted(COLOURS), []
+    for row in rows:
+        _, size, colour, shape, *_ = row["caption"].split()
+        questions.append({"image": row["image"], "context": f"a {size}", "choices": colours,
+                          "answer": colours.index(colour)})  # fmt: skip
+        questions.append({"image": row["image"], "context": f"a {size} {colour}", "choices": list(SHAPES),
+                          "answer": SHAPES.index(shape)})  # fmt: skip
+    (folder / "questions.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
+    coco = {"images": [{"id": i, "file_name": Path(r["image"]).name} for i, r in enumerate(rows)],
+            "annotations": [{"id": i, "image_id": i, "caption": r["caption"]} for i, r in enumerate(rows)]}  # fmt: skip
+    (folder / "captions_coco.json").write_text(json.dumps(coco))
+
+
 def make_demo_data(
     folder: str | Path, *, images: int = 2000, vq_steps: int = 1200, sounds: int = 600, audio_steps: int = 1200,
     seed: int = 0, workers: int = 2,
@@ -257,6 +277,8 @@ def make_demo_data(
     held_out = folder / "held_out" / "captions.jsonl"
     if not held_out.is_file():  # validation pairs, from a seed of their own, never in the image tokenizer's data
         write_image_captions(held_out.parent, max(20, images // 20), seed=seed + 1)
+    if not (folder / "held_out" / "questions.jsonl").is_file():
+        write_downstream_tasks(held_out)
     inputs = {
         "text": ("text", folder / "text.jsonl"),
         "image_text": ("image-text", captions),

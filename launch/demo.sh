@@ -28,13 +28,18 @@ RUN_DIR="$DEMO_DIR/runs/$run"
 if gpus=$(nvidia-smi -L 2>/dev/null | wc -l) && [ "$gpus" -gt 0 ]; then nproc=$gpus; else nproc=2; export DS_ACCELERATOR=cpu; fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} WANDB_MODE=${WANDB_MODE:-offline}
 shards="$DEMO_DIR/shards"
+# In-loop downstream tasks on the held-out pictures: their colour and shape as multiple choice, and
+# 2-shot captions when Java is there for the COCO toolkit's tokenizer.
+tasks="{name: shapes, path: $DEMO_DIR/held_out/questions.jsonl, limit: 200}"
+command -v java >/dev/null && tasks="$tasks, {name: captions, kind: caption, annotations: \
+$DEMO_DIR/held_out/captions_coco.json, images: $DEMO_DIR/held_out/images, limit: 20, shots: 2}"
 "$PY" -m torch.distributed.run --standalone --nproc_per_node "$nproc" -m fusion_train.train \
   model=tiny model.vocab_size=4608 data=demo optim=demo \
   "data.sources.text.path=$shards/text" "data.sources.image_text.path=$shards/image_text" \
   "data.sources.interleaved.path=$shards/interleaved" "data.sources.audio_text.path=$shards/audio_text" \
   eval_data=demo "eval_data.sources.held_out.path=$shards/held_out" trainer.eval_every="$EVAL_EVERY" \
   eval_samples=demo "eval_samples.image_dir=$DEMO_DIR/held_out/images" \
-  trainer.steps="$STEPS" trainer.global_batch_tokens=8192 trainer.checkpoint_every=100 \
+  "trainer.eval_tasks=[$tasks]" trainer.steps="$STEPS" trainer.global_batch_tokens=8192 trainer.checkpoint_every=100 \
   trainer.run_dir="$RUN_DIR" logging.log_every=10 logging.group=demo "$@"
 report=$("$PY" -m fusion_train.commands.report "$RUN_DIR")
 
@@ -66,6 +71,8 @@ sounds = sound_check(sft / "generations" / "outputs.jsonl", run.parent.parent)
 metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 train = [m for m in metrics if "loss/total" in m]
 held_out = [f"{m['eval/loss']:.3f} at step {m['step']}" for m in metrics if "eval/loss" in m]
+downstream = [f"step {m['step']}: " + ", ".join(f"{k.split('/', 1)[1]} {v:.3g}" for k, v in m.items()
+              if k.startswith("downstream/") and not k.endswith("/seconds")) for m in metrics if "downstream/shapes/acc" in m]
 print(f"""
 fusion_train demo finished in {time.time() - float(sys.argv[2]):.0f} s
   run folder   {run}
@@ -75,6 +82,7 @@ fusion_train demo finished in {time.time() - float(sys.argv[2]):.0f} s
   report       {sys.argv[3]} (open it in a browser)
   loss         {train[0]["loss/total"]:.3f} at step {train[0]["step"]} -> {train[-1]["loss/total"]:.3f} at step {train[-1]["step"]}
   held-out     {", ".join(held_out) or "not validated"}
+  downstream   {"; ".join(downstream) or "none"} (chance: colour 1/8, shape 1/3)
   samples      {run / "samples.jsonl"} (in the report: prompts by steps)
   SFT run      {sft} (report {sys.argv[5]})
   generations  {sft / "generations" / "index.html"} (pictures in {sft / "generations" / "images"}, sounds in {sft / "generations" / "sounds"})

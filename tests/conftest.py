@@ -318,21 +318,13 @@ def sample_overrides(demo_data: dict, every: int) -> list[str]:
     return ["eval_samples=demo", f"eval_samples.image_dir={images}", f"trainer.eval_every={every}"]
 
 
-def eval_tasks_override(demo_data: dict, folder: Path) -> str:
-    """trainer.eval_tasks over the demo's held-out pictures: where the shape is, as multiple
-    choice (9 questions), and 4 of them captioned (COCO format)."""
+def eval_tasks_override(demo_data: dict) -> str:
+    """trainer.eval_tasks over the demo's held-out pictures (data_pipelines/demo.py): the colour
+    and shape of 6 of them as multiple choice, and 4 of them captioned."""
     held_out = Path(demo_data["folder"]) / "held_out"
-    rows = [json.loads(line) for line in (held_out / "captions.jsonl").read_text().splitlines()]
-    places = ["bottom left", "bottom right", "top left", "top right", "centre"]
-    questions = [{"context": head + ", in the", "choices": places, "answer": places.index(place)}
-                 for head, _, place in (r["caption"].rpartition(", in the ") for r in rows) if place in places]  # fmt: skip
-    (folder / "places.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
-    coco = {"images": [{"id": i, "file_name": Path(r["image"]).name} for i, r in enumerate(rows)],
-            "annotations": [{"id": i, "image_id": i, "caption": r["caption"]} for i, r in enumerate(rows)]}  # fmt: skip
-    (folder / "captions.json").write_text(json.dumps(coco))
-    return (f"trainer.eval_tasks=[{{name: places, path: {folder / 'places.jsonl'}, limit: 9, batch_size: 8}}, "
-            f"{{name: captions, kind: caption, annotations: {folder / 'captions.json'}, images: {held_out / 'images'}, "
-            "limit: 4, max_new_tokens: 8}]")  # fmt: skip
+    return (f"trainer.eval_tasks=[{{name: shapes, path: {held_out / 'questions.jsonl'}, limit: 12, batch_size: 8}}, "
+            f"{{name: captions, kind: caption, annotations: {held_out / 'captions_coco.json'}, "
+            f"images: {held_out / 'images'}, limit: 4, max_new_tokens: 8}}]")  # fmt: skip
 
 
 def read_records(run_dir: Path) -> list[dict]:

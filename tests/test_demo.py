@@ -34,6 +34,13 @@ def test_demo_trains_and_a_second_run_starts_cleanly(two_demo_runs):
     assert train[-1]["step"] == 30
     assert train[-1]["loss/total"] < train[0]["loss/total"] - 1.0
     assert [m["step"] for m in metrics if "eval/loss" in m] == [15, 30]
+    # The held-out pictures' colours and shapes, and their captions, scored during training.
+    downstream = [m for m in metrics if "downstream/shapes/acc" in m]
+    assert [m["step"] for m in downstream] == [15, 30] and all(0 <= m["downstream/shapes/acc"] <= 1 for m in downstream)
+    assert (
+        all("downstream/captions/cider" in m for m in downstream)
+        and "downstream   step 15: shapes/acc" in result.stdout
+    )
     assert list((tmp_path / "demo/runs/1/wandb").glob("offline-run-*/run-*.wandb"))
     report = tmp_path / "demo/runs/2/report/index.html"
     assert f"report       {report}" in result.stdout and report.stat().st_size > 10_000

@@ -128,7 +128,7 @@ MONITORING_KEYS = [
 
 
 def test_exact_resume_after_the_process_exits_with_samples_and_downstream_tasks_on(demo_data, tmp_path):
-    tasks = eval_tasks_override(demo_data, tmp_path)
+    tasks = eval_tasks_override(demo_data)
     common = ["trainer.steps=10", "trainer.checkpoint_every=100", *sample_overrides(demo_data, every=3), WANDB, tasks]
     torchrun(TRAIN, *train_overrides(demo_data, tmp_path / "whole", *common))
     torchrun(TRAIN, *train_overrides(demo_data, tmp_path / "split", *common, "trainer.stop_after_steps=4"))
@@ -155,9 +155,9 @@ def test_exact_resume_after_the_process_exits_with_samples_and_downstream_tasks_
     # The downstream tasks ran at steps 3, 6 and 9, and scored the same on either side of the resume.
     scores = [[{k: v for k, v in m.items() if k.startswith("downstream/") and not k.endswith("/seconds")}
                for m in run if any(k.startswith("downstream/") for k in m)] for run in (whole, split)]  # fmt: skip
-    assert [m["step"] for m in split if "downstream/places/acc" in m] == [3, 6, 9]
+    assert [m["step"] for m in split if "downstream/shapes/acc" in m] == [3, 6, 9]
     assert scores[0] == scores[1] and all(
-        {"downstream/places/acc", "downstream/places/acc_norm", "downstream/captions/cider", "downstream/captions/bleu4"}
+        {"downstream/shapes/acc", "downstream/shapes/acc_norm", "downstream/captions/cider", "downstream/captions/bleu4"}
         == set(s) for s in scores[1]
     )  # fmt: skip
     assert all(m["downstream/captions/seconds"] > 0 for m in split if "downstream/captions/seconds" in m)

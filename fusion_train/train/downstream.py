@@ -39,8 +39,8 @@ class MultipleChoice:
     def __init__(self, spec: DownstreamTask, codec: Codec, rank: int, world_size: int, device: torch.device):
         questions = read_questions(Path(spec.path), spec.limit)
         self.mine = questions[rank::world_size]
-        self.pairs = [pair for question in self.mine for pair in question.pairs(codec.text)]
-        self.padding = questions[0].pairs(codec.text)[:1]  # what a rank whose share has ended scores
+        self.pairs = [pair for question in self.mine for pair in question.pairs(codec)]
+        self.padding = questions[0].pairs(codec)[:1]  # what a rank whose share has ended scores
         most_pairs = max(sum(len(q.choices) for q in questions[r::world_size]) for r in range(world_size))
         self.forwards, self.batch_size = math.ceil(most_pairs / spec.batch_size), spec.batch_size
         self.vocab, self.device = codec.vocab, device
@@ -103,8 +103,8 @@ class ScheduledDownstream(Observer):
         if any(getattr(spec, setting) is None for setting in needed):
             raise ValueError(f"a {spec.kind} task needs {' and '.join(needed)}")
         if spec.kind == "multiple_choice":
-            text, *_ = load_tokenizers(trained_with, None, None, trainer.device, "the run")
-            return MultipleChoice(spec, Codec(text, None), trainer.rank, trainer.world_size, trainer.device)
+            codec = Codec(*load_tokenizers(trained_with, None, None, trainer.device, "the run")[:2])
+            return MultipleChoice(spec, codec, trainer.rank, trainer.world_size, trainer.device)
         if shutil.which("java") is None:
             raise ValueError("caption tasks are scored by the COCO caption toolkit, whose tokenizer runs on Java: "
                              "install it (apt-get install default-jre-headless)")  # fmt: skip
