@@ -84,54 +84,59 @@ class SentencePieceForHF(PreTrainedTokenizer):
         return [self.bos_token_id, *ids, *(pair or [])]
 
 
-def _responses(results: dict, task: str) -> list:
-    return [response for sample in results["samples"][task] for response in sample["resps"]]
+def _responses(folder: Path, task: str) -> list:
+    """Each request's response as lm-eval logged it: (log-likelihood, is greedy) or a rolling sum."""
+    samples = [json.loads(line) for line in (folder / f"samples_{task}.jsonl").read_text().splitlines()]
+    return [response[0] for sample in samples for response in sample["resps"]]
 
 
 def test_our_model_class_scores_as_the_harness_hf_backend_does_on_an_hf_export(
     pretrained_checkpoint, demo_data, tmp_path, capsys, monkeypatch
 ):
-    """The command on the training checkpoint: lm-eval's JSON, its table, a W&B run; then the same
-    tasks on an HF export, through our class and through the harness's HF backend: the same
-    log-likelihoods (multiple choice and rolling) and the same scores."""
+    """The command on an HF export of the trained tiny model: lm-eval's JSON, its table, a W&B run;
+    then the harness's own HF backend on the same export: the same log-likelihoods (multiple
+    choice and rolling) and the same scores."""
     tasks = _tasks(tmp_path / "tasks")
+    hf = tmp_path / "hf"
+    assert convert_main(["to-hf", str(pretrained_checkpoint), str(hf)]) == 0
     monkeypatch.setenv("WANDB_MODE", "offline")
     out = tmp_path / "results"
-    assert eval_main(["lm-harness", str(pretrained_checkpoint), "--tasks", *TASKS, "--include-path", str(tasks),
-                      "--batch-size", "3", "--log-samples", "--wandb-project", "evals", "--out", str(out)]) == 0  # fmt: skip
+    assert eval_main(["lm-harness", str(hf), "--text-tokenizer", demo_data["text_tokenizer"], "--tasks", *TASKS,
+                      "--include-path", str(tasks), "--batch-size", "3", "--log-samples", "--wandb-project", "evals",
+                      "--out", str(out)]) == 0  # fmt: skip
     printed = capsys.readouterr().out
     summary = json.loads(printed.strip().splitlines()[-1])
-    written = json.loads((out / "results.json").read_text())
+    ours = json.loads((out / "results.json").read_text())
     assert summary["examples"] == 3 * len(QUESTIONS) and summary["examples_per_s"] > 0
-    assert summary["lm_harness"]["shapes_mc"]["acc"] == written["results"]["shapes_mc"]["acc,none"]
+    assert summary["lm_harness"]["shapes_mc"]["acc"] == ours["results"]["shapes_mc"]["acc,none"]
     assert "|shapes_mc " in printed and "word_perplexity" in printed
     assert len((out / "samples_shapes_gen.jsonl").read_text().splitlines()) == len(QUESTIONS)
     [logged] = [row for row in history(out) if "shapes_mc/acc" in row]
     assert logged["shapes_mc/acc"] == summary["lm_harness"]["shapes_mc"]["acc"]
 
-    hf = tmp_path / "hf"
-    assert convert_main(["to-hf", str(pretrained_checkpoint), str(hf)]) == 0
     manager = check_tasks(["shapes_mc", "shapes_ppl"], tasks)
-    ours = evaluate(FusionLM(str(hf), demo_data["text_tokenizer"], batch_size=4), ["shapes_mc", "shapes_ppl"],
-                    manager, None, None, log_samples=True)  # fmt: skip
     peer = ChameleonForConditionalGeneration.from_pretrained(hf, dtype=torch.float32).eval()
-    theirs = {}
     # The backend puts `<s>` before each context when told to (the model was trained with it); its
     # rolling windows start with `<s>` by themselves, and would score a second one if told.
     for task, bos in (("shapes_mc", True), ("shapes_ppl", False)):
         backend = HFLM(pretrained=peer, tokenizer=SentencePieceForHF(demo_data["text_tokenizer"]), backend="causal",
                        batch_size=3, add_bos_token=bos)  # fmt: skip
-        theirs[task] = evaluate(backend, [task], manager, None, None, log_samples=True)
-        mine, reference = _responses(ours, task), _responses(theirs[task], task)
+        theirs = evaluate(backend, [task], manager, None, None, log_samples=True)
+        reference = [response[0] for sample in theirs["samples"][task] for response in sample["resps"]]
+        mine = _responses(out, task)
         assert (
             len(mine)
             == len(reference)
             == (sum(len(c) for _, c, _ in QUESTIONS) if task == "shapes_mc" else len(QUESTIONS))
         )
         for a, b in zip(mine, reference, strict=True):
-            a, b = (a[0], b[0]) if task == "shapes_mc" else (a, b)
-            assert a == pytest.approx(b, abs=1e-4)
-        assert ours["results"][task] == pytest.approx(theirs[task]["results"][task])
+            if task == "shapes_mc":  # (log-likelihood, whether every token is the most likely)
+                assert a[0] == pytest.approx(b[0], abs=1e-4) and a[1] == b[1]
+            else:
+                assert a == pytest.approx(b, abs=1e-4)
+        assert {k: v for k, v in ours["results"][task].items() if k != "alias"} == pytest.approx(
+            {k: v for k, v in theirs["results"][task].items() if k != "alias"}
+        )
 
 
 def test_generate_until_stops_at_the_stop_string_and_leaves_it_out(pretrained_checkpoint):
