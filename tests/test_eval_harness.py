@@ -8,6 +8,7 @@ import pytest
 import sentencepiece
 import torch
 from lm_eval.api.instance import Instance
+from lm_eval.api.registry import get_model
 from lm_eval.models.huggingface import HFLM
 from transformers import ChameleonForConditionalGeneration, PreTrainedTokenizer
 from wandb_records import history
@@ -140,7 +141,8 @@ def test_our_model_class_scores_as_the_harness_hf_backend_does_on_an_hf_export(
 
 
 def test_generate_until_stops_at_the_stop_string_and_leaves_it_out(pretrained_checkpoint):
-    model = FusionLM(str(pretrained_checkpoint), batch_size=2)
+    assert get_model("fusion_train") is FusionLM  # lm-eval's own entry points find it by name
+    model = get_model("fusion_train").create_from_arg_string(f"pretrained={pretrained_checkpoint},batch_size=2")
     context = "The big circle is"
     [free] = model.generate_until([Instance("generate_until", {}, (context, {"until": [], "max_gen_toks": 12}), 0)])
     prompt = [model.vocab.bos, *model.tok_encode(context, add_special_tokens=False)]
