@@ -85,7 +85,6 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     chat = ["--chat"] if args.chat else []
-    shots = [] if args.chat else ["--shots", "2"]
     label = {"model": args.model, "chat": args.chat}
 
     tasks = write_tasks(args.demo, args.out)
@@ -94,13 +93,17 @@ def main() -> None:
     print(json.dumps({"bench": "lm_harness", **label, "scores": harness["lm_harness"],
                       "examples": harness["examples"], "examples_per_s": harness["examples_per_s"]}))  # fmt: skip
     held_out = args.demo / "held_out"
-    images = ["--images", str(held_out / "images"), "--out", str(args.out), *shots, *chat]
-    caption = last_json_line(["caption", args.model, "--annotations", str(held_out / "captions_coco.json"), *images])
-    print(json.dumps({"bench": "caption", **label, **caption["caption"]}))
     questions, annotations = write_vqa(args.demo, args.out)
-    vqa = last_json_line(["vqa", args.model, "--questions", str(questions), "--annotations", str(annotations),
-                          "--image-name", "{image_id:06d}.png", *images])  # fmt: skip
-    print(json.dumps({"bench": "vqa", **label, **vqa["vqa"]}))
+    for shots in (0,) if args.chat else (0, 2):  # the paper's pretrained-model figures are 2-shot
+        images = ["--images", str(held_out / "images"), "--out", str(args.out / f"{shots}_shot"), "--shots",
+                  str(shots), *chat]  # fmt: skip
+        caption = last_json_line(
+            ["caption", args.model, "--annotations", str(held_out / "captions_coco.json"), *images]
+        )
+        print(json.dumps({"bench": "caption", **label, **caption["caption"]}))
+        vqa = last_json_line(["vqa", args.model, "--questions", str(questions), "--annotations", str(annotations),
+                              "--image-name", "{image_id:06d}.png", *images])  # fmt: skip
+        print(json.dumps({"bench": "vqa", **label, **vqa["vqa"]}))
     if args.run:
         metrics = [json.loads(line) for line in (args.run / "metrics.jsonl").read_text().splitlines()]
         costs = {}

@@ -29,10 +29,11 @@ if gpus=$(nvidia-smi -L 2>/dev/null | wc -l) && [ "$gpus" -gt 0 ]; then nproc=$g
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} WANDB_MODE=${WANDB_MODE:-offline}
 shards="$DEMO_DIR/shards"
 # In-loop downstream tasks on the held-out pictures: their colour and shape as multiple choice, and
-# 2-shot captions when Java is there for the COCO toolkit's tokenizer.
+# captions when Java is there for the COCO toolkit's tokenizer (0-shot: the tiny model takes 2-shot
+# prompts, pictures with text between them, for interleaved documents and answers as those go on).
 tasks="{name: shapes, path: $DEMO_DIR/held_out/questions.jsonl, limit: 200}"
 command -v java >/dev/null && tasks="$tasks, {name: captions, kind: caption, annotations: \
-$DEMO_DIR/held_out/captions_coco.json, images: $DEMO_DIR/held_out/images, limit: 20, shots: 2}"
+$DEMO_DIR/held_out/captions_coco.json, images: $DEMO_DIR/held_out/images, limit: 20}"
 "$PY" -m torch.distributed.run --standalone --nproc_per_node "$nproc" -m fusion_train.train \
   model=tiny model.vocab_size=4608 data=demo optim=demo \
   "data.sources.text.path=$shards/text" "data.sources.image_text.path=$shards/image_text" \
