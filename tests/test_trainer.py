@@ -157,10 +157,9 @@ def test_exact_resume_after_the_process_exits_with_samples_and_downstream_tasks_
                for m in run if any(k.startswith("downstream/") for k in m)] for run in (whole, split)]  # fmt: skip
     assert [m["step"] for m in split if "downstream/shapes/acc" in m] == [3, 6, 9]
     assert scores[0] == scores[1] and all(
-        {"downstream/shapes/acc", "downstream/shapes/acc_norm", "downstream/captions/cider", "downstream/captions/bleu4"}
-        == set(s) for s in scores[1]
-    )  # fmt: skip
-    assert all(m["downstream/captions/seconds"] > 0 for m in split if "downstream/captions/seconds" in m)
+        {"downstream/shapes/acc", "downstream/shapes/acc_norm"} == set(s) for s in scores[1]
+    )
+    assert all(m["downstream/shapes/seconds"] > 0 for m in split if "downstream/shapes/acc" in m)
     # The samples, generated at steps 3, 6 and 9 on either side of the resume, are the same too.
     sampled = [(tmp_path / run / "samples.jsonl").read_text() for run in ("whole", "split")]
     assert sampled[0] == sampled[1] and sampled[0].count("\n") == 12
