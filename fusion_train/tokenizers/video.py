@@ -1,0 +1,122 @@
+"""Video files as what the image and audio tokenizers take (the start of Mirasol3B's time-aligned
+chunks): frames sampled at a set rate, at most a set count, each resized and centre-cropped to the
+image tokenizer's resolution as its pictures are; and the sound track as mono samples at the audio
+tokenizer's rate. PyAV (FFmpeg's libraries) decodes, so whatever FFmpeg reads works: mp4, webm,
+mkv, avi.
+
+A frame is kept when its presentation time reaches the next sampling time (0, 1/rate, 2/rate, ...):
+a source slower than the sampling rate gives each of its frames once, not repeated. A file that
+cannot be used raises VideoError with a reason, the skip counter's key: missing video, unreadable
+video, no video stream, empty video (no frame decodes), zero frame rate (frames without times in a
+stream that declares no rate). A video without sound is allowed: `audio` is None, and `sound`
+says why.
+
+The frames' resolution sets what a frame costs: the VQ tokenizer downsamples by 16, so a 512-px
+frame is a 32x32 grid (1,024 codes, Chameleon's), a 256-px frame a 16x16 grid (256 codes: a
+quarter of the tokens, and a quarter of the detail).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fusion_train.tokenizers.audio import AudioError, read_audio
+from fusion_train.tokenizers.image import preprocess
+
+
+class VideoError(ValueError):
+    """A video that cannot be used; `reason` is the skip counter's key."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class VideoSampling:
+    frames_per_second: float = 1.0  # Gemini 1.5 reads video at one frame a second
+    max_frames: int = 64
+    resolution: int = 512  # the image tokenizer's: a frame is resized and centre-cropped to it
+    audio_rate: int | None = None  # the audio tokenizer's; None: the sound track is not read
+
+    def __post_init__(self) -> None:
+        if self.frames_per_second <= 0 or self.max_frames < 1 or self.resolution < 1:
+            raise ValueError(
+                f"video sampling: frames_per_second ({self.frames_per_second}), max_frames ({self.max_frames}) "
+                f"and resolution ({self.resolution}) must be positive"
+            )
+
+
+@dataclass
+class Video:
+    frames: np.ndarray  # uint8 [N, resolution, resolution, 3]
+    times: np.ndarray  # float64 [N]: each kept frame's presentation time in seconds
+    audio: np.ndarray | None  # float32 mono samples at the sampling's audio_rate, from time 0
+    sound: str  # "read", or why there is no audio: "not asked", "no audio stream", "silent audio", ...
+    frame_rate: float  # the source's frames per second
+    duration: float  # seconds
+    width: int  # the source's frame size
+    height: int
+
+
+def read_video(path: str | Path, sampling: VideoSampling) -> Video:
+    import av  # FFmpeg's libraries load only when needed
+
+    if not Path(path).is_file():
+        raise VideoError("missing video", f"{path} does not exist")
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise VideoError("no video stream", f"{path} has no video stream")
+            stream = container.streams.video[0]
+            frame_rate = float(stream.average_rate or stream.guessed_rate or 0)
+            frames, times = _sampled_frames(container.decode(stream), frame_rate, sampling, path)
+            duration = _duration(container, stream, times, frame_rate)
+            width, height = stream.codec_context.width, stream.codec_context.height
+    except av.error.FFmpegError as err:
+        raise VideoError("unreadable video", f"{path} cannot be decoded ({err})") from None
+    audio, sound = _sound(path, sampling.audio_rate)
+    return Video(frames, times, audio, sound, frame_rate, duration, width, height)
+
+
+def _sampled_frames(decoded, frame_rate: float, sampling: VideoSampling, path) -> tuple[np.ndarray, np.ndarray]:
+    frames, times, next_time = [], [], 0.0
+    step = 1.0 / sampling.frames_per_second
+    tolerance = 0.5 / frame_rate if frame_rate else 0.0  # a frame half a source period early is on time
+    for index, frame in enumerate(decoded):
+        time = frame.time
+        if time is None:
+            if not frame_rate:
+                raise VideoError("zero frame rate", f"{path}: its frames carry no times and it declares no rate")
+            time = index / frame_rate
+        if time + tolerance < next_time:
+            continue
+        frames.append(preprocess(frame.to_image(), sampling.resolution))
+        times.append(time)
+        if len(frames) == sampling.max_frames:
+            break
+        next_time = (np.floor((time + tolerance) / step) + 1) * step
+    if not frames:
+        raise VideoError("empty video", f"{path}: no frame decodes")
+    return np.stack(frames), np.asarray(times)
+
+
+def _duration(container, stream, times: np.ndarray, frame_rate: float) -> float:
+    """The stream's declared length, else the container's, else the last frame read and its period."""
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    if container.duration is not None:
+        return container.duration / 1_000_000  # FFmpeg's AV_TIME_BASE: microseconds
+    return float(times[-1]) + (1.0 / frame_rate if frame_rate else 0.0)
+
+
+def _sound(path: str | Path, rate: int | None) -> tuple[np.ndarray | None, str]:
+    if rate is None:
+        return None, "not asked"
+    try:
+        return read_audio(path, rate), "read"
+    except AudioError as error:  # a silent or soundless video is still a video
+        return None, error.reason

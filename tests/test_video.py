@@ -1,0 +1,96 @@
+"""Reading video (fusion_train/tokenizers/video.py) on clips made here with PyAV: a red square moving
+left to right on white for 3 s at 10 frames a second, with a 440 Hz tone."""
+
+import av
+import numpy as np
+import pytest
+import soundfile
+
+from fusion_train.tokenizers.video import VideoError, VideoSampling, read_video
+
+FPS, SECONDS, WIDTH, HEIGHT, TONE, RATE = 10, 3, 96, 64, 440.0, 16000
+
+
+def square_x(time: float) -> float:
+    """Where the square's centre is at `time`, as a fraction of the width."""
+    return 0.2 + 0.6 * time / SECONDS
+
+
+def make_clip(path, sound: bool = True, codec: str = "libx264") -> None:
+    with av.open(str(path), "w") as container:
+        video = container.add_stream(codec, rate=FPS)
+        video.width, video.height, video.pix_fmt = WIDTH, HEIGHT, "yuv420p"
+        audio = container.add_stream("aac", rate=RATE, layout="mono") if sound else None
+        for index in range(FPS * SECONDS):
+            pixels = np.full((HEIGHT, WIDTH, 3), 255, np.uint8)
+            centre = int(square_x(index / FPS) * WIDTH)
+            pixels[24:40, centre - 8 : centre + 8] = (220, 30, 30)
+            for packet in video.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                container.mux(packet)
+        container.mux(video.encode())
+        if audio is not None:
+            samples = (0.5 * np.sin(2 * np.pi * TONE * np.arange(RATE * SECONDS) / RATE)).astype(np.float32)
+            for start in range(0, len(samples), 1024):
+                frame = av.AudioFrame.from_ndarray(samples[None, start : start + 1024], format="flt", layout="mono")
+                frame.sample_rate = RATE
+                for packet in audio.encode(frame):
+                    container.mux(packet)
+            container.mux(audio.encode())
+
+
+def red_centre(frame: np.ndarray) -> float:
+    red = (frame[..., 0] > 150) & (frame[..., 1] < 100)
+    return float(np.nonzero(red)[1].mean()) / frame.shape[1]
+
+
+def test_frames_are_sampled_at_the_rate_cropped_and_in_time_with_the_sound(tmp_path):
+    clip = tmp_path / "clip.mp4"
+    make_clip(clip)
+    video = read_video(clip, VideoSampling(frames_per_second=2, max_frames=16, resolution=64, audio_rate=8000))
+    assert video.frames.shape == (6, 64, 64, 3) and video.frames.dtype == np.uint8
+    assert video.times == pytest.approx([0, 0.5, 1, 1.5, 2, 2.5])
+    assert (video.frame_rate, video.width, video.height) == (FPS, WIDTH, HEIGHT)
+    assert video.duration == pytest.approx(SECONDS, abs=0.1)
+    # The 96x64 frame keeps its height (64 px) and its middle 64 columns: the square's place in the
+    # crop follows from its place in the frame.
+    for frame, time in zip(video.frames, video.times, strict=True):
+        expected = (square_x(time) * WIDTH - (WIDTH - HEIGHT) / 2) / HEIGHT
+        assert red_centre(frame) == pytest.approx(expected, abs=0.03)
+    # The sound: 3 s at the audio tokenizer's rate (AAC's priming may add a frame), a 440 Hz tone.
+    assert video.sound == "read" and abs(len(video.audio) - 8000 * SECONDS) <= 1024
+    spectrum = np.abs(np.fft.rfft(video.audio[2000:10000]))
+    assert np.fft.rfftfreq(8000, 1 / 8000)[spectrum.argmax()] == pytest.approx(TONE, abs=2)
+
+
+def test_max_frames_a_slow_source_and_a_silent_film(tmp_path):
+    clip = tmp_path / "clip.mp4"
+    make_clip(clip)
+    assert len(read_video(clip, VideoSampling(frames_per_second=4, max_frames=3, resolution=32)).times) == 3
+    # Asked for more frames a second than the source has: each source frame once.
+    faster = read_video(clip, VideoSampling(frames_per_second=25, max_frames=100, resolution=32))
+    assert len(faster.times) == FPS * SECONDS and faster.sound == "not asked" and faster.audio is None
+    silent = tmp_path / "silent.mp4"
+    make_clip(silent, sound=False, codec="mpeg4")
+    video = read_video(silent, VideoSampling(resolution=32, audio_rate=8000))
+    assert video.audio is None and video.sound == "no audio stream" and len(video.times) == SECONDS
+
+
+def test_files_that_cannot_be_used_are_errors_with_a_reason(tmp_path):
+    sampling = VideoSampling(resolution=32)
+    with pytest.raises(VideoError, match=f"missing video: {tmp_path}/none.mp4 does not exist") as missing:
+        read_video(tmp_path / "none.mp4", sampling)
+    assert missing.value.reason == "missing video"
+    clip = tmp_path / "clip.mp4"
+    make_clip(clip)
+    truncated = tmp_path / "truncated.mp4"
+    truncated.write_bytes(clip.read_bytes()[:2000])
+    with pytest.raises(VideoError) as broken:
+        read_video(truncated, sampling)
+    # An MP4 cut short loses its index (written at the end): nothing of it can be read.
+    assert broken.value.reason == "unreadable video" and f"{truncated} cannot be decoded" in str(broken.value)
+    sound_only = tmp_path / "tone.wav"
+    soundfile.write(sound_only, np.zeros(800, np.float32), 8000)
+    with pytest.raises(VideoError, match="no video stream"):
+        read_video(sound_only, sampling)
+    with pytest.raises(ValueError, match="frames_per_second"):
+        VideoSampling(frames_per_second=0)
