@@ -16,6 +16,9 @@ rule fixed, so that the released weights import without remapping:
 An image in a sequence is `<racm3:break>`, image_grid**2 codes in raster order, `<eoss>`. Audio is
 `<begin-audio>`, then frame by frame the frame's L residual-quantizer codes in level order, then
 `<end-audio>`; the two markers are the first two reserved ids (8198 and 8199 in the released layout).
+A video is `<begin-video>`, its header as text, then per sampled frame the frame's image and the
+sound of its span as audio, then `<end-video>` (tokenizers/video.py); the markers are the next two
+reserved ids (8200 and 8201).
 
 New code ranges sit after every existing id: a model extends to a larger layout by appending rows to
 its embedding and output (`fusion_train.train.vocab_extension`), every old id keeping its meaning.
@@ -60,6 +63,7 @@ IMAGE_CODE_OFFSET = 4
 # `<reserved08706>` is the 513th reserved id after `<racm3:break>` (8197 + 513 = 8710).
 SFT_SEPARATOR_RESERVED_INDEX = 512
 BEGIN_OF_AUDIO_RESERVED_INDEX, END_OF_AUDIO_RESERVED_INDEX = 0, 1
+BEGIN_OF_VIDEO_RESERVED_INDEX, END_OF_VIDEO_RESERVED_INDEX = 2, 3
 
 
 @dataclass(frozen=True)
@@ -158,6 +162,14 @@ class VocabLayout:
     @property
     def end_of_audio(self) -> int:
         return self.reserved_start + END_OF_AUDIO_RESERVED_INDEX
+
+    @property
+    def begin_of_video(self) -> int:
+        return self.reserved_start + BEGIN_OF_VIDEO_RESERVED_INDEX
+
+    @property
+    def end_of_video(self) -> int:
+        return self.reserved_start + END_OF_VIDEO_RESERVED_INDEX
 
     @property
     def image_tokens(self) -> int:

@@ -6,7 +6,17 @@ import numpy as np
 import pytest
 import soundfile
 
-from fusion_train.tokenizers.video import VideoError, VideoSampling, read_video
+from fusion_train.tokenizers.audio import AudioTokenizer
+from fusion_train.tokenizers.image import ImageTokenizer
+from fusion_train.tokenizers.multimodal import DocumentTokenizer
+from fusion_train.tokenizers.text import TextTokenizer
+from fusion_train.tokenizers.video import (
+    VideoError,
+    VideoSampling,
+    parse_video_block,
+    read_video,
+    tokenize_video,
+)
 
 FPS, SECONDS, WIDTH, HEIGHT, TONE, RATE = 10, 3, 96, 64, 440.0, 16000
 
@@ -94,3 +104,33 @@ def test_files_that_cannot_be_used_are_errors_with_a_reason(tmp_path):
         read_video(sound_only, sampling)
     with pytest.raises(ValueError, match="frames_per_second"):
         VideoSampling(frames_per_second=0)
+
+
+def test_a_video_tokenizes_to_its_layout_and_reads_back(tmp_path, image_tokenizer_path, audio_tokenizers):
+    """`<begin-video>`, the header, per frame its image and the sound of its half second, `<end-video>`;
+    read back, the same codes, so the frames and sound decode as the tokenizers decode them."""
+    clip = tmp_path / "clip.mp4"
+    make_clip(clip)
+    sampling = VideoSampling(frames_per_second=2, max_frames=16, resolution=32, audio_rate=8000)
+    video = read_video(clip, sampling)
+    images, audio = ImageTokenizer.load(image_tokenizer_path), AudioTokenizer.load(audio_tokenizers[0])
+    text = TextTokenizer(audio_tokenizers[1])
+    vocab = text.vocab
+    codes = tokenize_video(video, sampling, images, audio)
+    ids = DocumentTokenizer(text, vocab).video_block(codes)
+    header_ids, frames, clips = parse_video_block(ids, vocab)
+    assert text.decode([header_ids])[0] == "2 fps, 3.0 s, 32 px"
+    # 50 audio frames a second: 25 a half-second chunk, the last chunk to the end of the sound.
+    assert [c.shape for c in clips[:-1]] == [(2, 25)] * 5 and clips[-1].shape[1] >= 25
+    image_block, audio_block = 2 + vocab.image_tokens, [2 + 2 * c.shape[1] for c in clips]
+    assert len(ids) == 2 + len(header_ids) + 6 * image_block + sum(audio_block)
+    first = 1 + len(header_ids)
+    assert ids[first] == vocab.begin_of_image and ids[first + image_block] == vocab.begin_of_audio
+    assert np.array_equal(np.stack(frames), codes.frames)
+    assert all(np.array_equal(a, b) for a, b in zip(clips, codes.sound, strict=True))
+    assert np.array_equal(images.decode(np.stack(frames)), images.decode(images.encode(video.frames)))
+    whole = audio.encode([video.audio])[0]
+    assert np.array_equal(np.concatenate(clips, axis=1), whole)
+    # A video without sound: frames alone, each image block followed by the next.
+    silent = DocumentTokenizer(text, vocab).video_block(tokenize_video(video, sampling, images, None))
+    assert parse_video_block(silent, vocab)[2] == [] and vocab.begin_of_audio not in silent

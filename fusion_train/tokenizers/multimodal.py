@@ -9,7 +9,9 @@
 
 An image is `<racm3:break>`, its grid of codes in raster order (code c as id 4 + c), `<eoss>`; a
 clip is `<begin-audio>`, its codes frame by frame, each frame's levels in order, `<end-audio>`
-(`VocabLayout.audio_codes_to_ids`).
+(`VocabLayout.audio_codes_to_ids`). A video is `<begin-video>`, its header as text, per sampled
+frame its image then the sound of its span as a clip (a silent video has no clips), `<end-video>`
+(Mirasol3B's time-aligned chunks; tokenizers/video.py makes and reads them).
 """
 
 from __future__ import annotations
@@ -31,7 +33,18 @@ class AudioCodes:
     codes: np.ndarray
 
 
-Segment = str | np.ndarray | AudioCodes  # text, an image's codes [grid, grid], or a clip's
+@dataclass
+class VideoCodes:
+    """A video's codes: its header (what it is, as text), each sampled frame's image codes
+    [frames, grid, grid], and the sound of each frame's span as a clip's codes [levels, frames]
+    (None: a video without sound)."""
+
+    header: str
+    frames: np.ndarray
+    sound: list[np.ndarray] | None = None
+
+
+Segment = str | np.ndarray | AudioCodes | VideoCodes  # text, an image's codes [grid, grid], a clip's, a video's
 
 
 @dataclass
@@ -67,6 +80,17 @@ class DocumentTokenizer:
         ids = self.vocab.audio_codes_to_ids(torch.from_numpy(np.asarray(clip.codes))).numpy()
         return np.concatenate([[self.vocab.begin_of_audio], ids, [self.vocab.end_of_audio]])
 
+    def video_block(self, video: VideoCodes) -> np.ndarray:
+        if video.sound is not None and len(video.sound) != len(video.frames):
+            raise ValueError(f"a video of {len(video.frames)} frames has {len(video.sound)} clips: one a frame")
+        parts = [[self.vocab.begin_of_video], self.text.encode([video.header])[0]]
+        for index, frame in enumerate(video.frames):
+            parts.append(self.image_block(frame))
+            if video.sound is not None:
+                parts.append(self.audio_block(AudioCodes(video.sound[index])))
+        parts.append([self.vocab.end_of_video])
+        return np.concatenate([np.asarray(part, dtype=np.int64) for part in parts])
+
     def segments(self, segments: list[Segment]) -> np.ndarray:
         encoded = iter(self.text.encode([s for s in segments if isinstance(s, str)]))
         pieces = [self._ids(s, encoded) for s in segments]
@@ -75,6 +99,8 @@ class DocumentTokenizer:
     def _ids(self, segment: Segment, encoded_texts) -> np.ndarray:
         if isinstance(segment, str):
             return np.asarray(next(encoded_texts), dtype=np.int64)
+        if isinstance(segment, VideoCodes):
+            return self.video_block(segment)
         return self.audio_block(segment) if isinstance(segment, AudioCodes) else self.image_block(segment)
 
     def document(self, segments: list[Segment]) -> TokenizedDocument:

@@ -18,13 +18,17 @@ quarter of the tokens, and a quarter of the detail).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from fusion_train.tokenizers.audio import AudioError, read_audio
-from fusion_train.tokenizers.image import preprocess
+from fusion_train.tokenizers.audio import AudioError, AudioTokenizer, read_audio
+from fusion_train.tokenizers.image import ImageTokenizer, preprocess
+from fusion_train.tokenizers.multimodal import VideoCodes
+from fusion_train.vocab import VocabLayout
 
 
 class VideoError(ValueError):
@@ -120,3 +124,47 @@ def _sound(path: str | Path, rate: int | None) -> tuple[np.ndarray | None, str]:
         return read_audio(path, rate), "read"
     except AudioError as error:  # a silent or soundless video is still a video
         return None, error.reason
+
+
+def header(video: Video, sampling: VideoSampling) -> str:
+    """What a video is, as the text after `<begin-video>`: its sampling rate, length and frame size."""
+    return f"{sampling.frames_per_second:g} fps, {video.duration:.1f} s, {sampling.resolution} px"
+
+
+def tokenize_video(video: Video, sampling: VideoSampling, images: ImageTokenizer,
+                   audio: AudioTokenizer | None) -> VideoCodes:  # fmt: skip
+    """The frames' image codes and, with an audio tokenizer and a sound track, the sound of each
+    frame's span: from its time to the next frame's (the last to the end of the sound)."""
+    frames = images.encode(video.frames)
+    if audio is None or video.audio is None:
+        return VideoCodes(header(video, sampling), frames)
+    codes = audio.encode([video.audio])[0]  # [levels, code frames]
+    starts = [round(time * audio.cfg.frame_rate) for time in video.times[1:]]
+    bounds = [0, *(min(start, codes.shape[1]) for start in starts), codes.shape[1]]
+    return VideoCodes(header(video, sampling), frames, [codes[:, a:b] for a, b in itertools.pairwise(bounds)])
+
+
+def parse_video_block(
+    ids: list[int] | np.ndarray, vocab: VocabLayout
+) -> tuple[list[int], list[np.ndarray], list[np.ndarray]]:
+    """A video block's ids (from `<begin-video>` to `<end-video>`) back into its header's text ids,
+    each frame's image codes [grid, grid] and each clip's audio codes [levels, frames]."""
+    ids = [int(i) for i in ids]
+    if not ids or ids[0] != vocab.begin_of_video or ids[-1] != vocab.end_of_video:
+        raise ValueError("a video block starts with <begin-video> and ends with <end-video>")
+    body = ids[1:-1]
+    first = next(
+        (i for i, token in enumerate(body) if token in (vocab.begin_of_image, vocab.begin_of_audio)), len(body)
+    )
+    header_ids, frames, clips, position = body[:first], [], [], first
+    while position < len(body):
+        opened = body[position]
+        end = vocab.end_of_image if opened == vocab.begin_of_image else vocab.end_of_audio
+        close = body.index(end, position + 1)
+        codes = np.asarray(body[position + 1 : close], dtype=np.int64)
+        if opened == vocab.begin_of_image:
+            frames.append((codes - vocab.image_code_start).reshape(vocab.image_grid, vocab.image_grid))
+        else:
+            clips.append(vocab.ids_to_audio_codes(torch.from_numpy(codes)).numpy())
+        position = close + 1
+    return header_ids, frames, clips
