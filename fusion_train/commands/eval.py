@@ -52,6 +52,7 @@ from fusion_train.generate.documents import Codec, PromptError
 from fusion_train.generate.generator import Generator
 from fusion_train.generate.load import load_model
 from fusion_train.model.chameleon import Chameleon
+from fusion_train.storage import WriteFailed, writing
 from fusion_train.weights.source import open_model
 
 
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("caption", "vqa"):
             return _image_to_text(args)
         return _needle(args)
-    except (NeedleError, JudgementError, HumanPageError, ImageTextError, PromptError, ValueError,
+    except (NeedleError, JudgementError, HumanPageError, ImageTextError, PromptError, ValueError, WriteFailed,
             FileNotFoundError) as error:  # fmt: skip
         print(f"fusion-eval: error: {error}", file=sys.stderr)
         return 2
@@ -176,7 +177,8 @@ def _lm_harness(args: argparse.Namespace) -> int:
     except harness.HarnessError as error:
         raise ValueError(str(error)) from None
     seconds = time.perf_counter() - started
-    path, table = harness.write_results(results, args.out)
+    with writing(args.out, "the results", setting="--out"):
+        path, table = harness.write_results(results, args.out)
     if args.wandb_project:
         harness.log_to_wandb(results, args.wandb_project, args.out)
     examples = sum(n["effective"] for n in results["n-samples"].values())
@@ -212,7 +214,8 @@ def _image_to_text(args: argparse.Namespace) -> int:
     else:
         scores = image_to_text.vqa_score(predictions, asked)
     scores |= {"examples": len(asked), "shots": args.shots, "examples_per_s": round(len(asked) / seconds, 2)}
-    written = image_to_text.write_answers(asked, predictions, scores, args.out, args.command)
+    with writing(args.out, "the answers and scores", setting="--out"):
+        written = image_to_text.write_answers(asked, predictions, scores, args.out, args.command)
     print(json.dumps({args.command: scores, "written": str(written)}))
     return 0
 
@@ -223,7 +226,8 @@ def _human_page(args: argparse.Namespace) -> int:
         raise HumanPageError("--answers NAME=DIR, twice: the two systems' names and generation folders")
     prompts = read_prompts(args.prompts)
     first, second = (read_system(name, Path(folder), prompts, args.prompts) for name, _, folder in named)
-    page = write_page(args.prompts, (first, second), args.out, args.seed)
+    with writing(args.out.parent, "the judging page", setting="--out"):
+        page = write_page(args.prompts, (first, second), args.out, args.seed)
     print(f"{len(prompts)} prompts, {first.name} vs {second.name}: {page} (open it in a browser; each rater exports "
           "a JSONL for fusion-eval human-score)")  # fmt: skip
     return 0
@@ -246,7 +250,8 @@ def _needle(args: argparse.Namespace) -> int:
     label = (f"RoPE scaling {json.dumps(args.rope_scaling)}" if args.rope_scaling
              else "extrapolated past its context" if max(settings.lengths) > context else "as trained")  # fmt: skip
     result = evaluate(model, text, haystacks, settings, args.batch_size, device, label)
-    written = write_report(result, args.out, args.name or f"needle_{args.kind}")
+    with writing(args.out, "the report", setting="--out"):
+        written = write_report(result, args.out, args.name or f"needle_{args.kind}")
     print((args.out / f"{written[1].name}").read_text())
     print(json.dumps({"needle": args.kind, "label": label, "mean_accuracy": result["mean_accuracy"],
                       "grid": result["grid"]["accuracy"], "written": [str(p) for p in written]}))  # fmt: skip

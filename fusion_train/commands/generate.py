@@ -12,7 +12,6 @@ Writes OUT/outputs.jsonl, OUT/images/*.png, OUT/sounds/*.wav and OUT/index.html.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ from tqdm import tqdm
 
 from fusion_train.data.trained_with import load_tokenizers
 from fusion_train.generate.constraints import Mode
-from fusion_train.generate.documents import Codec, PromptError
+from fusion_train.generate.documents import Codec, PromptError, read_prompt_records
 from fusion_train.generate.generator import Generator, Request
 from fusion_train.generate.guidance import Guidance
 from fusion_train.generate.load import load_model
@@ -88,18 +87,8 @@ def read_prompts(args: argparse.Namespace) -> tuple[list[dict], Path]:
     base = Path()
     if args.prompts:
         path = Path(args.prompts)
-        if not path.is_file():
-            raise PromptError(f"prompts file {path} does not exist")
         base = path.parent
-        for number, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise PromptError(f"{path}, line {number}: not JSON ({err})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("prompt"), list):
-                raise PromptError(f'{path}, line {number}: expected {{"prompt": [segments], "mode": ...}}')
+        for number, record in read_prompt_records(path):
             records.append({"mode": args.mode, "chat": args.chat, **record, "where": f"{path}, line {number}"})
     if not records:
         raise PromptError("no prompts: give --prompt TEXT or --prompts FILE.jsonl")

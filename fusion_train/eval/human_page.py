@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fusion_train.eval.human import ABSOLUTE, TIE
+from fusion_train.generate.documents import PromptError, read_prompt_records
 from fusion_train.generate.page import segments_html
 
 LABELS = {"fulfils": "fulfils the prompt", "partially": "partially fulfils it", "does_not": "does not fulfil it"}
@@ -39,19 +40,11 @@ class System:
 def read_prompts(path: Path) -> list[dict]:
     """The prompt records of a `fusion-generate` prompts file, each with its item id ("id", or its
     line's rank as 0000, 0001, …)."""
-    if not path.is_file():
-        raise HumanPageError(f"prompts file {path} not found")
-    records = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise HumanPageError(f"{path}, line {number}: not JSON ({err})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("prompt"), list):
-            raise HumanPageError(f'{path}, line {number}: expected {{"prompt": [segments], ...}}')
-        records.append({**record, "id": str(record.get("id", f"{len(records):04d}"))})
+    try:
+        numbered = read_prompt_records(path)
+    except PromptError as error:
+        raise HumanPageError(str(error)) from None
+    records = [{**record, "id": str(record.get("id", f"{rank:04d}"))} for rank, (_, record) in enumerate(numbered)]
     if not records:
         raise HumanPageError(f"prompts file {path} holds no prompts")
     return records

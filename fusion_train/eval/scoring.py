@@ -28,20 +28,23 @@ def continuation_scores(
     model, vocab: VocabLayout, pairs: list[tuple[list[int], list[int]]]
 ) -> list[tuple[float, bool]]:
     """For each (context ids, continuation ids): the continuation's summed log-probability, and
-    whether each of its tokens was the most likely. One right-padded forward; a pair longer than
-    the model's context is cut from the left."""
+    whether each of its tokens was the most likely. One right-padded forward, whose logits are kept
+    only from the first position any continuation needs (not [batch, length, vocabulary] for whole
+    contexts); a pair longer than the model's context is cut from the left."""
     device, context = next(model.parameters()).device, model.cfg.max_seq_len
     rows = [(before + after)[-(context + 1) :] for before, after in pairs]
     lengths = [min(len(after), len(row) - 1) for (_, after), row in zip(pairs, rows, strict=True)]
-    ids = torch.full((len(rows), max(len(r) for r in rows) - 1), vocab.pad, dtype=torch.long)
+    width = max(len(r) for r in rows) - 1
+    ids = torch.full((len(rows), width), vocab.pad, dtype=torch.long)
     for i, row in enumerate(rows):
         ids[i, : len(row) - 1] = torch.tensor(row[:-1])
-    logits = model(ids.to(device)).float().masked_fill(vocab.modality_mask(Modality.IMAGE, device), float("-inf"))
-    log_probs = logits.log_softmax(-1)
-    scores = []
+    first = min(len(row) - 1 - length for row, length in zip(rows, lengths, strict=True))
+    logits = model(ids.to(device), logits_to_keep=width - first).float()
+    log_probs = logits.masked_fill_(vocab.modality_mask(Modality.IMAGE, device), float("-inf")).log_softmax(-1)
+    sums, greedy = [], []
     for i, (row, length) in enumerate(zip(rows, lengths, strict=True)):
         targets = torch.tensor(row[-length:], device=device)
-        predicted = log_probs[i, len(row) - 1 - length : len(row) - 1]
-        chosen = predicted.gather(-1, targets[:, None]).squeeze(-1)
-        scores.append((float(chosen.sum()), bool((predicted.argmax(-1) == targets).all())))
-    return scores
+        predicted = log_probs[i, len(row) - 1 - length - first : len(row) - 1 - first]
+        sums.append(predicted.gather(-1, targets[:, None]).sum())
+        greedy.append((predicted.argmax(-1) == targets).all())
+    return list(zip(torch.stack(sums).tolist(), torch.stack(greedy).tolist(), strict=True))  # one host sync

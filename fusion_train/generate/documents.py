@@ -10,6 +10,7 @@ the clip with `<begin-audio>`.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,25 @@ MEDIA = {Mode.IMAGE: "image", Mode.AUDIO: "audio"}  # what each mode's output ne
 
 class PromptError(ValueError):
     """A prompt that cannot be generated from; the message names it."""
+
+
+def read_prompt_records(path: Path) -> list[tuple[int, dict]]:
+    """A prompts file's records with their line numbers: JSONL of {"prompt": [segments], "mode": ...,
+    ...}, blank lines skipped; a line that is not one is an error naming it."""
+    if not path.is_file():
+        raise PromptError(f"prompts file {path} does not exist")
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise PromptError(f"{path}, line {number}: not JSON ({err})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), list):
+            raise PromptError(f'{path}, line {number}: expected {{"prompt": [segments], "mode": ...}}')
+        records.append((number, record))
+    return records
 
 
 class Codec:
