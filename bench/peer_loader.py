@@ -109,7 +109,7 @@ class PackedStreaming(IterableDataset):
                 yield 0, Document(sample["tokens"].astype(np.int64), None)
 
     def __iter__(self):
-        documents, packer = self._documents(), Packer(SEQ_LEN, self.vocab, 1)
+        documents, packer = self._documents(), Packer(SEQ_LEN, self.vocab, ["text"])
         while (sequence := packer.next_sequence(lambda: next(documents, None))) is not None:
             yield sequence
 

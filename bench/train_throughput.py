@@ -52,6 +52,7 @@ class SyntheticBatches:
                 "input_ids": ids,
                 "labels": ids,
                 "doc_ids": self._doc_ids(generator),
+                "in_video": torch.zeros(self.shape, dtype=torch.bool),
                 "documents_per_source": torch.ones(self.shape[0], 1, dtype=torch.long),
                 "skipped_samples": torch.zeros(self.shape[0], dtype=torch.long),
             }

@@ -44,7 +44,7 @@ from data_pipelines.parts import (
     progress_path,
     shard_prefix,
 )
-from data_pipelines.records import PendingAudio, PendingImage, Skip, media_bytes
+from data_pipelines.records import PendingAudio, PendingImage, PendingVideo, Skip, media_bytes
 from data_pipelines.sft import OVER_LENGTH, Chats
 from fusion_train.data.manifest import (
     MANIFEST,
@@ -61,6 +61,7 @@ from fusion_train.tokenizers.audio import AudioError, AudioTokenizer, audio_conf
 from fusion_train.tokenizers.image import ImageTokenizer, image_config, preprocess
 from fusion_train.tokenizers.multimodal import DocumentTokenizer, TokenizedDocument
 from fusion_train.tokenizers.text import TextTokenizer
+from fusion_train.tokenizers.video import VideoError, VideoSampling, header, read_video
 from fusion_train.vocab import Modality
 
 log = logging.getLogger(__name__)
@@ -69,22 +70,25 @@ log = logging.getLogger(__name__)
 # of them): a module, or an object; the SFT kind's, sft.Chats, is made from the settings.
 KIND_MODULES: dict[str, ModuleType | CaptionedMedia] = {
     "text": text, "image-text": CaptionedMedia("image"), "audio-text": CaptionedMedia("audio"),
-    "interleaved": interleaved,
+    "video-text": CaptionedMedia("video"), "interleaved": interleaved,
 }  # fmt: skip
 KINDS = (*KIND_MODULES, "sft")
 CHUNK_RECORDS = 64
+VIDEO_CHUNK_RECORDS = 4  # a video is up to max_video_frames pictures: a chunk of 64 would hold thousands
 RecordId = tuple[int, int]  # (the input file's number in the list of inputs, the record's number in that file)
 
 
 class MediaLoader:
-    """Loads the images and clips that one chunk's records refer to (a path relative to the input
-    file or to the media root, the bytes of a WebDataset sample, an HF image struct), preprocessed
-    for the tokenizers that will encode them."""
+    """Loads the images, clips and videos that one chunk's records refer to (a path relative to the
+    input file or to the media root, the bytes of a WebDataset sample, an HF image struct),
+    preprocessed for the tokenizers that will encode them."""
 
     def __init__(self, settings: BuildSettings, resolution: int | None, sampling_rate: int | None,
-                 excluded_images: frozenset = frozenset()):  # fmt: skip
+                 code_rate: float | None = None, excluded_images: frozenset = frozenset()):  # fmt: skip
         self.resolution, self.sampling_rate, self.excluded_images = resolution, sampling_rate, excluded_images
+        self.code_rate = code_rate  # the audio tokenizer's code frames a second
         self.max_audio_seconds, self.split_images = settings.max_audio_seconds, settings.split_images
+        self.video_fps, self.max_video_frames = settings.video_fps, settings.max_video_frames
         self.media_root = Path(settings.media_root) if settings.media_root else None
         self.input = Path(".")  # the input file of the record being parsed
         self.pending: list[PendingImage | PendingAudio] = []
@@ -124,6 +128,20 @@ class MediaLoader:
         if len(samples) > self.max_audio_seconds * self.sampling_rate:
             raise Skip("audio_too_long")
         return self._waiting(PendingAudio(samples))
+
+    def video(self, source) -> PendingVideo:
+        """Frames at --video-fps (at most --max-video-frames) at the image tokenizer's resolution,
+        and the sound track when there is an audio tokenizer (a video without one is kept silent)."""
+        if self.resolution is None:
+            raise DataError("records refer to videos but no image tokenizer was given (--image-tokenizer)")
+        sampling = VideoSampling(self.video_fps, self.max_video_frames, self.resolution, self.sampling_rate)
+        try:
+            video = read_video(self._bytes(source, "video"), sampling)
+        except VideoError as err:
+            raise Skip(err.reason.replace(" ", "_")) from None
+        frames = [self._waiting(PendingImage(pixels)) for pixels in video.frames]
+        sound = None if video.audio is None else self._waiting(PendingAudio(video.audio))
+        return PendingVideo(header(video, sampling), frames, video.times, 1.0 / self.video_fps, sound, self.code_rate)
 
     def _waiting(self, media):
         self.pending.append(media)
@@ -169,6 +187,8 @@ class BuildSettings:
     encode_in: str | None = None
     audio_tokenizer: str | None = None
     max_audio_seconds: float = 60.0  # a longer clip is skipped (audio_too_long)
+    video_fps: float = 1.0  # frames a second sampled from a video (Gemini 1.5's rate)
+    max_video_frames: int = 64  # at most this many: a longer video is cut at its max_video_frames-th
     # Chats (kind sft): the records' format (chat_formats.py), the length limit (the training's
     # data.seq_len; None: none) and what happens to a longer chat (sft.py).
     format: str = "messages"
@@ -190,10 +210,15 @@ class BuildSettings:
             raise DataError(f"--over-length {self.over_length}: choose one of {OVER_LENGTH}")
         if self.max_tokens is not None and self.max_tokens < 2:
             raise DataError(f"--max-tokens {self.max_tokens}: give the training's data.seq_len")
+        if self.video_fps <= 0 or self.max_video_frames < 1:
+            raise DataError(
+                f"--video-fps {self.video_fps} --max-video-frames {self.max_video_frames}: both must be positive"
+            )
 
     def options(self) -> dict:
         """The settings beyond kind, tokenizers and seed that change what is built, where not the default."""
-        names = ("format", "max_tokens", "over_length", "split_images", "exclude", "media_root", "max_audio_seconds")
+        names = ("format", "max_tokens", "over_length", "split_images", "exclude", "media_root", "max_audio_seconds",
+                 "video_fps", "max_video_frames")  # fmt: skip
         defaults = BuildSettings(self.kind, self.text_tokenizer)
         return {name: getattr(self, name) for name in names if getattr(self, name) != getattr(defaults, name)}
 
@@ -236,6 +261,7 @@ def _set_up(settings: BuildSettings, exclusions: Exclusions, encoders: dict | No
             settings,
             image_config(settings.image_tokenizer).resolution if settings.image_tokenizer else None,
             audio_config(settings.audio_tokenizer).sampling_rate if settings.audio_tokenizer else None,
+            audio_config(settings.audio_tokenizer).frame_rate if settings.audio_tokenizer else None,
             exclusions.image_hashes,
         ),
     )
@@ -276,8 +302,10 @@ def _assembled(outcome, index: RecordId, encoded: bool):
 # --- main side ---------------------------------------------------------------------------------
 
 
-def _part_chunks(paths: list[Path], part: int, parts: int, first: RecordId) -> Iterator[list]:
-    """This part's chunks of at most CHUNK_RECORDS consecutive records, from record `first` on.
+def _part_chunks(
+    paths: list[Path], part: int, parts: int, first: RecordId, chunk_records: int = CHUNK_RECORDS
+) -> Iterator[list]:
+    """This part's chunks of at most `chunk_records` consecutive records, from record `first` on.
     With at least as many input files as parts, part I takes files I, I + N, ... and reads no
     other; with fewer, every part reads every file and takes block b of file f when (f + b) % N
     is I (inputs.py: 64 records, or a parquet row group)."""
@@ -289,7 +317,7 @@ def _part_chunks(paths: list[Path], part: int, parts: int, first: RecordId) -> I
         from_record = first[1] if file_number == first[0] else 0
         for start, records in read_blocks(path, wanted, from_record):
             numbered = enumerate(records, start)
-            for _, group in itertools.groupby(numbered, key=lambda item: item[0] // CHUNK_RECORDS):
+            for _, group in itertools.groupby(numbered, key=lambda item: item[0] // chunk_records):
                 chunk = [((file_number, number), path, payload) for number, payload in group]
                 if chunk[-1][0] >= first:
                     yield chunk
@@ -353,6 +381,7 @@ class ShardSink:
         current.tokens += len(document.tokens)
         counts = self.open_counts
         _add_by_modality(counts.tokens_by_modality, document.tokens, self.manifest.vocab)
+        _count_videos(counts.videos, document.tokens, self.manifest.vocab)
         if document.loss_mask is not None:
             inputs = self.manifest.inputs
             self._count_answers(
@@ -407,6 +436,16 @@ def _add_by_modality(counts: dict, tokens: np.ndarray, vocab) -> None:
     modality = vocab.modality_of(torch.from_numpy(tokens.astype(np.int64)))
     for m in Modality:
         counts[m.key] = counts.get(m.key, 0) + int((modality == m).sum())
+
+
+def _count_videos(counts: dict, tokens: np.ndarray, vocab) -> None:
+    """Each video block's frames, and whether it has sound."""
+    begins, ends = np.flatnonzero(tokens == vocab.begin_of_video), np.flatnonzero(tokens == vocab.end_of_video)
+    for begin, end in zip(begins, ends, strict=True):
+        block = tokens[begin:end]
+        for name, added in (("videos", 1), ("frames", int((block == vocab.begin_of_image).sum())),
+                            ("without_sound", int(vocab.begin_of_audio not in block))):  # fmt: skip
+            counts[name] = counts.get(name, 0) + added
 
 
 def _resume_or_start(output: Path, fresh: Manifest, part: int, parts: int, overwrite: bool) -> PartProgress:
@@ -554,7 +593,8 @@ def _build_part(
 
     prefix = shard_prefix(progress.part, progress.parts)
     sink = ShardSink(output, manifest, max_samples, max_bytes, prefix, shard_complete)
-    chunks = _part_chunks([Path(p) for p in inputs], progress.part, progress.parts, progress.next_record)
+    chunk_records = VIDEO_CHUNK_RECORDS if settings.kind == "video-text" else CHUNK_RECORDS
+    chunks = _part_chunks([Path(p) for p in inputs], progress.part, progress.parts, progress.next_record, chunk_records)
     with tqdm(desc=f"building {settings.kind} shards", unit=" records", disable=None) as bar, sink.abandoned_on_error():
         for outcomes in _map_chunks(settings, exclusions, chunks, workers):
             for index, outcome in outcomes:

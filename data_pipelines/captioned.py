@@ -1,8 +1,9 @@
-"""Media-caption pairs, one kind per medium: jsonl `{"image": path, "caption": "..."}` or
-`{"audio": path, "caption": "..."}` (paths relative to the jsonl), or the samples of a WebDataset
-with an image (jpg/jpeg/png/webp) or a clip (flac/wav/mp3/ogg/opus/m4a) and a `txt` (or json)
-caption. The media come first in a seeded half of the pairs (captioning, speech-to-text), after
-the caption in the other (generation)."""
+"""Media-caption pairs, one kind per medium: jsonl `{"image": path, "caption": "..."}`,
+`{"audio": path, ...}` or `{"video": path, ...}` (paths relative to the jsonl), or the samples of
+a WebDataset with an image (jpg/jpeg/png/webp), a clip (flac/wav/mp3/ogg/opus/m4a) or a video
+(mp4/webm/mkv/mov/avi) and a `txt` (or json) caption. The media come first in a seeded half of
+the pairs (captioning, speech-to-text, video description), after the caption in the other
+(generation)."""
 
 from data_pipelines.records import Skip, caption_of
 

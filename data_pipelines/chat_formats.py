@@ -2,7 +2,8 @@
 
 - `messages` (ours, OpenAI-style): `{"messages": [{"role": "system"|"user"|"assistant", "content":
   "..." | [{"type": "text", "text": "..."} | {"type": "image", "image": path} | {"type": "audio",
-  "audio": path}, ...]}, ...]}`.
+  "audio": path} | {"type": "video", "video": path}, ...]}, ...]}`: a question about a video in a
+  prompt, a clip generated from a caption in an answer.
 - `llava` and `sharegpt` (one schema): `{"conversations": [{"from": "human"|"gpt"|"system", "value":
   "..."}, ...], "image": path or [paths]}`; each `<image>` in a value is the next image, in order.
   ShareGPT's chats are the same without images. An image may also be an HF image struct
@@ -88,8 +89,8 @@ def _message_content(content, media, role: str) -> list:
             segments += _text(part["text"])
         elif kind == "image" and isinstance(part.get("image"), str):
             segments += _image(media, part["image"], role)
-        elif kind == "audio" and isinstance(part.get("audio"), str):
-            segments.append(media.audio(part["audio"]))
+        elif kind in ("audio", "video") and isinstance(part.get(kind), str):
+            segments.append(getattr(media, kind)(part[kind]))
         else:
             raise Skip("bad_content")
     return segments

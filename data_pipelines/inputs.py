@@ -3,7 +3,8 @@
 - `.jsonl`: a JSON object per line;
 - `.json`: one JSON array of objects (LLaVA's and ShareGPT's files), parsed as it is read, so a
   gigabyte array never sits in memory whole;
-- `.tar`: the samples of a WebDataset (an image or clip and its caption);
+- `.tar`: the samples of a WebDataset (an image, clip or video and its caption: img2dataset's and
+  video2dataset's layout, `KEY.jpg|mp4|... + KEY.txt|json`);
 - `.parquet`: rows, one row group at a time (the Cauldron's files, HF datasets' parquet exports);
   a nested column comes as lists and dicts, an HF image as {"bytes", "path"}.
 
@@ -24,6 +25,7 @@ from fusion_train.data.manifest import DataError, Skip
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 AUDIO_EXTENSIONS = ("flac", "wav", "mp3", "ogg", "opus", "m4a")
+VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "mov", "avi")  # video2dataset writes mp4 or webm
 BLOCK_RECORDS = 64
 JSON_READ = 1 << 20  # characters of a .json array read at a time
 
@@ -133,11 +135,12 @@ def _read_webdataset(path: Path) -> Iterator[dict]:
 
 
 def _webdataset_samples(grouped: dict[str, dict]) -> Iterator[dict]:
-    """{"image": bytes, "audio": bytes, "caption_bytes": the txt member, else a json member's caption}."""
+    """{"image", "audio", "video": bytes, "caption_bytes": the txt member, else a json member's caption}."""
     for fields in grouped.values():
-        image = next((fields[e] for e in IMAGE_EXTENSIONS if e in fields), None)
-        audio = next((fields[e] for e in AUDIO_EXTENSIONS if e in fields), None)
-        yield {"image": image, "audio": audio, "caption_bytes": fields.get("txt") or _json_caption(fields.get("json"))}
+        media = {name: next((fields[e] for e in extensions if e in fields), None)
+                 for name, extensions in (("image", IMAGE_EXTENSIONS), ("audio", AUDIO_EXTENSIONS),
+                                          ("video", VIDEO_EXTENSIONS))}  # fmt: skip
+        yield {**media, "caption_bytes": fields.get("txt") or _json_caption(fields.get("json"))}
 
 
 def _json_caption(payload: bytes | None) -> bytes | None:

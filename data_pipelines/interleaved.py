@@ -1,5 +1,5 @@
-"""Interleaved documents: `{"segments": [{"text": "..."} | {"image": path} | {"audio": path}, ...]}`,
-kept in order."""
+"""Interleaved documents: `{"segments": [{"text": "..."} | {"image": path} | {"audio": path} |
+{"video": path}, ...]}`, kept in order."""
 
 from data_pipelines.records import Skip, resolve
 
@@ -17,6 +17,8 @@ def parse(record: dict, media) -> list:
             parsed.append(media.image(segment["image"]))
         elif isinstance(segment, dict) and isinstance(segment.get("audio"), str):
             parsed.append(media.audio(segment["audio"]))
+        elif isinstance(segment, dict) and isinstance(segment.get("video"), str):
+            parsed.append(media.video(segment["video"]))
         else:
             raise Skip("bad_segment")
     if not parsed:

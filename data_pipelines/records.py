@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from fusion_train.data.manifest import Skip
-from fusion_train.tokenizers.multimodal import AudioCodes
+from fusion_train.tokenizers.multimodal import AudioCodes, VideoCodes
+from fusion_train.tokenizers.video import sound_per_frame
 
 
 @dataclass
@@ -33,6 +34,26 @@ class PendingAudio:
         return AudioCodes(self.codes)
 
 
+@dataclass
+class PendingVideo:
+    """A video read and sampled: its header, its frames and its sound (None: a video without)
+    waiting for their codes among the chunk's images and clips; the sound is cut at the frames'
+    times (`span`: the sampling period; `code_rate`: the audio tokenizer's code frames a second)."""
+
+    header: str
+    frames: list[PendingImage]
+    times: np.ndarray
+    span: float
+    sound: PendingAudio | None
+    code_rate: float | None
+
+    def segment(self) -> VideoCodes:
+        frames = np.stack([frame.codes for frame in self.frames])
+        if self.sound is None:
+            return VideoCodes(self.header, frames)
+        return VideoCodes(self.header, frames, sound_per_frame(self.sound.codes, self.times, self.span, self.code_rate))
+
+
 def media_bytes(source: str | bytes | dict, base_dir: Path, kind: str) -> bytes:
     """The encoded bytes of an image or clip given as bytes, a path relative to `base_dir`, or an HF
     datasets struct {"bytes", "path"} (bytes None: the file at path)."""
@@ -49,8 +70,8 @@ def media_bytes(source: str | bytes | dict, base_dir: Path, kind: str) -> bytes:
 
 
 def resolve(segments: list) -> list:
-    """Segments with each pending image or clip replaced by its codes."""
-    return [s.segment() if isinstance(s, PendingImage | PendingAudio) else s for s in segments]
+    """Segments with each pending image, clip or video replaced by its codes."""
+    return [s.segment() if isinstance(s, PendingImage | PendingAudio | PendingVideo) else s for s in segments]
 
 
 def text_field(record: dict, name: str) -> str:

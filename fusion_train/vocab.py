@@ -55,6 +55,16 @@ class Modality(IntEnum):
         return self.name.lower()
 
 
+# The per-modality loss sums are indexed by a target's modality, plus len(Modality) when the target
+# is in a video block: video frames and their sound are logged apart from still images and clips.
+LOSS_GROUPS = 2 * len(Modality)
+
+
+def loss_group(modality: torch.Tensor, in_video: torch.Tensor) -> torch.Tensor:
+    """Each target's index in the per-modality loss sums (LOSS_GROUPS)."""
+    return modality + len(Modality) * in_video.long()
+
+
 BOS_ID = 0
 PAD_ID = 1
 EOS_ID = 2

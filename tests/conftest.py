@@ -237,6 +237,17 @@ def demo_data(tmp_path_factory):
     )
 
 
+@pytest.fixture(scope="session")
+def demo_videos(demo_data, tmp_path_factory):
+    """The video demo's data at test size (data_pipelines/video_demo.py): 12 clips of 4 s with
+    captions and chats, 2 held out, through the demo's tokenizers at 2 frames a second."""
+    from data_pipelines.video_demo import make_video_demo_data
+
+    return built_once(
+        tmp_path_factory, "videos", lambda folder: make_video_demo_data(demo_data, folder, videos=12, held_out=2)
+    )
+
+
 def train_overrides(demo_data: dict, run_dir: Path, *extra: str) -> list[str]:
     """The tiny model on the demo shards: 128-token sequences, 4 per micro-batch, 2 micro-steps
     per optimizer step on 2 ranks (global batch 2,048 tokens). W&B off (its service costs each

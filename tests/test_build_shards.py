@@ -122,7 +122,7 @@ def test_interleaved_keeps_order(text_tokenizer, image_tokenizer_path, shapes, t
             {"image": records[1]["image"]},
         ]
     }
-    path = write_jsonl(tmp_path / "docs.jsonl", [doc, {"segments": []}, {"segments": [{"video": "x"}]}])
+    path = write_jsonl(tmp_path / "docs.jsonl", [doc, {"segments": []}, {"segments": [{"hologram": "x"}]}])
     manifest = build_shards(settings("interleaved", text_tokenizer, image_tokenizer_path), [path], tmp_path / "out")
     assert manifest.skipped == {"bad_segment": 1, "empty_document": 1}
     ((tokens, _),) = samples(tmp_path / "out")

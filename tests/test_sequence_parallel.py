@@ -47,13 +47,17 @@ def test_sequence_parallel_gives_the_unsplit_loss_and_gradients(tmp_path):
             torch.testing.assert_close(r["grads"][name], reference, **GRADIENT_TOLERANCE, msg=f"{case}: {name}")
 
 
-def test_a_sequence_parallel_run_trains_as_one_rank_and_resumes_exactly_in_any_layout(demo_data, tmp_path):
+def test_a_sequence_parallel_run_trains_as_one_rank_and_resumes_exactly_in_any_layout(demo_data, demo_videos, tmp_path):
     """2 ranks sharing each sequence (sequence_parallel=2, one data-parallel stream) train as one
     rank alone does: the same batches, the same losses within fp32 rounding. SIGKILL of rank 1
     mid-run, and the same command resumes bit-exactly. Its checkpoint of step 8 goes on at
     sequence_parallel=1 on one rank (DeepSpeed's universal format), and the one rank's on 2 ranks at
-    sequence_parallel=2: each continues the same epoch, the same tokens in the same order."""
-    common = ["trainer.steps=12", "trainer.checkpoint_every=4", "trainer.keep_last=3"]
+    sequence_parallel=2: each continues the same epoch, the same tokens in the same order. The data:
+    the demo's four kinds and video shards (clips with captions, chats about clips), each video
+    longer than a sequence: every run packs videos across sequences."""
+    videos = demo_videos["shards"]
+    common = ["trainer.steps=12", "trainer.checkpoint_every=4", "trainer.keep_last=3",
+              f"+data.sources.video_text.path={videos['video_text']}", f"+data.sources.video_chat.path={videos['video_chat']}"]  # fmt: skip
     one_rank, shared = tmp_path / "one_rank", tmp_path / "shared"
     torchrun(TRAIN, *train_overrides(demo_data, one_rank, *common), nproc=1)
 
@@ -78,6 +82,10 @@ def test_a_sequence_parallel_run_trains_as_one_rank_and_resumes_exactly_in_any_l
         assert [records[s]["data/checksum"] for s in steps] == [reference[s]["data/checksum"] for s in steps]
         for s in steps:
             assert abs(records[s]["loss/total"] - reference[s]["loss/total"]) < 1e-5, (run.name, s)
+    # Video frames and their sound are logged apart from still images, and add up with them.
+    logged = [m for m in by_step(shared).values() if "loss/video_image" in m and "loss/still_image" in m]
+    assert logged and all(min(m["loss/video_image"], m["loss/still_image"]) <= m["loss/image"]
+                          <= max(m["loss/video_image"], m["loss/still_image"]) for m in logged)  # fmt: skip
 
 
 def by_step(run) -> dict[int, dict]:

@@ -101,13 +101,16 @@ def _parser() -> argparse.ArgumentParser:
     shards.add_argument("--kind", required=True, choices=sorted(KINDS))
     shards.add_argument(
         "--input", nargs="+", required=True,
-        help=".jsonl files, .json arrays, .parquet files (the Cauldron's) or .tar WebDatasets (media-caption kinds)",
+        help=".jsonl files, .json arrays, .parquet files (the Cauldron's) or .tar WebDatasets (media-caption kinds: "
+        "img2dataset's and video2dataset's KEY.jpg|mp4|webm|... + KEY.txt|json)",
     )  # fmt: skip
     shards.add_argument("--output", required=True)
     shards.add_argument("--text-tokenizer", required=True)
     shards.add_argument("--image-tokenizer", help="vqgan.ckpt (with vqgan.yaml beside it)")
     shards.add_argument("--audio-tokenizer", help="an EnCodec folder (config.json + model.safetensors)")
     shards.add_argument("--max-audio-seconds", type=float, default=60.0, help="longer clips are skipped, counted")
+    shards.add_argument("--video-fps", type=float, default=1.0, help="frames sampled per second of video")
+    shards.add_argument("--max-video-frames", type=int, default=64, help="a longer video is cut after this many")
     shards.add_argument(
         "--media-root", help="the folder image and audio paths are relative to (default: their input file's folder)"
     )
@@ -233,7 +236,7 @@ def _run(args: argparse.Namespace) -> dict:
         args.kind, args.text_tokenizer, args.image_tokenizer, args.seed, args.device, args.encode_in,
         args.audio_tokenizer, args.max_audio_seconds, format=args.format, max_tokens=args.max_tokens,
         over_length=args.over_length, split_images=args.split_images, exclude=tuple(args.exclude),
-        media_root=args.media_root,
+        media_root=args.media_root, video_fps=args.video_fps, max_video_frames=args.max_video_frames,
     )  # fmt: skip
     manifest = build_shards(
         settings, args.input, args.output, workers=args.workers, max_samples_per_shard=args.max_samples_per_shard,
@@ -250,6 +253,7 @@ def _summary(manifest: Manifest) -> dict:
         "samples": manifest.samples,
         "tokens": manifest.tokens_by_modality,
         **answers,
+        **({"videos": manifest.videos} if manifest.videos else {}),
         "skipped": manifest.skipped,
     }
 

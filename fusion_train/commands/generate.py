@@ -4,9 +4,12 @@
   fusion-generate MODEL --prompts prompts.jsonl --out generations/ --chat
 
 A prompts file holds one JSON object per line: {"prompt": [SEGMENT, ...], "mode": "text" | "image" |
-"audio" | "interleaved", "chat": true | false}, a segment being text, {"image": PATH} or
-{"audio": PATH} (relative to the file); a record without "mode" or "chat" takes --mode and --chat.
-Writes OUT/outputs.jsonl, OUT/images/*.png, OUT/sounds/*.wav and OUT/index.html.
+"audio" | "video" | "interleaved", "chat": true | false}, a segment being text, {"image": PATH},
+{"audio": PATH} or {"video": PATH, "frames": N (optional: its first N)} (relative to the file); a
+record without "mode" or "chat" takes --mode and --chat. A video-mode record makes a clip of
+--video-frames frames (its own "frames" if it says), continuing its prompt's video if the prompt
+ends with one. Writes OUT/outputs.jsonl, OUT/images/*.png, OUT/sounds/*.wav, OUT/videos/*.mp4
+(each with a .png poster frame) and OUT/index.html.
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ from tqdm import tqdm
 
 from fusion_train.data.trained_with import load_tokenizers
 from fusion_train.generate.constraints import Mode
-from fusion_train.generate.documents import Codec, PromptError, read_prompt_records
-from fusion_train.generate.generator import Generator, Request
+from fusion_train.generate.documents import Codec, PromptError, VideoSettings, read_prompt_records
+from fusion_train.generate.generator import Generator
 from fusion_train.generate.guidance import Guidance
 from fusion_train.generate.load import load_model
 from fusion_train.generate.page import Sample, write_outputs
@@ -63,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     sampling.add_argument("--text-scale", type=float, help=f"guidance towards the prompt's text (default {TEXT_SCALE})")
     sampling.add_argument("--no-guidance", action="store_true", help="images without classifier-free guidance")
+    video = parser.add_argument_group("video (prompt videos, and what video mode makes)")
+    video.add_argument("--video-fps", type=float, default=1.0, help="frames a second: the shards' --video-fps")
+    video.add_argument("--video-frames", type=int, default=8, help="frames of a video-mode clip, given ones included")
     run = parser.add_argument_group("run")
     run.add_argument("--out", default="generations", help="output folder (default ./generations)")
     run.add_argument("--text-tokenizer", help="default: the path the run's shard manifests record")
@@ -122,14 +128,13 @@ def _generate(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     loaded = load_model(args.model, device, dtype)
-    codec = Codec(*load_tokenizers(loaded.trained_with, args.text_tokenizer, args.image_tokenizer, device, args.model,
-                                   args.audio_tokenizer))  # fmt: skip
-    requests = [
-        Request(
-            codec.prompt_ids(r["prompt"], r["mode"], r["chat"], r.get("where", f"prompt {i}"), base), Mode(r["mode"])
-        )
-        for i, r in enumerate(records)
-    ]
+    if args.video_fps <= 0 or args.video_frames < 1:
+        raise PromptError(f"--video-fps {args.video_fps} --video-frames {args.video_frames}: both must be positive")
+    tokenizers = load_tokenizers(loaded.trained_with, args.text_tokenizer, args.image_tokenizer, device, args.model,
+                                 args.audio_tokenizer)  # fmt: skip
+    codec = Codec(*tokenizers, VideoSettings(args.video_fps, args.video_frames))
+    requests = [codec.request(r["prompt"], r["mode"], r["chat"], r.get("where", f"prompt {i}"), base, r.get("frames"))
+                for i, r in enumerate(records)]  # fmt: skip
     sampling = Sampling(0.0 if args.greedy else args.temperature, args.top_p, args.top_k, args.seed)
     max_new_tokens = args.max_new_tokens or max(512, 2 * codec.vocab.image_block_length)
     generator = Generator(loaded.model, codec.vocab, use_cache=not args.no_cache)
@@ -139,13 +144,16 @@ def _generate(args: argparse.Namespace) -> int:
         batch = requests[start : start + args.batch_size]
         outputs = generator.generate(batch, sampling, max_new_tokens, guidance, progress=sys.stderr.isatty())
         for record, request, output in zip(records[start:], batch, outputs, strict=False):
-            segments = codec.decode(output.tokens, request.mode)
+            segments = ([codec.decode_video(request.prompt, output.tokens)] if request.mode == Mode.VIDEO
+                        else codec.decode(output.tokens, request.mode))  # fmt: skip
             samples.append(Sample(record["prompt"], request.mode.value, segments, output.stop, len(output.tokens)))
     page = write_outputs(args.out, samples, base)
     pictures = sorted((Path(args.out) / "images").glob("*.png"))
     sounds = sorted((Path(args.out) / "sounds").glob("*.wav"))
-    print(f"{len(samples)} prompts, {len(pictures)} pictures, {len(sounds)} sounds: {Path(args.out) / 'outputs.jsonl'}")
-    for media in [*pictures, *sounds]:
+    videos = sorted((Path(args.out) / "videos").glob("*.mp4"))
+    print(f"{len(samples)} prompts, {len(pictures)} pictures, {len(sounds)} sounds, {len(videos)} videos: "
+          f"{Path(args.out) / 'outputs.jsonl'}")  # fmt: skip
+    for media in [*pictures, *sounds, *videos]:
         print(f"  {media}")
     print(f"page: {page}")
     return 0

@@ -59,7 +59,7 @@ class HeldOutSet:
                     f"held-out source {name} ({cfg.sources[name].path}) has vocabulary layout {manifest.vocab}, "
                     f"the training data {vocab}: build it with the training run's tokenizers"
                 )
-        Packer(cfg.seq_len, vocab, 1)  # checks seq_len now rather than at the first validation
+        Packer(cfg.seq_len, vocab, list(cfg.sources))  # checks seq_len now rather than at the first validation
         self.names, self.vocab = list(cfg.sources), vocab
         self.streams: dict[str, SourceStream] = {}
 
@@ -73,7 +73,7 @@ class HeldOutSet:
         )  # fmt: skip
         self.streams[name] = stream
         documents = ((0, document) for document in self._readable(stream))
-        packer = Packer(self.cfg.seq_len, self.vocab, 1)
+        packer = Packer(self.cfg.seq_len, self.vocab, [name])
         produced = 0
         while self.max_batches is None or produced < self.max_batches:
             rows = []
@@ -110,6 +110,7 @@ class HeldOutSet:
             "input_ids": torch.full(shape, self.vocab.pad, dtype=torch.long),
             "labels": torch.full(shape, IGNORE_INDEX, dtype=torch.long),
             "doc_ids": torch.full(shape, -1, dtype=torch.long),  # padding, as the Packer numbers it
+            "in_video": torch.zeros(shape, dtype=torch.bool),
         }
         for i, row in enumerate(rows):
             for key, values in batch.items():

@@ -171,7 +171,7 @@ class MixtureDataset(IterableDataset):
         if unchecked and cfg.verify_checksums and rank == 0:
             log.warning("sources %s were built before samples carried checksums: read without verification; "
                         "rebuild their shards to have every read checked", unchecked)  # fmt: skip
-        Packer(cfg.seq_len, self.vocab, len(self.names))  # checks seq_len before any worker starts
+        Packer(cfg.seq_len, self.vocab, self.names)  # checks seq_len before any worker starts
         self.reads = ReadBoard(cfg.num_workers)
         self._pending_state: dict | None = None
         self._continued: dict | None = None  # per source, where readers of another split left off
@@ -203,7 +203,7 @@ class MixtureDataset(IterableDataset):
         # Cumulative draw probabilities: a source is where a uniform number falls (unusable ones have no width).
         self.draw = np.cumsum(np.where(usable, self.probabilities, 0.0))
         self.rng = np.random.default_rng([self.cfg.seed, reader, readers])
-        self.packer = Packer(self.cfg.seq_len, self.vocab, len(self.names))
+        self.packer = Packer(self.cfg.seq_len, self.vocab, self.names)
         if self._pending_state is not None:
             self._restore(self._pending_state)
         if self._continued is not None:

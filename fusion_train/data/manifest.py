@@ -88,6 +88,8 @@ class Manifest:
     answer_tokens_by_modality: dict[str, int] = field(default_factory=dict)
     answer_tokens_by_source: dict[str, dict[str, int]] = field(default_factory=dict)
     over_length: dict[str, int] = field(default_factory=dict)
+    # Videos (in any kind): how many, their frames, and those without sound (kept, silent).
+    videos: dict[str, int] = field(default_factory=dict)
 
     @property
     def samples(self) -> int:
@@ -133,7 +135,8 @@ class Manifest:
         return manifest
 
 
-COUNTS = ("tokens_by_modality", "skipped", "answer_tokens_by_modality", "answer_tokens_by_source", "over_length")
+COUNTS = ("tokens_by_modality", "skipped", "answer_tokens_by_modality", "answer_tokens_by_source", "over_length",
+          "videos")  # fmt: skip
 
 
 def _add(into: dict, added: dict) -> None:

@@ -9,16 +9,22 @@ Per row of a batch, a small state machine over the vocabulary layout:
 - **audio**: the prompt ends with `<begin-audio>`; codes follow frame by frame, each position
   admitting only its residual level's codes; `<end-audio>` may follow any whole frame, and is forced
   when the budget leaves room for no further frame; then the row is done.
+- **video**: the prompt ends inside an open video block (after `<begin-video>` and its header, or
+  after the chunks of a video to continue); the rest follows a script: per frame `<racm3:break>`,
+  `grid²` image codes, `<eoss>`, then, for a video with sound, `<begin-audio>`, the frame's span of
+  audio frames level by level, `<end-audio>`; `<end-video>` after the last frame. Markers are
+  forced, codes sampled among their kind; the row is done after `<end-video>`.
 - **interleaved**: text as above, plus `<racm3:break>` while a whole image block still fits in the
   row's budget, and (in a layout with audio) `<begin-audio>` while a frame and the end still fit;
   after either the row is in that block and then back in text.
 
-A row is finished at a stop id, at the end of its image or clip (image and audio modes) or when its
-budget is spent.
+A row is finished at a stop id, at the end of its image, clip or video (image, audio and video
+modes) or when its budget is spent.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import Enum
 
 import torch
@@ -30,7 +36,29 @@ class Mode(str, Enum):
     TEXT = "text"
     IMAGE = "image"
     AUDIO = "audio"
+    VIDEO = "video"
     INTERLEAVED = "interleaved"
+
+
+@dataclass(frozen=True)
+class VideoPlan:
+    """What a video-mode request makes: `frames` more frames, each with `clip_codes` audio frames of
+    sound (0: a silent video)."""
+
+    frames: int
+    clip_codes: int = 0
+
+
+IMAGE_CODE = -1  # a script entry: an image code; -2 - q: a code of audio level q; an id >= 0: that id
+
+
+def video_script(vocab: VocabLayout, plan: VideoPlan) -> torch.Tensor:
+    """The video layout's positions from the open block on: the ids to force and the kinds of code."""
+    frame = [vocab.begin_of_image, *[IMAGE_CODE] * vocab.image_tokens, vocab.end_of_image]
+    if plan.clip_codes:
+        levels = [IMAGE_CODE - 1 - level for level in range(vocab.audio_levels)]
+        frame += [vocab.begin_of_audio, *levels * plan.clip_codes, vocab.end_of_audio]
+    return torch.tensor(frame * plan.frames + [vocab.end_of_video])
 
 
 def stop_ids(vocab: VocabLayout) -> tuple[int, int]:
@@ -46,13 +74,16 @@ def text_ids(vocab: VocabLayout, device: torch.device | str = "cpu") -> torch.Te
 
 
 class ModalityConstraints:
-    def __init__(self, vocab: VocabLayout, modes: list[Mode], budgets: list[int], device: torch.device | str = "cpu"):
-        """`budgets`: tokens each row may still emit (max_new_tokens, less where the context ends)."""
+    def __init__(self, vocab: VocabLayout, modes: list[Mode], budgets: list[int], device: torch.device | str = "cpu",
+                 scripts: list[torch.Tensor | None] | None = None):  # fmt: skip
+        """`budgets`: tokens each row may still emit (max_new_tokens, less where the context ends);
+        `scripts`: each video-mode row's `video_script` (its budget is the script's length)."""
         self.vocab = vocab
         self.image_tokens, self.levels = vocab.image_tokens, vocab.audio_levels
         modes = [Mode(m) for m in modes]
         if Mode.AUDIO in modes and not vocab.audio_ids:
             raise ValueError("audio mode: the model's vocabulary has no audio codes")
+        self._video(modes, scripts or [None] * len(modes), device)
         needs = {Mode.IMAGE: (vocab.image_tokens + 1, f"{vocab.image_tokens} codes and <eoss>"),
                  Mode.AUDIO: (self.levels + 1, f"a frame of {self.levels} codes and <end-audio>")}  # fmt: skip
         for mode, (least, what) in needs.items():
@@ -75,6 +106,31 @@ class ModalityConstraints:
                                         map(vocab.audio_level_range, range(self.levels))]) if self.levels else None  # fmt: skip
         self.stops = torch.tensor(stop_ids(vocab), device=device)
 
+    def _video(self, modes: list[Mode], scripts: list[torch.Tensor | None], device) -> None:
+        """The video rows' scripts, padded into one table, and what each kind of code may be."""
+        self.video_mode = self._rows(modes, Mode.VIDEO, device)
+        length = max((len(s) for s in scripts if s is not None), default=0)
+        self.scripts = torch.full((len(modes), length), self.vocab.pad, dtype=torch.long, device=device)
+        for row, script in enumerate(scripts):
+            if script is not None:
+                self.scripts[row, : len(script)] = script.to(device)
+        ids = torch.arange(self.vocab.vocab_size, device=device)
+        self.code_kinds = torch.stack([self.vocab.modality_mask(Modality.IMAGE, device)] + [
+            (ids >= start) & (ids < end) for start, end in map(self.vocab.audio_level_range, range(self.levels))])  # fmt: skip
+        self.position = torch.zeros(len(modes), dtype=torch.long, device=device)
+
+    def _follow_scripts(self, allowed: torch.Tensor) -> None:
+        """Each video row's next position: its forced id, or the codes of its kind."""
+        rows = self.video_mode & ~self.finished
+        if not rows.any():
+            return
+        step = self.scripts[rows, self.position[rows]]
+        forced = step >= 0
+        masks = self.code_kinds[(IMAGE_CODE - step).clamp(min=0)]
+        masks[forced] = False
+        masks[forced.nonzero().flatten(), step[forced]] = True
+        allowed[rows] = masks
+
     @staticmethod
     def _rows(modes: list[Mode], mode: Mode, device) -> torch.Tensor:
         return torch.tensor([m == mode for m in modes], device=device)
@@ -92,6 +148,7 @@ class ModalityConstraints:
         allowed[may_open, v.begin_of_image] = True
         if self.levels:
             self._audio(allowed, outside)
+        self._follow_scripts(allowed)
         allowed[self.finished] = False
         allowed[self.finished, v.pad] = True
         return allowed
@@ -118,6 +175,7 @@ class ModalityConstraints:
         v = self.vocab
         emitted = ~self.finished
         self.remaining -= emitted.long()
+        self.position += emitted.long()
         is_code = (tokens >= v.image_code_start) & (tokens < v.image_code_end)
         is_code |= (tokens >= v.audio_code_start) & (tokens < v.vocab_size)
         self.codes_done += (emitted & is_code).long()
@@ -128,6 +186,7 @@ class ModalityConstraints:
         self.in_audio = (self.in_audio | opened_audio) & ~closed
         self.codes_done[opened_image | opened_audio | closed] = 0
         stopped = torch.isin(tokens, self.stops) | (closed & (self.image_mode | self.audio_mode))
+        stopped |= self.video_mode & (tokens == v.end_of_video)
         self.finished = self.finished | (emitted & stopped) | (self.remaining <= 0)
         return emitted
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from fusion_train.generate.constraints import ModalityConstraints, Mode
+from fusion_train.generate.constraints import ModalityConstraints, Mode, VideoPlan, video_script
 from fusion_train.generate.guidance import STREAMS, Guidance, combine, guidance_prompts
 from fusion_train.generate.sampling import Sampling, next_tokens
 from fusion_train.model.kv_cache import KVCache
@@ -23,14 +23,16 @@ from fusion_train.vocab import VocabLayout
 
 @dataclass
 class Request:
-    prompt: list[int]  # ids from `<s>`; in image mode ending with `<racm3:break>`
+    prompt: list[int]  # ids from `<s>`; in image mode ending with `<racm3:break>`, in video mode inside a video
     mode: Mode = Mode.TEXT
+    video: VideoPlan | None = None  # what a video-mode request makes
 
 
 @dataclass
 class Generation:
     tokens: list[int]  # the generated ids, the prompt not included
-    stop: str  # end_of_sequence, end_of_turn, image_done, audio_done, stop_sequence, max_new_tokens or context_full
+    stop: str  # end_of_sequence, end_of_turn, image_done, audio_done, video_done, stop_sequence, max_new_tokens
+    # or context_full
 
 
 class Generator:
@@ -51,13 +53,16 @@ class Generator:
         """`max_new_tokens` bounds text and interleaved requests; an image-mode request is its
         picture's codes and `<eoss>`. `stop_when(request index, its tokens so far)`, asked after each
         token a request emits, finishes it when True (a benchmark's stop strings)."""
-        budgets = [self._budget(i, r, max_new_tokens) for i, r in enumerate(requests)]
-        constraints = ModalityConstraints(self.vocab, [r.mode for r in requests], budgets, self.device)
+        scripts = [video_script(self.vocab, r.video) if r.mode == Mode.VIDEO else None for r in requests]
+        budgets = [
+            self._budget(i, r, max_new_tokens, s) for i, (r, s) in enumerate(zip(requests, scripts, strict=True))
+        ]
+        constraints = ModalityConstraints(self.vocab, [r.mode for r in requests], budgets, self.device, scripts)
         streams = [self._streams(r, guidance) for r in requests]
         sequences = [list(s) for request_streams in streams for s in request_streams]
         request_of_row = torch.tensor([i for i, s in enumerate(streams) for _ in s], device=self.device)
         generated: list[list[int]] = [[] for _ in requests]
-        stops = ["context_full" if b < max_new_tokens and r.mode != Mode.IMAGE else "max_new_tokens"
+        stops = ["context_full" if b < max_new_tokens and r.mode not in (Mode.IMAGE, Mode.VIDEO) else "max_new_tokens"
                  for r, b in zip(requests, budgets, strict=True)]  # fmt: skip
         rng = sampling.generator()
         logits, cache = self._prefill(sequences, max(budgets))
@@ -82,7 +87,7 @@ class Generator:
                 logits, _ = self._prefill(sequences, 0)
         return [Generation(tokens, stop) for tokens, stop in zip(generated, stops, strict=True)]
 
-    def _budget(self, index: int, request: Request, max_new_tokens: int) -> int:
+    def _budget(self, index: int, request: Request, max_new_tokens: int, script: torch.Tensor | None) -> int:
         if not request.prompt or request.prompt[0] != self.vocab.bos:
             raise ValueError(f"prompt {index} must start with <s> (id {self.vocab.bos})")
         if len(request.prompt) >= self.context:
@@ -90,14 +95,27 @@ class Generator:
                 f"prompt {index} has {len(request.prompt)} tokens: the model's context is {self.context} "
                 "(model.max_seq_len); shorten it"
             )
+        room = self.context - len(request.prompt)
+        if script is not None:
+            if len(script) > room:
+                raise ValueError(
+                    f"prompt {index}: {request.video.frames} video frames need {len(script)} tokens, and the "
+                    f"model's context (model.max_seq_len={self.context}) leaves {room} after the prompt: ask for "
+                    "fewer frames"
+                )
+            return len(script)
         wanted = self.vocab.image_tokens + 1 if request.mode == Mode.IMAGE else max_new_tokens
-        return min(wanted, self.context - len(request.prompt))
+        return min(wanted, room)
 
     def _streams(self, request: Request, guidance: Guidance | None) -> list[list[int]]:
         if request.mode == Mode.IMAGE and request.prompt[-1] != self.vocab.begin_of_image:
             raise ValueError("an image-mode prompt ends with <racm3:break>")
         if request.mode == Mode.AUDIO and request.prompt[-1] != self.vocab.begin_of_audio:
             raise ValueError("an audio-mode prompt ends with <begin-audio>")
+        if request.mode == Mode.VIDEO and not inside_video(request.prompt, self.vocab):
+            raise ValueError(
+                "a video-mode prompt ends inside a video: after <begin-video> and its header, or its chunks"
+            )
         if guidance is not None and request.mode == Mode.IMAGE:
             return guidance_prompts(request.prompt, self.vocab)
         return [request.prompt]
@@ -145,3 +163,12 @@ class Generator:
                 stops[i] = "image_done"
             elif requests[i].mode == Mode.AUDIO and token == v.end_of_audio:
                 stops[i] = "audio_done"
+            elif requests[i].mode == Mode.VIDEO and token == v.end_of_video:
+                stops[i] = "video_done"
+
+
+def inside_video(ids: list[int], vocab: VocabLayout) -> bool:
+    """Whether `ids` end in an open video block, between its chunks."""
+    opened = max((i for i, token in enumerate(ids) if token == vocab.begin_of_video), default=-1)
+    between_chunks = ids[-1] in (vocab.end_of_image, vocab.end_of_audio) or vocab.begin_of_image not in ids[opened:]
+    return opened >= 0 and vocab.end_of_video not in ids[opened:] and between_chunks

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fusion_train.vocab import Modality
+from fusion_train.vocab import LOSS_GROUPS
 
 IGNORE_INDEX = -100
 
@@ -30,7 +30,8 @@ class LossOutput(dict):
     loss_sum: the loss before the division (differentiable); sums: [sum CE, z_loss * sum log²Z,
         sum log Z, n_tokens] (detached). What the loss of a sequence split over ranks is made of.
     ce_sum_by_modality, logz_sum_by_modality, count_by_modality: sums per target modality, indexed
-        by Modality; present only when the caller gives label modalities
+        by the label modalities the caller gives (LOSS_GROUPS of them: a modality, or a modality in a
+        video); present only when it gives them
     """
 
     __setattr__ = dict.__setitem__
@@ -111,7 +112,7 @@ def reference_lm_loss(
 
 
 def _sum_by_modality(values: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
-    sums = torch.zeros(len(Modality), dtype=torch.float32, device=values.device)
+    sums = torch.zeros(LOSS_GROUPS, dtype=torch.float32, device=values.device)
     return sums.index_add_(0, modality, values.float())
 
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 import torch
 
 from fusion_train.monitor.observer import LogStep, Observer, Sum
-from fusion_train.vocab import Modality
+from fusion_train.vocab import LOSS_GROUPS, Modality
 
 
 def modality_sums() -> dict[str, Sum]:
-    """Cross-entropy, log Z and target counts per target modality, in the vocabulary's order."""
-    return {"ce": Sum(len(Modality)), "logz": Sum(len(Modality)), "count": Sum(len(Modality))}
+    """Cross-entropy, log Z and target counts per target modality, outside and inside videos (LOSS_GROUPS)."""
+    return {"ce": Sum(LOSS_GROUPS), "logz": Sum(LOSS_GROUPS), "count": Sum(LOSS_GROUPS)}
 
 
 def add_modality_sums(out, sums: dict) -> None:
@@ -22,13 +22,22 @@ def add_modality_sums(out, sums: dict) -> None:
 
 
 def modality_metrics(reduced: dict) -> dict:
-    """loss/{modality} and logits/logZ_mean_{modality} of each modality with targets."""
+    """loss/{modality} and logits/logZ_mean_{modality} of each modality with targets; where videos
+    had targets, loss/video_{modality} of theirs and loss/still_image of the images outside them."""
+    by_modality = {name: values[: len(Modality)] + values[len(Modality) :] for name, values in reduced.items()}
     metrics = {}
     for modality in Modality:
-        count = reduced["count"][modality].item()
+        count = by_modality["count"][modality].item()
         if count:
-            metrics[f"loss/{modality.key}"] = reduced["ce"][modality].item() / count
-            metrics[f"logits/logZ_mean_{modality.key}"] = reduced["logz"][modality].item() / count
+            metrics[f"loss/{modality.key}"] = by_modality["ce"][modality].item() / count
+            metrics[f"logits/logZ_mean_{modality.key}"] = by_modality["logz"][modality].item() / count
+    if reduced["count"][len(Modality) :].any():
+        for modality in Modality:
+            in_videos = reduced["count"][len(Modality) + modality].item()
+            if in_videos:
+                metrics[f"loss/video_{modality.key}"] = reduced["ce"][len(Modality) + modality].item() / in_videos
+        if reduced["count"][Modality.IMAGE].item():
+            metrics["loss/still_image"] = reduced["ce"][Modality.IMAGE].item() / reduced["count"][Modality.IMAGE].item()
     return metrics
 
 

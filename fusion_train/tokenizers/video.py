@@ -18,8 +18,10 @@ quarter of the tokens, and a quarter of the detail).
 
 from __future__ import annotations
 
+import io
 import itertools
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -66,13 +68,15 @@ class Video:
     height: int
 
 
-def read_video(path: str | Path, sampling: VideoSampling) -> Video:
+def read_video(source: str | Path | bytes, sampling: VideoSampling) -> Video:
+    """A video file (its path, or its bytes: a WebDataset member) sampled as `sampling` says."""
     import av  # FFmpeg's libraries load only when needed
 
-    if not Path(path).is_file():
+    path = f"{len(source)} bytes of video" if isinstance(source, bytes) else source
+    if not isinstance(source, bytes) and not Path(source).is_file():
         raise VideoError("missing video", f"{path} does not exist")
     try:
-        with av.open(str(path)) as container:
+        with av.open(io.BytesIO(source) if isinstance(source, bytes) else str(source)) as container:
             if not container.streams.video:
                 raise VideoError("no video stream", f"{path} has no video stream")
             stream = container.streams.video[0]
@@ -82,7 +86,7 @@ def read_video(path: str | Path, sampling: VideoSampling) -> Video:
             width, height = stream.codec_context.width, stream.codec_context.height
     except av.error.FFmpegError as err:
         raise VideoError("unreadable video", f"{path} cannot be decoded ({err})") from None
-    audio, sound = _sound(path, sampling.audio_rate)
+    audio, sound = _sound(source, sampling.audio_rate)
     return Video(frames, times, audio, sound, frame_rate, duration, width, height)
 
 
@@ -117,18 +121,23 @@ def _duration(container, stream, times: np.ndarray, frame_rate: float) -> float:
     return float(times[-1]) + (1.0 / frame_rate if frame_rate else 0.0)
 
 
-def _sound(path: str | Path, rate: int | None) -> tuple[np.ndarray | None, str]:
+def _sound(source: str | Path | bytes, rate: int | None) -> tuple[np.ndarray | None, str]:
     if rate is None:
         return None, "not asked"
     try:
-        return read_audio(path, rate), "read"
+        return read_audio(source, rate), "read"
     except AudioError as error:  # a silent or soundless video is still a video
         return None, error.reason
 
 
 def header(video: Video, sampling: VideoSampling) -> str:
     """What a video is, as the text after `<begin-video>`: its sampling rate, length and frame size."""
-    return f"{sampling.frames_per_second:g} fps, {video.duration:.1f} s, {sampling.resolution} px"
+    return header_text(sampling.frames_per_second, video.duration, sampling.resolution)
+
+
+def header_text(frames_per_second: float, seconds: float, resolution: int) -> str:
+    """ "2 fps, 4.0 s, 64 px" """
+    return f"{frames_per_second:g} fps, {seconds:.1f} s, {resolution} px"
 
 
 def tokenize_video(video: Video, sampling: VideoSampling, images: ImageTokenizer,
@@ -138,10 +147,19 @@ def tokenize_video(video: Video, sampling: VideoSampling, images: ImageTokenizer
     frames = images.encode(video.frames)
     if audio is None or video.audio is None:
         return VideoCodes(header(video, sampling), frames)
-    codes = audio.encode([video.audio])[0]  # [levels, code frames]
-    starts = [round(time * audio.cfg.frame_rate) for time in video.times[1:]]
-    bounds = [0, *(min(start, codes.shape[1]) for start in starts), codes.shape[1]]
-    return VideoCodes(header(video, sampling), frames, [codes[:, a:b] for a, b in itertools.pairwise(bounds)])
+    span = 1.0 / sampling.frames_per_second
+    sound = sound_per_frame(audio.encode([video.audio])[0], video.times, span, audio.cfg.frame_rate)
+    return VideoCodes(header(video, sampling), frames, sound)
+
+
+def sound_per_frame(codes: np.ndarray, times: np.ndarray, span: float, code_rate: float) -> list[np.ndarray]:
+    """A sound's codes [levels, code frames] (`code_rate` a second) cut at the frames' `times`:
+    each frame's clip runs to the next frame's time, the last for `span` seconds (the sampling
+    period) or to the end of the sound; the sound after it (a video cut at max_frames) is left
+    out. A cut falls between two code frames, never inside one (an audio window is never split)."""
+    ends = [round(time * code_rate) for time in [*times[1:], times[-1] + span]]
+    bounds = [0, *(min(end, codes.shape[1]) for end in ends)]
+    return [codes[:, a:b] for a, b in itertools.pairwise(bounds)]
 
 
 def parse_video_block(
@@ -168,3 +186,27 @@ def parse_video_block(
             clips.append(vocab.ids_to_audio_codes(torch.from_numpy(codes)).numpy())
         position = close + 1
     return header_ids, frames, clips
+
+
+def write_mp4(target, frames: np.ndarray, frames_per_second: float, sound: np.ndarray | None = None,
+              rate: int | None = None) -> None:  # fmt: skip
+    """Frames uint8 [N, H, W, 3] (H and W even) as H.264, each shown for 1/frames_per_second, and
+    `sound` (float32 mono at `rate`) as AAC, into an MP4 file (a path or a writable binary file)."""
+    import av
+
+    with av.open(target if not isinstance(target, str | Path) else str(target), "w", format="mp4") as container:
+        video = container.add_stream("libx264", rate=Fraction(frames_per_second).limit_denominator(1000),
+                                     options={"crf": "18"})  # fmt: skip
+        video.height, video.width = frames.shape[1:3]
+        video.pix_fmt = "yuv420p"
+        audio = None if sound is None else container.add_stream("aac", rate=rate, layout="mono")
+        for pixels in frames:
+            container.mux(video.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(pixels), format="rgb24")))
+        container.mux(video.encode())
+        if audio is not None:
+            for start in range(0, len(sound), 1024):
+                chunk = av.AudioFrame.from_ndarray(sound[None, start : start + 1024].astype(np.float32), format="flt",
+                                                   layout="mono")  # fmt: skip
+                chunk.sample_rate = rate
+                container.mux(audio.encode(chunk))
+            container.mux(audio.encode())

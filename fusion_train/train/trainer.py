@@ -41,6 +41,7 @@ from fusion_train.train.run_lock import hold_run_folder
 from fusion_train.train.sequence_parallel import SequenceParallel, SequenceParallelError
 from fusion_train.train.signals import PreemptionFlag, requeue_slurm_job
 from fusion_train.train.watchdog import COMPUTE, DATA, OPTIMIZER, Timeouts, Watchdog
+from fusion_train.vocab import loss_group
 from fusion_train.weights.training_checkpoint import read_trainer_state
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ class Trainer:
             model, cfg, self.grad_accum, other_split, self.sequence
         )
         self.preemption = PreemptionFlag()
-        self.model_inputs = ("input_ids", "labels") + (("doc_ids",) if cfg.data.document_mask else ())
+        self.model_inputs = ("input_ids", "labels", "in_video") + (("doc_ids",) if cfg.data.document_mask else ())
         self.loggers = Loggers()  # opened below, once the W&B run to continue is known
         self.observers = build_observers(self)
         self.step, self.tokens_seen, self.wandb_run_id = 0, 0, None
@@ -253,7 +254,8 @@ class Trainer:
         sequences under sequence parallelism; the loss is the whole sequences')."""
         doc_ids = batch["doc_ids"] if self.cfg.data.document_mask else None
         labels = batch["labels"]
-        inputs = self.sequence.model_inputs(batch["input_ids"], labels, doc_ids, self.vocab.modality_of(labels))
+        groups = loss_group(self.vocab.modality_of(labels), batch["in_video"])
+        inputs = self.sequence.model_inputs(batch["input_ids"], labels, doc_ids, groups)
         return self.sequence.sequence_loss(self.engine(**inputs))
 
     def score(self, batch: dict):
