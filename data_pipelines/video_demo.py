@@ -56,12 +56,12 @@ def write_video_chats(captions: Path) -> Path:
 
 
 def write_video_prompts(captions: Path) -> Path:
-    """`prompts.jsonl` beside the held-out captions: each clip's question (text mode) and its first
-    GIVEN_FRAMES frames to continue (video mode)."""
+    """`prompts.jsonl` beside the held-out captions: each clip's question (a chat, as the video chats
+    ask it) and its first GIVEN_FRAMES frames to continue (video mode)."""
     records = []
     for record in map(json.loads, captions.read_text().splitlines()):
         motion = Motion(**record["motion"])
-        records.append({"prompt": [{"video": record["video"]}, question(motion)], "mode": "text"})
+        records.append({"prompt": [{"video": record["video"]}, question(motion)], "mode": "text", "chat": True})
         records.append({"prompt": [{"video": record["video"], "frames": GIVEN_FRAMES}], "mode": "video"})
     path = captions.with_name("prompts.jsonl")
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -95,12 +95,13 @@ def make_video_demo_data(demo: dict, folder: str | Path, *, videos: int = 400, h
 def video_scores(outputs: Path, held_out_captions: Path) -> dict:
     """Of fusion-generate's outputs for the held-out prompts: the questions answered with the right
     direction, as (right, asked); for the continued clips, the share of their new frames that show
-    the shape, the mean distance (in frame widths) between where it is and where it really was, and
-    the continuations that set off in the clip's direction of travel at that time, as (right, asked)."""
+    the shape, the mean distance (in frame widths) between where it is and where it really was (and,
+    for comparison, that of a shape that stayed where the last given frame shows it), and the
+    continuations that set off in the clip's direction of travel at that time, as (right, asked)."""
     motions = {(held_out_captions.parent / r["video"]).resolve(): Motion(**r["motion"])
                for r in map(json.loads, held_out_captions.read_text().splitlines())}  # fmt: skip
     base = outputs.parent
-    answered, continued, seen, errors = [0, 0], [0, 0], [], []
+    answered, continued, seen, errors, still = [0, 0], [0, 0], [], [], []
     for record in map(json.loads, outputs.read_text().splitlines()):
         video = next(s for s in record["prompt"] if isinstance(s, dict) and "video" in s)
         motion = motions[(held_out_captions.parent / video["video"]).resolve()]
@@ -113,16 +114,18 @@ def video_scores(outputs: Path, held_out_captions: Path) -> dict:
         frames = _frames(base / clip["video"])
         given = clip["given_frames"]
         for index in range(given, len(frames)):
-            centre = shape_centre(frames[index], motion.colour)
+            centre, truth = shape_centre(frames[index], motion.colour), motion.centre(index / VIDEO_FPS)
             seen.append(centre is not None)
             if centre is not None:
-                errors.append(float(np.hypot(*np.subtract(centre, motion.centre(index / VIDEO_FPS)))))
+                errors.append(float(np.hypot(*np.subtract(centre, truth))))
+            still.append(float(np.hypot(*np.subtract(motion.centre((given - 1) / VIDEO_FPS), truth))))
         truth = _direction_at(motion, (given - 1) / VIDEO_FPS)
         continued[0] += first_direction(frames[given - 1 :], motion.colour) == truth
         continued[1] += 1
     return {"answered": tuple(answered), "continued_in_direction": tuple(continued),
             "frames_showing_the_shape": float(np.mean(seen)) if seen else 0.0,
-            "mean_position_error": float(np.mean(errors)) if errors else None}  # fmt: skip
+            "mean_position_error": float(np.mean(errors)) if errors else None,
+            "mean_position_error_if_still": float(np.mean(still)) if still else None}  # fmt: skip
 
 
 def _direction_at(motion: Motion, time: float) -> str:

@@ -371,13 +371,13 @@ def screenshot(page: Path, out: Path, width: int, height: int = 2400) -> np.ndar
     return np.asarray(Image.open(out).convert("RGB"))
 
 
-def audio_durations(page: Path) -> list[float]:
-    """The duration in seconds of each <audio> element of `page` once headless Chromium has loaded
-    and decoded its sound (NaN: it could not), read from the DOM the browser dumps."""
+def media_durations(page: Path, element: str = "audio") -> list[float]:
+    """The duration in seconds of each <audio> (or <video>) element of `page` once headless Chromium
+    has loaded and decoded it (NaN: it could not), read from the DOM the browser dumps."""
     probe = page.with_name(page.stem + "_probe.html")
     script = """<script>
     window.addEventListener("load", async () => {
-      const durations = await Promise.all([...document.querySelectorAll("audio")].map(a => new Promise(done => {
+      const durations = await Promise.all([...document.querySelectorAll("ELEMENT")].map(a => new Promise(done => {
         if (a.readyState >= 1) return done(a.duration);
         a.addEventListener("loadedmetadata", () => done(a.duration)); a.addEventListener("error", () => done(NaN));
         a.load();
@@ -385,7 +385,7 @@ def audio_durations(page: Path) -> list[float]:
       const out = document.createElement("pre"); out.id = "durations"; out.textContent = JSON.stringify(durations);
       document.body.appendChild(out);
     });</script>"""
-    probe.write_text(page.read_text().replace("</body>", script + "</body>"))
+    probe.write_text(page.read_text().replace("</body>", script.replace("ELEMENT", element) + "</body>"))
     result = subprocess.run(
         [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--autoplay-policy=no-user-gesture-required",
          "--virtual-time-budget=10000", "--dump-dom", probe.as_uri()],

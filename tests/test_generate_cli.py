@@ -7,13 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import av
 import pytest
 import soundfile
 import torch
 from PIL import Image
 from transformers import ChameleonForConditionalGeneration
 
-from conftest import audio_durations
+from conftest import media_durations
 from data_pipelines.train_audio_tokenizer import small_config as small_codec_config
 from fusion_train.commands.convert import main as convert_main
 from fusion_train.commands.generate import main as generate_main
@@ -112,22 +113,27 @@ def test_commands_say_only_their_own_words_and_mode_is_the_default_of_records_wi
     assert "Processing zero checkpoint" not in result.stdout + result.stderr  # below the log's level
 
 
-def test_audio_mode_gives_the_same_codes_and_wav_with_and_without_the_cache_and_the_page_plays_it(
-    checkpoint, demo_data, tmp_path
+def test_audio_and_video_modes_give_the_same_codes_and_files_with_and_without_the_cache_and_the_page_plays_them(
+    checkpoint, demo_data, demo_videos, tmp_path
 ):
-    """A sound asked for and a sound described; the clip the same id for id and byte for byte
-    whether the KV cache is used or every position recomputed; the page's <audio> elements (the
-    prompt's clip and the generated one) play in headless Chromium for as long as their WAVs last."""
+    """A sound asked for and a sound described; a clip of a held-out video continued by a frame and
+    a clip asked for by its caption (2 frames a second, with sound). Each the same id for id and
+    byte for byte whether the KV cache is used or every position recomputed; the MP4s decode again
+    to their frames, duration and sound; the page's <audio> and <video> elements play in headless
+    Chromium for as long as their files last."""
     clip = next((Path(demo_data["folder"]) / "held_out_sounds" / "sounds").glob("*.wav"))
+    video = Path(demo_videos["held_out"]).parent / "videos" / "00000.mp4"
     prompts = tmp_path / "prompts.jsonl"
     records = [{"prompt": ["Play two low notes then a high one."], "mode": "audio"},
-               {"prompt": [{"audio": str(clip)}, "This sound is"], "mode": "text"}]  # fmt: skip
+               {"prompt": [{"audio": str(clip)}, "This sound is"], "mode": "text"},
+               {"prompt": [{"video": str(video), "frames": 1}], "mode": "video", "frames": 2},
+               {"prompt": ["Show a red circle that moves right."], "mode": "video"}]  # fmt: skip
     prompts.write_text("".join(json.dumps(r) + "\n" for r in records))
     outs = {}
     for name, flags in (("cached", []), ("recomputed", ["--no-cache"])):
         outs[name] = tmp_path / name
         assert generate_main([str(checkpoint), "--prompts", str(prompts), "--greedy", "--max-new-tokens", "41",
-                              "--out", str(outs[name]), *flags]) == 0  # fmt: skip
+                              "--video-fps", "2", "--video-frames", "1", "--out", str(outs[name]), *flags]) == 0  # fmt: skip
     cached, recomputed = _outputs(outs["cached"]), _outputs(outs["recomputed"])
     [played] = [s for s in cached[0]["output"] if "audio" in s]
     assert cached == recomputed and cached[0]["stop"] in ("audio_done", "max_new_tokens")
@@ -137,8 +143,23 @@ def test_audio_mode_gives_the_same_codes_and_wav_with_and_without_the_cache_and_
     assert wavs[0] == wavs[1]
     samples, rate = soundfile.read(outs["cached"] / played["audio"])
     assert rate == 8000 and len(samples) == frames * 160
-    durations = audio_durations(outs["cached"] / "index.html")
+
+    # A frame is 66 ids, its half second of sound 52: 118 a chunk, and <end-video>.
+    clips = [next(s for s in record["output"] if "video" in s) for record in cached[2:]]
+    assert [(r["stop"], r["new_tokens"]) for r in cached[2:]] == [("video_done", 119)] * 2
+    assert [(c["frames"], c["given_frames"], c["sound"]) for c in clips] == [(2, 1, True), (1, 0, True)]
+    for made in clips:
+        assert (outs["cached"] / made["video"]).read_bytes() == (outs["recomputed"] / made["video"]).read_bytes()
+        with av.open(str(outs["cached"] / made["video"])) as container:
+            assert len(list(container.decode(video=0))) == made["frames"]
+            assert container.streams.video[0].average_rate == 2 and len(container.streams.audio) == 1
+            assert container.duration / 1e6 == pytest.approx(made["frames"] / 2, abs=0.15)
+        assert Image.open(outs["cached"] / made["poster"]).size == (64, 64)
+    page = outs["cached"] / "index.html"
+    durations = media_durations(page)
     assert durations == pytest.approx([frames * 160 / 8000, soundfile.info(clip).duration], abs=1e-3)
+    with av.open(str(video)) as given:
+        assert media_durations(page, "video") == pytest.approx([given.duration / 1e6, 1.0, 0.5], abs=0.15)
 
 
 def test_fusion_convert_says_only_what_it_wrote_and_a_flag_that_cannot_apply_is_an_error(checkpoint, tmp_path, capsys):

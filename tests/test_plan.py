@@ -120,3 +120,27 @@ def test_an_untied_plan_on_the_demo_shards_counts_a_copy_per_modality_they_have(
     cfg = load_config(["model=tiny", "model.vocab_size=4608", "+untie=all"]).model
     three = dataclasses.replace(cfg, image_token_ids=[4, 516], audio_token_ids=[4096, 4608])
     assert plan["parameters"] == parameter_counts(three).total == sum(p.numel() for p in Chameleon(three).parameters())
+
+
+def test_a_plan_on_video_shards_says_what_a_second_of_video_costs_and_a_chunk_that_cannot_fit(
+    demo_data, demo_videos, tmp_path, capsys
+):
+    """The video demo's clips: 2 frames a second of a 66-id frame and 52 ids of sound; at
+    data.seq_len=1024 a sequence holds 4.3 s and a clip with its caption about one sequence; at 100
+    a chunk does not fit, which the plan says before any training."""
+    from conftest import train_overrides
+
+    video = f"+data.sources.video.path={demo_videos['shards']['video_text']}"
+    for seq_len in (1024, 100):
+        overrides = ["--plan", "--gpus", "2", *train_overrides(demo_data, tmp_path), video, f"data.seq_len={seq_len}",
+                     "trainer.global_batch_tokens=8192"]  # fmt: skip
+        assert train_main(overrides) == 0
+        [lengths] = json.loads((tmp_path / "plan.json").read_text())["videos"]
+        assert lengths["chunk_tokens"] == 118 and lengths["tokens_per_second_of_video"] == 236
+        assert lengths["frames_per_video"] == 8 and lengths["chunk_fits"] == (seq_len == 1024)
+    assert lengths["seconds_per_sequence"] == round(100 / 236, 2)
+    printed = capsys.readouterr().out
+    assert (
+        "video source video: 2 fps, a chunk (frame and its sound) 118 tokens = 236 tokens a second of video" in printed
+    )
+    assert "A CHUNK DOES NOT FIT data.seq_len=100" in printed

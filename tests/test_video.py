@@ -1,12 +1,26 @@
 """Reading video (fusion_train/tokenizers/video.py) on clips made here with PyAV: a red square moving
 left to right on white for 3 s at 10 frames a second, with a 440 Hz tone."""
 
+import dataclasses
+import io
+import json
+import tarfile
+from pathlib import Path
+
 import av
 import numpy as np
 import pytest
 import soundfile
+import webdataset as wds
 
-from fusion_train.tokenizers.audio import AudioTokenizer
+from data_pipelines.build import BuildSettings, build_shards
+from data_pipelines.parts import merge_manifests
+from data_pipelines.synthetic_video import Motion, shape_centre
+from data_pipelines.verify import verify_source
+from fusion_train.data.manifest import DataError, Manifest
+from fusion_train.data.packing import Packer, video_mask
+from fusion_train.data.shards import Document
+from fusion_train.tokenizers.audio import AudioTokenizer, read_audio
 from fusion_train.tokenizers.image import ImageTokenizer
 from fusion_train.tokenizers.multimodal import DocumentTokenizer
 from fusion_train.tokenizers.text import TextTokenizer
@@ -17,6 +31,7 @@ from fusion_train.tokenizers.video import (
     read_video,
     tokenize_video,
 )
+from helpers import shard_documents
 
 FPS, SECONDS, WIDTH, HEIGHT, TONE, RATE = 10, 3, 96, 64, 440.0, 16000
 
@@ -134,3 +149,99 @@ def test_a_video_tokenizes_to_its_layout_and_reads_back(tmp_path, image_tokenize
     # A video without sound: frames alone, each image block followed by the next.
     silent = DocumentTokenizer(text, vocab).video_block(tokenize_video(video, sampling, images, None))
     assert parse_video_block(silent, vocab)[2] == [] and vocab.begin_of_audio not in silent
+
+
+def test_video_shards_verify_decode_back_and_pack_across_sequences_only_between_chunks(demo_videos, demo_data):
+    """The demo's clips as built (2 frames a second, 64 px, 8 kHz sound): each sample's video block
+    holds the VQ codes of the clip's frames sampled at its times (which show the shape where it
+    was) and the codec's codes of its sound track cut at those times; packed into 128-token
+    sequences, a video continues from one to the next, cut only before a frame or after its header;
+    a chunk longer than data.seq_len is one error naming the source and the setting."""
+    folder = Path(demo_videos["shards"]["video_text"])
+    manifest = Manifest.read(folder)
+    assert manifest.videos == {"videos": 12, "frames": 96, "without_sound": 0}
+    summary, problems = verify_source(folder, workers=1)
+    assert problems == [] and summary["shards_ok"] == summary["shards"]
+    vocab = manifest.vocab
+    images, audio = ImageTokenizer.load(demo_data["image_tokenizer"]), AudioTokenizer.load(demo_data["audio_tokenizer"])
+    videos = Path(demo_videos["folder"]) / "train"
+    records = [json.loads(line) for line in (videos / "videos.jsonl").read_text().splitlines()]
+    documents, errors = [], []
+    for shard in manifest.shards:
+        for sample in wds.WebDataset(str(folder / shard.name), shardshuffle=False).decode():
+            tokens, record = sample["tokens.npy"].astype(np.int64), records[sample["json"]["record"]]
+            motion, path = Motion(**record["motion"]), record["video"]
+            documents.append(Document(tokens, None))
+            begin, end = list(tokens).index(vocab.begin_of_video), list(tokens).index(vocab.end_of_video)
+            _, frames, clips = parse_video_block(tokens[begin : end + 1], vocab)
+            assert len(frames) == len(clips) == 8 and all(c.shape == (2, 25) for c in clips)
+            # The frames are the clip's, sampled at 0, 0.5, ... 3.5 s, as the VQ encodes them.
+            sampled = read_video(videos / path, VideoSampling(2, 8, images.resolution))
+            assert np.array_equal(np.stack(frames), images.encode(sampled.frames))
+            assert sampled.times == pytest.approx(np.arange(8) / 2)
+            for index, pixels in enumerate(sampled.frames):  # what the VQ was given shows the shape where it was
+                errors.append(np.hypot(*np.subtract(shape_centre(pixels, motion.colour), motion.centre(index / 2))))
+            # The clips are the clip's sound track, as the codec encodes it whole, cut at the frames.
+            sound = audio.encode([read_audio(videos / path, audio.sampling_rate)])[0]
+            assert np.array_equal(np.concatenate(clips, axis=1), sound[:, :200])
+    assert max(errors) < 0.06, errors  # a triangle's centroid is a third of its radius below its centre
+
+    packer, numbered = Packer(128, vocab, ["video_text"]), ((0, document) for document in documents)
+    sequences = list(iter(lambda: packer.next_sequence(lambda: next(numbered, None)), None))
+    going_on = 0
+    for sequence in sequences:
+        ids, in_video = sequence["input_ids"].numpy(), sequence["in_video"].numpy()
+        assert in_video[np.isin(ids, [vocab.begin_of_video, vocab.end_of_video])].all()
+        if in_video[0] and ids[0] != vocab.begin_of_video:  # a video going on from the sequence before: at a frame
+            assert ids[0] == vocab.begin_of_image
+            going_on += 1
+    assert going_on >= 6 * len(documents)
+    assert sum(int(s["in_video"].sum()) for s in sequences) == sum(
+        int(video_mask(d.tokens, vocab).sum()) for d in documents
+    )
+    with pytest.raises(DataError, match=r"data source 'video_text': a video chunk \(a frame and the sound of its span\) "
+                                        r"of 118 tokens does not fit data.seq_len=100"):  # fmt: skip
+        Packer(100, vocab, ["video_text"]).next_sequence(lambda: (0, documents[0]))
+
+
+def test_video_text_from_video2dataset_tars_with_unusable_videos_counted(image_tokenizer_path, audio_tokenizers,
+                                                                         tmp_path):  # fmt: skip
+    """video2dataset's layout (KEY.mp4 + KEY.json with its caption, KEY.txt too): good clips, a silent
+    one (kept, and counted as without sound), a truncated MP4 and one without a caption (skipped,
+    counted by reason); two parts merged, and frames encoded in the main process, equal the whole; a
+    sampling rate of 0 is refused."""
+    clip, silent = tmp_path / "clip.mp4", tmp_path / "silent.mp4"
+    make_clip(clip)
+    make_clip(silent, sound=False, codec="mpeg4")
+    members = {
+        "a.mp4": clip.read_bytes(), "a.json": json.dumps({"caption": "a red square moves right"}).encode(),
+        "b.mp4": silent.read_bytes(), "b.txt": b"a silent red square",
+        "c.mp4": clip.read_bytes()[:2000], "c.txt": b"cut short",
+        "d.webm": clip.read_bytes(), "d.json": b'{"url": "no caption here"}',
+        "e.mp4": clip.read_bytes(), "e.txt": b"the same clip again",
+    }  # fmt: skip
+    tars = []
+    for number, names in enumerate((["a", "b", "c"], ["d", "e"])):
+        tars.append(tmp_path / f"{number:05d}.tar")
+        with tarfile.open(tars[-1], "w") as tar:
+            for name, payload in members.items():
+                if name.split(".")[0] in names:
+                    info = tarfile.TarInfo(name)
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    settings = BuildSettings("video-text", audio_tokenizers[1], image_tokenizer_path, audio_tokenizer=audio_tokenizers[0],
+                             video_fps=2, max_video_frames=4)  # fmt: skip
+    manifest = build_shards(settings, tars, tmp_path / "whole", workers=0)
+    assert manifest.samples == 3 and manifest.skipped == {"missing_caption": 1, "unreadable_video": 1}
+    assert manifest.videos == {"videos": 3, "frames": 12, "without_sound": 1}
+    assert manifest.options == {"video_fps": 2, "max_video_frames": 4}
+    for part in range(2):
+        build_shards(settings, tars, tmp_path / "parts", part=part, parts=2, workers=0)
+    merged = merge_manifests(tmp_path / "parts")
+    whole = shard_documents(tmp_path / "whole")
+    assert merged.videos == manifest.videos and shard_documents(tmp_path / "parts") == whole
+    # Decoded in a worker, encoded in the main process in batches over chunks (a GPU's way): the same shards.
+    build_shards(dataclasses.replace(settings, encode_in="main"), tars, tmp_path / "main", workers=1)
+    assert shard_documents(tmp_path / "main") == whole
+    with pytest.raises(DataError, match="--video-fps 0 --max-video-frames 4: both must be positive"):
+        BuildSettings("video-text", audio_tokenizers[1], image_tokenizer_path, video_fps=0, max_video_frames=4)

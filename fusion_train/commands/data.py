@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
@@ -20,6 +21,7 @@ from data_pipelines.sft import OVER_LENGTH
 from data_pipelines.train_audio_tokenizer import train_audio_tokenizer
 from data_pipelines.train_image_tokenizer import train_image_tokenizer
 from data_pipelines.verify import verify_source
+from data_pipelines.video_demo import make_video_demo_data
 from fusion_train.data.manifest import DataError, Manifest
 from fusion_train.storage import WriteFailed
 from fusion_train.tokenizers.audio import AudioTokenizer
@@ -96,6 +98,16 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--audio-steps", type=int, default=1200, help="the audio tokenizer's training steps")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--workers", type=int, default=2)
+
+    video = commands.add_parser(
+        "make-video-demo", help="the video demo's clips, chats and shards, with the demo's tokenizers (make it first)"
+    )
+    video.add_argument("--demo", default="demo", help="the make-demo-data folder whose tokenizers encode the clips")
+    video.add_argument("--output", default="demo/video")
+    video.add_argument("--videos", type=int, default=400, help="training clips (4 s each)")
+    video.add_argument("--held-out", type=int, default=20, help="clips the trained model is asked about")
+    video.add_argument("--seed", type=int, default=0)
+    video.add_argument("--workers", type=int, default=2)
 
     shards = commands.add_parser("build-shards", help="tokenize records into WebDataset shards + manifest.json")
     shards.add_argument("--kind", required=True, choices=sorted(KINDS))
@@ -228,6 +240,16 @@ def _run(args: argparse.Namespace) -> dict:
             args.output, images=args.images, vq_steps=args.vq_steps, sounds=args.sounds, audio_steps=args.audio_steps,
             seed=args.seed, workers=args.workers,
         )  # fmt: skip
+    if args.command == "make-video-demo":
+        tokenizers = Path(args.demo) / "tokenizers"
+        demo = {"text_tokenizer": str(tokenizers / "text.model"), "image_tokenizer": str(tokenizers / "vq" / "vqgan.ckpt"),
+                "audio_tokenizer": str(tokenizers / "audio")}  # fmt: skip
+        missing = [path for path in demo.values() if not Path(path).exists()]
+        if missing:
+            raise DataError(f"{', '.join(missing)} not found: make the demo's data first (fusion-data make-demo-data "
+                            f"--output {args.demo}, or make demo)")  # fmt: skip
+        return make_video_demo_data(demo, args.output, videos=args.videos, held_out=args.held_out, seed=args.seed,
+                                    workers=args.workers)  # fmt: skip
     if args.command == "merge-manifests":
         return _summary(merge_manifests(args.output))
     if args.command == "sft-balance":

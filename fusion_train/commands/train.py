@@ -13,7 +13,7 @@ from fusion_train.lab.sweep import SweepInterrupted, default_launcher, expand, f
 from fusion_train.train import failure
 from fusion_train.train.config import ConfigError, compose_config, load_config, validate
 from fusion_train.train.config_help import describe
-from fusion_train.train.plan import bind_to_shards_here, make_plan, render, write_plan
+from fusion_train.train.plan import bind_to_shards_here, make_plan, render, video_lengths, write_plan
 from fusion_train.train.run import START_ERRORS, prepare_process, run_training
 
 TRAIN_USAGE = """fusion-train [--config-dir DIR] [--cfg job|hydra|all [-p KEY]] [-m [--nproc N]] [HYDRA OVERRIDES...]
@@ -126,7 +126,7 @@ def _multirun(args: argparse.Namespace) -> int:
 
 def _print_plan(cfg, gpus: int) -> int:
     bind_to_shards_here(cfg)
-    plan = make_plan(cfg, gpus)
+    plan = {**make_plan(cfg, gpus), "videos": video_lengths(cfg)}
     print(render(plan))
     print(f"wrote {write_plan(plan, Path(cfg.trainer.run_dir))}")
     return 0

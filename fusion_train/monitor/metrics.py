@@ -24,7 +24,7 @@ def add_modality_sums(out, sums: dict) -> None:
 def modality_metrics(reduced: dict) -> dict:
     """loss/{modality} and logits/logZ_mean_{modality} of each modality with targets; where videos
     had targets, loss/video_{modality} of theirs and loss/still_image of the images outside them."""
-    by_modality = {name: values[: len(Modality)] + values[len(Modality) :] for name, values in reduced.items()}
+    by_modality = {name: reduced[name][: len(Modality)] + reduced[name][len(Modality) :] for name in modality_sums()}
     metrics = {}
     for modality in Modality:
         count = by_modality["count"][modality].item()

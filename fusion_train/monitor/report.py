@@ -167,7 +167,8 @@ def indexed_keys(rows: list[dict], pattern: re.Pattern) -> list[str]:
 
 def losses_plot(run: Run):
     keys = [("loss/total", "total")] + [(f"loss/{m}", m) for m in MODALITIES]
-    figure = line_plot(run, keys, "Training loss by target modality", "cross-entropy (nats)")
+    keys += [(f"loss/video_{m}", f"{m} in videos") for m in MODALITIES] + [("loss/still_image", "still images")]
+    figure = line_plot(run, keys, "Training loss by target modality (and in videos)", "cross-entropy (nats)")
     x, y = series(run.evals, "eval/loss")
     if x:
         figure.axes[0].plot(x, y, "o-", color="black", label="validation", markersize=4)

@@ -13,6 +13,9 @@ gradient for one chunk; document masking through SDPA its dense [B, 1, T, T] boo
 block mask is T²/128² times smaller). Not counted: the CUDA context and allocator slack (keep a few
 GB free).
 
+Video sources (their manifests, where readable here) add what a video costs: tokens per time chunk
+and per second at the shards' settings, the seconds a sequence holds, the sequences a sample spans.
+
 Under sequence parallelism (trainer.sequence_parallel=N) each rank holds seq_len / N positions of a
 sequence: activations and the loss's chunk are counted for those; the document mask stays the whole
 sequence's (the attention kernel sees all of it); data parallelism is the GPUs / N. Each block's
@@ -29,6 +32,7 @@ from pathlib import Path
 from fusion_train.data.manifest import DataError, Manifest
 from fusion_train.model.chameleon import ChameleonConfig
 from fusion_train.model.size import flops_per_token, largest_module_parameters, parameters_by_group
+from fusion_train.tokenizers.audio import audio_config
 from fusion_train.train.config import TrainConfig, bind_to_vocabulary, gradient_accumulation_steps
 from fusion_train.train.sequence_parallel import SequenceParallelError, check_layout
 
@@ -207,7 +211,7 @@ def render(plan: dict) -> str:
         f"{plan['parameters'] / 1e9:.2f}B parameters ({', '.join(f'{g} {n / 1e9:.2f}B' for g, n in plan['parameters_by_group'].items())})\n"
         f"{plan['flops_per_token'] / 1e9:.1f} GFLOP per token; {plan['tokens_per_step']:,} tokens per step = "
         f"{plan['micro_batch_size']} x {plan['seq_len']} tokens x {plan['data_parallel']} data-parallel ranks x "
-        f"{plan['gradient_accumulation_steps']} micro-steps\n{sequence_line(plan)}"
+        f"{plan['gradient_accumulation_steps']} micro-steps\n{sequence_line(plan)}{video_lines(plan)}"
         f"memory per GPU, ZeRO-{plan['zero_stage']}, activation checkpointing {'on' if plan['activation_checkpointing'] else 'off'}:\n"
         f"{memory_lines}\n  {'total':<22} {plan['memory_gb_per_gpu_total']:8.2f} GB of {plan['gpu_memory_gb']:g}: {verdict}\n"
         f"one checkpoint: {plan['checkpoint_gb']:,.2f} GB on disk (weights, fp32 master weights and Adam's moments)\n"
@@ -234,6 +238,48 @@ def bind_to_shards_here(cfg: TrainConfig) -> None:
             continue
         bind_to_vocabulary(cfg.model, vocab)
         return
+
+
+def video_lengths(cfg: TrainConfig) -> list[dict]:
+    """For each training source with videos whose manifest is readable here: what a time chunk (a
+    frame and its sound) costs at the shards' settings, the seconds of video a sequence holds, how
+    many sequences a sample spans, and whether a chunk fits data.seq_len at all."""
+    lengths = []
+    for name, source in cfg.data.sources.items():
+        try:
+            manifest = Manifest.read(source.path)
+        except DataError:
+            continue
+        if not manifest.videos.get("videos"):
+            continue
+        fps = manifest.options.get("video_fps", 1.0)
+        audio = manifest.tokenizer_paths.get("audio")
+        with_sound = audio and manifest.videos["without_sound"] < manifest.videos["videos"]
+        sound = 2 + manifest.vocab.audio_levels * round(audio_config(audio).frame_rate / fps) if with_sound else 0
+        chunk = manifest.vocab.image_block_length + sound
+        per_sample = sum(manifest.tokens_by_modality.values()) / manifest.samples
+        lengths.append({
+            "source": name, "frames_per_second": fps, "chunk_tokens": chunk, "tokens_per_second_of_video": chunk * fps,
+            "frames_per_video": round(manifest.videos["frames"] / manifest.videos["videos"], 1),
+            "seconds_per_sequence": round(cfg.data.seq_len / (chunk * fps), 2),
+            "tokens_per_sample": round(per_sample), "sequences_per_sample": round(per_sample / cfg.data.seq_len, 2),
+            "chunk_fits": chunk <= cfg.data.seq_len,
+        })  # fmt: skip
+    return lengths
+
+
+def video_lines(plan: dict) -> str:
+    lines = []
+    for v in plan.get("videos", []):
+        fit = "" if v["chunk_fits"] else (f" A CHUNK DOES NOT FIT data.seq_len={plan['seq_len']}: raise it (sequence "
+                                          "parallelism makes room) or rebuild at a higher --video-fps")  # fmt: skip
+        lines.append(
+            f"video source {v['source']}: {v['frames_per_second']:g} fps, a chunk (frame and its sound) "
+            f"{v['chunk_tokens']:,} tokens = {v['tokens_per_second_of_video']:,.0f} tokens a second of video; a "
+            f"sequence holds {v['seconds_per_sequence']:g} s; its samples average {v['tokens_per_sample']:,} tokens "
+            f"({v['sequences_per_sample']:g} sequences, {v['frames_per_video']:g} frames a video).{fit}\n"
+        )
+    return "".join(lines)
 
 
 def write_plan(plan: dict, folder: Path) -> Path:
