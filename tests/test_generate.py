@@ -5,10 +5,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fusion_train.generate.constraints import ModalityConstraints, Mode, text_ids
+from fusion_train.generate.constraints import ModalityConstraints, Mode, VideoPlan, text_ids, video_script
 from fusion_train.generate.generator import Generator, Request
 from fusion_train.generate.guidance import Guidance, combine, guidance_prompts
 from fusion_train.generate.sampling import Sampling, filter_top_k_top_p
+from fusion_train.tokenizers.video import parse_video_block
 from fusion_train.vocab import Modality
 from helpers import AUDIO_VOCAB, randomized_model, small_config
 
@@ -100,7 +101,7 @@ def _forbidden_report(mode: Mode, tokens: list[int]) -> str | None:
 
 @settings(max_examples=60, deadline=None)
 @given(
-    modes=st.lists(st.sampled_from(list(Mode)), min_size=1, max_size=4),
+    modes=st.lists(st.sampled_from([m for m in Mode if m != Mode.VIDEO]), min_size=1, max_size=4),
     budget=st.integers(min_value=VOCAB.image_tokens + 1, max_value=80),
     seed=st.integers(min_value=0, max_value=2**31),
     image_bias=st.floats(min_value=0.0, max_value=8.0),
@@ -124,6 +125,34 @@ def test_constrained_decoding_never_emits_a_forbidden_id(modes, budget, seed, im
             assert len(tokens) == VOCAB.image_tokens + 1 and tokens[-1] == VOCAB.end_of_image
         if mode == Mode.AUDIO:
             assert tokens[-1] == VOCAB.end_of_audio and (len(tokens) - 1) % VOCAB.audio_levels == 0
+
+
+@pytest.mark.parametrize("clip_codes", [3, 0])
+def test_video_mode_makes_its_frames_and_sound_in_the_layout_beside_free_rows(clip_codes):
+    """Random logits biased towards every marker: a video row still makes exactly its frames, each an
+    image block then (with sound) a clip of `clip_codes` audio frames with each position's level, and
+    ends with <end-video>; a text row beside it is unaffected."""
+    g = torch.Generator().manual_seed(clip_codes)
+    plan = VideoPlan(frames=2, clip_codes=clip_codes)
+    script = video_script(VOCAB, plan)
+    constraints = ModalityConstraints(VOCAB, [Mode.VIDEO, Mode.TEXT], [len(script), 30], scripts=[script, None])
+    generated = [[], []]
+    bias = torch.zeros(VOCAB.vocab_size)
+    bias[VOCAB.modality_mask(Modality.SPECIAL)] = 6.0
+    while not constraints.done:
+        tokens = torch.multinomial(constraints.mask(torch.randn(2, VOCAB.vocab_size, generator=g) * 4 + bias).softmax(-1),
+                                   1, generator=g).squeeze(-1)  # fmt: skip
+        for row in constraints.advance(tokens).nonzero().flatten().tolist():
+            generated[row].append(int(tokens[row]))
+    video, text = generated
+    assert len(video) == len(script) and video[-1] == VOCAB.end_of_video
+    _, frames, clips = parse_video_block([VOCAB.begin_of_video, *video], VOCAB)
+    assert len(frames) == 2 and [c.shape for c in clips] == [(VOCAB.audio_levels, clip_codes)] * (
+        2 if clip_codes else 0
+    )
+    assert _forbidden_report(Mode.TEXT, text) is None
+    with pytest.raises(ValueError, match="video mode: row 0 has no video_script"):
+        ModalityConstraints(VOCAB, [Mode.VIDEO], [10])
 
 
 def test_generation_stops_at_end_of_sequence_and_end_of_turn():

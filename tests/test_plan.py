@@ -133,7 +133,7 @@ def test_a_plan_on_video_shards_says_what_a_second_of_video_costs_and_a_chunk_th
     video = f"+data.sources.video.path={demo_videos['shards']['video_text']}"
     for seq_len in (1024, 100):
         overrides = ["--plan", "--gpus", "2", *train_overrides(demo_data, tmp_path), video, f"data.seq_len={seq_len}",
-                     "trainer.global_batch_tokens=8192"]  # fmt: skip
+                     f"trainer.global_batch_tokens={16 * seq_len}"]  # fmt: skip
         assert train_main(overrides) == 0
         [lengths] = json.loads((tmp_path / "plan.json").read_text())["videos"]
         assert lengths["chunk_tokens"] == 118 and lengths["tokens_per_second_of_video"] == 236
