@@ -67,7 +67,9 @@ def test_bad_input_is_a_clear_error_naming_it(checkpoint, demo_data, tmp_path, c
     prompts = tmp_path / "prompts.jsonl"
     cases = [
         ([{"prompt": [{"image": "missing.png"}, "What is it?"]}], f"{prompts}, line 1: image file {tmp_path}/missing.png does not exist"),
-        ([{"prompt": ["a circle"], "mode": "video"}], f"{prompts}, line 1: mode 'video' is not one of ['text', 'image', 'audio', 'interleaved']"),
+        ([{"prompt": ["a circle"], "mode": "film"}], f"{prompts}, line 1: mode 'film' is not one of ['text', 'image', 'audio', 'video', 'interleaved']"),
+        ([{"prompt": [{"video": "missing.mp4"}], "mode": "video"}], f"{prompts}, line 1: missing video: {tmp_path}/missing.mp4 does not exist"),
+        ([{"prompt": ["a circle"], "mode": "video", "frames": 40}], "prompt 0: 40 video frames need 6721 tokens, and the model's context (model.max_seq_len=4096) leaves"),
         ([{"prompt": [{"audio": "missing.wav"}, "What is it?"]}], f"{prompts}, line 1: audio file {tmp_path}/missing.wav: missing audio"),
         ([{"prompt": ["word " * 5000]}], "prompt 0 has"),
         ([{"text": "no prompt key"}], f'{prompts}, line 1: expected {{"prompt": [segments], "mode": ...}}'),
@@ -106,7 +108,7 @@ def test_commands_say_only_their_own_words_and_mode_is_the_default_of_records_wi
     assert [o["mode"] for o in outputs] == ["image", "text"] and outputs[0]["stop"] == "image_done"
     [picture] = sorted((out / "images").glob("*.png"))
     assert result.stdout.splitlines() == [
-        f"2 prompts, 1 pictures, 0 sounds: {out / 'outputs.jsonl'}",
+        f"2 prompts, 1 pictures, 0 sounds, 0 videos: {out / 'outputs.jsonl'}",
         f"  {picture}",
         f"page: {out / 'index.html'}",
     ]

@@ -108,7 +108,9 @@ class ModalityConstraints:
 
     def _video(self, modes: list[Mode], scripts: list[torch.Tensor | None], device) -> None:
         """The video rows' scripts, padded into one table, and what each kind of code may be."""
-        unscripted = [row for row, (m, s) in enumerate(zip(modes, scripts, strict=True)) if m == Mode.VIDEO and s is None]
+        unscripted = [
+            row for row, (m, s) in enumerate(zip(modes, scripts, strict=True)) if m == Mode.VIDEO and s is None
+        ]
         if unscripted:
             raise ValueError(f"video mode: row {unscripted[0]} has no video_script (what its frames and sound are)")
         self.video_mode = self._rows(modes, Mode.VIDEO, device)

@@ -196,7 +196,7 @@ class Codec:
         try:
             return tokenize_video(read_video(path, sampling), sampling, self.images, self.audio)
         except VideoError as err:
-            raise PromptError(f"{where}: video {err}") from None
+            raise PromptError(f"{where}: {err}") from None
 
     def decode_video(self, prompt: list[int], tokens: list[int]) -> Clip:
         """The video a video-mode request made: its prompt's open video and the generated chunks."""
