@@ -36,8 +36,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
+from fusion_train.model.experts import ExpertsConfig, ModalityExperts
 from fusion_train.model.kv_cache import KVCache, LayerCache
-from fusion_train.model.loss import LossOutput, chunked_lm_loss
+from fusion_train.model.loss import LossOutput, chunked_lm_loss, loss_from_sums
 
 BLOCK_STYLES = ("prenorm", "swin")
 ATTENTION_KERNELS = ("sdpa", "flex")
@@ -82,6 +83,9 @@ class ChameleonConfig:
     untie_modalities: list[str] = field(default_factory=list)
     image_token_ids: list[int] | None = None
     audio_token_ids: list[int] | None = None
+    # Sparse feed-forward experts grouped by modality (experts.py: ExpertsConfig's fields, e.g.
+    # {per_modality: 4, top_k: 1}); null: one feed-forward (or one per modality, untied).
+    experts: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -101,11 +105,26 @@ class ChameleonConfig:
                 for name, ids in (("image", self.image_token_ids), ("audio", self.audio_token_ids))
             ],
             ("qk_norm" not in self.untie_modalities or self.qk_norm, "untie_modalities has qk_norm but qk_norm is off"),
-        ]
+            (not (self.experts and "ffn" in self.untie_modalities),
+             "experts replace the feed-forward: untie_modalities cannot also have ffn (one expert per modality is it)"),
+        ]  # fmt: skip
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"model config: {message} (got {self})")
         check_rope_scaling(self.rope_scaling)
+        self.experts_config  # noqa: B018 (checks the experts' settings now)
+
+    @property
+    def experts_config(self) -> ExpertsConfig | None:
+        try:
+            return ExpertsConfig(**self.experts) if self.experts else None
+        except TypeError as err:
+            raise ValueError(f"model.experts: {err} (settings: {sorted(ExpertsConfig.__dataclass_fields__)})") from None
+
+    @property
+    def routes_by_modality(self) -> bool:
+        """Whether the blocks see tokens grouped by modality (untied parts or expert groups)."""
+        return bool(self.untie_modalities or self.experts)
 
     @property
     def head_dim(self) -> int:
@@ -216,7 +235,7 @@ def untied_if(untie: bool, make: Callable[[], nn.Module], copies: tuple[str, ...
 
 def per_token(module: nn.Module, x: torch.Tensor, routing) -> torch.Tensor:
     """A per-token module on the tokens as `routing` lays them out."""
-    return module(x, routing) if isinstance(module, ByModality) else module(x)
+    return module(x, routing) if isinstance(module, ByModality | ModalityExperts) else module(x)
 
 
 def dense_parameter_name(name: str) -> str:
@@ -394,7 +413,10 @@ class TransformerBlock(nn.Module):
         self.swin = cfg.block_style == "swin"
         norms, copies = "norms" in cfg.untie_modalities, cfg.untied_copies
         self.attention = Attention(cfg)
-        self.feed_forward = untied_if("ffn" in cfg.untie_modalities, lambda: FeedForward(cfg), copies)
+        if cfg.experts:
+            self.feed_forward = ModalityExperts(lambda: FeedForward(cfg), cfg.dim, cfg.experts_config, copies)
+        else:
+            self.feed_forward = untied_if("ffn" in cfg.untie_modalities, lambda: FeedForward(cfg), copies)
         self.attention_norm = untied_if(norms, lambda: RMSNorm(cfg.dim, cfg.norm_eps), copies)
         self.ffn_norm = untied_if(norms, lambda: RMSNorm(cfg.dim, cfg.norm_eps), copies)
         self.dropout = nn.Dropout(cfg.dropout)
@@ -484,7 +506,7 @@ class Chameleon(nn.Module):
         if isinstance(module, RMSNorm | HeadLayerNorm):
             return torch.full(shape, 1.0 if name.endswith("weight") else 0.0)
         std = self.cfg.init_std
-        if dense_parameter_name(name).endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+        if dense_parameter_name(name).endswith(("attention.wo.weight", "w2.weight")):  # an expert's w2 too
             std /= math.sqrt(2 * self.cfg.n_layers)
         digest = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
         generator = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
@@ -511,7 +533,17 @@ class Chameleon(nn.Module):
         h = self._trunk(input_ids, positions, self.attention_mask(doc_ids, part.length, input_ids.device))
         if labels is None:
             return self.output(h[:, -logits_to_keep:] if logits_to_keep else h)
-        return self.output(h, labels=labels, label_modality=label_modality, shifted=shifted)
+        out = self.output(h, labels=labels, label_modality=label_modality, shifted=shifted)
+        return self._with_router_loss(out) if self.cfg.experts else out
+
+    def _with_router_loss(self, out: LossOutput) -> LossOutput:
+        """The language loss plus the expert routers' losses, summed over blocks (`router_loss`)."""
+        router = sum(layer.feed_forward.router_loss(self.cfg.experts_config) for layer in self.layers)
+        total = out.loss_sum + router * out.sums[3].clamp(min=1)
+        combined = loss_from_sums(total, out.sums)
+        combined.update({k: v for k, v in out.items() if k not in combined})
+        combined.router_loss = router.detach()
+        return combined
 
     def attention_mask(self, doc_ids: torch.Tensor | None, seq_len: int, device: torch.device):
         """What the attention kernel takes for a whole sequence: None (causal, SDPA), a boolean
@@ -533,7 +565,7 @@ class Chameleon(nn.Module):
         """Embeddings, blocks and the final norm: the hidden states the output layer reads."""
         cos, sin = rope_angles(self.cfg.head_dim, positions, self.cfg.rope_theta, self.cfg.rope_scaling)
         routing = SequenceOrder
-        if self.cfg.untie_modalities:
+        if self.cfg.routes_by_modality:
             routing = ModalityRouting.of(input_ids, self.cfg.untied_ranges)
         h = routing.group(self.tok_embeddings(input_ids))
         for i, layer in enumerate(self.layers):

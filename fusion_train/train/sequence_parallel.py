@@ -52,6 +52,8 @@ def check_layout(size: int, world_size: int, model: ChameleonConfig, seq_lens: d
         (model.n_kv_heads % size == 0 or size % model.n_kv_heads == 0,
          f"model.n_kv_heads={model.n_kv_heads} must divide it or be a multiple of it (fewer key/value heads than "
          "ranks are replicated, which needs whole copies)"),
+        (size == 1 or not model.experts, "model.experts cannot share a sequence over ranks yet (each rank's router "
+                                         "losses would need combining over the group): train experts at 1"),
     ]  # fmt: skip
     for ok, problem in problems:
         if not ok:

@@ -1,0 +1,169 @@
+"""Modality-aware experts (fusion_train/model/experts.py): one expert per modality is the untied
+model, equal experts are the dense model, routes stay in their modality, capacity drops what it
+says, and the load-balancing loss is the formula worked by hand."""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from fusion_train.model.chameleon import Chameleon, ChameleonConfig, FeedForward, ModalityRouting
+from fusion_train.model.experts import ExpertsConfig, ModalityExperts, route
+from fusion_train.train.config import load_config
+from fusion_train.train.sequence_parallel import SequenceParallelError, check_layout
+from helpers import AUDIO_VOCAB, small_config
+
+RANGES = dict(image_token_ids=[AUDIO_VOCAB.image_code_start, AUDIO_VOCAB.image_code_end],
+              audio_token_ids=[AUDIO_VOCAB.audio_code_start, AUDIO_VOCAB.vocab_size])  # fmt: skip
+NO_ROUTER_LOSS = {"aux_loss": 0.0, "router_z_loss": 0.0, "capacity_factor": None}
+
+
+def _config(**changes) -> ChameleonConfig:
+    return dataclasses.replace(small_config(vocab_size=AUDIO_VOCAB.vocab_size, max_seq_len=64), **RANGES, **changes)
+
+
+def _batch() -> torch.Tensor:
+    """Text, image codes and audio codes in every row."""
+    g = torch.Generator().manual_seed(0)
+    text = torch.randint(AUDIO_VOCAB.text_start, AUDIO_VOCAB.text_end, (2, 12), generator=g)
+    image = torch.randint(AUDIO_VOCAB.image_code_start, AUDIO_VOCAB.image_code_end, (2, 10), generator=g)
+    audio = torch.randint(AUDIO_VOCAB.audio_code_start, AUDIO_VOCAB.vocab_size, (2, 10), generator=g)
+    return torch.cat([text, image, text[:, :4], audio], dim=1)
+
+
+def _loss_and_grads(model, ids):
+    model.zero_grad()
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_one_expert_per_modality_is_the_untied_model_in_logits_and_gradients():
+    ids = _batch()
+    untied = Chameleon(_config(untie_modalities=["ffn"]))
+    experts = Chameleon(_config(experts={"per_modality": 1, **NO_ROUTER_LOSS}))
+    renamed = {n.replace("feed_forward.", "feed_forward.").replace(".w", ".experts.0.w", 1) if "feed_forward" in n else n: p
+               for n, p in untied.state_dict().items()}  # fmt: skip
+    missing, unexpected = experts.load_state_dict(renamed, strict=False)
+    assert unexpected == [] and all(".router." in name for name in missing)
+    torch.testing.assert_close(experts(ids), untied(ids), rtol=0, atol=0)
+    (out_u, grads_u), (out_e, grads_e) = _loss_and_grads(untied, ids), _loss_and_grads(experts, ids)
+    torch.testing.assert_close(out_e.loss, out_u.loss, rtol=0, atol=0)
+    for name, grad in grads_u.items():
+        expert_name = name.replace(".w", ".experts.0.w", 1) if "feed_forward" in name else name
+        torch.testing.assert_close(grads_e[expert_name], grad, rtol=1e-6, atol=1e-9, msg=name)
+
+
+def test_equal_experts_in_every_group_are_the_dense_model():
+    """Top-2 of 3 equal experts per modality: the dense feed-forward, whatever the router says; each
+    expert's gradient is its share of the dense one's."""
+    ids = _batch()
+    dense = Chameleon(_config())
+    experts = Chameleon(_config(experts={"per_modality": 3, "top_k": 2, **NO_ROUTER_LOSS}), seed=1)
+    state = dense.state_dict()
+    for name, value in list(state.items()):
+        if "feed_forward" in name:
+            layer, weight = name.split(".feed_forward.")
+            for group in ("text", "image", "audio"):
+                for number in range(3):
+                    state[f"{layer}.feed_forward.{group}.experts.{number}.{weight}"] = value
+            del state[name]
+    missing, _ = experts.load_state_dict(state, strict=False)
+    assert all(".router." in name for name in missing)
+    torch.testing.assert_close(experts(ids), dense(ids), rtol=1e-5, atol=1e-5)
+    (out_d, grads_d), (out_e, grads_e) = _loss_and_grads(dense, ids), _loss_and_grads(experts, ids)
+    torch.testing.assert_close(out_e.loss, out_d.loss, rtol=1e-6, atol=1e-6)
+    summed = {}
+    for name, grad in grads_e.items():
+        if ".experts." in name:
+            layer, rest = name.split(".feed_forward.")
+            key = f"{layer}.feed_forward.{rest.split('.', 3)[3]}"
+            summed[key] = summed.get(key, 0) + grad
+        else:
+            summed[name] = grad
+    for name, grad in grads_d.items():
+        torch.testing.assert_close(summed[name], grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_routes_stay_in_their_modality_and_capacity_drops_the_least_probable():
+    torch.manual_seed(0)
+    cfg = ExpertsConfig(per_modality=2, top_k=1, capacity_factor=1.0)
+    dim = _config().dim
+    layer = ModalityExperts(lambda: FeedForward(_config()), dim, cfg, ("text", "image", "audio"))
+    ids = _batch()
+    routing = ModalityRouting.of(ids, [RANGES["image_token_ids"], RANGES["audio_token_ids"]])
+    x = torch.randn(ids.numel(), dim)
+    before = layer(x, routing)
+    assert routing.counts == [32, 20, 20]
+    for routes, count in zip(layer.routes, routing.counts, strict=True):
+        assert int(routes.stats["load"].sum()) == count  # each token of the group routed inside it
+    with torch.no_grad():
+        for expert in layer.image.experts:
+            expert.w2.weight.mul_(3)
+    after = layer(x, routing)
+    image = slice(32, 52)
+    assert torch.equal(after[:32], before[:32]) and torch.equal(after[52:], before[52:])
+    assert not torch.equal(after[image], before[image])
+
+    # 10 tokens all preferring expert 0: capacity ceil(10 / 2 * 1.0) = 5 keeps the 5 most probable.
+    logits = torch.stack([torch.linspace(1, 3, 10), torch.zeros(10)], dim=1)
+    routes = route(logits, top_k=1, capacity_factor=1.0)
+    assert routes.kept.flatten().tolist() == [False] * 5 + [True] * 5
+    kept_probs = logits[5:].softmax(-1)[:, :1]  # top-1: an expert's output times its router probability
+    assert torch.equal(routes.weights[:5], torch.zeros(5, 1)) and torch.allclose(routes.weights[5:], kept_probs)
+    assert int(routes.stats["dropped"]) == 5 and route(logits, 1, None).kept.all()
+    # A dropped token's feed-forward output is nothing: it goes on in the residual stream alone.
+    group = layer.text
+    with torch.no_grad():
+        group.router.weight.zero_()
+        group.router.weight[0] = 1.0
+    tokens = torch.full((6, dim), 0.1) * torch.arange(1, 7)[:, None]
+    out, routes = group(tokens)
+    dropped = ~routes.kept.flatten()
+    assert dropped.sum() == 3 and torch.equal(out[dropped], torch.zeros(3, dim)) and out[~dropped].abs().sum() > 0
+
+
+def test_the_load_balancing_and_z_losses_are_the_formulas_worked_by_hand():
+    """4 tokens, 2 experts, top-1: probabilities (0.8, 0.2), (0.6, 0.4), (0.3, 0.7), (0.9, 0.1); three
+    tokens choose expert 0. aux = E^2 / k * mean_e(P_e * f_e) = 4 * ((0.65 * 0.75) + (0.35 * 0.25)) / 2."""
+    probs = torch.tensor([[0.8, 0.2], [0.6, 0.4], [0.3, 0.7], [0.9, 0.1]])
+    logits = probs.log()
+    routes = route(logits, top_k=1, capacity_factor=None)
+    assert routes.aux_loss.item() == pytest.approx(4 * (0.65 * 0.75 + 0.35 * 0.25) / 2)
+    assert routes.z_loss.item() == pytest.approx(0.0, abs=1e-12)  # log-sum-exp of log-probabilities is 0
+    shifted = route(logits + 2.0, top_k=1, capacity_factor=None)
+    assert shifted.z_loss.item() == pytest.approx(4.0) and shifted.aux_loss.item() == pytest.approx(
+        routes.aux_loss.item()
+    )
+    entropy = -(probs * probs.log()).sum(-1).mean().item()
+    assert routes.stats["entropy"].item() == pytest.approx(entropy) and routes.stats["load"].tolist() == [3, 1]
+    # In the model: the language loss plus the coefficients times each block's losses.
+    model = Chameleon(_config(experts={"per_modality": 2, "aux_loss": 0.01, "router_z_loss": 0.001}))
+    out = model(_batch(), labels=_batch())
+    expected = sum(layer.feed_forward.router_loss(model.cfg.experts_config) for layer in model.layers)
+    torch.testing.assert_close(out.loss, out.ce + out.z + expected)
+    assert 0 < out.router_loss.item() < math.inf
+
+
+def test_settings_that_cannot_work_are_errors_naming_them():
+    cases = [
+        ({"experts": {"per_modality": 2, "top_k": 3}}, "model.experts: top_k must be between 1 and per_modality"),
+        ({"experts": {"per_modality": 2, "capacity_factor": 0}}, "capacity_factor must be positive or null"),
+        ({"experts": {"per_modality": 2, "experts": 4}}, "model.experts: ExpertsConfig.__init__() got an unexpected"),
+        ({"experts": {"per_modality": 2}, "untie_modalities": ["ffn"]}, "untie_modalities cannot also have ffn"),
+    ]
+    for changes, message in cases:
+        with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            _config(**changes)
+    with pytest.raises(
+        SequenceParallelError, match="trainer.sequence_parallel=2: model.experts cannot share a sequence"
+    ):
+        check_layout(2, 2, _config(experts={"per_modality": 2}), {"data.seq_len": 64})
+
+
+def test_the_experts_config_group_sets_them_and_its_fields_change_one_by_one():
+    cfg = load_config(
+        ["model=tiny", "+experts=modality", "model.experts.top_k=2", "model.experts.capacity_factor=null"]
+    )
+    assert cfg.model.experts_config == ExpertsConfig(per_modality=4, top_k=2, capacity_factor=None)
