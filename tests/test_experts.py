@@ -10,6 +10,8 @@ import torch
 
 from fusion_train.model.chameleon import Chameleon, ChameleonConfig, FeedForward, ModalityRouting
 from fusion_train.model.experts import ExpertsConfig, ModalityExperts, route
+from fusion_train.monitor.experts import RouterMonitor
+from fusion_train.monitor.observer import LogStep
 from fusion_train.train.config import load_config
 from fusion_train.train.sequence_parallel import SequenceParallelError, check_layout
 from helpers import AUDIO_VOCAB, small_config
@@ -167,3 +169,28 @@ def test_the_experts_config_group_sets_them_and_its_fields_change_one_by_one():
         ["model=tiny", "+experts=modality", "model.experts.top_k=2", "model.experts.capacity_factor=null"]
     )
     assert cfg.model.experts_config == ExpertsConfig(per_modality=4, top_k=2, capacity_factor=None)
+
+
+def test_the_router_monitor_sees_a_collapsed_router_and_what_capacity_drops():
+    """Image router forced onto expert 0 in block 0: its load_max is 1 and, at capacity factor 1 over
+    2 experts, half of its routes are dropped; the other groups' shares and entropies are a router's."""
+    model = Chameleon(_config(experts={"per_modality": 2, "capacity_factor": 1.0}))
+    with torch.no_grad():
+        model.layers[0].feed_forward.image.router.weight.zero_()
+    monitor = RouterMonitor(model.layers)
+    sums = {name: torch.full((d.size,), d.start, dtype=torch.float64) for name, d in monitor.sums().items()}
+    ids = _batch()
+    out = model(ids, labels=ids)
+    monitor.micro_batch({}, out, sums)
+    metrics = monitor.metrics(sums, LogStep(1, ids.numel(), 1, 1, 1.0, 1))
+    # Equal logits: top-1 takes the first expert for every token; 20 image tokens, capacity 10.
+    assert metrics["moe/image/block_0/load_max"] == 1.0 and metrics["moe/image/block_0/load_min"] == 0.0
+    assert metrics["moe/image/block_0/dropped"] == 0.5 and metrics["moe/image/load_max"] == 1.0
+    assert (
+        metrics["moe/image/block_0/entropy"] == pytest.approx(math.log(2))
+        and metrics["moe/image/block_0/max_logit"] == 0
+    )
+    assert 0.5 <= metrics["moe/text/block_1/load_max"] < 1.0 and metrics["moe/router_loss"] == pytest.approx(
+        out.router_loss.item()
+    )
+    assert {key.split("/")[1] for key in metrics if key.count("/") == 3} == {"text", "image", "audio"}

@@ -11,6 +11,7 @@ import sys
 from fusion_train.data.trained_with import TrainedWith, recorded_tokenizer_paths
 from fusion_train.model.size import flops_per_token
 from fusion_train.monitor.activations import ActivationMonitor
+from fusion_train.monitor.experts import RouterMonitor
 from fusion_train.monitor.metrics import DataMetrics, LossMetrics, OptimizerMetrics
 from fusion_train.monitor.observer import Observer, RunInfo
 from fusion_train.monitor.parameters import ParameterMonitor
@@ -40,6 +41,8 @@ def build_observers(trainer) -> list[Observer]:
         observers.append(activations)
     if on and monitor.parameters:
         observers.append(ParameterMonitor(model, trainer.rank))
+    if on and cfg.model.experts:
+        observers.append(RouterMonitor(model.layers))
     flops = flops_per_token(cfg.model, cfg.data.seq_len)
     observers.append(Throughput(trainer.device, cfg.trainer.global_batch_tokens, flops, monitor.peak_tflops))
     if on and monitor.guard.enabled:
