@@ -194,3 +194,31 @@ def test_the_router_monitor_sees_a_collapsed_router_and_what_capacity_drops():
         out.router_loss.item()
     )
     assert {key.split("/")[1] for key in metrics if key.count("/") == 3} == {"text", "image", "audio"}
+
+
+def test_sizes_count_every_expert_and_flops_the_top_k_a_token_goes_through():
+    """4 experts a modality over 3 modalities: 12 feed-forwards and 3 routers a block, which the model
+    has; a token's FLOPs are the dense model's plus one more expert at top-2, and its router's."""
+    from fusion_train.model.size import active_parameters, flops_per_token, parameter_counts
+
+    cfg = _config(experts={"per_modality": 4, "top_k": 2})
+    dense = _config()
+    assert parameter_counts(cfg).total == sum(p.numel() for p in Chameleon(cfg).parameters())
+    extra = cfg.n_layers * (3 * cfg.dim * cfg.ffn_dim + 4 * cfg.dim)
+    assert active_parameters(cfg) == parameter_counts(dense).non_embedding + extra
+    assert flops_per_token(cfg, 64) - flops_per_token(dense, 64) == 6 * extra
+
+
+def test_generation_with_the_kv_cache_equals_recomputing_every_position():
+    """In eval mode capacity does not bind, so a token's routes do not depend on the batch: decoding
+    one token at a time from the cache routes as the whole sequence does."""
+    from fusion_train.generate.constraints import Mode
+    from fusion_train.generate.generator import Generator, Request
+    from fusion_train.generate.sampling import Sampling
+
+    model = Chameleon(_config(experts={"per_modality": 3, "top_k": 2, "capacity_factor": 0.5})).eval()
+    prompts = [Request(_batch()[0, :9].tolist(), Mode.INTERLEAVED), Request(_batch()[1, :14].tolist(), Mode.TEXT)]
+    prompts = [Request([AUDIO_VOCAB.bos, *r.prompt], r.mode) for r in prompts]
+    cached = Generator(model, AUDIO_VOCAB).generate(prompts, Sampling(), max_new_tokens=24)
+    recomputed = Generator(model, AUDIO_VOCAB, use_cache=False).generate(prompts, Sampling(), max_new_tokens=24)
+    assert [g.tokens for g in cached] == [g.tokens for g in recomputed]

@@ -16,7 +16,7 @@ that its MoE layer can take over under expert parallelism:
 - capacity: an expert takes at most ceil(tokens / experts * capacity_factor * top_k) of its group's
   tokens, those whose probability for it is highest (DeepSpeed's "probs" policy); a route over
   capacity is dropped, the token going on in the residual stream alone (`capacity_factor` null: no
-  limit, nothing dropped);
+  limit, nothing dropped); in eval mode (validation, generation) nothing is dropped;
 - the load-balancing loss is Switch/GShard's, as DeepSpeed computes it: E^2 / k * mean_e(mean
   router probability of e * share of routes to e), 1 when balanced; the router z-loss is
   ST-MoE's, the mean squared log-sum-exp of the router logits (the same drift Chameleon's z-loss
@@ -104,7 +104,9 @@ class ExpertGroup(nn.Module):
         self.experts = nn.ModuleList(make_expert() for _ in range(cfg.per_modality))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Routes]:
-        routes = route(self.router(x), self.cfg.top_k, self.cfg.capacity_factor)
+        # Capacity binds in training only: at inference a token's routes must not depend on the
+        # others in the batch (a KV cache's one token at a time equals the whole sequence at once).
+        routes = route(self.router(x), self.cfg.top_k, self.cfg.capacity_factor if self.training else None)
         out = torch.zeros_like(x)
         for number, expert in enumerate(self.experts):
             token, slot = ((routes.experts == number) & routes.kept).nonzero(as_tuple=True)

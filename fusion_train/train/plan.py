@@ -31,7 +31,7 @@ from pathlib import Path
 
 from fusion_train.data.manifest import DataError, Manifest
 from fusion_train.model.chameleon import ChameleonConfig
-from fusion_train.model.size import flops_per_token, largest_module_parameters, parameters_by_group
+from fusion_train.model.size import active_parameters, flops_per_token, largest_module_parameters, parameters_by_group
 from fusion_train.tokenizers.audio import audio_config
 from fusion_train.train.config import TrainConfig, bind_to_vocabulary, gradient_accumulation_steps
 from fusion_train.train.sequence_parallel import SequenceParallelError, check_layout
@@ -185,7 +185,8 @@ def make_plan(cfg: TrainConfig, ranks: int) -> dict:
     passes = (3 if cfg.trainer.activation_checkpointing else 2) * accumulation * cfg.model.n_layers
     return {
         "gpus": ranks, "gpu": gpu, "gpu_memory_gb": cfg.trainer.gpu_memory_gb, "zero_stage": cfg.deepspeed.zero_stage,
-        "parameters": sum(groups.values()), "parameters_by_group": groups, "flops_per_token": per_token,
+        "parameters": sum(groups.values()), "parameters_by_group": groups,
+        "active_parameters_per_token": active_parameters(cfg.model), "flops_per_token": per_token,
         "tokens_per_step": cfg.trainer.global_batch_tokens, "micro_batch_size": cfg.data.micro_batch_size,
         "seq_len": cfg.data.seq_len, "gradient_accumulation_steps": accumulation,
         "sequence_parallel": n, "data_parallel": ranks // n, "tokens_per_gpu": tokens_per_rank(cfg),
@@ -209,6 +210,7 @@ def render(plan: dict) -> str:
     verdict = "fits" if plan["fits"] else f"does NOT fit: change first {plan['first_change']}"
     return (
         f"{plan['parameters'] / 1e9:.2f}B parameters ({', '.join(f'{g} {n / 1e9:.2f}B' for g, n in plan['parameters_by_group'].items())})\n"
+        f"{plan['active_parameters_per_token'] / 1e9:.2f}B of them (embeddings aside) used by each token; "
         f"{plan['flops_per_token'] / 1e9:.1f} GFLOP per token; {plan['tokens_per_step']:,} tokens per step = "
         f"{plan['micro_batch_size']} x {plan['seq_len']} tokens x {plan['data_parallel']} data-parallel ranks x "
         f"{plan['gradient_accumulation_steps']} micro-steps\n{sequence_line(plan)}{video_lines(plan)}"
