@@ -222,3 +222,12 @@ def test_generation_with_the_kv_cache_equals_recomputing_every_position():
     cached = Generator(model, AUDIO_VOCAB).generate(prompts, Sampling(), max_new_tokens=24)
     recomputed = Generator(model, AUDIO_VOCAB, use_cache=False).generate(prompts, Sampling(), max_new_tokens=24)
     assert [g.tokens for g in cached] == [g.tokens for g in recomputed]
+
+
+def test_outside_formats_refuse_a_model_with_experts_naming_the_setting():
+    from fusion_train.model.formats import ConversionError
+    from fusion_train.model.formats.hf import to_hf_state_dict
+
+    model = Chameleon(_config(experts={"per_modality": 2}))
+    with pytest.raises(ConversionError, match=r"model.experts=\{'per_modality': 2\}: Hugging Face's Chameleon has one"):
+        to_hf_state_dict(model.state_dict(), model.cfg)

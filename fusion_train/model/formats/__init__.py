@@ -21,8 +21,10 @@ def read_json(path: Path) -> dict:
 
 def refuse_untied(cfg, target: str) -> None:
     """Outside formats have one set of weights per block; `cfg` is a ChameleonConfig."""
-    if cfg.untie_modalities:
-        raise ConversionError(
-            f"model.untie_modalities={list(cfg.untie_modalities)}: {target} has one set of weights per block, so a "
-            "modality-untied model has no such form; it stays a fusion_train model folder"
-        )
+    for setting, value, what in (("untie_modalities", list(cfg.untie_modalities), "a modality-untied model"),
+                                 ("experts", cfg.experts, "a model with experts")):  # fmt: skip
+        if value:
+            raise ConversionError(
+                f"model.{setting}={value}: {target} has one set of weights per block, so {what} has no such form; "
+                "it stays a fusion_train model folder"
+            )
