@@ -1,8 +1,8 @@
-"""The dense-against-untied comparison (`conf/experiment/untied.yaml`, docs/untied.md), from a
-sweep's run folders: each arm's held-out loss per modality against training FLOPs, and the
-Mixture-of-Transformers paper's metric, the share of the dense run's steps (FLOPs, at equal FLOPs
-per token) and of its wall-clock time an untied arm needs to reach the dense run's final held-out
-loss of each modality.
+"""The dense-against-untied comparison (`conf/experiment/untied.yaml`, docs/untied.md; with experts,
+`conf/experiment/experts.yaml`, docs/experts.md), from a sweep's run folders: each arm's held-out
+loss per modality against training FLOPs, and the Mixture-of-Transformers paper's metric, the share
+of the dense run's steps (FLOPs, at equal FLOPs per token) and of its wall-clock time an arm needs
+to reach the dense run's final held-out loss of each modality.
 
     fusion-report --untied runs/untied [--out DIR]   # DIR/untied.md and untied.png
 """
@@ -52,7 +52,8 @@ def read_arm(folder: Path) -> Arm:
     source = next(iter(config["eval_data"]["sources"]))
     evals = [r for r in run.evals if f"eval/{source}/loss_text" in r]
     times = [r["perf/step_time_s"] for r in run.kept if "perf/step_time_s" in r][1:]
-    name = next((o.split("=", 1)[1] for o in config_overrides(folder) if o.lstrip("+").startswith("untie=")), DENSE)
+    arms = ("arm=", "untie=")  # the sweep's choice (conf/arm/), or an untie option as older sweeps swept it
+    name = next((o.split("=", 1)[1] for o in config_overrides(folder) if o.lstrip("+").startswith(arms)), DENSE)
     return Arm(
         name=name,
         parameters=parameter_counts(model).total,
@@ -74,7 +75,7 @@ def config_overrides(folder: Path) -> list[str]:
 def comparison_rows(arms: list[Arm]) -> list[dict]:
     dense = next((a for a in arms if a.name == DENSE), None)
     if dense is None:
-        raise SystemExit("the sweep has no dense arm (+untie=dense) to compare with")
+        raise SystemExit("the sweep has no dense arm (+arm=dense) to compare with")
     rows = []
     for arm in arms:
         row = {

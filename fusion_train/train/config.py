@@ -219,15 +219,15 @@ def gradient_accumulation_steps(cfg: TrainConfig, data_parallel_size: int) -> in
 
 
 def bind_to_vocabulary(model: ChameleonConfig, vocab: VocabLayout) -> None:
-    """Make the model config the shards' vocabulary's: the same size, and for an untied model the
-    ids it routes to its image and audio copies, the vocabulary's codes (written into the config, so
-    that checkpoints and exports carry them)."""
+    """Make the model config the shards' vocabulary's: the same size, and for an untied model (or
+    one with expert groups per modality) the ids it routes to its image and audio copies, the
+    vocabulary's codes (written into the config, so that checkpoints and exports carry them)."""
     if vocab.vocab_size != model.vocab_size:
         raise ConfigError(
             f"model.vocab_size={model.vocab_size} but the shards' vocabulary has {vocab.vocab_size} ids: "
             f"set model.vocab_size={vocab.vocab_size}"
         )
-    if not model.untie_modalities:
+    if not model.routes_by_modality:
         return
     for modality in (Modality.IMAGE, Modality.AUDIO):
         name = f"{modality.key}_token_ids"

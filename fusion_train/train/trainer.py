@@ -81,11 +81,12 @@ class Trainer:
         # Each group of sequence-parallel ranks reads one stream of batches: the data-parallel split.
         self.data_rank, self.data_ranks = self.sequence.data_rank(self.rank), self.sequence.data_ranks(self.world_size)
         self.grad_accum = gradient_accumulation_steps(cfg, self.data_ranks)
-        self.run_lock = hold_run_folder(self.run_dir, self.rank, self.device, self._start_run_folder)
-
+        # The shards' vocabulary binds the model config before config.yaml records it.
         self.loader = loader or build_loader(cfg.data, self.data_rank, self.data_ranks)
         self.vocab = self.loader.dataset.vocab
         bind_to_vocabulary(cfg.model, self.vocab)
+        self.run_lock = hold_run_folder(self.run_dir, self.rank, self.device, self._start_run_folder)
+
         estimated_size = checkpoint_bytes(parameter_counts(cfg.model).total, use_bf16(cfg))
         self.checkpoints = Checkpointer(
             self.run_dir / "checkpoints", self.rank, cfg.trainer.keep_last, cfg.trainer.keep_every, estimated_size
