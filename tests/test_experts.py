@@ -12,7 +12,7 @@ from fusion_train.model.chameleon import Chameleon, ChameleonConfig, FeedForward
 from fusion_train.model.experts import ExpertsConfig, ModalityExperts, route
 from fusion_train.monitor.experts import RouterMonitor
 from fusion_train.monitor.observer import LogStep
-from fusion_train.train.config import load_config
+from fusion_train.train.config import ConfigError, load_config
 from fusion_train.train.sequence_parallel import SequenceParallelError, check_layout
 from helpers import AUDIO_VOCAB, small_config
 
@@ -231,3 +231,9 @@ def test_outside_formats_refuse_a_model_with_experts_naming_the_setting():
     model = Chameleon(_config(experts={"per_modality": 2}))
     with pytest.raises(ConversionError, match=r"model.experts=\{'per_modality': 2\}: Hugging Face's Chameleon has one"):
         to_hf_state_dict(model.state_dict(), model.cfg)
+
+
+def test_experts_and_null_mappings_from_the_command_line_are_set_or_refused_in_one_line():
+    assert load_config(["model=tiny", "+model.experts={per_modality: 3}"]).model.experts_config.per_modality == 3
+    with pytest.raises(ConfigError, match="model.rope_scaling is null in the config and takes no mapping"):
+        load_config(["model=tiny", "model.rope_scaling={rope_type: linear, factor: 2}"])

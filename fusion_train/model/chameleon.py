@@ -84,8 +84,9 @@ class ChameleonConfig:
     image_token_ids: list[int] | None = None
     audio_token_ids: list[int] | None = None
     # Sparse feed-forward experts grouped by modality (experts.py: ExpertsConfig's fields, e.g.
-    # {per_modality: 4, top_k: 1}); null: one feed-forward (or one per modality, untied).
-    experts: dict[str, Any] | None = None
+    # {per_modality: 4, top_k: 1}); empty: one feed-forward (or one per modality, untied). A mapping
+    # (not null) by default, so that `+model.experts={...}` adds to it from the command line.
+    experts: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:

@@ -55,7 +55,7 @@ def largest_module_parameters(cfg: ChameleonConfig) -> int:
 def active_parameters(cfg: ChameleonConfig) -> int:
     """The non-embedding parameters one token goes through: one modality's copy of an untied part
     (the dense model's count); with experts, top_k of its modality's experts and its router."""
-    active = parameter_counts(replace(cfg, untie_modalities=[], experts=None)).non_embedding
+    active = parameter_counts(replace(cfg, untie_modalities=[], experts={})).non_embedding
     experts = cfg.experts_config
     if experts:
         active += cfg.n_layers * ((experts.top_k - 1) * 3 * cfg.dim * cfg.ffn_dim + cfg.dim * experts.per_modality)

@@ -10,6 +10,7 @@ every rank gets the same config and no per-rank, per-second output folder; the r
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -156,7 +157,15 @@ ConfigStore.instance().store(name="schema", node=TrainConfig)
 def load_config(overrides: list[str] | None = None, user_config_dirs: list[str | Path] = ()) -> TrainConfig:
     """`conf/config.yaml` with the overrides; `user_config_dirs` are searched after `conf/` for the
     group options and files they add (Hydra's `--config-dir`, the same as `hydra.searchpath`)."""
-    return OmegaConf.to_object(compose_config(overrides, user_config_dirs))
+    try:
+        return OmegaConf.to_object(compose_config(overrides, user_config_dirs))
+    except AttributeError as err:  # OmegaConf merging a mapping into a setting that is null
+        key = re.search(r"full_key: (\S+)", str(err))
+        setting = key[1] if key else "a setting"
+        raise ConfigError(
+            f"{setting} is null in the config and takes no mapping from the command line: set it in a config file "
+            "(a group option, as +stage=long_context does)"
+        ) from None
 
 
 def compose_config(
