@@ -4,20 +4,35 @@ says, and the load-balancing loss is the formula worked by hand."""
 
 import dataclasses
 import math
+import re
 
 import pytest
 import torch
 
+from conftest import (
+    ended,
+    last_logged_step,
+    rank_processes,
+    read_metrics,
+    start_training,
+    torchrun,
+    train_overrides,
+    wait_for,
+)
 from fusion_train.model.chameleon import Chameleon, ChameleonConfig, FeedForward, ModalityRouting
 from fusion_train.model.experts import ExpertsConfig, ModalityExperts, route
 from fusion_train.monitor.experts import RouterMonitor
 from fusion_train.monitor.observer import LogStep
 from fusion_train.train.config import ConfigError, load_config
+from fusion_train.train.expert_parallel import ExpertParallelError
+from fusion_train.train.expert_parallel import check_layout as check_expert_layout
 from fusion_train.train.sequence_parallel import SequenceParallelError, check_layout
+from fusion_train.weights.training_checkpoint import consolidated_state_dict
 from helpers import AUDIO_VOCAB, small_config
 
 RANGES = dict(image_token_ids=[AUDIO_VOCAB.image_code_start, AUDIO_VOCAB.image_code_end],
               audio_token_ids=[AUDIO_VOCAB.audio_code_start, AUDIO_VOCAB.vocab_size])  # fmt: skip
+TRAIN, EP2 = "-m fusion_train.train", "trainer.expert_parallel=2"
 NO_ROUTER_LOSS = {"aux_loss": 0.0, "router_z_loss": 0.0, "capacity_factor": None}
 
 
@@ -162,6 +177,57 @@ def test_settings_that_cannot_work_are_errors_naming_them():
         SequenceParallelError, match="trainer.sequence_parallel=2: model.experts cannot share a sequence"
     ):
         check_layout(2, 2, _config(experts={"per_modality": 2}), {"data.seq_len": 64})
+    zero2, experts = load_config([]).deepspeed, _config(experts={"per_modality": 4})
+    layouts = [
+        (2, 2, _config(), zero2, "model.experts is not set"),
+        (3, 4, experts, zero2, "the 4 ranks must be a multiple of it"),
+        (4, 8, _config(experts={"per_modality": 6}), zero2, "model.experts.per_modality=6 must be a multiple of it"),
+        (2, 2, experts, load_config(["deepspeed=zero3"]).deepspeed, "deepspeed.zero_stage=3: DeepSpeed 0.19.8 refuses"),
+        (2, 2, experts, dataclasses.replace(zero2, contiguous_gradients=False), "deepspeed.contiguous_gradients=false"),
+    ]  # fmt: skip
+    for size, ranks, model, zero, problem in layouts:
+        with pytest.raises(ExpertParallelError, match=re.escape(f"trainer.expert_parallel={size}: {problem}")):
+            check_expert_layout(size, ranks, model, zero)
+    check_expert_layout(2, 4, experts, load_config(["deepspeed=zero1"]).deepspeed)
+
+
+def test_experts_spread_over_two_ranks_train_as_unspread_and_resume_exactly(demo_data, tmp_path):
+    """2 ranks at trainer.expert_parallel=2 (each holding 2 of each modality's 4 experts) give the
+    losses, router metrics and weights of the same run with every expert on both ranks. SIGKILL of
+    rank 1 mid-run, and the same command resumes bit-exactly from DeepSpeed's per-expert checkpoint
+    files. Resuming that checkpoint on one rank is refused, naming the setting."""
+    common = ["+experts=modality", "trainer.steps=10", "trainer.checkpoint_every=4"]
+    whole, spread = tmp_path / "whole", tmp_path / "spread"
+    torchrun(TRAIN, *train_overrides(demo_data, whole, *common))
+    process = start_training(demo_data, spread, EP2, *common)
+    wait_for(lambda: last_logged_step(spread) >= 6, process)
+    rank_processes(process)[1].kill()
+    assert "lost a peer" in ended(process, timeout=120)
+    torchrun(TRAIN, *train_overrides(demo_data, spread, EP2, *common))
+
+    redone = {}
+    for record in filter(lambda r: "loss/total" in r, read_metrics(spread)):
+        redone.setdefault(record["step"], []).append(record)
+    assert [len(redone[s]) for s in (5, 6)] == [2, 2]  # before the kill and after
+    for step, records in redone.items():
+        assert all(r["loss/total"] == records[0]["loss/total"] for r in records), step  # bit for bit
+    reference = {r["step"]: r for r in read_metrics(whole)}
+    for step, (record, *_) in redone.items():
+        compared = {m for m in reference[step] if m.startswith(("loss/", "moe/"))}
+        assert "moe/text/block_1/entropy" in compared and compared <= record.keys(), step
+        for metric in compared:
+            assert record[metric] == pytest.approx(reference[step][metric], rel=1e-5, abs=1e-6), (step, metric)
+    spread_weights = consolidated_state_dict(spread / "checkpoints/step_10")
+    whole_weights = consolidated_state_dict(whole / "checkpoints/step_10")
+    assert spread_weights.keys() == whole_weights.keys()
+    for name, value in whole_weights.items():
+        torch.testing.assert_close(spread_weights[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+    refused = torchrun(TRAIN, *train_overrides(demo_data, spread, "+experts=modality", "trainer.steps=12"), nproc=1,
+                       check=False)  # fmt: skip
+    assert "written by 2 ranks at trainer.expert_parallel=2 and this run has 1 at trainer.expert_parallel=1" in (
+        refused.stderr
+    ), refused.stderr[-2000:]
 
 
 def test_the_experts_config_group_sets_them_and_its_fields_change_one_by_one():

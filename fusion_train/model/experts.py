@@ -103,16 +103,20 @@ class ExpertGroup(nn.Module):
         self.router = nn.Linear(dim, cfg.per_modality, bias=False)
         self.experts = nn.ModuleList(make_expert() for _ in range(cfg.per_modality))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Routes]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Routes | None]:
+        # The router and every expert run on every call, on no tokens if none are theirs, so that
+        # each parameter has a gradient on every rank: ZeRO-2 reduces gradients as they are ready,
+        # and a parameter one rank leaves out makes the ranks' reductions differ.
+        if x.shape[0] == 0:
+            return sum((expert(x) for expert in self.experts), self.router(x).sum()), None
         # Capacity binds in training only: at inference a token's routes must not depend on the
         # others in the batch (a KV cache's one token at a time equals the whole sequence at once).
         routes = route(self.router(x), self.cfg.top_k, self.cfg.capacity_factor if self.training else None)
         out = torch.zeros_like(x)
         for number, expert in enumerate(self.experts):
             token, slot = ((routes.experts == number) & routes.kept).nonzero(as_tuple=True)
-            if token.numel():
-                weight = routes.weights[token, slot].unsqueeze(-1).to(x.dtype)
-                out = out.index_add(0, token, expert(x[token]) * weight)
+            weight = routes.weights[token, slot].unsqueeze(-1).to(x.dtype)
+            out = out.index_add(0, token, expert(x[token]) * weight)
         return out, routes
 
 
@@ -131,10 +135,8 @@ class ModalityExperts(nn.Module):
     def forward(self, x: torch.Tensor, routing) -> torch.Tensor:
         outputs, self.routes = [], []
         for name, part in zip(self.copies, x.split(routing.counts), strict=True):
-            if part.shape[0] == 0:
-                outputs.append(part)
-                self.routes.append(None)
-                continue
+            # Every group is called, with or without tokens: an expert-parallel one exchanges the
+            # other ranks' tokens (train/expert_parallel.py).
             out, routes = getattr(self, name)(part)
             outputs.append(out)
             self.routes.append(routes)

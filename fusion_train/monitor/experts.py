@@ -30,7 +30,7 @@ class RouterMonitor(Observer):
     def __init__(self, layers: nn.ModuleList):
         self.groups = [layer.feed_forward for layer in layers if isinstance(layer.feed_forward, ModalityExperts)]
         first = self.groups[0]
-        self.copies, self.experts = first.copies, len(getattr(first, first.copies[0]).experts)
+        self.copies, self.experts = first.copies, getattr(first, first.copies[0]).cfg.per_modality
         self.cells = len(self.groups) * len(self.copies)  # (block, modality) pairs
 
     def sums(self) -> dict[str, Sum]:

@@ -109,6 +109,9 @@ class TrainerConfig:
     # Ranks that share each sequence, each holding data.seq_len / N of its positions (DeepSpeed-Ulysses,
     # train/sequence_parallel.py); data parallelism is the ranks / N.
     sequence_parallel: int = 1
+    # Ranks over which each modality's experts are spread (model.experts), each holding
+    # per_modality / N of them (train/expert_parallel.py); 1: every rank holds every expert.
+    expert_parallel: int = 1
     progress_bar: bool = True
     # A rank that makes no progress for this long ends the invocation with every rank's stacks in
     # RUN_DIR/hang/ and exit 75 (train/watchdog.py): inside a training step, from the invocation's

@@ -10,11 +10,13 @@ from pathlib import Path
 import deepspeed
 import torch
 import torch.distributed as dist
+from deepspeed.moe.utils import has_moe_layers, split_params_into_different_moe_groups_for_optimizer
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
 from fusion_train.model.chameleon import Chameleon, HeadLayerNorm, RMSNorm
 from fusion_train.train.config import TrainConfig
+from fusion_train.train.expert_parallel import place_experts
 from fusion_train.train.init_from import pretrained_values
 from fusion_train.train.schedule import build_schedule
 from fusion_train.train.sequence_parallel import SequenceParallel
@@ -80,14 +82,19 @@ def deepspeed_config(cfg: TrainConfig, gradient_accumulation_steps: int, load_un
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on the projection and embedding matrices; none on norm weights or biases."""
+    """Weight decay on the projection and embedding matrices; none on norm weights or biases.
+    Experts spread over ranks get groups of their own (DeepSpeed's ZeRO partitions them over the
+    ranks holding the same experts)."""
     no_decay = {id(p) for m in model.modules() if isinstance(m, RMSNorm | HeadLayerNorm) for p in m.parameters()}
     no_decay |= {id(p) for name, p in model.named_parameters() if name.endswith("bias")}
     params = list(model.parameters())
-    return [
-        {"params": [p for p in params if id(p) not in no_decay], "weight_decay": weight_decay},
-        {"params": [p for p in params if id(p) in no_decay], "weight_decay": 0.0},
+    param_groups = [
+        {"name": "decay", "params": [p for p in params if id(p) not in no_decay], "weight_decay": weight_decay},
+        {"name": "no_decay", "params": [p for p in params if id(p) in no_decay], "weight_decay": 0.0},
     ]
+    return (
+        split_params_into_different_moe_groups_for_optimizer(param_groups) if has_moe_layers(model)[0] else param_groups
+    )
 
 
 def build_model(cfg: TrainConfig, gradient_accumulation_steps: int, pretrained: Path | None = None) -> Chameleon:
@@ -135,10 +142,12 @@ def _write_partition(param: nn.Parameter, whole: torch.Tensor) -> None:
 
 
 def prepare_model(model: Chameleon, cfg: TrainConfig, sequence: SequenceParallel | None = None) -> Chameleon:
-    """Sequence parallelism's attention, activation checkpointing and compilation, per block, from
-    outside the model."""
+    """Sequence parallelism's attention, experts spread over ranks, activation checkpointing and
+    compilation, per block, from outside the model."""
     if sequence is not None:
         sequence.wrap_attention(model)
+    if cfg.trainer.expert_parallel > 1:
+        place_experts(model, cfg.trainer.expert_parallel)
     for i, block in enumerate(model.layers):
         if cfg.trainer.activation_checkpointing:
             block = checkpoint_wrapper(block)
@@ -173,6 +182,7 @@ def build_engine(
     told of it: sequence_parallel.py says why)."""
     # Fused on a CPU too: the per-tensor path makes temporaries the size of ZeRO's whole flat
     # partition (sqrt, div) each step, 30% of a step at the CPU peer comparison's shape.
+    model = prepare_model(model, cfg, sequence)
     optimizer = torch.optim.AdamW(
         parameter_groups(model, cfg.optim.weight_decay),
         lr=cfg.optim.lr,
@@ -183,7 +193,7 @@ def build_engine(
     schedule = build_schedule(cfg.optim.schedule, cfg.optim.warmup_steps, cfg.trainer.steps, cfg.optim.final_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=prepare_model(model, cfg, sequence),
+        model=model,
         optimizer=optimizer,
         lr_scheduler=scheduler,
         config=deepspeed_config(cfg, gradient_accumulation_steps, load_universal),

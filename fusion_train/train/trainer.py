@@ -34,6 +34,9 @@ from fusion_train.train.config import (
     to_yaml,
 )
 from fusion_train.train.engine import announce_op_builds, build_engine, build_model, restart_adam, use_bf16
+from fusion_train.train.expert_parallel import ExpertParallelError
+from fusion_train.train.expert_parallel import check_layout as check_expert_layout
+from fusion_train.train.expert_parallel import check_resume as check_expert_resume
 from fusion_train.train.init_from import check_compatible, model_folder
 from fusion_train.train.observers import build_observers
 from fusion_train.train.plan import checkpoint_bytes
@@ -76,7 +79,8 @@ class Trainer:
             if cfg.eval_data.sources:
                 seq_lens["eval_data.seq_len"] = cfg.eval_data.seq_len
             self.sequence = SequenceParallel.start(cfg.trainer.sequence_parallel, cfg.model, seq_lens)
-        except SequenceParallelError as error:
+            check_expert_layout(cfg.trainer.expert_parallel, self.world_size, cfg.model, cfg.deepspeed)
+        except (SequenceParallelError, ExpertParallelError) as error:
             raise ConfigError(str(error)) from None
         # Each group of sequence-parallel ranks reads one stream of batches: the data-parallel split.
         self.data_rank, self.data_ranks = self.sequence.data_rank(self.rank), self.sequence.data_ranks(self.world_size)
@@ -94,6 +98,11 @@ class Trainer:
         self.checkpoints.remove_leftovers()
         resume_from = Path(cfg.trainer.resume_from) if cfg.trainer.resume_from else self.checkpoints.latest()
         saved = read_trainer_state(resume_from) if resume_from else None
+        if saved is not None:
+            try:
+                check_expert_resume(saved, self.world_size, cfg.trainer.expert_parallel)
+            except ExpertParallelError as error:
+                raise ConfigError(f"{resume_from}: {error}") from None
         other_split = saved is not None and saved["world_size"] != self.world_size
         torch.manual_seed(cfg.trainer.seed)  # the same dropout on every run of this seed
         model = build_model(cfg, self.grad_accum, None if resume_from else self._pretrained())
@@ -294,6 +303,7 @@ class Trainer:
             "tokens_seen": self.tokens_seen,
             "world_size": self.world_size,
             "sequence_parallel": self.sequence.size,
+            "expert_parallel": self.cfg.trainer.expert_parallel,
             "wandb_run_id": self.wandb_run_id,
             **{o.state_key: o.state_dict() for o in self.observers if o.state_key},
             "config": as_dict(self.cfg),

@@ -8,9 +8,11 @@ import contextlib
 import io
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 
+import torch
 from omegaconf import OmegaConf
 
 from fusion_train.data.loader import DataConfig, read_manifests
@@ -22,6 +24,8 @@ from fusion_train.vocab import VocabLayout
 
 log = logging.getLogger(__name__)
 TRAINER_STATE = "trainer_state.json"
+EXPERT_FILES = "layer_*_expert_*_model_states.pt"  # DeepSpeed's MoE checkpoint: one file per expert
+DEEPSPEED_EXPERT = re.compile(r"\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.")  # global number
 
 
 class CheckpointError(ValueError):
@@ -50,16 +54,33 @@ def consolidated_state_dict(path: str | Path) -> dict:
     consolidation, under the model's parameter names (activation-checkpoint wrappers removed).
     DeepSpeed's words go to the log: its logger to stderr (it binds to stdout when first
     imported), its progress prints to log records, so a command's stdout stays its own."""
+    path = Path(path)
+    if any(path.glob(EXPERT_FILES)):
+        return _with_spread_experts(path)
     with contextlib.redirect_stdout(sys.stderr):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    path = Path(path)
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
     for line in printed.getvalue().splitlines():
         log.info("DeepSpeed: %s", line)
-    return {name.replace("._checkpoint_wrapped_module", "").replace("._orig_mod", ""): t for name, t in state.items()}
+    return {_model_name(name): t for name, t in state.items()}
+
+
+def _model_name(name: str) -> str:
+    return name.replace("._checkpoint_wrapped_module", "").replace("._orig_mod", "")
+
+
+def _with_spread_experts(path: Path) -> dict:
+    """A checkpoint of experts spread over ranks (train/expert_parallel.py), which DeepSpeed's
+    consolidation does not read: the model file's weights and each expert's file, under the
+    plain model's names. These are the weights the model ran with: its training precision (fp32
+    on a CPU, bf16 under deepspeed.bf16), not Adam's fp32 master copies."""
+    state = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    for expert_file in sorted(path.glob(EXPERT_FILES)):
+        state.update(torch.load(expert_file, map_location="cpu", weights_only=True))
+    return {_model_name(DEEPSPEED_EXPERT.sub(r".experts.\1.", name)): t.float() for name, t in state.items()}
 
 
 def run_data_config(state: dict) -> DataConfig:
