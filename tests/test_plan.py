@@ -122,6 +122,28 @@ def test_an_untied_plan_on_the_demo_shards_counts_a_copy_per_modality_they_have(
     assert plan["parameters"] == parameter_counts(three).total == sum(p.numel() for p in Chameleon(three).parameters())
 
 
+def test_an_expert_parallel_plan_spreads_the_experts_states_and_counts_their_exchanges(tmp_path, capsys):
+    """7B with 4 text + 4 image experts per block on 8 GPUs, spread over 4: a GPU holds a quarter of
+    the experts' weights and gradients; Adam's states are an eighth of everything either way."""
+    settings = ["model=7b", "+experts=modality", "model.image_token_ids=[4,8196]", "data=chameleon_stage1",
+                "data.seq_len=4096",
+                "data.micro_batch_size=1", "trainer.global_batch_tokens=262144", f"trainer.run_dir={tmp_path}"]  # fmt: skip
+    whole, spread = (make_plan(load_config([*settings, f"trainer.expert_parallel={n}"]), 8) for n in (1, 4))
+    cfg = load_config(settings).model
+    experts = cfg.n_layers * 2 * 4 * 3 * cfg.dim * cfg.ffn_dim
+    assert spread["expert_parameters"] == whole["expert_parameters"] == experts
+    held = whole["memory_gb_per_gpu"]["weights_bf16"] - spread["memory_gb_per_gpu"]["weights_bf16"]
+    assert held == pytest.approx(2 * experts * 3 / 4 / 1e9, abs=0.02)
+    assert spread["memory_gb_per_gpu"]["master_and_adam_fp32"] == whole["memory_gb_per_gpu"]["master_and_adam_fp32"]
+    # Each of a GPU's 4,096 tokens' top-1 route goes out and comes back, 3/4 of them to other GPUs.
+    assert spread["expert_all_to_all_gb_per_layer"] == pytest.approx(2 * 2 * cfg.dim * 4096 * 3 / 4 / 1e9, abs=1e-3)
+    assert whole["expert_all_to_all_gb_per_layer"] == 0
+    assert train_main(["--plan", "--gpus", "8", *settings, "trainer.expert_parallel=4"]) == 0
+    assert "experts: 34.63B parameters spread over 4 GPUs (8.66B on each); all-to-all" in capsys.readouterr().out
+    assert train_main(["--plan", "--gpus", "8", *settings, "trainer.expert_parallel=4", "deepspeed=zero3"]) == 2
+    assert "trainer.expert_parallel=4: deepspeed.zero_stage=3: DeepSpeed 0.19.8 refuses" in capsys.readouterr().err
+
+
 def test_a_plan_on_video_shards_says_what_a_second_of_video_costs_and_a_chunk_that_cannot_fit(
     demo_data, demo_videos, tmp_path, capsys
 ):

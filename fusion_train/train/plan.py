@@ -21,6 +21,10 @@ sequence: activations and the loss's chunk are counted for those; the document m
 sequence's (the attention kernel sees all of it); data parallelism is the GPUs / N. Each block's
 attention exchanges q, k, v and its output all-to-all (DeepSpeed-Ulysses): each rank sends the
 (N-1)/N of them that other ranks' heads need, 4 exchanges per block forward, 4 more in backward.
+
+Under expert parallelism (trainer.expert_parallel=N) each GPU holds 1/N of each modality's experts;
+each block's experts exchange every token's routes and their outputs all-to-all, 2 exchanges per
+block forward, 2 more in backward.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from fusion_train.model.chameleon import ChameleonConfig
 from fusion_train.model.size import active_parameters, flops_per_token, largest_module_parameters, parameters_by_group
 from fusion_train.tokenizers.audio import audio_config
 from fusion_train.train.config import TrainConfig, bind_to_vocabulary, gradient_accumulation_steps
+from fusion_train.train.expert_parallel import check_layout as check_expert_layout
 from fusion_train.train.sequence_parallel import SequenceParallelError, check_layout
 
 GB = 1e9
@@ -107,11 +112,30 @@ def all_to_all_bytes_per_layer(cfg: TrainConfig) -> float:
     return 2 * values_per_token * tokens_per_rank(cfg) * (n - 1) / n  # bf16
 
 
+def expert_parameters(model: ChameleonConfig) -> int:
+    """The experts' weights (routers aside): what expert parallelism spreads over GPUs."""
+    experts = model.experts_config
+    return model.n_layers * len(model.untied_copies) * experts.per_modality * 3 * model.dim * model.ffn_dim if experts else 0
+
+
+def expert_all_to_all_bytes_per_layer(cfg: TrainConfig) -> float:
+    """What one rank sends in one block's forward under expert parallelism: each of its tokens'
+    top_k routes to the expert's rank and the expert's output back, bf16; with balanced routers the
+    (N-1)/N of them whose expert is elsewhere (fewer where capacity drops routes)."""
+    n, model = cfg.trainer.expert_parallel, cfg.model
+    if n == 1:
+        return 0.0
+    return 2 * 2 * model.dim * tokens_per_rank(cfg) * model.experts_config.top_k * (n - 1) / n
+
+
 def memory(cfg: TrainConfig, ranks: int) -> dict[str, float]:
-    """GB per GPU by component."""
-    groups = parameters_by_group(cfg.model)
-    states = model_state_bytes(sum(groups.values()), largest_module_parameters(cfg.model), cfg.deepspeed.zero_stage,
-                               ranks)  # fmt: skip
+    """GB per GPU by component. Under expert parallelism (N) a GPU holds 1/N of the experts, whose
+    optimizer states ZeRO partitions over the ranks / N holding the same ones."""
+    groups, stage, n = parameters_by_group(cfg.model), cfg.deepspeed.zero_stage, cfg.trainer.expert_parallel
+    experts = expert_parameters(cfg.model)
+    dense = model_state_bytes(sum(groups.values()) - experts, largest_module_parameters(cfg.model), stage, ranks)
+    spread = model_state_bytes(experts / n, 0, stage, ranks // n)
+    states = {part: dense[part] + spread[part] for part in dense}
     buckets = 2 * (cfg.deepspeed.reduce_bucket_size + cfg.deepspeed.allgather_bucket_size)
     parts = {**states, "activations": activation_bytes(cfg, cfg.trainer.activation_checkpointing),
              "chunked_loss": loss_bytes(cfg), "attention_mask": attention_mask_bytes(cfg),
@@ -131,7 +155,10 @@ def _fits(cfg: TrainConfig, ranks: int) -> bool:
 def first_change(cfg: TrainConfig, ranks: int) -> str:
     """The first setting, in order of what it costs in speed, whose change alone makes it fit; or
     all of them with the fewest sequence-parallel ranks, then the fewest GPUs, that would."""
-    candidates = [("deepspeed.zero_stage", stage) for stage in range(cfg.deepspeed.zero_stage + 1, 4)]
+    spread = cfg.trainer.expert_parallel > 1  # DeepSpeed's MoE layer refuses ZeRO-3
+    candidates = [("deepspeed.zero_stage", stage) for stage in range(cfg.deepspeed.zero_stage + 1, 3 if spread else 4)]
+    if widest_expert_parallel(cfg, ranks) > cfg.trainer.expert_parallel:
+        candidates.append(("trainer.expert_parallel", widest_expert_parallel(cfg, ranks)))
     if attention_mask_bytes(cfg):
         candidates.append(("model.attention", "flex"))
     if not cfg.trainer.activation_checkpointing:
@@ -157,6 +184,14 @@ def first_change(cfg: TrainConfig, ranks: int) -> str:
     return "nothing: it does not fit on any number of these GPUs"
 
 
+def widest_expert_parallel(cfg: TrainConfig, ranks: int) -> int:
+    """The most GPUs each modality's experts can be spread over (1 without experts or under ZeRO-3)."""
+    experts = cfg.model.experts_config
+    if experts is None or cfg.deepspeed.zero_stage == 3:
+        return 1
+    return max(n for n in range(1, experts.per_modality + 1) if experts.per_modality % n == 0 and ranks % n == 0)
+
+
 def _layout_possible(cfg: TrainConfig, sequence_parallel: int, gpus: int) -> bool:
     try:
         check_layout(sequence_parallel, gpus, cfg.model, {"data.seq_len": cfg.data.seq_len})
@@ -169,6 +204,7 @@ def make_plan(cfg: TrainConfig, ranks: int) -> dict:
     groups = parameters_by_group(cfg.model)
     n = cfg.trainer.sequence_parallel
     check_layout(n, ranks, cfg.model, {"data.seq_len": cfg.data.seq_len})
+    check_expert_layout(cfg.trainer.expert_parallel, ranks, cfg.model, cfg.deepspeed)
     accumulation = gradient_accumulation_steps(cfg, ranks // n)
     per_token = flops_per_token(cfg.model, cfg.data.seq_len)
     gpu = cfg.trainer.gpu
@@ -192,6 +228,9 @@ def make_plan(cfg: TrainConfig, ranks: int) -> dict:
         "sequence_parallel": n, "data_parallel": ranks // n, "tokens_per_gpu": tokens_per_rank(cfg),
         "all_to_all_gb_per_layer": round(all_to_all_bytes_per_layer(cfg) / GB, 3),
         "all_to_all_gb_per_step": round(all_to_all_bytes_per_layer(cfg) * passes / GB, 1),
+        "expert_parallel": cfg.trainer.expert_parallel, "expert_parameters": expert_parameters(cfg.model),
+        "expert_all_to_all_gb_per_layer": round(expert_all_to_all_bytes_per_layer(cfg) / GB, 3),
+        "expert_all_to_all_gb_per_step": round(expert_all_to_all_bytes_per_layer(cfg) * passes / GB, 1),
         "activation_checkpointing": cfg.trainer.activation_checkpointing,
         "memory_gb_per_gpu": parts, "memory_gb_per_gpu_total": total,
         "checkpoint_gb": round(checkpoint_bytes(sum(groups.values()), cfg.deepspeed.bf16) / GB, 2),
@@ -213,7 +252,7 @@ def render(plan: dict) -> str:
         f"{plan['active_parameters_per_token'] / 1e9:.2f}B of them (embeddings aside) used by each token; "
         f"{plan['flops_per_token'] / 1e9:.1f} GFLOP per token; {plan['tokens_per_step']:,} tokens per step = "
         f"{plan['micro_batch_size']} x {plan['seq_len']} tokens x {plan['data_parallel']} data-parallel ranks x "
-        f"{plan['gradient_accumulation_steps']} micro-steps\n{sequence_line(plan)}{video_lines(plan)}"
+        f"{plan['gradient_accumulation_steps']} micro-steps\n{sequence_line(plan)}{expert_line(plan)}{video_lines(plan)}"
         f"memory per GPU, ZeRO-{plan['zero_stage']}, activation checkpointing {'on' if plan['activation_checkpointing'] else 'off'}:\n"
         f"{memory_lines}\n  {'total':<22} {plan['memory_gb_per_gpu_total']:8.2f} GB of {plan['gpu_memory_gb']:g}: {verdict}\n"
         f"one checkpoint: {plan['checkpoint_gb']:,.2f} GB on disk (weights, fp32 master weights and Adam's moments)\n"
@@ -228,6 +267,18 @@ def sequence_line(plan: dict) -> str:
     return (f"sequence parallelism: {plan['sequence_parallel']} GPUs per sequence, {plan['tokens_per_gpu']:,} tokens "
             f"each; all-to-all {plan['all_to_all_gb_per_layer']:.3f} GB sent per GPU per block forward, "
             f"{plan['all_to_all_gb_per_step']:,.1f} GB per step\n")  # fmt: skip
+
+
+def expert_line(plan: dict) -> str:
+    if not plan["expert_parameters"]:
+        return ""
+    n = plan["expert_parallel"]
+    where = "on every GPU" if n == 1 else f"spread over {n} GPUs ({plan['expert_parameters'] / n / 1e9:.2f}B on each)"
+    exchange = "" if n == 1 else (
+        f"; all-to-all {plan['expert_all_to_all_gb_per_layer']:.3f} GB sent per GPU per block forward (balanced "
+        f"routes), {plan['expert_all_to_all_gb_per_step']:,.1f} GB per step"
+    )
+    return f"experts: {plan['expert_parameters'] / 1e9:.2f}B parameters {where}{exchange}\n"
 
 
 def bind_to_shards_here(cfg: TrainConfig) -> None:
