@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import (
+    REPO,
     ended,
     last_logged_step,
     rank_processes,
@@ -19,10 +20,15 @@ from conftest import (
     train_overrides,
     wait_for,
 )
+from fusion_train.lab.routers import COLLAPSED, final_load
+from fusion_train.lab.routers import calibration as router_calibration
+from fusion_train.lab.stability import read_histories
 from fusion_train.model.chameleon import Chameleon, ChameleonConfig, FeedForward, ModalityRouting
 from fusion_train.model.experts import ExpertsConfig, ModalityExperts, route
+from fusion_train.monitor.config import GuardConfig
 from fusion_train.monitor.experts import RouterMonitor
 from fusion_train.monitor.observer import LogStep
+from fusion_train.monitor.report import write_report
 from fusion_train.train.config import ConfigError, load_config
 from fusion_train.train.expert_parallel import ExpertParallelError
 from fusion_train.train.expert_parallel import check_layout as check_expert_layout
@@ -195,8 +201,11 @@ def test_experts_spread_over_two_ranks_train_as_unspread_and_resume_exactly(demo
     """2 ranks at trainer.expert_parallel=2 (each holding 2 of each modality's 4 experts) give the
     losses, router metrics and weights of the same run with every expert on both ranks. SIGKILL of
     rank 1 mid-run, and the same command resumes bit-exactly from DeepSpeed's per-expert checkpoint
-    files. Resuming that checkpoint on one rank is refused, naming the setting."""
-    common = ["+experts=modality", "trainer.steps=10", "trainer.checkpoint_every=4"]
+    files. The guard's router-collapse test fires in both alike; the run's report draws the loads.
+    Resuming that checkpoint on one rank is refused, naming the setting."""
+    # The guard's router-collapse test set to fire (a load_max above 0.3 for 2 steps in a row).
+    common = ["+experts=modality", "trainer.steps=10", "trainer.checkpoint_every=4",
+              "monitor.guard.router_collapse_max=0.3", "monitor.guard.router_collapse_steps=2"]  # fmt: skip
     whole, spread = tmp_path / "whole", tmp_path / "spread"
     torchrun(TRAIN, *train_overrides(demo_data, whole, *common))
     process = start_training(demo_data, spread, EP2, *common)
@@ -213,10 +222,12 @@ def test_experts_spread_over_two_ranks_train_as_unspread_and_resume_exactly(demo
         assert all(r["loss/total"] == records[0]["loss/total"] for r in records), step  # bit for bit
     reference = {r["step"]: r for r in read_metrics(whole)}
     for step, (record, *_) in redone.items():
-        compared = {m for m in reference[step] if m.startswith(("loss/", "moe/"))}
+        compared = {m for m in reference[step] if m.startswith(("loss/", "moe/", "guard/"))}
         assert "moe/text/block_1/entropy" in compared and compared <= record.keys(), step
         for metric in compared:
             assert record[metric] == pytest.approx(reference[step][metric], rel=1e-5, abs=1e-6), (step, metric)
+    assert {s for s, r in reference.items() if "guard/router_collapse" in r} >= set(range(3, 11))
+    assert "routers.png" in write_report(whole).read_text()
     spread_weights = consolidated_state_dict(spread / "checkpoints/step_10")
     whole_weights = consolidated_state_dict(whole / "checkpoints/step_10")
     assert spread_weights.keys() == whole_weights.keys()
@@ -303,3 +314,21 @@ def test_experts_and_null_mappings_from_the_command_line_are_set_or_refused_in_o
     assert load_config(["model=tiny", "+model.experts={per_modality: 3}"]).model.experts_config.per_modality == 3
     with pytest.raises(ConfigError, match="model.rope_scaling is null in the config and takes no mapping"):
         load_config(["model=tiny", "model.rope_scaling={rope_type: linear, factor: 2}"])
+
+
+def test_the_default_router_collapse_test_warns_every_collapsed_run_of_the_calibration_and_no_other():
+    """The guard replayed on the stored histories of docs/experts.md's 12-run sweep (aux_loss 0, 0.001,
+    0.01 x four learning rates, every step logged): at its defaults (0.9 for 20 steps) it warns
+    both runs whose routers collapsed, and no other; 10 steps would false-alarm on a fresh router."""
+    histories = read_histories(REPO / "tests" / "data" / "router_histories.jsonl")
+    assert {h.name for h in histories if final_load(h) >= COLLAPSED} == {
+        "model.experts.aux_loss=0,optim.lr=0.03",
+        "model.experts.aux_loss=0,optim.lr=0.1",
+    }
+    rows = {
+        (r["router_collapse_max"], r["router_collapse_steps"]): r for r in router_calibration(histories, GuardConfig())
+    }
+    default = GuardConfig()
+    chosen = rows[(default.router_collapse_max, default.router_collapse_steps)]
+    assert (chosen["warned"], chosen["collapsed"], chosen["false_alarms"]) == (2, 2, 0)
+    assert rows[(0.9, 10)]["false_alarms"] > 0

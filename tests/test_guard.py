@@ -5,8 +5,10 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from fusion_train.monitor.config import GuardConfig
+from fusion_train.monitor.experts import RouterMonitor
 from fusion_train.monitor.guard import DivergenceGuard, GuardError, fitted_growth, robust_zscore
 
 
@@ -82,6 +84,26 @@ def test_a_norm_jump_is_caught_from_the_first_steps_and_a_fresh_models_growth_is
     assert run(DivergenceGuard(GuardConfig()), [8.3] * 30, fresh) == {}
 
 
+def test_a_router_collapse_is_a_lasting_lopsided_load_and_a_fresh_routers_moment_is_not():
+    """moe/load_max above router_collapse_max for router_collapse_steps steps in a row; the count
+    survives a restart (the guard's state) and starts again below the limit."""
+    cfg = GuardConfig(router_collapse_max=0.8, router_collapse_steps=3)
+    guard, events = DivergenceGuard(cfg), {}
+    for step, load_max in enumerate([0.95, 0.9, 0.5, 0.85, 0.9], start=1):
+        events[step] = guard.check(step, 3.0, 1.0, 1.0, load_max)
+    restarted = DivergenceGuard(cfg)
+    restarted.load_state_dict(json.loads(json.dumps(guard.state_dict())))
+    for step, load_max in enumerate([0.95, 0.97, 0.6], start=6):
+        events[step] = restarted.check(step, 3.0, 1.0, 1.0, load_max)
+    assert [step for step, event in events.items() if event] == [6, 7]
+    assert events[6].kind == "router_collapse" and events[6].value == 0.95
+    assert "one expert has taken 95% of its group's routes" in events[6].message
+    assert "raise model.experts.aux_loss" in events[6].message
+    assert all(DivergenceGuard(cfg).check(1, 3.0, 1.0, 1.0, None) is None for _ in range(5))  # no experts
+    loads = torch.tensor([[6.0, 1, 1, 0], [0, 0, 0, 0], [2, 2, 2, 2]])  # a cell without routes is left out
+    assert RouterMonitor.load_max(loads) == 0.75
+
+
 def test_a_sudden_blow_up_raises_the_fitted_trend():
     assert fitted_growth([1.0] * 7 + [1000.0]) > 20
     assert fitted_growth([1.0] * 7 + [1.3]) < 0.2
@@ -126,6 +148,7 @@ def test_state_survives_a_json_checkpoint():
         ({"spike_window": 5}, "at least"),
         ({"norm_window": 20}, "norm_window more than min_history"),
         ({"norm_jump_max": 1.0}, "norm_jump_max more than 1"),
+        ({"router_collapse_max": 1.5}, "router_collapse_max in"),
     ],
 )
 def test_bad_settings_name_the_setting(change, message):

@@ -1,6 +1,7 @@
 """`fusion-report`: a self-contained HTML page of a training run (`fusion_train.monitor.report`),
 of a sweep (`--sweep`: the stability lab, `fusion_train.lab.report`), or the dense-against-untied
-comparison of an untied sweep (`--untied`: `fusion_train.lab.untied`, a table and a plot)."""
+comparison of an untied sweep (`--untied`: `fusion_train.lab.untied`, a table and a plot), or the
+router-collapse calibration of a sweep of experts (`--routers`: `fusion_train.lab.routers`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 from pathlib import Path
 
 from fusion_train.lab.report import SweepReportError, write_sweep_report
+from fusion_train.lab.routers import RouterReportError, write_router_report
 from fusion_train.lab.untied import write_untied_report
 from fusion_train.monitor.report import ReportError, write_report
 
@@ -22,6 +24,8 @@ def _parser() -> argparse.ArgumentParser:
     kind.add_argument("--sweep", action="store_true", help="RUN_DIR is a sweep's folder (fusion-train -m)")
     kind.add_argument("--untied", action="store_true", help="RUN_DIR is an untied sweep's (+experiment=untied): "
                       "untied.md (printed) and untied.png")  # fmt: skip
+    kind.add_argument("--routers", action="store_true", help="RUN_DIR is a sweep of experts "
+                      "(+experiment=router_collapse): routers.md (printed) and routers.png")  # fmt: skip
     return parser
 
 
@@ -29,12 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = _parser().parse_args(argv)
     try:
-        if args.untied:
-            _, table = write_untied_report(args.run_dir, args.out)
+        if args.untied or args.routers:
+            _, table = (write_untied_report if args.untied else write_router_report)(args.run_dir, args.out)
             sys.stdout.write(table)
             return 0
         page = write_sweep_report(args.run_dir, args.out) if args.sweep else write_report(args.run_dir, args.out)
-    except (ReportError, SweepReportError) as error:
+    except (ReportError, SweepReportError, RouterReportError) as error:
         print(f"fusion-report: error: {error}", file=sys.stderr)
         return 2
     print(page)

@@ -78,13 +78,13 @@ def guard_config(folder: Path) -> GuardConfig:
 HISTORY_KEYS = ("loss/total", "grad/norm", "norms/final_out", "attn/qk_logit_max")  # what the numbers use
 
 
-def write_histories(histories: list[History], path: Path) -> None:
-    """The series the lab's numbers use, one line per run, a column per key (null where a step lacks
-    it), to 5 significant digits: small enough to keep in a repository."""
+def write_histories(histories: list[History], path: Path, keys: tuple[str, ...] = HISTORY_KEYS) -> None:
+    """The series the lab's numbers use (`keys`), one line per run, a column per key (null where a
+    step lacks it), to 5 significant digits: small enough to keep in a repository."""
     with open(path, "w") as f:
         for h in histories:
             columns = {"step": [m["step"] for m in h.metrics]}
-            columns |= {k: [float(f"{m[k]:.5g}") if k in m else None for m in h.metrics] for k in HISTORY_KEYS}
+            columns |= {k: [float(f"{m[k]:.5g}") if k in m else None for m in h.metrics] for k in keys}
             f.write(json.dumps({"name": h.name, "variant": h.variant, "lr": h.lr, "columns": columns}) + "\n")
 
 
@@ -139,7 +139,8 @@ def replay_guard(history: History, cfg: GuardConfig) -> list[GuardEvent]:
     ran when every step was logged."""
     guard, events = DivergenceGuard(cfg), []
     for m in history.metrics:
-        event = guard.check(m["step"], m["loss/total"], m.get("grad/norm", 0.0), m.get("norms/final_out"))
+        event = guard.check(m["step"], m["loss/total"], m.get("grad/norm", 0.0), m.get("norms/final_out"),
+                            m.get("moe/load_max"))  # fmt: skip
         events += [event] if event else []
     return events
 

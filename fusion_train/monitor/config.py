@@ -21,6 +21,10 @@ class GuardConfig:
     norm_start_step: int = 4000  # norms grow fast while a fresh model learns: the test starts here
     norm_jump_max: float = 20.0  # norms/final_out above this many times its least over norm_jump_steps
     norm_jump_steps: int = 5
+    # Router collapse (model.experts): moe/load_max, the busiest expert's share of its group's routes,
+    # above this for router_collapse_steps steps in a row (calibrated in docs/experts.md)
+    router_collapse_max: float = 0.9
+    router_collapse_steps: int = 20
     max_rollbacks: int = 3  # per run, counted across resumes; one more ends the run
     rollback_lr_factor: float = 1.0  # the LR is multiplied by this ...
     rollback_lr_steps: int = 0  # ... for this many steps after a rollback

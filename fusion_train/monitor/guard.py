@@ -11,6 +11,10 @@ Three tests, on values every rank shares (all-reduced), so that every rank decid
 - norm jump: norms/final_out more than `norm_jump_max` times its smallest value of the last
   `norm_jump_steps` steps, from the first step on. It is the blow-up of a too-high learning rate in
   the warm-up, before the growth test may speak (the stability lab, docs/stability.md).
+- router collapse (with model.experts): moe/load_max, the busiest expert's share of its group's
+  routes over every block and modality (1/E balanced, 1 when one expert takes them all), above
+  `router_collapse_max` for `router_collapse_steps` steps in a row. A fresh router is lopsided
+  for a few steps now and then; a collapsed one stays so (calibrated in docs/experts.md).
 
 The guard only decides; the trainer acts (warn, stop, or roll back). Its state (the windows, the
 rollbacks so far and the data they skipped) is saved in every checkpoint.
@@ -29,7 +33,7 @@ MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution times this is its standard
 MIN_RELATIVE_SCALE = 1e-3  # a flat loss has MAD ~0: spikes are measured against at least 0.1% of the median
 
 
-EVENT_KINDS = ("nonfinite", "loss_spike", "norm_jump", "norm_growth")
+EVENT_KINDS = ("nonfinite", "loss_spike", "norm_jump", "norm_growth", "router_collapse")
 
 
 class GuardError(ValueError):
@@ -55,6 +59,8 @@ def check_config(cfg: GuardConfig) -> None:
         )
     if cfg.norm_jump_steps < 1 or cfg.norm_jump_max <= 1:
         raise GuardError("monitor.guard: norm_jump_steps must be at least 1 and norm_jump_max more than 1")
+    if cfg.router_collapse_steps < 1 or not 0 < cfg.router_collapse_max <= 1:
+        raise GuardError("monitor.guard: router_collapse_steps must be at least 1 and router_collapse_max in (0, 1]")
 
 
 def robust_zscore(history: list[float], value: float) -> float:
@@ -81,14 +87,20 @@ class DivergenceGuard:
         self.final_norms: list[tuple[int, float]] = []
         self.rollbacks: list[dict] = []  # what each rollback skipped, for the record and for later resumes
         self.lower_lr_until = 0  # the last step that runs with a lowered LR after a rollback
+        self.lopsided_steps = 0  # steps in a row with moe/load_max above router_collapse_max
 
-    def check(self, step: int, loss: float, grad_norm: float, final_norm: float | None) -> GuardEvent | None:
+    def check(
+        self, step: int, loss: float, grad_norm: float, final_norm: float | None, load_max: float | None = None
+    ) -> GuardEvent | None:
         """The first test that fails at this step, or None. A finite step joins the history even when
         it is an event: a run that goes on from it (`warn`) adapts to a lasting change instead of
         alarming forever, and a rollback cuts the history back anyway."""
         event = self._nonfinite(step, loss, grad_norm, final_norm) or self._spike(step, loss)
         if event is None and final_norm is not None:
             event = self._norm_jump(step, final_norm) or self._norm_growth(step, final_norm)
+        if load_max is not None:
+            self.lopsided_steps = self.lopsided_steps + 1 if load_max > self.cfg.router_collapse_max else 0
+            event = event or self._router_collapse(step, load_max)
         if event is None or event.kind != "nonfinite":
             self.losses = (self.losses + [(step, loss)])[-self.cfg.spike_window :]
             if final_norm is not None:
@@ -143,6 +155,16 @@ class DivergenceGuard:
         )
         return GuardEvent("norm_growth", step, growth, self.cfg.norm_growth_max, message)
 
+    def _router_collapse(self, step: int, load_max: float) -> GuardEvent | None:
+        if self.lopsided_steps < self.cfg.router_collapse_steps:
+            return None
+        message = (
+            f"step {step}: router collapse, one expert has taken {load_max:.0%} of its group's routes, above "
+            f"monitor.guard.router_collapse_max={self.cfg.router_collapse_max:g} for {self.lopsided_steps} steps in a "
+            "row (limit router_collapse_steps): raise model.experts.aux_loss or lower the learning rate"
+        )
+        return GuardEvent("router_collapse", step, load_max, self.cfg.router_collapse_max, message)
+
     def can_roll_back(self) -> bool:
         return len(self.rollbacks) < self.cfg.max_rollbacks
 
@@ -153,6 +175,7 @@ class DivergenceGuard:
         )
         self.losses = [(s, v) for s, v in self.losses if s <= to_step]
         self.final_norms = [(s, v) for s, v in self.final_norms if s <= to_step]
+        self.lopsided_steps = 0
         if self.cfg.rollback_lr_steps:
             self.lower_lr_until = to_step + self.cfg.rollback_lr_steps
 
@@ -166,6 +189,7 @@ class DivergenceGuard:
             "final_norms": self.final_norms,
             "rollbacks": self.rollbacks,
             "lower_lr_until": self.lower_lr_until,
+            "lopsided_steps": self.lopsided_steps,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -173,3 +197,4 @@ class DivergenceGuard:
         self.final_norms = [tuple(x) for x in state["final_norms"]]
         self.rollbacks = state["rollbacks"]
         self.lower_lr_until = state["lower_lr_until"]
+        self.lopsided_steps = state.get("lopsided_steps", 0)

@@ -287,6 +287,17 @@ def plots(run: Run) -> list[tuple[str, str, object]]:
             "Update-to-weight ratio per parameter group.",
             line_plot(run, [(f"optim/update_ratio_{g}", g) for g in groups], "Update / weight", "‖Δw‖/‖w‖", log_y=True),
         ),
+        (
+            "routers.png",
+            "Experts (model.experts): the busiest expert's share of its group's routes, over blocks, per modality "
+            "(1/E when balanced; the guard's router-collapse test reads the largest, moe/load_max).",
+            line_plot(
+                run,
+                [(f"moe/{m}/load_max", m) for m in ("text", "image", "audio")] + [("moe/load_max", "largest")],
+                "Router load",
+                "share of routes",
+            ),
+        ),
         ("lr.png", "Learning rate.", line_plot(run, [("optim/lr", "lr")], "Learning rate", "lr")),
         ("throughput.png", "Tokens per second (all ranks) and MFU.", throughput_plot(run)),
     ]

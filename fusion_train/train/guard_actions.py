@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from fusion_train.monitor.activations import ActivationMonitor
+from fusion_train.monitor.experts import RouterMonitor
 from fusion_train.monitor.guard import DivergenceGuard, GuardEvent
 from fusion_train.monitor.observer import ROLLED_BACK, STOP, LogStep, Observer
 from fusion_train.weights.training_checkpoint import read_trainer_state
@@ -30,9 +31,11 @@ log = logging.getLogger(__name__)
 class GuardActions(Observer):
     state_key = "guard"
 
-    def __init__(self, trainer, activations: ActivationMonitor | None):
-        """`trainer`: the Trainer it acts on; `activations`: where the final-layer norm comes from."""
+    def __init__(self, trainer, activations: ActivationMonitor | None, routers: RouterMonitor | None = None):
+        """`trainer`: the Trainer it acts on; `activations`: where the final-layer norm comes from;
+        `routers`: where the experts' loads come from."""
         self.trainer, self.cfg, self.activations = trainer, trainer.cfg.monitor.guard, activations
+        self.routers = routers
         self.guard = DivergenceGuard(self.cfg)
         self.step_loss = torch.zeros((), dtype=torch.float64, device=trainer.device)
         self.event: GuardEvent | None = None
@@ -57,17 +60,20 @@ class GuardActions(Observer):
         return self.event is not None
 
     def _shared_values(self) -> tuple:
-        """The step's loss, gradient norm and final-layer norm, the same on every rank: the one host
-        sync per optimizer step that a decision at that step needs."""
+        """The step's loss, gradient norm, final-layer norm and experts' load, the same on every
+        rank: the one host sync per optimizer step that a decision at that step needs."""
         device, final_norm = self.trainer.device, self.activations.final_norm if self.activations else None
         grad_norm = self.trainer.engine.get_global_grad_norm()  # a device tensor or a float; None before any step
         grad_norm = torch.as_tensor(0.0 if grad_norm is None else grad_norm, device=device)
         norm = final_norm if final_norm is not None else torch.zeros((), device=device)
         step_loss = self.step_loss / self.trainer.grad_accum
-        values = torch.stack([v.double().reshape(()) for v in (step_loss, grad_norm, norm)])
-        dist.all_reduce(values)
-        loss, grad, norm = (values / self.trainer.world_size).tolist()
-        return loss, grad, (norm if final_norm is not None else None)
+        means = torch.stack([v.double().reshape(()) for v in (step_loss, grad_norm, norm)])
+        load = self.routers.step_load if self.routers and self.routers.step_load is not None else None
+        values = means if load is None else torch.cat([means, load.double().flatten()])
+        dist.all_reduce(values)  # the means' sums, the loads' totals
+        loss, grad, norm = (values[:3] / self.trainer.world_size).tolist()
+        load_max = None if load is None else RouterMonitor.load_max(values[3:].view_as(load))
+        return loss, grad, (norm if final_norm is not None else None), load_max
 
     def apply_lr_factor(self, next_step: int) -> None:
         """After a rollback the guard may lower the scheduled LR for a while."""

@@ -41,12 +41,13 @@ def build_observers(trainer) -> list[Observer]:
         observers.append(activations)
     if on and monitor.parameters:
         observers.append(ParameterMonitor(model, trainer.rank))
-    if on and cfg.model.experts:
-        observers.append(RouterMonitor(model.layers))
+    routers = RouterMonitor(model.layers) if on and cfg.model.experts else None
+    if routers:
+        observers.append(routers)
     flops = flops_per_token(cfg.model, cfg.data.seq_len)
     observers.append(Throughput(trainer.device, cfg.trainer.global_batch_tokens, flops, monitor.peak_tflops))
     if on and monitor.guard.enabled:
-        observers.append(GuardActions(trainer, activations))
+        observers.append(GuardActions(trainer, activations, routers))
     if cfg.eval_data.sources and cfg.trainer.eval_every:
         observers.append(ScheduledValidation(trainer))
     if cfg.eval_samples.prompts and cfg.trainer.eval_every:

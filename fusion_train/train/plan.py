@@ -115,7 +115,11 @@ def all_to_all_bytes_per_layer(cfg: TrainConfig) -> float:
 def expert_parameters(model: ChameleonConfig) -> int:
     """The experts' weights (routers aside): what expert parallelism spreads over GPUs."""
     experts = model.experts_config
-    return model.n_layers * len(model.untied_copies) * experts.per_modality * 3 * model.dim * model.ffn_dim if experts else 0
+    return (
+        model.n_layers * len(model.untied_copies) * experts.per_modality * 3 * model.dim * model.ffn_dim
+        if experts
+        else 0
+    )
 
 
 def expert_all_to_all_bytes_per_layer(cfg: TrainConfig) -> float:
@@ -274,9 +278,13 @@ def expert_line(plan: dict) -> str:
         return ""
     n = plan["expert_parallel"]
     where = "on every GPU" if n == 1 else f"spread over {n} GPUs ({plan['expert_parameters'] / n / 1e9:.2f}B on each)"
-    exchange = "" if n == 1 else (
-        f"; all-to-all {plan['expert_all_to_all_gb_per_layer']:.3f} GB sent per GPU per block forward (balanced "
-        f"routes), {plan['expert_all_to_all_gb_per_step']:,.1f} GB per step"
+    exchange = (
+        ""
+        if n == 1
+        else (
+            f"; all-to-all {plan['expert_all_to_all_gb_per_layer']:.3f} GB sent per GPU per block forward (balanced "
+            f"routes), {plan['expert_all_to_all_gb_per_step']:,.1f} GB per step"
+        )
     )
     return f"experts: {plan['expert_parameters'] / 1e9:.2f}B parameters {where}{exchange}\n"
 
