@@ -6,8 +6,8 @@ codes, random tokens (half text, half image) of --seq-len, --micro-batch rows pe
     torchrun --nproc_per_node 2 bench/expert_parallel.py --arm dense|experts|experts_ep2
 
 One JSON line (rank 0) per arm, the slower rank's figures: the forward and backward of a
-micro-step, the optimizer step, the share of the micro-step in all-to-alls (gloo, torch.profiler's
-collective events) and the parameters a rank holds. Run each arm in a process of its own.
+micro-step, the optimizer step, the micro-step's time in the experts' all-to-alls and in ZeRO-2's
+gradient reductions (gloo, torch.profiler's collective events) and the parameters a rank holds. Run each arm in a process of its own.
 """
 
 from __future__ import annotations
@@ -47,9 +47,14 @@ def measure(engine, ids: torch.Tensor) -> dict:
     started = time.perf_counter()
     engine.step()
     optimizer = time.perf_counter() - started
-    all_to_all = sum(e.cpu_time_total for e in profiler.key_averages() if "all_to_all" in e.key.lower()
-                     or "alltoall" in e.key.lower()) / 1e6  # fmt: skip
-    return {"micro_step_s": micro_step, "optimizer_s": optimizer, "all_to_all_s": all_to_all}
+    return {"micro_step_s": micro_step, "optimizer_s": optimizer,
+            "all_to_all_s": collective_seconds(profiler, ("all_to_all", "alltoall")),
+            "gradient_reduce_s": collective_seconds(profiler, ("reduce_scatter", "allreduce", "all_reduce"))}  # fmt: skip
+
+
+def collective_seconds(profiler, names: tuple[str, ...]) -> float:
+    """CPU time of the profiled events whose names contain one of `names` (gloo's collectives)."""
+    return sum(e.cpu_time_total for e in profiler.key_averages() if any(n in e.key.lower() for n in names)) / 1e6
 
 
 def main() -> None:
