@@ -109,6 +109,28 @@ def test_equal_experts_in_every_group_are_the_dense_model():
         torch.testing.assert_close(summed[name], grad, rtol=1e-4, atol=1e-7, msg=name)
 
 
+def test_a_shared_expert_goes_through_every_token_and_adds_to_the_routed_ones():
+    """With the routed experts' output projections zero, a model with one shared expert is the dense
+    model whose feed-forward it holds; its gradients are the dense ones."""
+    ids = _batch()
+    dense = Chameleon(_config())
+    experts = Chameleon(_config(experts={"per_modality": 2, "shared": 1, **NO_ROUTER_LOSS}), seed=1)
+    state = experts.state_dict()
+    for name, value in dense.state_dict().items():
+        if "feed_forward" in name:
+            layer, weight = name.split(".feed_forward.")
+            state[f"{layer}.feed_forward.shared.0.{weight}"] = value
+        else:
+            state[name] = value
+    state.update({n: torch.zeros_like(v) for n, v in state.items() if ".experts." in n and n.endswith("w2.weight")})
+    experts.load_state_dict(state)
+    (out_d, grads_d), (out_e, grads_e) = _loss_and_grads(dense, ids), _loss_and_grads(experts, ids)
+    torch.testing.assert_close(out_e.loss, out_d.loss, rtol=0, atol=0)
+    for name, grad in grads_d.items():
+        shared = name.replace("feed_forward.", "feed_forward.shared.0.") if "feed_forward" in name else name
+        torch.testing.assert_close(grads_e[shared], grad, rtol=1e-5, atol=1e-7, msg=name)  # summed in another order
+
+
 def test_routes_stay_in_their_modality_and_capacity_drops_the_least_probable():
     torch.manual_seed(0)
     cfg = ExpertsConfig(per_modality=2, top_k=1, capacity_factor=1.0)
@@ -284,6 +306,9 @@ def test_sizes_count_every_expert_and_flops_the_top_k_a_token_goes_through():
     extra = cfg.n_layers * (3 * cfg.dim * cfg.ffn_dim + 4 * cfg.dim)
     assert active_parameters(cfg) == parameter_counts(dense).non_embedding + extra
     assert flops_per_token(cfg, 64) - flops_per_token(dense, 64) == 6 * extra
+    shared = _config(experts={"per_modality": 4, "top_k": 2, "shared": 1})
+    assert parameter_counts(shared).total == sum(p.numel() for p in Chameleon(shared).parameters())
+    assert active_parameters(shared) == active_parameters(cfg) + cfg.n_layers * 3 * cfg.dim * cfg.ffn_dim
 
 
 def test_generation_with_the_kv_cache_equals_recomputing_every_position():

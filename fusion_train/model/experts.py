@@ -39,6 +39,7 @@ class ExpertsConfig:
     capacity_factor: float | None = 1.25  # None: no capacity limit
     aux_loss: float = 0.01  # coefficient of the load-balancing loss, summed over blocks
     router_z_loss: float = 0.001  # coefficient of the router z-loss, summed over blocks
+    shared: int = 0  # experts every token goes through, whatever its modality (DeepSeekMoE's shared experts)
 
     def __post_init__(self) -> None:
         checks = [
@@ -46,6 +47,7 @@ class ExpertsConfig:
             (1 <= self.top_k <= self.per_modality, "top_k must be between 1 and per_modality"),
             (self.capacity_factor is None or self.capacity_factor > 0, "capacity_factor must be positive or null"),
             (self.aux_loss >= 0 and self.router_z_loss >= 0, "aux_loss and router_z_loss must not be negative"),
+            (self.shared >= 0, "shared must not be negative"),
         ]
         for ok, message in checks:
             if not ok:
@@ -122,7 +124,8 @@ class ExpertGroup(nn.Module):
 
 class ModalityExperts(nn.Module):
     """A block's feed-forward as an expert group per modality, on tokens grouped by a
-    ModalityRouting (text first, then image, then audio). After each forward, `routes` holds each
+    ModalityRouting (text first, then image, then audio), plus the shared experts every token goes
+    through (their outputs added). After each forward, `routes` holds each
     group's Routes (None for a group without tokens) for the loss and the monitors."""
 
     def __init__(self, make_expert, dim: int, cfg: ExpertsConfig, copies: tuple[str, ...]):
@@ -130,6 +133,7 @@ class ModalityExperts(nn.Module):
         self.copies = copies
         for name in copies:
             self.add_module(name, ExpertGroup(make_expert, dim, cfg))
+        self.shared = nn.ModuleList(make_expert() for _ in range(cfg.shared))
         self.routes: list[Routes | None] = []
 
     def forward(self, x: torch.Tensor, routing) -> torch.Tensor:
@@ -140,7 +144,7 @@ class ModalityExperts(nn.Module):
             out, routes = getattr(self, name)(part)
             outputs.append(out)
             self.routes.append(routes)
-        return torch.cat(outputs)
+        return sum((expert(x) for expert in self.shared), torch.cat(outputs))
 
     def router_loss(self, cfg: ExpertsConfig) -> torch.Tensor:
         """This block's weighted load-balancing and z-losses, each averaged over its groups by their tokens."""

@@ -29,6 +29,7 @@ def parameters_by_group(cfg: ChameleonConfig) -> dict[str, int]:
     ffn = 3 * cfg.dim * cfg.ffn_dim * copies("ffn")
     if experts:  # per modality: its experts and its router (the monitors count routers as ffn)
         ffn = len(cfg.untied_copies) * experts.per_modality * (3 * cfg.dim * cfg.ffn_dim + cfg.dim)
+        ffn += experts.shared * 3 * cfg.dim * cfg.ffn_dim
 
     kv_dim = cfg.n_kv_heads * cfg.head_dim
     qk_norm = 2 * 2 * cfg.qk_norm_groups * cfg.head_dim if cfg.qk_norm else 0  # weight + bias, q and k
@@ -54,11 +55,13 @@ def largest_module_parameters(cfg: ChameleonConfig) -> int:
 
 def active_parameters(cfg: ChameleonConfig) -> int:
     """The non-embedding parameters one token goes through: one modality's copy of an untied part
-    (the dense model's count); with experts, top_k of its modality's experts and its router."""
+    (the dense model's count); with experts, top_k of its modality's experts, its router and the
+    shared experts."""
     active = parameter_counts(replace(cfg, untie_modalities=[], experts={})).non_embedding
     experts = cfg.experts_config
     if experts:
-        active += cfg.n_layers * ((experts.top_k - 1) * 3 * cfg.dim * cfg.ffn_dim + cfg.dim * experts.per_modality)
+        ffn = (experts.top_k + experts.shared - 1) * 3 * cfg.dim * cfg.ffn_dim
+        active += cfg.n_layers * (ffn + cfg.dim * experts.per_modality)
     return active
 
 
