@@ -80,8 +80,8 @@ def check_resume(saved: dict, world_size: int, size: int) -> None:
         f"the checkpoint was written by {saved['world_size']} ranks at trainer.expert_parallel={old_size} and this "
         f"run has {world_size} at trainer.expert_parallel={size}: a checkpoint with expert parallelism resumes on "
         "as many ranks with the same trainer.expert_parallel (DeepSpeed's universal conversion does not handle "
-        "its MoE expert files); resume it so, or start a new run from its weights with "
-        "trainer.init_from=<the checkpoint> and trainer.restart_optimizer"
+        "its MoE expert files); resume it so, or start a new run in this layout from its weights with "
+        "trainer.init_from=<the checkpoint> (a fresh optimizer and data order)"
     )
 
 
