@@ -221,7 +221,8 @@ def test_settings_that_cannot_work_are_errors_naming_them():
 
 def test_experts_spread_over_two_ranks_train_as_unspread_and_resume_exactly(demo_data, tmp_path):
     """2 ranks at trainer.expert_parallel=2 (each holding 2 of each modality's 4 experts) give the
-    losses, router metrics and weights of the same run with every expert on both ranks. SIGKILL of
+    losses, router metrics, gradient and weight norms (the global one that clipping reads too) and
+    weights of the same run with every expert on both ranks. SIGKILL of
     rank 1 mid-run, and the same command resumes bit-exactly from DeepSpeed's per-expert checkpoint
     files. The guard's router-collapse test fires in both alike; the run's report draws the loads.
     Resuming that checkpoint on one rank is refused, naming the setting."""
@@ -244,7 +245,9 @@ def test_experts_spread_over_two_ranks_train_as_unspread_and_resume_exactly(demo
         assert all(r["loss/total"] == records[0]["loss/total"] for r in records), step  # bit for bit
     reference = {r["step"]: r for r in read_metrics(whole)}
     for step, (record, *_) in redone.items():
-        compared = {m for m in reference[step] if m.startswith(("loss/", "moe/", "guard/"))}
+        compared = {
+            m for m in reference[step] if m.startswith(("loss/", "moe/", "guard/", "grad/", "params/", "optim/"))
+        }
         assert "moe/text/block_1/entropy" in compared and compared <= record.keys(), step
         for metric in compared:
             assert record[metric] == pytest.approx(reference[step][metric], rel=1e-5, abs=1e-6), (step, metric)

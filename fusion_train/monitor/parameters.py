@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_grad
+from deepspeed.moe.utils import is_moe_param
+from deepspeed.utils import groups, safe_get_local_fp32_param, safe_get_local_grad
 from torch import nn
 
 from fusion_train.monitor.observer import LogStep, Observer
@@ -41,7 +42,7 @@ def local_master_weights(param: nn.Parameter, rank: int) -> torch.Tensor | None:
         # ZeRO-1/2 and the bf16 optimizer link each parameter to its fragment of the rank's fp32 partition.
         mapping = param._hp_mapping
         return mapping.get_hp_fragment() if mapping is not None else None
-    return param if rank == 0 else None  # unpartitioned fp32: the same on every rank, counted once
+    return param if counted_here(param, rank) else None
 
 
 def local_gradient(param: nn.Parameter, rank: int) -> torch.Tensor | None:
@@ -57,7 +58,15 @@ def local_gradient(param: nn.Parameter, rank: int) -> torch.Tensor | None:
             address = mapping.lp_fragment_address
             fragment = fragment.narrow(0, address.start, address.numel)
         return fragment
-    return param.grad if rank == 0 else None
+    return param.grad if counted_here(param, rank) else None
+
+
+def counted_here(param: nn.Parameter, rank: int) -> bool:
+    """An unpartitioned parameter is the same on every rank that holds it: counted on the first (of
+    the ranks holding the same experts, for an expert spread over ranks)."""
+    if is_moe_param(param):
+        return groups._get_expert_data_parallel_rank(param.group_name) == 0
+    return rank == 0
 
 
 class ParameterMonitor(Observer):
@@ -95,7 +104,9 @@ class ParameterMonitor(Observer):
     def _measure(self) -> dict[str, float]:
         after = [self._master(p) for _, p in self.named]
         updates = self.before  # the copy becomes the update in place: no second copy's memory
-        torch._foreach_sub_([u for u in updates if u is not None], [a.detach() for a in after if a is not None])
+        held = [(u, a.detach()) for u, a in zip(updates, after, strict=True) if u is not None]
+        if held:  # a rank may hold none (unpartitioned weights are counted on rank 0)
+            torch._foreach_sub_(*map(list, zip(*held, strict=True)))
         self.before = []
         sums = torch.stack((self.grad_sq, self._group_sums(after), self._group_sums(updates)))
         dist.all_reduce(sums)
