@@ -3,6 +3,7 @@ model, equal experts are the dense model, routes stay in their modality, capacit
 says, and the load-balancing loss is the formula worked by hand."""
 
 import dataclasses
+import json
 import math
 import re
 
@@ -15,6 +16,7 @@ from conftest import (
     last_logged_step,
     rank_processes,
     read_metrics,
+    sample_overrides,
     start_training,
     torchrun,
     train_overrides,
@@ -224,7 +226,8 @@ def test_experts_spread_over_two_ranks_train_as_unspread_and_resume_exactly(demo
     losses, router metrics, gradient and weight norms (the global one that clipping reads too) and
     weights of the same run with every expert on both ranks. SIGKILL of
     rank 1 mid-run, and the same command resumes bit-exactly from DeepSpeed's per-expert checkpoint
-    files. The guard's router-collapse test fires in both alike; the run's report draws the loads.
+    files, and generates its samples with every rank in each forward. The guard's router-collapse
+    test fires in both alike; the run's report draws the loads.
     Resuming that checkpoint on one rank is refused, naming the setting."""
     # The guard's router-collapse test set to fire (a load_max above 0.3 for 2 steps in a row).
     common = ["+experts=modality", "trainer.steps=10", "trainer.checkpoint_every=4",
@@ -235,7 +238,9 @@ def test_experts_spread_over_two_ranks_train_as_unspread_and_resume_exactly(demo
     wait_for(lambda: last_logged_step(spread) >= 6, process)
     rank_processes(process)[1].kill()
     assert "lost a peer" in ended(process, timeout=120)
-    torchrun(TRAIN, *train_overrides(demo_data, spread, EP2, *common))
+    # Resumed with samples (every rank generates in lockstep: each holds half the experts).
+    torchrun(TRAIN, *train_overrides(demo_data, spread, EP2, *common, *sample_overrides(demo_data, 5)))
+    assert sorted({r["step"] for r in map(json.loads, (spread / "samples.jsonl").read_text().splitlines())}) == [5, 10]
 
     redone = {}
     for record in filter(lambda r: "loss/total" in r, read_metrics(spread)):

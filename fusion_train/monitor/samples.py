@@ -5,8 +5,9 @@ folder, images and a table in W&B, and `fusion-report` shows them as a grid (pro
 
 Generation observes: the model is put back in train mode, the training RNG streams are restored
 (sampling draws from its own seeded generator), the KV cache is freed. Under ZeRO-1/2 rank 0
-generates alone; under ZeRO-3 every rank runs the same forwards, since each holds only a part of
-the weights, and rank 0's tokens are broadcast each step so that the ranks stop together.
+generates alone; under ZeRO-3 or expert parallelism every rank runs the same forwards, since each
+holds only a part of the weights, and rank 0's tokens are broadcast each step so that the ranks
+stop together.
 """
 
 from __future__ import annotations
@@ -34,15 +35,16 @@ from fusion_train.monitor.observer import Observer
 
 class TrainingSamples(Observer):
     def __init__(self, cfg: SamplesConfig, trained_with: TrainedWith, model: torch.nn.Module, loggers: Loggers,
-                 every: int, device: torch.device, rank: int, zero_stage: int,
+                 every: int, device: torch.device, rank: int, everyone: bool,
                  unsharded: Callable[[], AbstractContextManager] = contextlib.nullcontext):  # fmt: skip
-        """Samples from `model` every `every` optimizer steps, to `loggers`. `unsharded()`: the
+        """Samples from `model` every `every` optimizer steps, to `loggers`; `everyone`: every rank
+        takes part in each forward (the weights are spread over the ranks). `unsharded()`: the
         model on whole sequences meanwhile (under sequence parallelism the prompts are not split:
         each rank that generates runs the whole model on them, as without it)."""
         self.cfg, self.model, self.loggers, self.every = cfg, model, loggers, every
         self.unsharded = unsharded
         self.device, self.rank = device, rank
-        self.everyone = zero_stage == 3
+        self.everyone = everyone
         self.requests: list[Request] = []
         self.codec = None
         if not (self.everyone or rank == 0):

@@ -211,6 +211,12 @@ def as_dict(cfg: TrainConfig) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def weights_spread_over_ranks(cfg: TrainConfig) -> bool:
+    """Whether each rank holds only part of the weights (ZeRO-3; experts spread over ranks), so that
+    every forward, in generation too, needs every rank."""
+    return cfg.deepspeed.zero_stage == 3 or cfg.trainer.expert_parallel > 1
+
+
 def gradient_accumulation_steps(cfg: TrainConfig, data_parallel_size: int) -> int:
     """Micro-steps per optimizer step for the global batch; any inconsistency is an error that
     says what to change."""

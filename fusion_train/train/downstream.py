@@ -4,9 +4,10 @@ processes, logged as `downstream/<task>/<metric>` (W&B, metrics.jsonl, fusion-re
 each call cost (`downstream/<task>/seconds`, and a line in the log).
 
 Multiple choice: every rank scores its share of the questions (rank r takes questions r, r + W,
-...) in the same number of forwards, since ZeRO-3 gathers parameters inside each; the counts are
-summed over the ranks. Captions are generated as the training samples are (rank 0 alone, or every
-rank together under ZeRO-3: monitor/samples.py) and scored on rank 0. The prompts are encoded when
+...) in the same number of forwards, since ZeRO-3 gathers parameters inside each (and experts spread
+over ranks exchange tokens); the counts are summed over the ranks. Captions are generated as the
+training samples are (rank 0 alone, or every rank together under ZeRO-3 or expert parallelism:
+monitor/samples.py) and scored on rank 0. The prompts are encoded when
 the run starts, so that a missing file is an error before the first step.
 """
 
@@ -29,7 +30,7 @@ from fusion_train.generate.documents import Codec
 from fusion_train.generate.generator import Generator
 from fusion_train.monitor.observer import Observer
 from fusion_train.monitor.samples import inference, rank_zeros_tokens
-from fusion_train.train.config import ConfigError, DownstreamTask
+from fusion_train.train.config import ConfigError, DownstreamTask, weights_spread_over_ranks
 
 log = logging.getLogger(__name__)
 KINDS = ("multiple_choice", "caption")
@@ -84,7 +85,7 @@ class ScheduledDownstream(Observer):
     def __init__(self, trainer):
         cfg = trainer.cfg
         self.trainer, self.every, self.model = trainer, cfg.trainer.eval_every, trainer.engine.module
-        everyone = cfg.deepspeed.zero_stage == 3
+        everyone = weights_spread_over_ranks(cfg)
         dataset = trainer.loader.dataset
         trained_with = TrainedWith(trainer.vocab, recorded_tokenizer_paths(cfg.data), dataset.fingerprints)
         self.tasks = []

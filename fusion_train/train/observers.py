@@ -18,7 +18,7 @@ from fusion_train.monitor.parameters import ParameterMonitor
 from fusion_train.monitor.progress import ProgressBar
 from fusion_train.monitor.samples import TrainingSamples
 from fusion_train.monitor.throughput import Throughput
-from fusion_train.train.config import ConfigError
+from fusion_train.train.config import ConfigError, weights_spread_over_ranks
 from fusion_train.train.downstream import ScheduledDownstream
 from fusion_train.train.faults import FaultInjector
 from fusion_train.train.guard_actions import GuardActions
@@ -66,7 +66,7 @@ def _training_samples(trainer) -> TrainingSamples:
     try:  # the prompts are encoded now: a missing image or tokenizer is an error before any step
         model = trainer.engine.module
         return TrainingSamples(cfg.eval_samples, trained_with, model, trainer.loggers, cfg.trainer.eval_every,
-                               trainer.device, trainer.rank, cfg.deepspeed.zero_stage,
+                               trainer.device, trainer.rank, weights_spread_over_ranks(cfg),
                                lambda: trainer.sequence.unsharded(model))  # fmt: skip
     except ValueError as err:
         raise ConfigError(f"eval_samples: {err}") from None
