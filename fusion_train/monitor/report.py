@@ -240,6 +240,14 @@ def throughput_plot(run: Run):
     return figure
 
 
+def routers_plot(run: Run):
+    """None for a run without experts (the guard's event marks alone would draw a panel)."""
+    if not series(run.kept, "moe/load_max")[0]:
+        return None
+    keys = [(f"moe/{m}/load_max", m) for m in ("text", "image", "audio")] + [("moe/load_max", "largest")]
+    return line_plot(run, keys, "Router load", "share of routes")
+
+
 def plots(run: Run) -> list[tuple[str, str, object]]:
     """(file name, caption, figure); plots whose metrics the run did not log are left out."""
     groups = ("embeddings", "attention", "ffn", "norms", "output")
@@ -291,12 +299,7 @@ def plots(run: Run) -> list[tuple[str, str, object]]:
             "routers.png",
             "Experts (model.experts): the busiest expert's share of its group's routes, over blocks, per modality "
             "(1/E when balanced; the guard's router-collapse test reads the largest, moe/load_max).",
-            line_plot(
-                run,
-                [(f"moe/{m}/load_max", m) for m in ("text", "image", "audio")] + [("moe/load_max", "largest")],
-                "Router load",
-                "share of routes",
-            ),
+            routers_plot(run),
         ),
         ("lr.png", "Learning rate.", line_plot(run, [("optim/lr", "lr")], "Learning rate", "lr")),
         ("throughput.png", "Tokens per second (all ranks) and MFU.", throughput_plot(run)),
