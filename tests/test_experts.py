@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import re
+import shutil
 
 import pytest
 import torch
@@ -31,11 +32,12 @@ from fusion_train.monitor.config import GuardConfig
 from fusion_train.monitor.experts import RouterMonitor
 from fusion_train.monitor.observer import LogStep
 from fusion_train.monitor.report import write_report
+from fusion_train.train.checkpoint import Checkpointer
 from fusion_train.train.config import ConfigError, load_config
 from fusion_train.train.expert_parallel import ExpertParallelError
 from fusion_train.train.expert_parallel import check_layout as check_expert_layout
 from fusion_train.train.sequence_parallel import SequenceParallelError, check_layout
-from fusion_train.weights.training_checkpoint import consolidated_state_dict
+from fusion_train.weights.training_checkpoint import CheckpointError, consolidated_state_dict, read_trainer_state
 from helpers import AUDIO_VOCAB, small_config
 
 RANGES = dict(image_token_ids=[AUDIO_VOCAB.image_code_start, AUDIO_VOCAB.image_code_end],
@@ -226,7 +228,8 @@ def test_experts_spread_over_two_ranks_train_as_unspread_and_resume_exactly(demo
     losses, router metrics, gradient and weight norms (the global one that clipping reads too) and
     weights of the same run with every expert on both ranks. SIGKILL of
     rank 1 mid-run, and the same command resumes bit-exactly from DeepSpeed's per-expert checkpoint
-    files, and generates its samples with every rank in each forward. The guard's router-collapse
+    files, and generates its samples with every rank in each forward; a damaged copy of its
+    checkpoint is named file by file. The guard's router-collapse
     test fires in both alike; the run's report draws the loads.
     Resuming that checkpoint on one rank is refused, naming the setting."""
     # The guard's router-collapse test set to fire (a load_max above 0.3 for 2 steps in a row).
@@ -263,6 +266,20 @@ def test_experts_spread_over_two_ranks_train_as_unspread_and_resume_exactly(demo
     assert spread_weights.keys() == whole_weights.keys()
     for name, value in whole_weights.items():
         torch.testing.assert_close(spread_weights[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+    # A checkpoint damaged after it was written (an expert file lost, another cut short) is named,
+    # with the earlier one to resume from, before any rank starts loading.
+    damaged = tmp_path / "damaged" / "step_10"
+    shutil.copytree(spread / "checkpoints" / "step_10", damaged)
+    shutil.copytree(spread / "checkpoints" / "step_8", damaged.parent / "step_8")
+    (damaged / "layer_3_expert_1_mp_rank_00_model_states.pt").unlink()
+    with open(damaged / "mp_rank_00_model_states.pt", "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(CheckpointError, match=re.escape(
+        f"{damaged} is damaged: layer_3_expert_1_mp_rank_00_model_states.pt is missing; mp_rank_00_model_states.pt "
+        f"has 100 bytes, written with ")) as error:  # fmt: skip
+        Checkpointer(damaged.parent, 0, 3, 0).check_intact(damaged, read_trainer_state(damaged))
+    assert str(error.value).endswith(f"Restore it, or resume from trainer.resume_from={damaged.parent / 'step_8'}")
 
     refused = torchrun(TRAIN, *train_overrides(demo_data, spread, "+experts=modality", "trainer.steps=12"), nproc=1,
                        check=False)  # fmt: skip

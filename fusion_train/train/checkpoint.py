@@ -2,9 +2,10 @@
 
 A checkpoint is written under `step_N.partial` (DeepSpeed's engine state, then each rank's data
 position and RNG states) and, once every rank has finished, rank 0 writes its trainer state last:
-`trainer_state.json` is the completion marker. Only then is the folder renamed to `step_N`. A
-checkpoint is complete when it is named `step_N` and holds the marker; `latest`, `latest_before`
-and resume look at nothing else. `latest` (for DeepSpeed's own tools) is replaced atomically after
+`trainer_state.json` is the completion marker. It lists the checkpoint's files and their sizes,
+which a resume checks first: a file lost or cut short after the save is named, with the checkpoint
+before. Only then is the folder renamed to `step_N`. A checkpoint is complete when it is named
+`step_N` and holds the marker; `latest`, `latest_before` and resume look at nothing else. `latest` (for DeepSpeed's own tools) is replaced atomically after
 the rename. The last `keep_last` (at least 1) checkpoints are kept, plus every `keep_every`-th
 step; the newest complete one is never pruned. Pruning renames `step_N` to `step_N.pruning` before
 deleting it, so a kill in the middle leaves a marked leftover, removed at the next start, and never
@@ -41,7 +42,7 @@ import torch
 import torch.distributed as dist
 
 from fusion_train.storage import free_bytes, size_text, tree_bytes, writing
-from fusion_train.weights.training_checkpoint import TRAINER_STATE
+from fusion_train.weights.training_checkpoint import TRAINER_STATE, CheckpointError
 
 log = logging.getLogger(__name__)
 TAG = re.compile(r"^step_(\d+)$")
@@ -49,6 +50,12 @@ PARTIAL = ".partial"
 SUPERSEDED = ".superseded"
 PRUNING = ".pruning"
 UNIVERSAL = "universal"
+FILES = "files"  # the marker's list of the checkpoint's files and sizes
+
+
+def written_files(folder: Path) -> dict[str, int]:
+    """The checkpoint's files and their sizes, recorded in its marker."""
+    return {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
 
 
 def _rank_state_file(rank: int) -> str:
@@ -172,7 +179,8 @@ class Checkpointer:
             torch.save({**rank_state, "rng": rng_states()}, partial / _rank_state_file(self.rank))
             dist.barrier()
             if self.rank == 0:
-                _write_atomically(partial / TRAINER_STATE, json.dumps(trainer_state, indent=2) + "\n")  # the marker
+                marker = {**trainer_state, FILES: written_files(partial)}
+                _write_atomically(partial / TRAINER_STATE, json.dumps(marker, indent=2) + "\n")  # the marker
                 superseded = final.with_name(tag + SUPERSEDED)
                 if final.exists():
                     os.rename(final, superseded)
@@ -201,6 +209,19 @@ class Checkpointer:
                 os.rename(path, doomed)
                 _fault_injection_pause("FUSION_TRAIN_PRUNE_PAUSE_S")
                 shutil.rmtree(doomed, ignore_errors=True)
+
+    def check_intact(self, path: Path, saved: dict) -> None:
+        """Every file the checkpoint was written with, at the size it was written (checkpoints from
+        before the marker listed them are taken as they are); else one error, on every rank alike,
+        before any rank starts loading and waits for the others."""
+        damaged = [f"{name} is missing" if not (path / name).is_file() else
+                   f"{name} has {(path / name).stat().st_size:,} bytes, written with {size:,}"
+                   for name, size in saved.get(FILES, {}).items()
+                   if not (path / name).is_file() or (path / name).stat().st_size != size]  # fmt: skip
+        if damaged:
+            earlier = self.latest_before(int(path.name.split("_")[1]))
+            instead = f"trainer.resume_from={earlier}" if earlier else "a new run (no earlier complete checkpoint)"
+            raise CheckpointError(f"{path} is damaged: {'; '.join(damaged[:3])}. Restore it, or resume from {instead}")
 
     def load_engine(self, engine, path: Path) -> None:
         """The model, optimizer and schedule from the checkpoint at `path` (or its universal form)."""

@@ -71,6 +71,7 @@ class GuardActions(Observer):
         load = self.routers.step_load if self.routers and self.routers.step_load is not None else None
         values = means if load is None else torch.cat([means, load.double().flatten()])
         dist.all_reduce(values)  # the means' sums, the loads' totals
+        values = values.cpu()  # the one host sync
         loss, grad, norm = (values[:3] / self.trainer.world_size).tolist()
         load_max = None if load is None else RouterMonitor.load_max(values[3:].view_as(load))
         return loss, grad, (norm if final_norm is not None else None), load_max

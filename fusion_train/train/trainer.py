@@ -99,6 +99,7 @@ class Trainer:
         resume_from = Path(cfg.trainer.resume_from) if cfg.trainer.resume_from else self.checkpoints.latest()
         saved = read_trainer_state(resume_from) if resume_from else None
         if saved is not None:
+            self.checkpoints.check_intact(resume_from, saved)
             try:
                 check_expert_resume(saved, self.world_size, cfg.trainer.expert_parallel)
             except ExpertParallelError as error:
